@@ -1,0 +1,1 @@
+src/vamba_hf/configuration_vamba.py

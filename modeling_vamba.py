@@ -1,0 +1,1 @@
+src/vamba_hf/modeling_vamba.py

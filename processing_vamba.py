@@ -1,0 +1,1 @@
+src/vamba_hf/processing_vamba.py
