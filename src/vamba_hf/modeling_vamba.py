@@ -329,14 +329,20 @@ class Mamba2(nn.Module):
     def forward(self, u: torch.Tensor, seq_idx: Optional[torch.Tensor] = None) -> torch.Tensor:
         """u (b, l, hidden_dim) -> (b, l, hidden_dim), causal along l. seq_idx (b, l): packed rows, the state resets
         where it changes."""
+        outputs = [out for _, out in self.segments(u, seq_idx)]
+        return torch.cat(outputs, dim=1) if len(outputs) > 1 else outputs[0]
+
+    def segments(self, u: torch.Tensor, seq_idx: Optional[torch.Tensor] = None, norm: Optional[nn.Module] = None):
+        """Yield (start, output) for each segment of u in order, the state carried across. `norm` is applied to each
+        segment's input, so that no normalised copy of the whole stream is ever held."""
         use_kernels = self.backend(u.device) == "mamba-ssm"
         step = self.segment_length(u.shape[0])
-        outputs, carry = [], None
+        carry = None
         for start in range(0, u.shape[1], step):
+            part = u[:, start : start + step]
             ids = None if seq_idx is None else seq_idx[:, start : start + step]
-            out, carry = self.mix(self.in_proj(u[:, start : start + step]), ids, carry, use_kernels)
-            outputs.append(out)
-        return torch.cat(outputs, dim=1) if len(outputs) > 1 else outputs[0]
+            out, carry = self.mix(self.in_proj(part if norm is None else norm(part)), ids, carry, use_kernels)
+            yield start, out
 
     def mix(self, zxbcdt, seq_idx, carry: Optional[MambaCarry], use_kernels: bool):
         cfg = self.config
@@ -395,8 +401,14 @@ class VambaVisionMixer(nn.Module):
         self.norm = Qwen2RMSNorm(config.hidden_size, eps=1e-5)
         self.mixer = Mamba2(config.vision_mamba_mixer_config, config.mamba_max_tokens)
 
-    def forward(self, visual: torch.Tensor, seq_idx: Optional[torch.Tensor] = None) -> torch.Tensor:
-        return visual + self.mixer(self.norm(visual), seq_idx)
+    def forward(self, visual: torch.Tensor, seq_idx: Optional[torch.Tensor] = None, in_place: bool = False):
+        """`in_place` adds the output into `visual` segment by segment (each segment's output needs only its own
+        input and the carried state), so that a second stream of visual length is never held."""
+        if not in_place:
+            return visual + self.mixer(self.norm(visual), seq_idx)
+        for start, mixed in self.mixer.segments(visual, seq_idx, self.norm):
+            visual[:, start : start + mixed.shape[1]] += mixed
+        return visual
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -457,13 +469,26 @@ class VambaAttention(nn.Module):
         return (k if rotary is None else apply_rotary(k, *rotary)), v
 
     def attend(self, q, k, v, mask, implementation: str) -> torch.Tensor:
-        # flash-attn takes a (b, k) padding mask together with its own causal flag; the others take one or the other.
-        causal = self.is_causal and q.shape[2] > 1 and (mask is None or implementation.startswith("flash"))
-        out, _ = attention_interface(implementation)(
-            self, q, k, v, mask, scaling=self.scaling, dropout=self.config.attention_dropout if self.training else 0.0,
-            is_causal=causal,
-        )
+        dropout = self.config.attention_dropout if self.training else 0.0
+        if not self.is_causal and implementation == "sdpa":
+            out = self.cross_sdpa(q, k, v, mask, dropout)
+        else:
+            # flash-attn takes a (b, k) padding mask together with its own causal flag; the others take one or the other.
+            causal = self.is_causal and q.shape[2] > 1 and (mask is None or implementation.startswith("flash"))
+            out, _ = attention_interface(implementation)(
+                self, q, k, v, mask, scaling=self.scaling, dropout=dropout, is_causal=causal
+            )
         return self.o_proj(out.reshape(*out.shape[:2], -1))
+
+    def cross_sdpa(self, q, k, v, mask, dropout: float) -> torch.Tensor:
+        """Cross-attention through one SDPA call on the stored K/V heads, never repeated to num_heads (which would
+        move num_key_value_groups times the visual K/V bytes, at every decoding step). With no causal mask, the
+        query heads that share a K/V head are just more queries: (b, h, T, d) -> (b, h_kv, groups*T, d).
+        Returns (b, T, h, d)."""
+        batch, heads, length, dim = q.shape
+        folded = q.reshape(batch, self.num_kv_heads, self.num_key_value_groups * length, dim)
+        out = F.scaled_dot_product_attention(folded, k, v, attn_mask=mask, dropout_p=dropout, scale=self.scaling)
+        return out.view(batch, heads, length, dim).transpose(1, 2)
 
 
 class VambaDecoderLayer(GradientCheckpointingLayer):
@@ -506,17 +531,18 @@ class VambaDecoderLayer(GradientCheckpointingLayer):
         if cross_kv is not None:
             q = self.cross_attn.queries(x, cross.text_rotary)
             read = self.cross_attn.attend(q, *cross_kv, cross.mask, cross.implementation(implementation))
-            if cross.gate is not None:
-                read = read * cross.gate
             if self.config.use_alpha_balancing:
                 alpha = self.alpha.clamp(0, 1).to(read.dtype)
-                attended = alpha * attended + (1 - alpha) * read
+                mixed = alpha * attended + (1 - alpha) * read
             else:
-                attended = attended + read
+                mixed = attended + read
+            # Rows without visual input take the text-only path, exactly as when they run alone.
+            attended = mixed if cross.has_visual is None else torch.where(cross.has_visual, mixed, attended)
         text = text + attended
 
         if visual is not None and update_visual and self.config.vision_mamba_mixer_config.enable:
-            visual = self.vision_mixer(visual, cross.seq_idx)
+            # Without autograd the stream (the model's own copy, see _visual_stream) is updated in place.
+            visual = self.vision_mixer(visual, cross.seq_idx, in_place=not torch.is_grad_enabled())
         text = text + self.mlp(self.post_attention_layernorm(text))
         return text, visual
 
@@ -542,7 +568,7 @@ class VambaCache(DynamicCache):
         super().__init__(*args, **kwargs)
         self.cross_kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self.cross_mask: Optional[torch.Tensor] = None
-        self.cross_gate: Optional[torch.Tensor] = None
+        self.cross_has_visual: Optional[torch.Tensor] = None
 
     @property
     def has_visual(self) -> bool:
@@ -551,7 +577,7 @@ class VambaCache(DynamicCache):
     def _map_cross(self, fn):
         self.cross_kv = {i: (fn(k), fn(v)) for i, (k, v) in self.cross_kv.items()}
         self.cross_mask = None if self.cross_mask is None else fn(self.cross_mask)
-        self.cross_gate = None if self.cross_gate is None else fn(self.cross_gate)
+        self.cross_has_visual = None if self.cross_has_visual is None else fn(self.cross_has_visual)
 
     def reorder_cache(self, beam_idx: torch.LongTensor):
         super().reorder_cache(beam_idx)
@@ -571,7 +597,7 @@ class CrossAttentionInputs:
     """What every layer's cross-attention needs besides its own weights (the same for all layers)."""
 
     mask: Optional[torch.Tensor] = None  # in the attention implementation's format; None attends everywhere
-    gate: Optional[torch.Tensor] = None  # (b, 1, 1): 0 for rows that have no visual input
+    has_visual: Optional[torch.Tensor] = None  # (b, 1, 1) bool, when some rows of the batch have no visual input
     text_rotary: Optional[tuple[torch.Tensor, torch.Tensor]] = None
     visual_rotary: Optional[tuple[torch.Tensor, torch.Tensor]] = None
     seq_idx: Optional[torch.Tensor] = None  # packed rows: which video each visual token belongs to
@@ -734,7 +760,8 @@ class VambaModel(VambaPreTrainedModel):
         return rows
 
     def _visual_stream(self, items, rows, batch_size, dtype, device):
-        """Pad the items into a (b, n, d) stream; rows without visual input get an empty (masked) stream."""
+        """Pad the items into a (b, n, d) stream; rows without visual input get an empty (masked) stream. The stream
+        is always a new tensor: the decoder layers update it in place."""
         lengths = [0] * batch_size
         for row, item in zip(rows, items):
             lengths[row] = item.shape[0]
@@ -784,7 +811,8 @@ class VambaModel(VambaPreTrainedModel):
         return attention_mask_for(keep.expand(batch, -1, -1), implementation, dtype)
 
     def _cross_inputs(self, visual, keep, text_positions, visual_positions, dtype, implementation, cache):
-        """Cross-attention mask, gate and rotary: computed at prefill, kept in the cache for decoding."""
+        """Cross-attention mask, rows with visual input, and rotary: computed at prefill, kept in the cache for
+        decoding."""
         cross = CrossAttentionInputs()
         if visual is not None:
             if keep is not None:
@@ -793,11 +821,11 @@ class VambaModel(VambaPreTrainedModel):
                 cross.mask = attention_mask_for(keep[:, None, :], mask_format, dtype)
                 has_visual = keep.any(-1)
                 if not bool(has_visual.all()):
-                    cross.gate = has_visual.to(dtype)[:, None, None]
+                    cross.has_visual = has_visual[:, None, None]
             if cache is not None:
-                cache.cross_mask, cache.cross_gate = cross.mask, cross.gate
+                cache.cross_mask, cache.cross_has_visual = cross.mask, cross.has_visual
         elif cache is not None and cache.has_visual:
-            cross.mask, cross.gate = cache.cross_mask, cache.cross_gate
+            cross.mask, cross.has_visual = cache.cross_mask, cache.cross_has_visual
             cross.padded = cross.mask is not None
         if self.config.cross_attn_use_position_embeddings:
             cross.text_rotary = self.rotary(text_positions)
@@ -862,6 +890,7 @@ class VambaModel(VambaPreTrainedModel):
         if items:
             self._check_kernels(device)
             visual, keep = self._visual_stream(items, rows, batch_size, dtype, device)
+            items.clear()  # the stream holds its own copy: free the vision tower's output early
             if self.config.cross_attn_use_position_embeddings:
                 if grid is None:
                     raise ValueError("cross_attn_use_position_embeddings needs the visual grid: pass pixels with "
@@ -924,26 +953,40 @@ class VambaForConditionalGeneration(VambaModel, GenerationMixin):
         use_cache: Optional[bool] = None,
         output_hidden_states: Optional[bool] = None,
         return_dict: Optional[bool] = None,
-        logits_to_keep: int = 0,
+        logits_to_keep: int | torch.Tensor = 0,
+        num_items_in_batch: Optional[torch.Tensor] = None,
         **kwargs,
     ) -> CausalLMOutputWithPast:
+        r"""VambaModel's inputs (packed rows included, see its forward), plus:
+
+        labels (b, T): the token each position should be followed by is `labels[:, i + 1]`, as in every transformers
+            causal LM (the model shifts them); -100 is ignored. The loss is a cross-entropy in fp32, averaged over the
+            supervised tokens, or summed and divided by `num_items_in_batch` when the Trainer passes it (gradient
+            accumulation). In a packed row a segment's last token is scored against the next segment's first label,
+            which is -100 when each segment starts with its (unsupervised) prompt.
+        logits_to_keep: an int k computes the logits of the last k positions only (0: all), a 1-D tensor those of the
+            given positions; with `labels`, the loss covers the kept positions.
+        """
         outputs = super().forward(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
             past_key_values=past_key_values, inputs_embeds=inputs_embeds, pixel_values=pixel_values,
             image_grid_thw=image_grid_thw, pixel_values_videos=pixel_values_videos, video_grid_thw=video_grid_thw,
             visual_embeds=visual_embeds, use_cache=use_cache, output_hidden_states=output_hidden_states, **kwargs,
         )
-        hidden = outputs.last_hidden_state
-        if logits_to_keep:
-            hidden = hidden[:, -logits_to_keep:]
-        logits = self.lm_head(hidden).float()
+        kept = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(outputs.last_hidden_state[:, kept]).float()
         loss = None
         if labels is not None:
-            loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1).to(
-                logits.device), ignore_index=-100)
+            loss = self.next_token_loss(logits, labels, kept, num_items_in_batch)
         return CausalLMOutputWithPast(
             loss=loss, logits=logits, past_key_values=outputs.past_key_values, hidden_states=outputs.hidden_states
         )
+
+    def next_token_loss(self, logits, labels, kept=slice(None), num_items_in_batch=None) -> torch.Tensor:
+        """transformers' causal-LM loss on `logits` (b, k, V), the logits of positions `kept` of `labels` (b, T)."""
+        next_labels = F.pad(labels, (0, 1), value=-100)[:, 1:]
+        return self.loss_function(logits=logits, labels=None, vocab_size=logits.shape[-1],
+                                  shift_labels=next_labels[:, kept].contiguous(), num_items_in_batch=num_items_in_batch)
 
     # -- generation ---------------------------------------------------------------------------------------------
 
