@@ -2,6 +2,7 @@
 
 from .configuration_vamba import VambaConfig, VambaMambaConfig, VambaVisionConfig
 from .modeling_vamba import VambaForConditionalGeneration, VambaModel, VambaPreTrainedModel
+from .processing_vamba import VambaProcessor, VideoFrames, load_video
 
 __all__ = [
     "VambaConfig",
@@ -10,5 +11,8 @@ __all__ = [
     "VambaForConditionalGeneration",
     "VambaModel",
     "VambaPreTrainedModel",
+    "VambaProcessor",
+    "VideoFrames",
+    "load_video",
 ]
 __version__ = "0.1.0"

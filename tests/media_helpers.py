@@ -1,0 +1,64 @@
+"""Small synthetic videos for the processor tests, written with PyAV.
+
+Frame i is a solid gray of level `frame_level(i)`, so a decoded frame tells which source frame it is.
+"""
+
+from fractions import Fraction
+
+import av
+import numpy as np
+
+LEVEL_STEP = 4
+
+
+def frame_level(index: int) -> int:
+    return 16 + LEVEL_STEP * index
+
+
+def frame_index_of(image) -> int:
+    """The source index of a decoded frame (PIL image or HxWx3 array) written by `write_video`."""
+    mean = float(np.asarray(image, dtype=np.float32).mean())
+    return round((mean - 16) / LEVEL_STEP)
+
+
+def write_video(path, num_frames=12, width=64, height=48, fps=10, codec="mpeg4", container_options=None):
+    """Writes `num_frames` solid-gray frames (at most 55, so every level stays distinct) and returns the path."""
+    assert num_frames <= 55
+    with av.open(str(path), "w", options=container_options or {}) as container:
+        stream = container.add_stream(codec, rate=Fraction(fps).limit_denominator(1000))
+        stream.width, stream.height = width, height
+        stream.pix_fmt = "yuvj420p" if codec == "mjpeg" else "yuv420p"
+        if codec in ("mpeg4", "mjpeg", "mpeg2video"):
+            stream.options = {"qscale": "2"}
+            stream.codec_context.qmax = 2
+        for index in range(num_frames):
+            pixels = np.full((height, width, 3), frame_level(index), dtype=np.uint8)
+            frame = av.VideoFrame.from_ndarray(pixels, format="rgb24")
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return path
+
+
+def write_empty_video(path, codec="mpeg4"):
+    """A container with a video stream and no frames."""
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream(codec, rate=10)
+        stream.width, stream.height = 64, 48
+        stream.pix_fmt = "yuv420p"
+        container.start_encoding()
+    return path
+
+
+def write_audio_only(path):
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("pcm_s16le", rate=8000)
+        samples = np.zeros((1, 800), dtype=np.int16)
+        frame = av.AudioFrame.from_ndarray(samples, format="s16", layout="mono")
+        frame.sample_rate = 8000
+        for packet in stream.encode(frame):
+            container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return path

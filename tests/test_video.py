@@ -1,0 +1,273 @@
+"""Video decoding and frame sampling: real small videos written with PyAV, corrupt files, properties."""
+
+import numpy as np
+import PIL.Image
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from media_helpers import frame_index_of, write_audio_only, write_empty_video, write_video
+
+from vamba_hf.processing_vamba import (
+    VideoFrames,
+    frame_count_for_fps,
+    load_video,
+    resize_within_edges,
+    sample_frame_indices,
+    to_video_frames,
+)
+
+NO_RESIZE = {"shortest_edge": None, "longest_edge": None}
+
+
+def original_middle_indices(num_frames, vlen):
+    """The original release's `get_frame_indices(sample="middle")`, without its last-frame padding."""
+    intervals = np.linspace(start=0, stop=vlen, num=min(num_frames, vlen) + 1).astype(int)
+    return [(start + next_start - 1) // 2 for start, next_start in zip(intervals[:-1], intervals[1:])]
+
+
+# -- sampling -------------------------------------------------------------------------------------
+
+
+def test_sample_frame_indices_known_values():
+    assert sample_frame_indices(10, 4) == [0, 3, 5, 8]
+    assert sample_frame_indices(30, 8) == [1, 4, 8, 12, 16, 19, 23, 27]
+    assert sample_frame_indices(3, 128) == [0, 1, 2]
+    assert sample_frame_indices(0, 8) == []
+
+
+@settings(max_examples=60, deadline=None)
+@given(total=st.integers(1, 5000), wanted=st.integers(1, 600))
+def test_sample_frame_indices_properties(total, wanted):
+    indices = sample_frame_indices(total, wanted)
+    assert len(indices) == min(total, wanted)
+    assert all(0 <= index < total for index in indices)
+    assert all(a < b for a, b in zip(indices, indices[1:]))
+    assert indices == original_middle_indices(wanted, total)
+
+
+def test_frame_count_for_fps():
+    assert frame_count_for_fps(60, 30.0, 2.0, 512) == 4
+    assert frame_count_for_fps(61, 30.0, 2.0, 512) == 5
+    assert frame_count_for_fps(36000, 30.0, 1.0, 512) == 512
+    with pytest.raises(ValueError, match="frame rate"):
+        frame_count_for_fps(60, None, 1.0, 512)
+
+
+# -- resizing -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "size, expected",
+    [
+        ((1280, 720), (640, 360)),
+        ((720, 1280), (360, 640)),
+        ((640, 480), (640, 480)),
+        ((300, 200), (300, 256)),
+        ((200, 100), (256, 256)),
+        ((2000, 100), (640, 256)),
+    ],
+)
+def test_resize_within_edges(size, expected):
+    assert resize_within_edges(PIL.Image.new("RGB", size), 256, 640).size == expected
+
+
+def test_resize_within_edges_disabled_keeps_the_image():
+    image = PIL.Image.new("RGB", (1280, 720))
+    assert resize_within_edges(image, None, None) is image
+
+
+# -- decoding real files ----------------------------------------------------------------------------
+
+CODECS = [
+    ("mpeg4", "mp4"),
+    ("libx264", "mp4"),
+    ("h264", "mkv"),
+    ("mjpeg", "avi"),
+    ("libvpx-vp9", "webm"),
+    ("ffv1", "mkv"),
+    ("mpeg2video", "ts"),
+]
+
+
+@pytest.mark.parametrize("codec, extension", CODECS)
+def test_load_video_samples_the_middle_frames(tmp_path, codec, extension):
+    path = write_video(tmp_path / f"clip.{extension}", num_frames=30, width=96, height=64, fps=15, codec=codec)
+    video = load_video(path, num_frames=8, **NO_RESIZE)
+    expected = sample_frame_indices(30, 8)
+    assert [frame_index_of(frame) for frame in video.frames] == expected
+    assert video.frame_indices == expected
+    assert video.timestamps == pytest.approx([index / 15 for index in expected], abs=1e-3)
+    assert video.source_frame_count == 30
+    assert video.source_fps == pytest.approx(15)
+    assert all(frame.size == (96, 64) for frame in video.frames)
+
+
+def test_load_video_shorter_than_num_frames_gives_every_frame(tmp_path):
+    path = write_video(tmp_path / "short.mp4", num_frames=6)
+    video = load_video(path, num_frames=128, **NO_RESIZE)
+    assert [frame_index_of(frame) for frame in video.frames] == list(range(6))
+
+
+def test_load_video_by_fps_with_cap(tmp_path):
+    path = write_video(tmp_path / "two_seconds.mp4", num_frames=50, fps=25)
+    video = load_video(path, fps=2.0, **NO_RESIZE)
+    assert video.frame_indices == sample_frame_indices(50, 4) == [5, 18, 30, 43]
+    assert video.timestamps == pytest.approx([0.2, 0.72, 1.2, 1.72], abs=1e-3)
+    capped = load_video(path, fps=10.0, max_frames=6, **NO_RESIZE)
+    assert capped.frame_indices == sample_frame_indices(50, 6)
+
+
+def test_load_video_resizes_frames_as_decoded(tmp_path):
+    path = write_video(tmp_path / "wide.mp4", num_frames=4, width=1280, height=720)
+    video = load_video(path, num_frames=4)
+    assert [frame.size for frame in video.frames] == [(640, 360)] * 4
+    path = write_video(tmp_path / "tiny.mp4", num_frames=4, width=64, height=48)
+    assert load_video(path, num_frames=2).frames[0].size == (256, 256)
+
+
+def test_load_video_accepts_path_objects_and_file_urls(tmp_path):
+    path = write_video(tmp_path / "clip.mp4", num_frames=8)
+    assert len(load_video(path, num_frames=4).frames) == 4
+    assert len(load_video(f"file://{path}", num_frames=4).frames) == 4
+
+
+def test_progress_bar_only_when_asked(tmp_path, capsys):
+    path = write_video(tmp_path / "clip.mp4", num_frames=8)
+    load_video(path, num_frames=4, progress=False)
+    assert "frame" not in capsys.readouterr().err
+    load_video(path, num_frames=4, progress=True)
+    assert "decoding clip.mp4" in capsys.readouterr().err
+
+
+@settings(max_examples=6, deadline=None)
+@given(
+    num_frames=st.integers(2, 40),
+    width=st.integers(8, 80).map(lambda n: 2 * n),
+    height=st.integers(8, 60).map(lambda n: 2 * n),
+    fps=st.sampled_from([5, 12, 24, 29.97, 30]),
+    wanted=st.integers(1, 50),
+)
+def test_load_video_property(tmp_path_factory, num_frames, width, height, fps, wanted):
+    path = write_video(tmp_path_factory.mktemp("prop") / "clip.mp4", num_frames, width, height, fps)
+    video = load_video(path, num_frames=wanted, **NO_RESIZE)
+    expected = sample_frame_indices(num_frames, wanted)
+    assert [frame_index_of(frame) for frame in video.frames] == expected
+    assert all(frame.size == (width, height) for frame in video.frames)
+    assert video.timestamps == pytest.approx([index / fps for index in expected], abs=2e-3)
+
+
+# -- broken inputs: clear errors, no hangs ------------------------------------------------------------
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="missing.mp4"):
+        load_video(tmp_path / "missing.mp4")
+
+
+def test_empty_file(tmp_path):
+    path = tmp_path / "empty.mp4"
+    path.write_bytes(b"")
+    with pytest.raises(ValueError, match="empty"):
+        load_video(path)
+
+
+def test_folder_instead_of_file(tmp_path):
+    with pytest.raises(ValueError, match="folder"):
+        load_video(tmp_path)
+
+
+def test_random_bytes(tmp_path):
+    path = tmp_path / "noise.mp4"
+    path.write_bytes(np.random.default_rng(0).integers(0, 256, 5000, dtype=np.uint8).tobytes())
+    with pytest.raises(ValueError, match="noise.mp4.*not a video"):
+        load_video(path)
+
+
+def test_text_file_renamed_mp4(tmp_path):
+    path = tmp_path / "notes.mp4"
+    path.write_text("this is not a video\n" * 50)
+    with pytest.raises(ValueError, match="notes.mp4"):
+        load_video(path)
+
+
+def test_truncated_file_without_index(tmp_path):
+    data = write_video(tmp_path / "full.mp4", num_frames=40).read_bytes()
+    path = tmp_path / "truncated.mp4"
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="truncated"):
+        load_video(path)
+
+
+def test_truncated_file_with_index_samples_what_is_there(tmp_path):
+    full = write_video(tmp_path / "full.mp4", num_frames=40, container_options={"movflags": "faststart"})
+    data = full.read_bytes()
+    path = tmp_path / "truncated.mp4"
+    path.write_bytes(data[: len(data) // 2])
+    video = load_video(path, num_frames=8, **NO_RESIZE)
+    assert 0 < video.source_frame_count < 40
+    assert video.frame_indices == sample_frame_indices(video.source_frame_count, 8)
+    assert [frame_index_of(frame) for frame in video.frames] == video.frame_indices
+
+
+def test_corrupt_bytes_in_the_middle(tmp_path):
+    data = bytearray(write_video(tmp_path / "full.mkv", num_frames=40, codec="libx264").read_bytes())
+    data[len(data) // 3: len(data) // 3 + 400] = b"\xff" * 400
+    path = tmp_path / "damaged.mkv"
+    path.write_bytes(bytes(data))
+    video = load_video(path, num_frames=8, **NO_RESIZE)
+    assert 0 < len(video.frames) <= 8
+
+
+def test_zero_frame_container(tmp_path):
+    path = write_empty_video(tmp_path / "zero.avi")
+    with pytest.raises(ValueError, match="no frame"):
+        load_video(path)
+
+
+def test_audio_only_file(tmp_path):
+    path = write_audio_only(tmp_path / "sound.wav")
+    with pytest.raises(ValueError, match="no video stream"):
+        load_video(path)
+
+
+# -- frames users already have ----------------------------------------------------------------------
+
+
+def test_to_video_frames_from_arrays_and_lists():
+    frames_thwc = np.random.default_rng(0).integers(0, 256, (4, 20, 30, 3), dtype=np.uint8)
+    as_tchw_float = np.transpose(frames_thwc, (0, 3, 1, 2)).astype(np.float32)
+    as_unit_float = frames_thwc.astype(np.float64) / 255.0
+    for video in (
+        frames_thwc,
+        as_tchw_float,
+        as_unit_float,
+        list(frames_thwc),
+        [PIL.Image.fromarray(frame) for frame in frames_thwc],
+        (as_tchw_float, {"fps": 2.0, "frames_indices": [0, 2, 4, 6]}),
+    ):
+        frames = to_video_frames(video).frames
+        assert len(frames) == 4
+        np.testing.assert_array_equal(np.stack([np.asarray(frame) for frame in frames]), frames_thwc)
+
+
+def test_to_video_frames_keeps_qwen_vl_utils_metadata():
+    video = np.zeros((4, 3, 28, 28), dtype=np.float32)
+    result = to_video_frames((video, {"fps": 2.0, "frames_indices": [0, 2, 4, 6]}))
+    assert result.timestamps == [0.0, 1.0, 2.0, 3.0]
+    assert result.frame_indices == [0, 2, 4, 6]
+
+
+def test_to_video_frames_passes_video_frames_through():
+    video = VideoFrames(frames=[PIL.Image.new("RGB", (28, 28))] * 2, timestamps=[0.0, 1.0])
+    assert to_video_frames(video) is video
+
+
+def test_to_video_frames_rejects_bad_shapes():
+    with pytest.raises(ValueError, match="4 dimensions"):
+        to_video_frames(np.zeros((28, 28, 3, 2, 1), dtype=np.uint8))
+    with pytest.raises(ValueError, match="channels"):
+        to_video_frames(np.zeros((4, 28, 28, 7), dtype=np.uint8))
+    with pytest.raises(ValueError, match="zero size"):
+        to_video_frames(np.zeros((4, 0, 28, 3), dtype=np.uint8))
+    with pytest.raises(TypeError, match="as a video"):
+        to_video_frames(42)
