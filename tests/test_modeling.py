@@ -476,3 +476,11 @@ def test_bare_model_returns_text_hidden_states():
     with torch.no_grad():
         hidden = base(input_ids=prompt(1, 2)[None], pixel_values_videos=pixels, video_grid_thw=grid)
     assert hidden.last_hidden_state.shape == (1, 5, 64)
+
+
+def test_qwen2_vl_vision_key_spellings_are_accepted():
+    config = tiny_config(vision_config=dict(depth=1, embed_dim=32, hidden_size=64, num_heads=2, in_chans=3,
+                                            spatial_patch_size=14))
+    assert config.vision_config.in_channels == 3 and config.vision_config.patch_size == 14
+    with pytest.raises(ValueError, match="spatial_patch_size=16 and patch_size=14"):
+        tiny_config(vision_config=dict(hidden_size=64, spatial_patch_size=16, patch_size=14))

@@ -50,8 +50,16 @@ class _FieldsConfig(PretrainedConfig):
 
     _fields = {}
     _init_fields = {}
+    _aliases = {}  # other spellings found in saved configs -> our field
 
     def __init__(self, **kwargs):
+        for alias, name in self._aliases.items():
+            if alias in kwargs:
+                value = kwargs.pop(alias)
+                if name in kwargs and kwargs[name] != value:
+                    raise ValueError(f"{self.base_config_key} gives {alias}={value!r} and {name}={kwargs[name]!r}; "
+                                     f"they name the same setting and must agree.")
+                kwargs[name] = value
         known = {**self._fields, **self._init_fields}
         _reject_unknown(self.base_config_key, kwargs, known)
         values = {name: kwargs.pop(name, default) for name, default in known.items()}
@@ -82,6 +90,8 @@ class VambaVisionConfig(_FieldsConfig):
         in_channels=3,
         hidden_act="quick_gelu",
     )
+    # Qwen2-VL's Hub configs write these (transformers <= 4.44 kept them as extra attributes).
+    _aliases = {"in_chans": "in_channels", "spatial_patch_size": "patch_size"}
 
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
@@ -160,8 +170,11 @@ class VambaConfig(PretrainedConfig):
       cross-attention (the normalised stream replaces it).
     - `vision_config`: the vision tower; `vision_mamba_mixer_config`: the Mamba-2 block of the visual stream.
     - `mamba_max_tokens`: longest visual segment one Mamba-2 kernel call sees; longer streams are scanned in
-      segments that carry the state across (same result, bounded kernel sizes).
+      segments that carry the state across (same result, bounded kernel sizes and activations: 2**14 tokens keep
+      the block's activations under 1 GiB at no measured cost in speed, BENCHMARKS.md).
     - `vision_max_frames`: temporal steps encoded by the vision tower at once (bounded activations).
+    - `cross_kv_cache_dtype`: how the cache keeps each layer's cross-attention K/V for decoding: null (the model's
+      dtype) or "float8_e4m3fn" (half the memory, one scale per token and head; BENCHMARKS.md gives the accuracy cost).
     """
 
     model_type = "vamba"
@@ -191,8 +204,9 @@ class VambaConfig(PretrainedConfig):
         vision_end_token_id=151653,
         image_token_id=151655,
         video_token_id=151656,
-        mamba_max_tokens=2**20,
+        mamba_max_tokens=2**14,
         vision_max_frames=64,
+        cross_kv_cache_dtype=None,
         tie_word_embeddings=False,
         bos_token_id=None,
         eos_token_id=None,
@@ -265,6 +279,9 @@ class VambaConfig(PretrainedConfig):
             )
         if self.mamba_max_tokens < 1 or self.vision_max_frames < 1:
             raise ValueError("mamba_max_tokens and vision_max_frames must be positive.")
+        if self.cross_kv_cache_dtype not in (None, "bfloat16", "float16", "float32", "float8_e4m3fn"):
+            raise ValueError(f"cross_kv_cache_dtype={self.cross_kv_cache_dtype!r}: use null (the model's dtype), "
+                             f"\"bfloat16\", \"float16\", \"float32\" or \"float8_e4m3fn\".")
 
     def to_dict(self):
         output = super().to_dict()

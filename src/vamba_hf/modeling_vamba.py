@@ -7,12 +7,13 @@ generation.
 """
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers.cache_utils import DynamicCache
 from transformers.generation import GenerationMixin
 from transformers.modeling_layers import GradientCheckpointingLayer
@@ -25,10 +26,11 @@ from transformers.utils import logging
 from .configuration_vamba import VambaConfig, VambaMambaConfig, VambaVisionConfig
 
 try:
+    from mamba_ssm.ops.triton.layer_norm import rms_norm_fn as _kernel_rmsnorm
     from mamba_ssm.ops.triton.layernorm_gated import rmsnorm_fn as _kernel_gated_rmsnorm
     from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined as _kernel_chunk_scan
 except Exception as error:  # a missing, broken or CPU-only install must never break the import
-    _kernel_chunk_scan = _kernel_gated_rmsnorm = None
+    _kernel_chunk_scan = _kernel_gated_rmsnorm = _kernel_rmsnorm = None
     _MAMBA_SSM_ERROR = f"{type(error).__name__}: {error}"
 else:
     _MAMBA_SSM_ERROR = None
@@ -56,6 +58,31 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     """Rotate `x` (..., L, head_dim) in fp32 by angles given as cos/sin broadcastable to it."""
     rotated = x.float() * cos + rotate_half(x.float()) * sin
     return rotated.to(x.dtype)
+
+
+def sdpa_backends():
+    """SDPA without cuDNN attention: torch 2.11 tries it first on Hopper, where it plans anew for every new key length
+    (every decoding step) and ran 6-16x slower than flash on Vamba's cross-attention shapes (BENCHMARKS.md)."""
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
+
+
+class FusedOnCuda:
+    """`fn` compiled (torch.compile) for CUDA tensors, so that a chain of elementwise ops makes one pass over memory
+    instead of one each; eager on other devices, or for good if compiling fails."""
+
+    def __init__(self, fn):
+        self.fn, self.compiled, self.failed = fn, None, False
+
+    def __call__(self, x: torch.Tensor, *args):
+        if x.is_cuda and not self.failed:
+            try:
+                if self.compiled is None:
+                    self.compiled = torch.compile(self.fn, dynamic=True)
+                return self.compiled(x, *args)
+            except Exception as error:
+                self.failed = True
+                logger.warning(f"Vamba: torch.compile failed ({type(error).__name__}: {error}); running eager.")
+        return self.fn(x, *args)
 
 
 def attention_interface(implementation: str):
@@ -95,6 +122,10 @@ class VambaVisionRotary(nn.Module):
         return angles.cos(), angles.sin()
 
 
+# The vision tower's rotary runs in fp32 over every patch of every block: fused, it is one pass instead of eight.
+fused_rotary = FusedOnCuda(apply_rotary)
+
+
 class VambaVisionAttention(nn.Module):
     def __init__(self, config: VambaVisionConfig):
         super().__init__()
@@ -111,12 +142,11 @@ class VambaVisionAttention(nn.Module):
         """frames: (F, L, embed_dim), one row per temporal step; attention stays within a row."""
         num_frames, length, dim = frames.shape
         qkv = self.qkv(frames).view(num_frames, length, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        query, key, value = qkv.unbind(0)
-        cos, sin = rotary
-        query, key = apply_rotary(query, cos, sin), apply_rotary(key, cos, sin)
-        out, _ = attention_interface(self.config._attn_implementation or "sdpa")(
-            self, query, key, value, None, scaling=self.scaling, dropout=0.0, is_causal=False
-        )
+        query, key = fused_rotary(qkv[:2], *rotary).unbind(0)
+        with sdpa_backends():
+            out, _ = attention_interface(self.config._attn_implementation or "sdpa")(
+                self, query, key, qkv[2], None, scaling=self.scaling, dropout=0.0, is_causal=False
+            )
         return self.proj(out.reshape(num_frames, length, dim))
 
 
@@ -127,10 +157,12 @@ class VambaVisionBlock(GradientCheckpointingLayer):
         self.norm2 = nn.LayerNorm(config.embed_dim, eps=1e-6)
         self.attn = VambaVisionAttention(config)
         self.mlp = VisionMlp(config.embed_dim, int(config.embed_dim * config.mlp_ratio), config.hidden_act)
+        self.fused_act = FusedOnCuda(self.mlp.act)
 
     def forward(self, frames: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         frames = frames + self.attn(self.norm1(frames), rotary)
-        return frames + self.mlp(self.norm2(frames))
+        mlp = self.mlp
+        return frames + mlp.fc2(self.fused_act(mlp.fc1(self.norm2(frames))))
 
 
 class VambaVisionTower(nn.Module):
@@ -406,9 +438,16 @@ class VambaVisionMixer(nn.Module):
         input and the carried state), so that a second stream of visual length is never held."""
         if not in_place:
             return visual + self.mixer(self.norm(visual), seq_idx)
-        for start, mixed in self.mixer.segments(visual, seq_idx, self.norm):
+        for start, mixed in self.mixer.segments(visual, seq_idx, self.segment_norm(visual.device)):
             visual[:, start : start + mixed.shape[1]] += mixed
         return visual
+
+    def segment_norm(self, device: torch.device):
+        """The RMSNorm, as one fused kernel pass where the CUDA kernels run (the eager one makes several passes in
+        fp32 over the visual stream, in every layer). Equal up to bf16 rounding."""
+        if self.mixer.backend(device) != "mamba-ssm":
+            return self.norm
+        return lambda x: _kernel_rmsnorm(x, self.norm.weight, None, eps=self.norm.variance_epsilon)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -470,14 +509,16 @@ class VambaAttention(nn.Module):
 
     def attend(self, q, k, v, mask, implementation: str) -> torch.Tensor:
         dropout = self.config.attention_dropout if self.training else 0.0
-        if not self.is_causal and implementation == "sdpa":
+        # A per-query mask (packed rows) cannot follow the folded queries of cross_sdpa.
+        if not self.is_causal and implementation == "sdpa" and (mask is None or mask.shape[-2] == 1):
             out = self.cross_sdpa(q, k, v, mask, dropout)
         else:
             # flash-attn takes a (b, k) padding mask together with its own causal flag; the others take one or the other.
             causal = self.is_causal and q.shape[2] > 1 and (mask is None or implementation.startswith("flash"))
-            out, _ = attention_interface(implementation)(
-                self, q, k, v, mask, scaling=self.scaling, dropout=dropout, is_causal=causal
-            )
+            with sdpa_backends():
+                out, _ = attention_interface(implementation)(
+                    self, q, k, v, mask, scaling=self.scaling, dropout=dropout, is_causal=causal
+                )
         return self.o_proj(out.reshape(*out.shape[:2], -1))
 
     def cross_sdpa(self, q, k, v, mask, dropout: float) -> torch.Tensor:
@@ -487,8 +528,9 @@ class VambaAttention(nn.Module):
         Returns (b, T, h, d)."""
         batch, heads, length, dim = q.shape
         folded = q.reshape(batch, self.num_kv_heads, self.num_key_value_groups * length, dim)
-        out = F.scaled_dot_product_attention(folded, k, v, attn_mask=mask, dropout_p=dropout, scale=self.scaling)
-        return out.view(batch, heads, length, dim).transpose(1, 2)
+        with sdpa_backends():
+            out = F.scaled_dot_product_attention(folded, k, v, attn_mask=mask, dropout_p=dropout, scale=self.scaling)
+        return out.reshape(batch, heads, length, dim).transpose(1, 2)
 
 
 class VambaDecoderLayer(GradientCheckpointingLayer):
@@ -513,9 +555,10 @@ class VambaDecoderLayer(GradientCheckpointingLayer):
         text_rotary: tuple[torch.Tensor, torch.Tensor],
         self_mask: Optional[torch.Tensor],
         cross: "CrossAttentionInputs",
-        cache: Optional["VambaCache"] = None,
+        past_key_values: Optional["VambaCache"] = None,
         update_visual: bool = True,
     ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        cache = past_key_values
         implementation = self.config._attn_implementation or "sdpa"
         x = self.input_layernorm(text)
 
@@ -541,8 +584,10 @@ class VambaDecoderLayer(GradientCheckpointingLayer):
         text = text + attended
 
         if visual is not None and update_visual and self.config.vision_mamba_mixer_config.enable:
-            # Without autograd the stream (the model's own copy, see _visual_stream) is updated in place.
-            visual = self.vision_mixer(visual, cross.seq_idx, in_place=not torch.is_grad_enabled())
+            # Without autograd the stream (the model's own copy, see _visual_stream) is updated in place; never in
+            # training, where a reentrant checkpoint runs this forward without grad and must keep its saved input.
+            in_place = not torch.is_grad_enabled() and not self.training
+            visual = self.vision_mixer(visual, cross.seq_idx, in_place=in_place)
         text = text + self.mlp(self.post_attention_layernorm(text))
         return text, visual
 
@@ -550,10 +595,10 @@ class VambaDecoderLayer(GradientCheckpointingLayer):
         """This layer's cross-attention keys/values: projected from the visual stream entering the layer, or read
         from the cache while decoding."""
         if visual is None:
-            return None if cache is None else cache.cross_kv.get(self.layer_idx)
+            return None if cache is None else cache.read_cross_kv(self.layer_idx)
         cross_kv = self.cross_attn.keys_values(visual, cross.visual_rotary)
         if cache is not None:
-            cache.cross_kv[self.layer_idx] = cross_kv
+            cache.store_cross_kv(self.layer_idx, *cross_kv, self.config.cross_kv_cache_dtype)
         return cross_kv
 
 
@@ -563,10 +608,19 @@ class VambaDecoderLayer(GradientCheckpointingLayer):
 # ---------------------------------------------------------------------------------------------------------------
 
 
+def quantize_per_token(x: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(b, h, n, d) -> x in `dtype` (a float8 type) and the scale (b, h, n, 1), in x's dtype, that restores it. One
+    scale per token and head: a scale shared along the tokens lets one outlier token flush all others to zero."""
+    amax = x.abs().amax(dim=-1, keepdim=True).float().clamp(min=1e-12)
+    scale = (amax / torch.finfo(dtype).max).to(x.dtype)
+    return (x / scale).to(dtype), scale
+
+
 class VambaCache(DynamicCache):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.cross_kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.cross_kv_scales: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # only for 8-bit K/V
         self.cross_mask: Optional[torch.Tensor] = None
         self.cross_has_visual: Optional[torch.Tensor] = None
 
@@ -574,8 +628,26 @@ class VambaCache(DynamicCache):
     def has_visual(self) -> bool:
         return bool(self.cross_kv)
 
+    def store_cross_kv(self, layer_idx: int, key: torch.Tensor, value: torch.Tensor, storage: Optional[str] = None):
+        """Keep one layer's cross-attention K/V for decoding, in `storage` (a torch dtype name; None keeps them as
+        they are). A float8 storage keeps one scale per (row, head, token)."""
+        dtype = key.dtype if storage is None else getattr(torch, storage)
+        if dtype.itemsize >= key.dtype.itemsize:
+            self.cross_kv[layer_idx] = (key.to(dtype), value.to(dtype))
+            return
+        (key, key_scale), (value, value_scale) = quantize_per_token(key, dtype), quantize_per_token(value, dtype)
+        self.cross_kv[layer_idx] = (key, value)
+        self.cross_kv_scales[layer_idx] = (key_scale, value_scale)
+
+    def read_cross_kv(self, layer_idx: int) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+        cross_kv, scales = self.cross_kv.get(layer_idx), self.cross_kv_scales.get(layer_idx)
+        if cross_kv is None or scales is None:
+            return cross_kv
+        return tuple(x.to(scale.dtype) * scale for x, scale in zip(cross_kv, scales))
+
     def _map_cross(self, fn):
         self.cross_kv = {i: (fn(k), fn(v)) for i, (k, v) in self.cross_kv.items()}
+        self.cross_kv_scales = {i: (fn(k), fn(v)) for i, (k, v) in self.cross_kv_scales.items()}
         self.cross_mask = None if self.cross_mask is None else fn(self.cross_mask)
         self.cross_has_visual = None if self.cross_has_visual is None else fn(self.cross_has_visual)
 
@@ -597,11 +669,22 @@ class CrossAttentionInputs:
     """What every layer's cross-attention needs besides its own weights (the same for all layers)."""
 
     mask: Optional[torch.Tensor] = None  # in the attention implementation's format; None attends everywhere
-    has_visual: Optional[torch.Tensor] = None  # (b, 1, 1) bool, when some rows of the batch have no visual input
+    # (b, 1, 1) bool, or (b, T, 1) for packed rows: when some rows (segments) of the batch have no visual input
+    has_visual: Optional[torch.Tensor] = None
     text_rotary: Optional[tuple[torch.Tensor, torch.Tensor]] = None
     visual_rotary: Optional[tuple[torch.Tensor, torch.Tensor]] = None
     seq_idx: Optional[torch.Tensor] = None  # packed rows: which video each visual token belongs to
     padded: bool = False
+
+    def to(self, device) -> "CrossAttentionInputs":
+        """Moved by accelerate's hooks when the layers of a `device_map` sit on several devices."""
+
+        def move(value):
+            if isinstance(value, torch.Tensor):
+                return value.to(device)
+            return tuple(move(v) for v in value) if isinstance(value, tuple) else value
+
+        return CrossAttentionInputs(**{f.name: move(getattr(self, f.name)) for f in fields(self)})
 
     def implementation(self, configured: str) -> str:
         # flash-attn's varlen path cannot mask keys of another length than the queries: SDPA handles padding.
@@ -682,6 +765,15 @@ class VambaPreTrainedModel(PreTrainedModel):
         mixers = [m for m in self.modules() if isinstance(m, Mamba2)]
         return mixers[0].backend(self.device) if mixers else "none"
 
+    if not hasattr(PreTrainedModel, "activation_checkpointing_enable"):  # transformers 4.x
+
+        def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None):
+            """Checkpoint every decoder layer and vision block, non-reentrant by default as in transformers 5 (the
+            reentrant default of 4.x gives no gradient to a layer whose inputs need none: LoRA on frozen
+            embeddings, or Mamba-2 blocks behind a frozen vision tower)."""
+            gradient_checkpointing_kwargs = {"use_reentrant": False, **(gradient_checkpointing_kwargs or {})}
+            super().gradient_checkpointing_enable(gradient_checkpointing_kwargs=gradient_checkpointing_kwargs)
+
 
 class VambaTextModel(nn.Module):
     """Token embedding, the decoder layers, and the final norm (checkpoint prefix `model.`)."""
@@ -712,6 +804,12 @@ class VambaModel(VambaPreTrainedModel):
 
     def set_input_embeddings(self, value):
         self.model.embed_tokens = value
+
+    def freeze_vision_tower(self, frozen: bool = True) -> "VambaModel":
+        """Train without (frozen=True) or with the vision tower: sets requires_grad on its parameters. Returns the
+        model. The Mamba-2 blocks of the visual stream belong to the decoder layers and stay trainable."""
+        self.visual.requires_grad_(not frozen)
+        return self
 
     # -- visual input -> one padded visual stream per row -------------------------------------------------------
 
@@ -774,15 +872,85 @@ class VambaModel(VambaPreTrainedModel):
         keep = torch.arange(longest, device=device)[None] < torch.tensor(lengths, device=device)[:, None]
         return visual, keep
 
-    def _visual_positions(self, grid, rows, batch_size, longest, device):
-        """(3, b, n) (t, h, w) positions of each merged visual token, from 0; padding gets 0."""
+    def _visual_positions(self, grid, offsets, batch_size, longest, device):
+        """(3, b, n) (t, h, w) positions of each merged visual token, from 0 in each item; padding gets 0. `offsets`
+        holds each item's (row, first token) in the stream."""
         positions = torch.zeros(3, batch_size, longest, dtype=torch.long, device=device)
         merge = self.config.vision_config.spatial_merge_size
-        for row, (t, h, w) in zip(rows, grid.tolist()):
+        for (row, offset), (t, h, w) in zip(offsets, grid.tolist()):
             h, w = h // merge, w // merge
             thw = torch.stack(torch.meshgrid(torch.arange(t), torch.arange(h), torch.arange(w), indexing="ij"))
-            positions[:, row, : t * h * w] = thw.reshape(3, -1).to(device)
+            positions[:, row, offset : offset + t * h * w] = thw.reshape(3, -1).to(device)
         return positions
+
+    # -- packed rows: several (video, conversation) pairs in one row ---------------------------------------------
+
+    @staticmethod
+    def _packed_segments(position_ids, attention_mask, batch_size, past_key_values) -> Optional[torch.Tensor]:
+        """(b, T) index of the packed segment of each text token (-1 before a row's first one), or None when no row
+        is packed. A segment starts at each real token whose position id is 0 (transformers' padding-free
+        convention); only a forward without a filled cache is checked."""
+        if position_ids is None or position_ids.dim() != 2:
+            return None
+        if past_key_values is not None and past_key_values.get_seq_length() > 0:
+            return None
+        starts = (position_ids == 0).expand(batch_size, -1)
+        if attention_mask is not None:
+            starts = starts & attention_mask.bool()
+        if int(starts.sum(-1).max()) < 2:
+            return None
+        return starts.long().cumsum(-1) - 1
+
+    def _packed_placements(self, input_ids, segments, num_items) -> list[tuple[int, int]]:
+        """(row, segment) of each visual input: the k-th input goes to the k-th <|vision_start|> in reading order."""
+        if input_ids is None:
+            if num_items:
+                raise ValueError("Packed rows with visual inputs need input_ids: their <|vision_start|> tokens say "
+                                 "which segment reads which video.")
+            return []
+        rows, columns = (input_ids == self.config.vision_start_token_id).nonzero(as_tuple=True)
+        placements = list(zip(rows.tolist(), segments[rows, columns].tolist()))
+        if len(set(placements)) != len(placements):
+            raise ValueError("A packed segment holds more than one <|vision_start|>: each conversation of a packed "
+                             "row reads one image or video.")
+        if len(placements) != num_items:
+            raise ValueError(f"The packed rows hold {len(placements)} <|vision_start|> placeholder(s) but {num_items} "
+                             f"image(s)/video(s) were given: give the videos of each row in order, one per "
+                             f"placeholder, rows one after the other.")
+        return placements
+
+    def _packed_visual_stream(self, items, placements, segments, dtype, device):
+        """Each row's videos one after the other in a (b, n, d) stream. Also returns the (b, T, n) cross-attention
+        keep mask (a text segment reads its own video only), the Mamba-2 `seq_idx` (b, n) (the video's index in its
+        row; padding continues the last, the scan being causal) and each item's (row, first token)."""
+        batch_size = segments.shape[0]
+        offsets, row_lengths = [], [0] * batch_size
+        for item, (row, _) in zip(items, placements):
+            offsets.append((row, row_lengths[row]))
+            row_lengths[row] += item.shape[0]
+        longest = max(row_lengths)
+        visual = torch.zeros(batch_size, longest, self.config.hidden_size, dtype=dtype, device=device)
+        reader = torch.full((batch_size, longest), -1, dtype=torch.long, device=device)  # segment reading each token
+        seq_idx = torch.zeros(batch_size, longest, dtype=torch.long, device=device)
+        videos_in_row = [0] * batch_size
+        for item, (row, segment), (_, offset) in zip(items, placements, offsets):
+            end = offset + item.shape[0]
+            visual[row, offset:end] = item
+            reader[row, offset:end] = segment
+            seq_idx[row, offset:] = videos_in_row[row]
+            videos_in_row[row] += 1
+        keep = (segments[:, :, None] == reader[:, None, :]) & (reader >= 0)[:, None, :]
+        return visual, keep, seq_idx, offsets
+
+    @staticmethod
+    def _packed_self_mask(segments, attention_mask, dtype, implementation):
+        """Causal self-attention inside each packed segment, to real tokens only."""
+        length = segments.shape[1]
+        causal = torch.ones(length, length, dtype=torch.bool, device=segments.device).tril()
+        keep = causal & (segments[:, :, None] == segments[:, None, :])
+        if attention_mask is not None:
+            keep = keep & attention_mask.bool()[:, None, :]
+        return attention_mask_for(keep, implementation, dtype)
 
     # -- text positions and masks -------------------------------------------------------------------------------
 
@@ -818,10 +986,11 @@ class VambaModel(VambaPreTrainedModel):
             if keep is not None:
                 cross.padded = True
                 mask_format = "sdpa" if implementation.startswith("flash") else implementation
-                cross.mask = attention_mask_for(keep[:, None, :], mask_format, dtype)
+                keep = keep[:, None, :] if keep.dim() == 2 else keep  # (b, n) for all queries, or (b, T, n)
+                cross.mask = attention_mask_for(keep, mask_format, dtype)
                 has_visual = keep.any(-1)
                 if not bool(has_visual.all()):
-                    cross.has_visual = has_visual[:, None, None]
+                    cross.has_visual = has_visual[..., None]
             if cache is not None:
                 cache.cross_mask, cache.cross_has_visual = cross.mask, cross.has_visual
         elif cache is not None and cache.has_visual:
@@ -860,6 +1029,19 @@ class VambaModel(VambaPreTrainedModel):
         return_dict: Optional[bool] = None,
         **kwargs,
     ) -> BaseModelOutputWithPast:
+        r"""Text `input_ids` (b, T) with `<|vision_start|><|vision_end|>` where each image or video goes, and the
+        visual inputs in the order of those placeholders: `pixel_values_videos` + `video_grid_thw` (or the image
+        pair) as the processor returns them, or `visual_embeds`, one (tokens, hidden) tensor per item.
+
+        Packed rows (training): several (video, conversation) pairs in one row, computed exactly as if each pair ran
+        alone. Mark where each pair starts by `position_ids` (b, T) restarting at 0, as transformers' padding-free
+        collators do (`DataCollatorWithFlattening`); e.g. two pairs of 5 and 3 tokens: `[[0, 1, 2, 3, 4, 0, 1, 2]]`.
+        A segment's text attends causally to itself only, reads only its own video in cross-attention, and its
+        video's Mamba-2 state starts from zero. A row may hold several placeholders (one per segment); the visual
+        inputs are the videos of row 0 in order, then those of row 1, and so on; segments without a placeholder are
+        text-only. Rows may be padded at the end (with `attention_mask` 0 there). Packed forwards keep no cache and
+        need `attn_implementation` "sdpa" or "eager".
+        """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of input_ids and inputs_embeds.")
         if inputs_embeds is None:
@@ -871,8 +1053,18 @@ class VambaModel(VambaPreTrainedModel):
         output_hidden_states = output_hidden_states if output_hidden_states is not None else (
             self.config.output_hidden_states)
         use_cache = use_cache if use_cache is not None else (self.config.use_cache and not self.training)
+        if use_cache and self.training and any(layer.gradient_checkpointing for layer in self.model.layers):
+            # The checkpointed layers run twice: the second run would append to the cache again.
+            logger.warning_once("use_cache=True is incompatible with gradient checkpointing: running without cache.")
+            use_cache = False
         implementation = self.config._attn_implementation or "sdpa"
         device, dtype = inputs_embeds.device, inputs_embeds.dtype
+        segments = self._packed_segments(position_ids, attention_mask, batch_size, past_key_values)
+        if segments is not None:
+            if implementation.startswith("flash"):
+                raise ValueError("Packed rows (position_ids restarting at 0) need attn_implementation='sdpa' or "
+                                 "'eager'; flash-attention's variable-length path is not wired for them yet.")
+            use_cache = False
 
         cache = None
         if use_cache:
@@ -885,23 +1077,35 @@ class VambaModel(VambaPreTrainedModel):
 
         items, grid = self._visual_items(input_ids, batch_size, pixel_values, image_grid_thw, pixel_values_videos,
                                          video_grid_thw, visual_embeds)
-        rows = self._rows_of_visual(input_ids, batch_size, len(items))
-        visual = keep = visual_positions = None
+        if segments is None:
+            rows = self._rows_of_visual(input_ids, batch_size, len(items))
+        else:
+            placements = self._packed_placements(input_ids, segments, len(items))
+        visual = keep = visual_positions = visual_seq_idx = None
         if items:
             self._check_kernels(device)
-            visual, keep = self._visual_stream(items, rows, batch_size, dtype, device)
+            if segments is None:
+                visual, keep = self._visual_stream(items, rows, batch_size, dtype, device)
+                offsets = [(row, 0) for row in rows]
+            else:
+                visual, keep, visual_seq_idx, offsets = self._packed_visual_stream(items, placements, segments, dtype,
+                                                                                    device)
             items.clear()  # the stream holds its own copy: free the vision tower's output early
             if self.config.cross_attn_use_position_embeddings:
                 if grid is None:
                     raise ValueError("cross_attn_use_position_embeddings needs the visual grid: pass pixels with "
                                      "their grid_thw rather than visual_embeds.")
-                visual_positions = self._visual_positions(grid, rows, batch_size, visual.shape[1], device)
+                visual_positions = self._visual_positions(grid, offsets, batch_size, visual.shape[1], device)
 
         if position_ids is None:
             position_ids = self._text_positions(attention_mask, past_length, length, batch_size, device)
         text_rotary = self.rotary(position_ids)
-        self_mask = self._self_mask(attention_mask, past_length, length, dtype, implementation)
+        if segments is None:
+            self_mask = self._self_mask(attention_mask, past_length, length, dtype, implementation)
+        else:
+            self_mask = self._packed_self_mask(segments, attention_mask, dtype, implementation)
         cross = self._cross_inputs(visual, keep, position_ids, visual_positions, dtype, implementation, cache)
+        cross.seq_idx = visual_seq_idx
 
         text = inputs_embeds
         hidden_states = [] if output_hidden_states else None
@@ -910,7 +1114,8 @@ class VambaModel(VambaPreTrainedModel):
             if output_hidden_states:
                 hidden_states.append(text)
             # The last layer's Mamba-2 output would be read by no one.
-            text, visual = layer(text, visual, text_rotary, self_mask, cross, cache, update_visual=i < last)
+            text, visual = layer(text, visual, text_rotary, self_mask, cross, past_key_values=cache,
+                                 update_visual=i < last)
         text = self.model.norm(text)
         if output_hidden_states:
             hidden_states.append(text)

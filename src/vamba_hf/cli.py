@@ -1,0 +1,182 @@
+"""`vamba-hf`: convert the official checkpoint, push it to the Hub, and answer questions about videos and images.
+
+    vamba-hf convert SRC DST            official-format folder (or Hub repo id) -> Hub-ready folder
+    vamba-hf push DST REPO_ID           upload a converted folder (--dry-run lists the files)
+    vamba-hf generate --video FILE      stream an answer; without --model, runs the embedded demo model
+"""
+
+import argparse
+import re
+import sys
+import time
+from pathlib import Path
+
+DEFAULT_PROMPTS = {"video": "Describe this video.", "image": "Describe this image.", None: "Hello! Who are you?"}
+_REPO_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+
+
+def _stderr(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+# -- convert ---------------------------------------------------------------------------------------------------
+
+
+def _source_folder(source: str) -> Path:
+    from .convert import download_source
+
+    if Path(source).is_dir() or not _REPO_ID.match(source):
+        return Path(source)
+    return download_source(source, log=_stderr)
+
+
+def run_convert(args) -> int:
+    from .convert import convert_checkpoint
+
+    result = convert_checkpoint(
+        _source_folder(args.source), args.destination, force=args.force, base_model=args.base_model,
+        license=args.license, repo_id=args.repo_id, log=_stderr,
+    )
+    processor = "with processor" if result.has_processor else "WITHOUT processor (weights only)"
+    _stderr(f"Done: {result.num_tensors} tensors, {len(result.weight_files)} weight file(s) {result.weights_placement}"
+            f", {processor}. Load it with trust_remote_code=True, or upload it: vamba-hf push {result.destination} "
+            f"REPO_ID")
+    return 0
+
+
+# -- push ------------------------------------------------------------------------------------------------------
+
+
+def run_push(args) -> int:
+    from .hub import push_folder
+
+    push_folder(args.folder, args.repo_id, private=args.private, revision=args.revision,
+                commit_message=args.commit_message, token=args.token, dry_run=args.dry_run, log=_stderr)
+    return 0
+
+
+# -- generate --------------------------------------------------------------------------------------------------
+
+
+def _describe_inputs(inputs) -> str:
+    for grid_name, kind in (("video_grid_thw", "video"), ("image_grid_thw", "image")):
+        if grid_name in inputs:
+            t, h, w = (int(n) for n in inputs[grid_name][0])
+            frames = f"{2 * t} frames, " if kind == "video" else ""
+            return f"{kind}: {frames}{t * h * w // 4} visual tokens; prompt: {inputs['input_ids'].shape[1]} tokens"
+    return f"prompt: {inputs['input_ids'].shape[1]} tokens, no image or video"
+
+
+def run_generate(args) -> int:
+    from transformers import TextStreamer
+
+    from .demo import demo_notice
+    from .inference import build_messages, load_model_and_processor, prepare_inputs
+
+    started = time.perf_counter()
+    if args.model is None:
+        _stderr(demo_notice())
+    loaded = load_model_and_processor(args.model, dtype=args.dtype, device=args.device)
+    model, processor = loaded.model, loaded.processor
+    kind = "video" if args.video else "image" if args.image else None
+    prompt = args.prompt or DEFAULT_PROMPTS[kind]
+    messages = build_messages(prompt, video=args.video, image=args.image)
+    inputs = prepare_inputs(processor, messages, model.device, num_frames=args.frames, fps=args.fps)
+    _stderr(f"Model: {loaded.source} ({model.dtype}, {model.device}); {_describe_inputs(inputs)}")
+    _stderr(f"Prompt: {prompt}")
+    streamer = TextStreamer(processor.tokenizer, skip_prompt=True, skip_special_tokens=True)
+    prefill_started = time.perf_counter()
+    output = model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False, streamer=streamer)
+    finished = time.perf_counter()
+    new_tokens = output.shape[1] - inputs["input_ids"].shape[1]
+    _stderr(f"[{new_tokens} new tokens in {finished - prefill_started:.1f} s; {finished - started:.1f} s in all]")
+    if loaded.is_demo:
+        _stderr("(demo model with random weights: the text above is meaningless by design)")
+    return 0
+
+
+# -- parser ----------------------------------------------------------------------------------------------------
+
+
+def _add_convert(subparsers) -> None:
+    from .card import DEFAULT_BASE_MODEL
+
+    parser = subparsers.add_parser(
+        "convert", help="official-format checkpoint folder -> Hub-ready folder",
+        description="Convert an official-format Vamba checkpoint (config.json with model_type qwen2_vl, "
+                    "safetensors weights, Qwen2-VL tokenizer and preprocessor files) into a folder that "
+                    "transformers' Auto classes load with trust_remote_code=True. Weights are hard-linked or copied "
+                    "unchanged; only their headers are read, to check every tensor name and shape first.")
+    parser.add_argument("source", help="the official checkpoint folder, or its Hub repo id "
+                                       "(e.g. TIGER-Lab/Vamba-Qwen2-VL-7B, downloaded into the Hub cache)")
+    parser.add_argument("destination", help="the folder to write (must not exist, unless --force)")
+    parser.add_argument("--force", action="store_true", help="replace DESTINATION if it exists")
+    parser.add_argument("--base-model", default=None, help=f"model card base_model (default {DEFAULT_BASE_MODEL})")
+    parser.add_argument("--license", default=None, help="model card license id (default: other)")
+    parser.add_argument("--repo-id", default=None, help="Hub repo id for the card's usage snippets (push sets it too)")
+    parser.set_defaults(run=run_convert)
+
+
+def _add_push(subparsers) -> None:
+    parser = subparsers.add_parser("push", help="upload a converted folder to the Hugging Face Hub",
+                                   description="Upload a folder written by `vamba-hf convert` to a model repo "
+                                               "(created if needed). Needs a token: `huggingface-cli login` or "
+                                               "--token / HF_TOKEN.")
+    parser.add_argument("folder", help="the converted folder")
+    parser.add_argument("repo_id", help="the model repo, e.g. your-name/Vamba-Qwen2-VL-7B-hf")
+    parser.add_argument("--dry-run", action="store_true", help="list what would be uploaded; upload nothing")
+    parser.add_argument("--private", action="store_true", help="create the repo as private")
+    parser.add_argument("--revision", default=None, help="branch to push to (default: main)")
+    parser.add_argument("--commit-message", default=None)
+    parser.add_argument("--token", default=None, help="Hub token (default: the logged-in one)")
+    parser.set_defaults(run=run_push)
+
+
+def _add_generate(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "generate", help="answer a question about a video or image, streaming the answer",
+        description="Stream Vamba's answer about a video or an image. Without --model, runs the embedded demo "
+                    "model: tiny, random weights, built locally (no download) - it shows the path works, its answers "
+                    "are meaningless.")
+    parser.add_argument("--model", default=None,
+                        help="converted folder or Hub repo id (default: the embedded demo model)")
+    visual = parser.add_mutually_exclusive_group()
+    visual.add_argument("--video", default=None, help="video file (decoded with PyAV)")
+    visual.add_argument("--image", default=None, help="image file")
+    parser.add_argument("--prompt", default=None, help="the question (default: describe the video/image)")
+    parser.add_argument("--max-new-tokens", type=int, default=128)
+    sampling = parser.add_mutually_exclusive_group()
+    sampling.add_argument("--frames", type=int, default=None,
+                          help="frames sampled uniformly from the video (default: the processor's, 128 for the "
+                               "real model; an odd count drops the last frame)")
+    sampling.add_argument("--fps", type=float, default=None, help="sample frames at this rate instead of --frames")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                        help="auto: bfloat16 on GPU, float32 on CPU")
+    parser.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:1, ...")
+    parser.set_defaults(run=run_generate)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vamba-hf", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    _add_convert(subparsers)
+    _add_push(subparsers)
+    _add_generate(subparsers)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except (ValueError, OSError, ImportError) as error:
+        # User-facing failures (bad paths, a checkpoint that does not match, missing PyAV): the message says it all.
+        _stderr(f"vamba-hf {args.command}: error: {error}")
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

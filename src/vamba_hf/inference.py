@@ -1,0 +1,99 @@
+"""Loading a Vamba model for inference and building its inputs; shared by `vamba-hf generate` and examples/.
+
+Models load with this package's classes (no remote code runs): a converted folder or Hub repo, or, when no model
+is given, the embedded demo model (tiny, random weights, built locally).
+"""
+
+import importlib.util
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class LoadedModel:
+    model: object
+    processor: object
+    source: str
+    is_demo: bool
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """"auto": the first CUDA GPU when there is one, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: CUDA is not available on this machine (use --device cpu).")
+    return device
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """"auto": bfloat16 on GPU (the checkpoint's dtype), float32 on CPU (bfloat16 matmuls are slow there)."""
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if name not in DTYPES:
+        raise ValueError(f"unknown dtype {name!r}; choose one of auto, {', '.join(DTYPES)}.")
+    return DTYPES[name]
+
+
+def _load_processor(source: str):
+    from .processing_vamba import VambaProcessor
+
+    try:
+        # trust_remote_code=False: the sub-processors are stock classes; this avoids a prompt on transformers 5.
+        return VambaProcessor.from_pretrained(source, trust_remote_code=False)
+    except OSError as error:
+        raise ValueError(
+            f"{source} has no processor (tokenizer + image processor): it was converted weights-only. Add the "
+            f"Qwen2-VL tokenizer and preprocessor files to the source checkpoint and run `vamba-hf convert` again."
+        ) from error
+
+
+def load_model_and_processor(model: Optional[str] = None, dtype: str = "auto", device: str = "auto") -> LoadedModel:
+    """Model and processor from a converted folder / Hub repo id, or the embedded demo model when `model` is None."""
+    from .convert import quiet_transformers
+    from .demo import build_demo_model_dir
+    from .modeling_vamba import VambaForConditionalGeneration
+
+    is_demo = model is None
+    source = str(build_demo_model_dir()) if is_demo else str(model)
+    target = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, target)
+    # With accelerate, weights go straight to the GPU instead of through CPU memory first.
+    placement = {"device_map": str(target)} if target.type == "cuda" and importlib.util.find_spec("accelerate") else {}
+    with quiet_transformers():
+        loaded = VambaForConditionalGeneration.from_pretrained(source, dtype=torch_dtype, **placement)
+        processor = _load_processor(source)
+    return LoadedModel(loaded.to(target).eval(), processor, source, is_demo)
+
+
+def build_messages(prompt: str, video=None, image=None) -> list:
+    """One user turn: the video or image (a path, or anything the processor accepts) followed by the prompt."""
+    if video is not None and image is not None:
+        raise ValueError("give a video or an image, not both: Vamba reads one per conversation.")
+    content = []
+    if video is not None:
+        content.append({"type": "video", "video": video})
+    elif image is not None:
+        content.append({"type": "image", "image": image})
+    content.append({"type": "text", "text": prompt})
+    return [{"role": "user", "content": content}]
+
+
+def prepare_inputs(processor, conversations, device, num_frames: Optional[int] = None, fps: Optional[float] = None):
+    """Tokenized prompt(s) and pixels for `model.generate(**inputs)`; `conversations` is one or a batch."""
+    inputs = processor.apply_chat_template(
+        conversations, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt",
+        num_frames=num_frames, fps=fps,
+    )
+    return inputs.to(device)
+
+
+def new_text(processor, output_ids, inputs) -> list:
+    """The generated answers, one string per row, without the prompt."""
+    prompt_length = inputs["input_ids"].shape[1]
+    return processor.batch_decode(output_ids[:, prompt_length:], skip_special_tokens=True)

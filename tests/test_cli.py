@@ -1,0 +1,176 @@
+"""The `vamba-hf` command: convert, push (dry run, and a real upload against a stand-in HfApi), generate (on the
+embedded demo model, from a video and from an image)."""
+
+import json
+
+import pytest
+from convert_helpers import make_source
+from PIL import Image
+
+from vamba_hf import cli
+from vamba_hf.card import REPO_ID_PLACEHOLDER
+from vamba_hf.demo import DEMO_SEED, build_demo_model_dir, write_demo_video
+
+
+@pytest.fixture(scope="session")
+def demo_cache(tmp_path_factory):
+    """A private cache for the demo model, so tests never write to the user's ~/.cache."""
+    cache = tmp_path_factory.mktemp("vamba-hf-cache")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("VAMBA_HF_CACHE", str(cache))
+        build_demo_model_dir()
+        yield cache
+
+
+@pytest.fixture(scope="session")
+def demo_video(tmp_path_factory):
+    return write_demo_video(tmp_path_factory.mktemp("media") / "clip.mp4")
+
+
+@pytest.fixture
+def converted(golden_dir, tmp_path):
+    source = make_source(golden_dir / "video_short", tmp_path / "official")
+    assert cli.main(["convert", str(source), str(tmp_path / "hub")]) == 0
+    return tmp_path / "hub"
+
+
+# -- convert ---------------------------------------------------------------------------------------------------
+
+
+def test_convert_writes_a_hub_folder(golden_dir, tmp_path, capsys):
+    source = make_source(golden_dir / "video_short", tmp_path / "official")
+    assert cli.main(["convert", str(source), str(tmp_path / "hub")]) == 0
+    assert json.loads((tmp_path / "hub" / "config.json").read_text())["model_type"] == "vamba"
+    err = capsys.readouterr().err
+    assert "Checked 121 tensors" in err and "with processor" in err
+
+
+def test_convert_refuses_existing_destination_then_force(converted, capsys):
+    source = converted.parent / "official"
+    assert cli.main(["convert", str(source), str(converted)]) == 1
+    assert "already exists; pass --force" in capsys.readouterr().err
+    assert cli.main(["convert", str(source), str(converted), "--force", "--repo-id", "me/x"]) == 0
+    assert 'model_id = "me/x"' in (converted / "README.md").read_text()
+
+
+def test_convert_reports_a_bad_source(tmp_path, capsys):
+    assert cli.main(["convert", str(tmp_path), str(tmp_path.parent / "out")]) == 1
+    assert "has no config.json" in capsys.readouterr().err
+
+
+def test_convert_downloads_a_repo_id(golden_dir, tmp_path, monkeypatch):
+    source = make_source(golden_dir / "image", tmp_path / "cache" / "snapshot")
+    requested = []
+
+    def fake_snapshot_download(repo_id, allow_patterns):
+        requested.append(repo_id)
+        return str(source)
+
+    monkeypatch.setattr("huggingface_hub.snapshot_download", fake_snapshot_download)
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["convert", "TIGER-Lab/Vamba-Qwen2-VL-7B", str(tmp_path / "hub")]) == 0
+    assert requested == ["TIGER-Lab/Vamba-Qwen2-VL-7B"] and (tmp_path / "hub" / "config.json").is_file()
+
+
+# -- push ------------------------------------------------------------------------------------------------------
+
+
+class RecordingHfApi:
+    calls = []
+
+    def __init__(self, token=None):
+        self.token = token
+
+    def create_repo(self, repo_id, **options):
+        self.calls.append(("create_repo", repo_id, options))
+
+    def upload_folder(self, **options):
+        self.calls.append(("upload_folder", options["repo_id"], options))
+        return "https://huggingface.co/me/vamba/commit/0"
+
+
+def test_push_dry_run_lists_files_and_uploads_nothing(converted, capsys, monkeypatch):
+    monkeypatch.setattr("huggingface_hub.HfApi", None)  # any use of the API would fail
+    assert cli.main(["push", str(converted), "me/vamba", "--dry-run"]) == 0
+    err = capsys.readouterr().err
+    assert "Would upload" in err and "https://huggingface.co/me/vamba" in err
+    for name in ("config.json", "model.safetensors", "modeling_vamba.py", "processing_vamba.py", "README.md",
+                 "generation_config.json", "tokenizer.json"):
+        assert f"  {name}  (" in err, name
+    assert REPO_ID_PLACEHOLDER in (converted / "README.md").read_text()
+
+
+def test_push_uploads_the_folder(converted, monkeypatch):
+    RecordingHfApi.calls = []
+    monkeypatch.setattr("huggingface_hub.HfApi", RecordingHfApi)
+    assert cli.main(["push", str(converted), "me/vamba", "--private"]) == 0
+    (create, repo_id, options), (upload, upload_repo, upload_options) = RecordingHfApi.calls
+    assert (create, repo_id, options["private"], options["exist_ok"]) == ("create_repo", "me/vamba", True, True)
+    assert (upload, upload_repo, upload_options["folder_path"]) == ("upload_folder", "me/vamba", converted)
+    card = (converted / "README.md").read_text()
+    assert 'model_id = "me/vamba"' in card and REPO_ID_PLACEHOLDER not in card
+
+
+def test_push_refuses_an_unconverted_folder(golden_dir, capsys):
+    assert cli.main(["push", str(golden_dir / "image"), "me/vamba", "--dry-run"]) == 1
+    assert "not a converted Vamba config" in capsys.readouterr().err
+
+
+# -- generate --------------------------------------------------------------------------------------------------
+
+
+def test_generate_video_on_the_demo_model(demo_cache, demo_video, capsys):
+    assert cli.main(["generate", "--video", str(demo_video), "--prompt", "What moves?", "--max-new-tokens", "6"]) == 0
+    out, err = capsys.readouterr()
+    assert f"DEMO model: a tiny Vamba with RANDOM weights (seed {DEMO_SEED})" in err
+    assert "video: 16 frames" in err and "6 new tokens" in err
+    assert out.strip()
+
+
+def test_generate_is_deterministic_and_honours_frames(demo_cache, demo_video, capsys):
+    answers = []
+    for _ in range(2):
+        assert cli.main(["generate", "--video", str(demo_video), "--frames", "8", "--max-new-tokens", "6"]) == 0
+        out, err = capsys.readouterr()
+        assert "video: 8 frames" in err
+        answers.append(out)
+    assert answers[0] == answers[1]
+
+
+def test_generate_by_fps(demo_cache, demo_video, capsys):
+    # 48 frames at 12 fps = 4 s; 2 frames per second -> 8 frames.
+    assert cli.main(["generate", "--video", str(demo_video), "--fps", "2", "--max-new-tokens", "2"]) == 0
+    assert "video: 8 frames" in capsys.readouterr().err
+
+
+def test_generate_image(demo_cache, tmp_path, capsys):
+    image = tmp_path / "picture.png"
+    Image.new("RGB", (96, 64), (200, 40, 40)).save(image)
+    assert cli.main(["generate", "--image", str(image), "--max-new-tokens", "3", "--dtype", "float32",
+                     "--device", "cpu"]) == 0
+    err = capsys.readouterr().err
+    assert "image: " in err and "Prompt: Describe this image." in err
+
+
+def test_generate_with_a_converted_model(converted, demo_video, capsys):
+    assert cli.main(["generate", "--model", str(converted), "--video", str(demo_video), "--max-new-tokens", "3"]) == 0
+    err = capsys.readouterr().err
+    assert "DEMO" not in err and f"Model: {converted}" in err
+
+
+def test_generate_reports_a_missing_video(demo_cache, tmp_path, capsys):
+    assert cli.main(["generate", "--video", str(tmp_path / "absent.mp4")]) == 1
+    assert "video file not found" in capsys.readouterr().err
+
+
+def test_generate_reports_a_weights_only_model(golden_dir, tmp_path, capsys):
+    source = make_source(golden_dir / "image", tmp_path / "official", with_processor=False)
+    assert cli.main(["convert", str(source), str(tmp_path / "hub")]) == 0
+    assert cli.main(["generate", "--model", str(tmp_path / "hub"), "--prompt", "hi"]) == 1
+    assert "converted weights-only" in capsys.readouterr().err
+
+
+def test_video_and_image_are_exclusive(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["generate", "--video", "a.mp4", "--image", "b.png"])
+    assert "not allowed with argument" in capsys.readouterr().err
