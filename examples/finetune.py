@@ -4,7 +4,7 @@ Data: a folder of videos and a JSONL file, one example per line:
 
     {"video": "clips/cat.mp4", "question": "What does the cat do?", "answer": "It jumps onto the table."}
 
-(`video` is relative to --video-dir). Only the answer tokens and the closing <|im_end|> are supervised.
+(`video` is relative to --video-dir; it may also be a list of frame images). Only the answer tokens and the closing <|im_end|> are supervised.
 
     # full fine-tuning of the text side and the Mamba-2 blocks, vision tower frozen, 2 GPUs with FSDP:
     accelerate launch --config_file examples/accelerate_fsdp.yaml examples/finetune.py \\
@@ -46,7 +46,9 @@ def read_examples(data: Path, video_dir: Path) -> list[dict]:
             missing = {"video", "question", "answer"} - set(record)
             if missing:
                 raise ValueError(f"{data}:{number} lacks {sorted(missing)}: each line needs video, question, answer.")
-            examples.append({**record, "video": str(video_dir / record["video"])})
+            video = record["video"]  # a file, or a list of frame images
+            paths = [str(video_dir / frame) for frame in video] if isinstance(video, list) else str(video_dir / video)
+            examples.append({**record, "video": paths})
     return examples
 
 

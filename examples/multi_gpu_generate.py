@@ -13,8 +13,6 @@ import argparse
 import json
 import math
 import sys
-import tempfile
-from pathlib import Path
 
 import torch
 
@@ -22,12 +20,13 @@ from vamba_hf import VambaForConditionalGeneration
 from vamba_hf.processing_vamba import VambaProcessor
 
 
-def model_and_video(args, scratch: Path):
+def model_and_video(args):
+    """The checkpoint and the video (a path, or with --tiny the demo clip's frames: no video decoder needed)."""
     if not args.tiny:
         return args.model, args.video
-    from vamba_hf.demo import build_demo_model_dir, write_demo_video
+    from vamba_hf.demo import build_demo_model_dir, demo_frames
 
-    return str(build_demo_model_dir()), str(write_demo_video(scratch / "demo.mp4"))
+    return str(build_demo_model_dir()), demo_frames()
 
 
 def prompt_inputs(processor, video: str, question: str, num_frames):
@@ -49,9 +48,8 @@ def weights_bytes(model) -> int:
 
 
 def split_memory_caps(model_bytes: int, gpus: int) -> dict:
-    """A cap per GPU a little above an even share: `device_map="auto"` then has to use every GPU."""
-    per_gpu_gib = math.ceil(model_bytes / gpus * 1.1 / 2**30 * 10) / 10
-    return {index: f"{per_gpu_gib}GiB" for index in range(gpus)}
+    """A cap per GPU (bytes) a little above an even share: `device_map="auto"` then has to use every GPU."""
+    return {index: math.ceil(model_bytes / gpus * 1.1) for index in range(gpus)}
 
 
 def parse_args(argv=None):
@@ -73,10 +71,9 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     on_gpu = torch.cuda.is_available()
     dtype = torch.bfloat16 if on_gpu else torch.float32
-    with tempfile.TemporaryDirectory() as scratch:
-        model_path, video = model_and_video(args, Path(scratch))
-        processor = VambaProcessor.from_pretrained(model_path)
-        inputs = prompt_inputs(processor, video, args.question, args.num_frames)
+    model_path, video = model_and_video(args)
+    processor = VambaProcessor.from_pretrained(model_path)
+    inputs = prompt_inputs(processor, video, args.question, args.num_frames)
 
     single = VambaForConditionalGeneration.from_pretrained(model_path, dtype=dtype)
     single = single.to("cuda:0" if on_gpu else "cpu").eval()

@@ -121,22 +121,30 @@ def build_demo_model_dir(path=None, seed: int = DEMO_SEED) -> Path:
     return path
 
 
-def write_demo_video(path, num_frames: int = 48, width: int = 160, height: int = 120, fps: int = 12) -> Path:
-    """A short synthetic clip (a red square crossing a blue-to-green background), written with PyAV."""
-    import av
+def demo_frames(num_frames: int = 48, width: int = 160, height: int = 120):
+    """A synthetic clip as a (frames, height, width, 3) uint8 array: a red square crossing a blue-to-green
+    background."""
     import numpy as np
 
-    path = Path(path)
     rows = np.linspace(0, 1, height)[:, None, None]
     background = (np.array([40, 60, 200]) * (1 - rows) + np.array([40, 180, 60]) * rows).astype(np.uint8)
     side = height // 3
+    frames = np.repeat(np.repeat(background, width, axis=1)[None], num_frames, axis=0)
+    for index, frame in enumerate(frames):
+        left = (width - side) * index // max(num_frames - 1, 1)
+        frame[side : 2 * side, left : left + side] = (220, 30, 30)
+    return frames
+
+
+def write_demo_video(path, num_frames: int = 48, width: int = 160, height: int = 120, fps: int = 12) -> Path:
+    """`demo_frames` written as an MPEG-4 file with PyAV."""
+    import av
+
+    path = Path(path)
     with av.open(str(path), "w") as container:
         stream = container.add_stream("mpeg4", rate=Fraction(fps))
         stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
-        for index in range(num_frames):
-            pixels = np.repeat(background, width, axis=1)
-            left = (width - side) * index // max(num_frames - 1, 1)
-            pixels[side:2 * side, left:left + side] = (220, 30, 30)
+        for pixels in demo_frames(num_frames, width, height):
             for packet in stream.encode(av.VideoFrame.from_ndarray(pixels, format="rgb24")):
                 container.mux(packet)
         for packet in stream.encode():

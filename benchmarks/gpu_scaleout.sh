@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Issue 6's GPU checks in one run on a machine with 2 GPUs (nvidia-h200-x2), logs under $OUT (or ./scaleout-logs):
+#   1. device_map="auto" over 2 GPUs gives the same greedy tokens as one GPU (examples/multi_gpu_generate.py);
+#   2. a few FSDP2 training steps of examples/finetune.py through `accelerate launch` on 2 GPUs, small model;
+#   3. one training step at the 7B sizes on 256 frames, Vamba next to Qwen2-VL-7B (benchmarks/bench_train_step.py).
+# NVLink multicast stays off (it can take a shared host's GPUs out of service).
+set -uo pipefail
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
+export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
+logs=${OUT:-scaleout-logs}
+mkdir -p "$logs"
+nvidia-smi --query-gpu=name,memory.total --format=csv | tee "$logs/gpus.txt"
+
+echo "== 1. device_map=auto over 2 GPUs vs one GPU"
+python3 examples/multi_gpu_generate.py --tiny --gpus 2 --max-new-tokens 16 2>&1 | tee "$logs/multi_gpu_generate.log"
+
+echo "== 2. FSDP2 fine-tuning steps on 2 GPUs"
+data=$(mktemp -d)
+python3 - "$data" <<'PY'
+import json, sys
+from pathlib import Path
+from PIL import Image
+from vamba_hf.demo import demo_frames
+
+root = Path(sys.argv[1])
+with open(root / "train.jsonl", "w") as out:
+    for clip in range(8):
+        frames = []
+        for index, frame in enumerate(demo_frames(num_frames=4 + 2 * (clip % 3), width=112, height=84)):
+            name = f"clip{clip}/{index:03d}.png"
+            (root / name).parent.mkdir(exist_ok=True)
+            Image.fromarray(frame).save(root / name)
+            frames.append(name)
+        out.write(json.dumps({"video": frames, "question": f"What moves in clip {clip}?",
+                              "answer": "A red square moves to the right."}) + "\n")
+PY
+accelerate launch --config_file examples/accelerate_fsdp.yaml examples/finetune.py --tiny --data "$data/train.jsonl" \
+  --video-dir "$data" --output-dir "$data/out" --max-steps 8 --learning-rate 2e-3 --bf16 --gradient-checkpointing \
+  2>&1 | tee "$logs/fsdp_finetune.log" | grep -E "'loss'|Error|error" | head -40
+
+echo "== 3. one training step at 7B sizes, 256 frames: Vamba and Qwen2-VL-7B"
+python3 benchmarks/bench_train_step.py --frames 256 --out "$logs/train_step.jsonl" 2>&1 | tee "$logs/train_step.log" | tail -5
