@@ -6,14 +6,17 @@ the Qwen2-VL-7B baseline (bench_qwen2vl.py, run as a subprocess in the same call
 
 Sections (--sections, default parity,sweep,baseline,plot):
   parity    kernel path (mamba-ssm + causal-conv1d) vs `Mamba2.use_kernels = False` on the golden fixtures (fp32,
-            bf16) and on a 7B-sized random layer (bf16); segmented == unsegmented scan at 2048 and 4096 frames
+            bf16) and on a 7B-sized random layer (bf16); segmented == unsegmented scan at 2048 and 4096 frames;
+            greedy generation with vs without the CUDA-graph decoding step on the golden fixtures
   sweep     ours over --frames: vision tower, text side, whole prefill (time, peak memory), decode ms/token;
-            at 1024 frames also the float8 cross-K/V cache (memory, decode, logits error)
+            at 1024 frames also decoding with vs without the CUDA graph, and the float8 cross-K/V cache (memory,
+            decode, logits error)
   baseline  benchmarks/bench_qwen2vl.py over --baseline-frames (stops at its first OOM)
   plot      time and memory vs frames for both models (bench_vamba.png)
   tune      cross-attention variants, Mamba-2 segment length, vision_max_frames (not part of the default run)
   profile   torch.profiler of the text side and of one decode step at --profile-frames (not default)
-Timings are medians of --repeats runs after one warm-up (Triton autotunes on its first call).
+Timings are medians of --repeats runs after one warm-up (Triton autotunes and torch.compile compiles on the first
+call); above 1024 frames, one timed run after the warm-up.
 """
 
 import argparse
@@ -98,6 +101,29 @@ def golden_parity(root: Path, sink) -> None:
                  "kernel_vs_torch_logits": relative(logits[True], logits[False]),
                  "kernel_vs_reference_logits": relative(logits[True].cpu(), reference["logits"])}, sink)
             del model
+
+
+def golden_decode_graph(root: Path, sink) -> None:
+    """Greedy generation with each decoding step replayed from a CUDA graph vs run eagerly (fp32, golden)."""
+    from safetensors.torch import load_file
+
+    for case in ("video_short", "video_long", "image"):
+        folder = root / case
+        reference = load_file(folder / "reference_outputs.safetensors")
+        model = VambaForConditionalGeneration.from_pretrained(folder, attn_implementation="sdpa",
+                                                              dtype=torch.float32).cuda().eval()
+        inputs = {k: v.cuda() for k, v in load_file(folder / "inputs.safetensors").items()}
+        runs = {}
+        with torch.inference_mode():
+            for graph in (True, False):
+                model.config.decode_with_cuda_graph = graph
+                runs[graph] = model.generate(**inputs, max_new_tokens=12, do_sample=False, output_scores=True,
+                                             return_dict_in_generate=True)
+        log({"check": "decode graph (golden, fp32)", "case": case,
+             "tokens_equal": bool(torch.equal(runs[True].sequences, runs[False].sequences)),
+             "tokens_equal_reference": bool(torch.equal(runs[True].sequences.cpu(), reference["generated_ids"])),
+             "graph_vs_eager_scores": relative(torch.stack(runs[True].scores), torch.stack(runs[False].scores))}, sink)
+        del model
 
 
 def small_vocab_config() -> VambaConfig:
@@ -194,7 +220,7 @@ def sweep(model, frames_list, repeats, decode_steps, sink) -> list[dict]:
     rows = []
     for frames in frames_list:
         ids, pixels, grid = video_inputs(frames)
-        reps = repeats if frames <= 1024 else max(1, repeats - 1)
+        reps = repeats if frames <= 1024 else 1  # one timed run after the warm-up: these take 10-40 s each
         record = {"model": "vamba", "frames": frames, "visual_tokens": frames // 2 * TOKENS_PER_STEP, "repeats": reps}
         try:
             with torch.inference_mode():
@@ -233,6 +259,28 @@ def sweep(model, frames_list, repeats, decode_steps, sink) -> list[dict]:
         if record.get("oom"):
             break
     return rows
+
+
+def decode_graph_check(model, frames: int, decode_steps: int, sink) -> None:
+    """Decoding at `frames` with each step replayed from a CUDA graph vs run eagerly: ms/token and the
+    teacher-forced logits' difference (bf16)."""
+    ids, pixels, grid = video_inputs(frames)
+    results = {}
+    with torch.inference_mode():
+        for graph in (False, True):
+            model.config.decode_with_cuda_graph = graph
+            out = model(input_ids=ids, pixel_values_videos=pixels, video_grid_thw=grid, use_cache=True,
+                        logits_to_keep=1)
+            cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+            forced = results[False]["tokens"] if results else None
+            ms, tokens, logits = decode(model, cache, token, decode_steps, warmup=0, forced=forced)
+            timed_ms, _, _ = decode(model, cache, tokens[-1:][None], decode_steps)
+            results[graph] = dict(ms=timed_ms, tokens=tokens, logits=logits.float())
+            del out, cache
+    model.config.decode_with_cuda_graph = True
+    log({"check": "decode graph", "frames": frames, "decode_ms_eager": results[False]["ms"],
+         "decode_ms_graph": results[True]["ms"],
+         "graph_vs_eager_logits": relative(results[True]["logits"], results[False]["logits"])}, sink)
 
 
 def float8_cache(model, frames: int, decode_steps: int, sink) -> None:
@@ -511,6 +559,7 @@ def main() -> None:
 
     if "parity" in sections:
         golden_parity(args.golden, sink)
+        golden_decode_graph(args.golden, sink)
         layer_parity(sink)
         long_segment_parity(sink)
         torch.cuda.empty_cache()
@@ -527,6 +576,7 @@ def main() -> None:
             frames = [int(x) for x in args.frames.split(",")]
             rows += sweep(model, frames, args.repeats, args.decode_steps, sink)
             if 1024 in frames:
+                decode_graph_check(model, 1024, args.decode_steps, sink)
                 float8_cache(model, 1024, args.decode_steps, sink)
         if "profile" in sections:
             profile(model, args.profile_frames, args.out, sink)

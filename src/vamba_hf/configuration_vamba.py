@@ -173,6 +173,8 @@ class VambaConfig(PretrainedConfig):
       segments that carry the state across (same result, bounded kernel sizes and activations: 2**14 tokens keep
       the block's activations under 1 GiB at no measured cost in speed, BENCHMARKS.md).
     - `vision_max_frames`: temporal steps encoded by the vision tower at once (bounded activations).
+    - `decode_with_cuda_graph`: on CUDA, run each decoding step (one new token per row) as a captured CUDA graph
+      (same result; it removes the per-kernel launch cost that dominates a decoding step at batch 1).
     - `cross_kv_cache_dtype`: how the cache keeps each layer's cross-attention K/V for decoding: null (the model's
       dtype) or "float8_e4m3fn" (half the memory, one scale per token and head; BENCHMARKS.md gives the accuracy cost).
     """
@@ -207,6 +209,7 @@ class VambaConfig(PretrainedConfig):
         mamba_max_tokens=2**14,
         vision_max_frames=64,
         cross_kv_cache_dtype=None,
+        decode_with_cuda_graph=True,
         tie_word_embeddings=False,
         bos_token_id=None,
         eos_token_id=None,

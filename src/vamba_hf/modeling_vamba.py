@@ -141,11 +141,14 @@ class VambaVisionAttention(nn.Module):
     def forward(self, frames: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         """frames: (F, L, embed_dim), one row per temporal step; attention stays within a row."""
         num_frames, length, dim = frames.shape
-        qkv = self.qkv(frames).view(num_frames, length, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        query, key = fused_rotary(qkv[:2], *rotary).unbind(0)
+        qkv = self.qkv(frames).view(num_frames, length, 3, self.num_heads, self.head_dim)
+        # Rotated before the heads are moved forward: the fused pass then reads and writes whole rows.
+        cos, sin = (t[:, None, None] for t in rotary)
+        query, key = fused_rotary(qkv[:, :, :2], cos, sin).permute(2, 0, 3, 1, 4).unbind(0)
         with sdpa_backends():
             out, _ = attention_interface(self.config._attn_implementation or "sdpa")(
-                self, query, key, qkv[2], None, scaling=self.scaling, dropout=0.0, is_causal=False
+                self, query, key, qkv[:, :, 2].transpose(1, 2), None, scaling=self.scaling, dropout=0.0,
+                is_causal=False,
             )
         return self.proj(out.reshape(num_frames, length, dim))
 
@@ -157,12 +160,10 @@ class VambaVisionBlock(GradientCheckpointingLayer):
         self.norm2 = nn.LayerNorm(config.embed_dim, eps=1e-6)
         self.attn = VambaVisionAttention(config)
         self.mlp = VisionMlp(config.embed_dim, int(config.embed_dim * config.mlp_ratio), config.hidden_act)
-        self.fused_act = FusedOnCuda(self.mlp.act)
 
     def forward(self, frames: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         frames = frames + self.attn(self.norm1(frames), rotary)
-        mlp = self.mlp
-        return frames + mlp.fc2(self.fused_act(mlp.fc1(self.norm2(frames))))
+        return frames + self.mlp(self.norm2(frames))
 
 
 class VambaVisionTower(nn.Module):
@@ -382,10 +383,13 @@ class Mamba2(nn.Module):
         tail = cfg.d_conv - 1
         next_conv_inputs, next_conv_ids = xbc[:, -tail:], None if seq_idx is None else seq_idx[:, -tail:]
         conv_ids = seq_idx
-        if carry is not None:  # the convolution reads the last d_conv-1 inputs of the previous segment
-            xbc = torch.cat([carry.conv_inputs, xbc], dim=1)
-            conv_ids = None if seq_idx is None else torch.cat([carry.conv_ids, seq_idx], dim=1)
-        xbc = self.conv(xbc, conv_ids, use_kernels)[:, xbc.shape[1] - zxbcdt.shape[1] :]
+        if carry is not None and use_kernels and seq_idx is None:  # the kernel takes them as its initial state
+            xbc = self.conv(xbc, None, use_kernels, carry.conv_inputs)
+        else:
+            if carry is not None:  # the convolution reads the last d_conv-1 inputs of the previous segment
+                xbc = torch.cat([carry.conv_inputs, xbc], dim=1)
+                conv_ids = None if seq_idx is None else torch.cat([carry.conv_ids, seq_idx], dim=1)
+            xbc = self.conv(xbc, conv_ids, use_kernels)[:, xbc.shape[1] - zxbcdt.shape[1] :]
 
         x, B, C = xbc.split([self.d_inner, self.bc_dim, self.bc_dim], dim=-1)
         batch, length = x.shape[:2]
@@ -401,11 +405,13 @@ class Mamba2(nn.Module):
         y = self.norm(y.reshape(batch, length, self.d_inner), z, use_kernels)
         return self.out_proj(y.to(self.out_proj.weight.dtype)), MambaCarry(state, next_conv_inputs, next_conv_ids)
 
-    def conv(self, xbc, seq_idx, use_kernels):
+    def conv(self, xbc, seq_idx, use_kernels, initial_inputs=None):
         weight = self.conv1d.weight.squeeze(1)
         if use_kernels:
             ids = None if seq_idx is None else seq_idx.to(torch.int32).contiguous()
-            out = _kernel_causal_conv1d(xbc.transpose(1, 2), weight, self.conv1d.bias, seq_idx=ids, activation="silu")
+            initial = None if initial_inputs is None else initial_inputs.contiguous().transpose(1, 2)
+            out = _kernel_causal_conv1d(xbc.transpose(1, 2), weight, self.conv1d.bias, seq_idx=ids,
+                                        initial_states=initial, activation="silu")
             return out.transpose(1, 2)
         return causal_conv_torch(xbc, weight, self.conv1d.bias, seq_idx)
 
@@ -623,10 +629,30 @@ class VambaCache(DynamicCache):
         self.cross_kv_scales: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # only for 8-bit K/V
         self.cross_mask: Optional[torch.Tensor] = None
         self.cross_has_visual: Optional[torch.Tensor] = None
+        self.decode_graph: Optional["DecodeGraph"] = None  # while set, it holds the self-attention K/V
 
     @property
     def has_visual(self) -> bool:
         return bool(self.cross_kv)
+
+    def self_attention_length(self) -> int:
+        return super().get_seq_length()
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.decode_graph.length if self.decode_graph is not None else super().get_seq_length(layer_idx)
+
+    def decode_graph_for(self, model, batch_size: int) -> "DecodeGraph":
+        if self.decode_graph is not None and not self.decode_graph.fits(batch_size):
+            self.release_decode_graph()
+        if self.decode_graph is None:
+            self.decode_graph = DecodeGraph(model, self, batch_size)
+        return self.decode_graph
+
+    def release_decode_graph(self):
+        """Back to the plain cache (before any step the graph does not cover: a prompt, a crop, a new batch)."""
+        if self.decode_graph is not None:
+            self.decode_graph.release()
+            self.decode_graph = None
 
     def store_cross_kv(self, layer_idx: int, key: torch.Tensor, value: torch.Tensor, storage: Optional[str] = None):
         """Keep one layer's cross-attention K/V for decoding, in `storage` (a torch dtype name; None keeps them as
@@ -652,16 +678,107 @@ class VambaCache(DynamicCache):
         self.cross_has_visual = None if self.cross_has_visual is None else fn(self.cross_has_visual)
 
     def reorder_cache(self, beam_idx: torch.LongTensor):
-        super().reorder_cache(beam_idx)
+        if self.decode_graph is not None:
+            self.decode_graph.reorder(beam_idx)
+        else:
+            super().reorder_cache(beam_idx)
         self._map_cross(lambda t: t.index_select(0, beam_idx.to(t.device)))
 
     def batch_repeat_interleave(self, repeats: int):
+        self.release_decode_graph()
         super().batch_repeat_interleave(repeats)
         self._map_cross(lambda t: t.repeat_interleave(repeats, dim=0))
 
     def batch_select_indices(self, indices: torch.Tensor):
+        self.release_decode_graph()
         super().batch_select_indices(indices)
         self._map_cross(lambda t: t[indices])
+
+    def crop(self, max_length: int):
+        self.release_decode_graph()
+        super().crop(max_length)
+
+
+class DecodeGraph:
+    """One decoding step of the text stream (one new token per row) captured as a CUDA graph and replayed at every
+    step. Eagerly, a step is ~60 small kernels per layer whose launches cost the CPU more time than their work
+    costs the GPU (BENCHMARKS.md); replayed, the GPU runs them back to back.
+
+    It stands in for the cache inside the step: the decoder layers call `update`, which writes the step's
+    self-attention K/V into preallocated buffers at the step's position (static shapes, as a graph needs), and
+    `read_cross_kv`, which reads the cache's cross-attention K/V. `release` hands the K/V back to the cache.
+    Off CUDA the same static step runs eagerly (that is how the CPU tests check it)."""
+
+    headroom = 256  # decoding positions allocated beyond the prompt; the graph is rebuilt larger when they run out
+
+    def __init__(self, model: "VambaForConditionalGeneration", cache: "VambaCache", batch_size: int):
+        self.model, self.cache = model, cache
+        self.length = cache.self_attention_length()
+        self.capacity = -(-(self.length + self.headroom) // self.headroom) * self.headroom
+        self.keys, self.values = [], []
+        for layer in cache.layers:
+            for stored, buffers in ((layer.keys, self.keys), (layer.values, self.values)):
+                buffer = stored.new_zeros(*stored.shape[:2], self.capacity, stored.shape[-1])
+                buffer[:, :, : self.length] = stored
+                buffers.append(buffer)
+        device = self.keys[0].device
+        self.input_ids = torch.zeros(batch_size, 1, dtype=torch.long, device=device)
+        self.positions = torch.zeros(batch_size, 1, dtype=torch.long, device=device)
+        self.keep = torch.zeros(batch_size, self.capacity, dtype=torch.bool, device=device)
+        self.index = torch.zeros(1, dtype=torch.long, device=device)
+        self.graph, self.logits = None, None
+
+    def fits(self, batch_size: int) -> bool:
+        return self.input_ids.shape[0] == batch_size and self.length < self.capacity
+
+    def update(self, key, value, layer_idx: int):
+        self.keys[layer_idx].index_copy_(2, self.index, key)
+        self.values[layer_idx].index_copy_(2, self.index, value)
+        return self.keys[layer_idx], self.values[layer_idx]
+
+    def read_cross_kv(self, layer_idx: int):
+        return self.cache.read_cross_kv(layer_idx)
+
+    def step(self, input_ids, position_ids, attention_mask) -> torch.Tensor:
+        """The next-token logits (b, 1, vocab) of `input_ids` (b, 1); `attention_mask` (b, length + 1) or None."""
+        self.input_ids.copy_(input_ids)
+        self.positions.copy_(position_ids)
+        if attention_mask is None:
+            self.keep[:, : self.length + 1] = True
+        else:
+            self.keep[:, : attention_mask.shape[1]].copy_(attention_mask.bool())
+        self.index.fill_(self.length)
+        if self.input_ids.is_cuda:
+            if self.graph is None:
+                self._capture()
+            self.graph.replay()
+        else:
+            self.logits = self._run()
+        self.length += 1
+        return self.logits.clone()  # the graph overwrites its output at the next replay
+
+    def _run(self) -> torch.Tensor:
+        cross = CrossAttentionInputs(mask=self.cache.cross_mask, has_visual=self.cache.cross_has_visual,
+                                     padded=self.cache.cross_mask is not None)
+        return self.model.decode_step(self.input_ids, self.positions, self.keep[:, None, None, :], cross, self)
+
+    def _capture(self):
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up off the capture: allocator and kernel selection settle first
+            self._run()
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.logits = self._run()
+
+    def reorder(self, beam_idx: torch.LongTensor):
+        for buffer in (*self.keys, *self.values, self.keep):  # in place: the graph reads these addresses
+            buffer.copy_(buffer.index_select(0, beam_idx.to(buffer.device)))
+
+    def release(self):
+        for layer, key, value in zip(self.cache.layers, self.keys, self.values):
+            layer.keys, layer.values = key[:, :, : self.length].clone(), value[:, :, : self.length].clone()
 
 
 @dataclass
@@ -1073,6 +1190,7 @@ class VambaModel(VambaPreTrainedModel):
                 if cache is not None and cache.get_seq_length() > 0:
                     raise ValueError("past_key_values must be the VambaCache a previous call returned.")
                 cache = VambaCache()
+            cache.release_decode_graph()
         past_length = cache.get_seq_length() if cache is not None else 0
 
         items, grid = self._visual_items(input_ids, batch_size, pixel_values, image_grid_thw, pixel_values_videos,
@@ -1172,6 +1290,14 @@ class VambaForConditionalGeneration(VambaModel, GenerationMixin):
         logits_to_keep: an int k computes the logits of the last k positions only (0: all), a 1-D tensor those of the
             given positions; with `labels`, the loss covers the kept positions.
         """
+        if self._decodes_with_graph(input_ids, past_key_values, labels, output_hidden_states, pixel_values,
+                                    pixel_values_videos, visual_embeds, use_cache):
+            if position_ids is None:
+                position_ids = self._text_positions(attention_mask, past_key_values.get_seq_length(), 1,
+                                                    input_ids.shape[0], input_ids.device)
+            graph = past_key_values.decode_graph_for(self, input_ids.shape[0])
+            logits = graph.step(input_ids, position_ids, attention_mask)
+            return CausalLMOutputWithPast(logits=logits, past_key_values=past_key_values)
         outputs = super().forward(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
             past_key_values=past_key_values, inputs_embeds=inputs_embeds, pixel_values=pixel_values,
@@ -1186,6 +1312,31 @@ class VambaForConditionalGeneration(VambaModel, GenerationMixin):
         return CausalLMOutputWithPast(
             loss=loss, logits=logits, past_key_values=outputs.past_key_values, hidden_states=outputs.hidden_states
         )
+
+    _graph_device_types = ("cuda",)
+
+    def _decodes_with_graph(self, input_ids, cache, labels, output_hidden_states, *visual_inputs_and_use_cache):
+        """A decoding step (one token per row after a prompt) that the CUDA graph can run."""
+        *visual_inputs, use_cache = visual_inputs_and_use_cache
+        return (
+            self.config.decode_with_cuda_graph
+            and input_ids is not None and input_ids.shape[1] == 1 and input_ids.device.type in self._graph_device_types
+            and isinstance(cache, VambaCache) and cache.get_seq_length() > 0 and use_cache is not False
+            and labels is None and not output_hidden_states and all(x is None for x in visual_inputs)
+            and not torch.is_grad_enabled() and not self.training
+            and (self.config._attn_implementation or "sdpa") == "sdpa"
+            and len(set((getattr(self, "hf_device_map", None) or {"": 0}).values())) == 1
+        )
+
+    def decode_step(self, input_ids, position_ids, self_mask, cross: CrossAttentionInputs, kv) -> torch.Tensor:
+        """The text stream's step for one new token per row, with every shape fixed (what DecodeGraph captures)."""
+        text = self.model.embed_tokens(input_ids)
+        rotary = self.rotary(position_ids)
+        if self.config.cross_attn_use_position_embeddings:
+            cross.text_rotary = rotary
+        for layer in self.model.layers:
+            text, _ = layer(text, None, rotary, self_mask, cross, past_key_values=kv)
+        return self.lm_head(self.model.norm(text)).float()
 
     def next_token_loss(self, logits, labels, kept=slice(None), num_items_in_batch=None) -> torch.Tensor:
         """transformers' causal-LM loss on `logits` (b, k, V), the logits of positions `kept` of `labels` (b, T)."""

@@ -1,0 +1,87 @@
+"""The static decoding step that DecodeGraph captures on CUDA, run eagerly on CPU: same tokens and logits as the
+plain cache, through greedy, batched/padded and beam-search generation, and back to the plain cache after."""
+
+import pytest
+import torch
+from test_modeling import left_pad, prompt, relative_error, tiny_model, video_pixels
+
+from vamba_hf import VambaForConditionalGeneration
+from vamba_hf.modeling_vamba import DecodeGraph
+
+
+@pytest.fixture
+def static_steps_on_cpu(monkeypatch):
+    steps = []
+    original = DecodeGraph.step
+    monkeypatch.setattr(VambaForConditionalGeneration, "_graph_device_types", ("cuda", "cpu"))
+    monkeypatch.setattr(DecodeGraph, "step", lambda self, *a: steps.append(1) or original(self, *a))
+    return steps
+
+
+def generate_both_ways(model, **kwargs):
+    results = []
+    for with_graph in (False, True):
+        model.config.decode_with_cuda_graph = with_graph
+        with torch.no_grad():
+            results.append(model.generate(**kwargs, do_sample=False, eos_token_id=None, return_dict_in_generate=True,
+                                          output_scores=True))
+    return results
+
+
+@pytest.mark.parametrize("options", [dict(), dict(cross_attn_use_position_embeddings=True)])
+def test_static_step_equals_plain_cache_greedy(static_steps_on_cpu, options):
+    model = tiny_model(**options)
+    pixels, grid = video_pixels(4, 4, 6)
+    plain, static = generate_both_ways(model, input_ids=prompt(2, 5)[None], pixel_values_videos=pixels,
+                                       video_grid_thw=grid, max_new_tokens=7)
+    assert len(static_steps_on_cpu) == 6  # every step after the prompt
+    assert torch.equal(plain.sequences, static.sequences)
+    assert relative_error(torch.stack(static.scores), torch.stack(plain.scores)) <= 1e-5
+
+
+def test_static_step_batched_with_padding_and_text_only_rows(static_steps_on_cpu):
+    model = tiny_model()
+    rows = [prompt(2, 6, seed=1), prompt(4, 1, seed=2, visual=False), prompt(0, 3, seed=3)]
+    ids, mask = left_pad(rows)
+    videos = [video_pixels(4, 4, 6, seed=1), video_pixels(2, 6, 4, seed=2)]
+    plain, static = generate_both_ways(model, input_ids=ids, attention_mask=mask,
+                                       pixel_values_videos=torch.cat([v[0] for v in videos]),
+                                       video_grid_thw=torch.cat([v[1] for v in videos]), max_new_tokens=5)
+    assert static_steps_on_cpu and torch.equal(plain.sequences, static.sequences)
+    assert relative_error(torch.stack(static.scores), torch.stack(plain.scores)) <= 1e-5
+
+
+def test_static_step_follows_beam_reordering(static_steps_on_cpu):
+    model = tiny_model()
+    pixels, grid = video_pixels(2, 4, 4)
+    plain, static = generate_both_ways(model, input_ids=prompt(1, 3)[None], pixel_values_videos=pixels,
+                                       video_grid_thw=grid, max_new_tokens=6, num_beams=3, num_return_sequences=3)
+    assert static_steps_on_cpu and torch.equal(plain.sequences, static.sequences)
+
+
+def test_cache_returns_to_plain_form_for_a_next_prompt(static_steps_on_cpu):
+    model = tiny_model()
+    pixels, grid = video_pixels(2, 4, 4)
+    ids = prompt(1, 3)[None]
+    with torch.no_grad():
+        out = model(input_ids=ids, pixel_values_videos=pixels, video_grid_thw=grid, use_cache=True)
+        cache = out.past_key_values
+        tokens = [out.logits[:, -1:].argmax(-1)]
+        for _ in range(3):
+            tokens.append(model(input_ids=tokens[-1], past_key_values=cache).logits.argmax(-1))
+        assert cache.decode_graph is not None and cache.get_seq_length() == ids.shape[1] + 3
+        follow_up = prompt(3, 0, seed=5, visual=False)[None]
+        continued = model(input_ids=follow_up, past_key_values=cache).logits
+        assert cache.decode_graph is None and cache.get_seq_length() == ids.shape[1] + 3 + follow_up.shape[1]
+        everything = torch.cat([ids, *tokens[:-1], follow_up], dim=1)  # the last token was never fed
+        whole = model(input_ids=everything, pixel_values_videos=pixels, video_grid_thw=grid, use_cache=False).logits
+    assert relative_error(continued, whole[:, -follow_up.shape[1]:]) <= 1e-5
+
+
+def test_capacity_grows_past_the_headroom(static_steps_on_cpu, monkeypatch):
+    monkeypatch.setattr(DecodeGraph, "headroom", 4)
+    model = tiny_model()
+    pixels, grid = video_pixels(2, 4, 4)
+    plain, static = generate_both_ways(model, input_ids=prompt(1, 3)[None], pixel_values_videos=pixels,
+                                       video_grid_thw=grid, max_new_tokens=12)
+    assert torch.equal(plain.sequences, static.sequences)
