@@ -2,18 +2,21 @@
 # Issue 6's GPU checks in one run on a machine with 2 GPUs (nvidia-h200-x2), logs under $OUT (or ./scaleout-logs):
 #   1. device_map="auto" over 2 GPUs gives the same greedy tokens as one GPU (examples/multi_gpu_generate.py);
 #   2. a few FSDP2 training steps of examples/finetune.py through `accelerate launch` on 2 GPUs, small model;
-#   3. one training step at the 7B sizes on 256 frames, Vamba next to Qwen2-VL-7B (benchmarks/bench_train_step.py).
-# NVLink multicast stays off (it can take a shared host's GPUs out of service).
+#   3. one training step at the 7B sizes on 256 frames, Vamba next to Qwen2-VL-7B (benchmarks/bench_train_step.py);
+#   4. the CUDA-graph decoding step against the eager one at the 7B sizes, fp32 and bf16.
+# STEPS="1 2" runs a subset. NVLink multicast stays off (it can take a shared host's GPUs out of service).
 set -uo pipefail
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
 logs=${OUT:-scaleout-logs}
 mkdir -p "$logs"
 nvidia-smi --query-gpu=name,memory.total --format=csv | tee "$logs/gpus.txt"
+want() { [[ " ${STEPS:-1 2 3 4} " == *" $1 "* ]]; }
 
-echo "== 1. device_map=auto over 2 GPUs vs one GPU"
+want 1 && echo "== 1. device_map=auto over 2 GPUs vs one GPU" &&
 python3 examples/multi_gpu_generate.py --tiny --gpus 2 --max-new-tokens 16 2>&1 | tee "$logs/multi_gpu_generate.log"
 
+if want 2; then
 echo "== 2. FSDP2 fine-tuning steps on 2 GPUs"
 data=$(mktemp -d)
 python3 - "$data" <<'PY'
@@ -37,6 +40,10 @@ PY
 accelerate launch --config_file examples/accelerate_fsdp.yaml examples/finetune.py --tiny --data "$data/train.jsonl" \
   --video-dir "$data" --output-dir "$data/out" --max-steps 8 --learning-rate 2e-3 --bf16 --gradient-checkpointing \
   2>&1 | tee "$logs/fsdp_finetune.log" | grep -E "'loss'|Error|error" | head -40
+fi
 
-echo "== 3. one training step at 7B sizes, 256 frames: Vamba and Qwen2-VL-7B"
+want 3 && echo "== 3. one training step at 7B sizes, 256 frames: Vamba and Qwen2-VL-7B" &&
 python3 benchmarks/bench_train_step.py --frames 256 --out "$logs/train_step.jsonl" 2>&1 | tee "$logs/train_step.log" | tail -5
+
+want 4 && echo "== 4. CUDA-graph decoding step vs eager at 7B sizes" &&
+(cd benchmarks && python3 check_decode_graph_7b.py --frames 256) 2>&1 | tee "$logs/decode_graph_7b.log" | grep check

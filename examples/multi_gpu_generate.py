@@ -48,8 +48,10 @@ def weights_bytes(model) -> int:
 
 
 def split_memory_caps(model_bytes: int, gpus: int) -> dict:
-    """A cap per GPU (bytes) a little above an even share: `device_map="auto"` then has to use every GPU."""
-    return {index: math.ceil(model_bytes / gpus * 1.1) for index in range(gpus)}
+    """A cap per GPU (bytes) above an even share, so that `device_map="auto"` has to use every GPU; the last GPU
+    also takes what does not split evenly (one decoder layer at most), so that nothing is offloaded to disk."""
+    share = math.ceil(model_bytes / gpus * 1.25)
+    return {index: share if index < gpus - 1 else 2 * share for index in range(gpus)}
 
 
 def parse_args(argv=None):

@@ -882,14 +882,15 @@ class VambaPreTrainedModel(PreTrainedModel):
         mixers = [m for m in self.modules() if isinstance(m, Mamba2)]
         return mixers[0].backend(self.device) if mixers else "none"
 
-    if not hasattr(PreTrainedModel, "activation_checkpointing_enable"):  # transformers 4.x
+    if not hasattr(PreTrainedModel, "activation_checkpointing_enable"):  # transformers 4.x and early 5.x
 
-        def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None):
-            """Checkpoint every decoder layer and vision block, non-reentrant by default as in transformers 5 (the
-            reentrant default of 4.x gives no gradient to a layer whose inputs need none: LoRA on frozen
-            embeddings, or Mamba-2 blocks behind a frozen vision tower)."""
+        def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None, **kwargs):
+            """Checkpoint every decoder layer and vision block, non-reentrant by default as in later transformers
+            (the reentrant default gives no gradient to a layer whose inputs need none: LoRA on frozen embeddings,
+            or Mamba-2 blocks behind a frozen vision tower). Other arguments (the Trainer's `every_n_layers` in
+            early 5.x) go to transformers unchanged."""
             gradient_checkpointing_kwargs = {"use_reentrant": False, **(gradient_checkpointing_kwargs or {})}
-            super().gradient_checkpointing_enable(gradient_checkpointing_kwargs=gradient_checkpointing_kwargs)
+            super().gradient_checkpointing_enable(gradient_checkpointing_kwargs=gradient_checkpointing_kwargs, **kwargs)
 
 
 class VambaTextModel(nn.Module):

@@ -515,6 +515,13 @@ class VambaProcessor(ProcessorMixin):
             tokenizer.chat_template = chat_template
         super().__init__(image_processor, tokenizer, chat_template=chat_template)
 
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
+        # The tokenizer and image processor are stock transformers classes: loading them never needs the folder's
+        # remote code, so do not stop to ask about it (the model's config.json beside them declares some).
+        kwargs.setdefault("trust_remote_code", False)
+        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+
     @property
     def model_input_names(self):
         return ["input_ids", "attention_mask", "pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw"]
