@@ -56,7 +56,9 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate `x` (..., L, head_dim) in fp32 by angles given as cos/sin broadcastable to it."""
-    rotated = x.float() * cos + rotate_half(x.float()) * sin
+    # cos/sin are upcast here too: FSDP2 casts a wrapped layer's float inputs to bf16 in the forward pass but not
+    # when activation checkpointing recomputes it, and the two must save tensors of one dtype.
+    rotated = x.float() * cos.float() + rotate_half(x.float()) * sin.float()
     return rotated.to(x.dtype)
 
 
