@@ -85,3 +85,23 @@ def test_capacity_grows_past_the_headroom(static_steps_on_cpu, monkeypatch):
     plain, static = generate_both_ways(model, input_ids=prompt(1, 3)[None], pixel_values_videos=pixels,
                                        video_grid_thw=grid, max_new_tokens=12)
     assert torch.equal(plain.sequences, static.sequences)
+
+
+def test_a_finished_generation_is_freed_without_the_cycle_collector(static_steps_on_cpu):
+    import gc
+    import weakref
+
+    model = tiny_model()
+    pixels, grid = video_pixels(2, 4, 4)
+    with torch.no_grad():
+        out = model.generate(input_ids=prompt(1, 3)[None], pixel_values_videos=pixels, video_grid_thw=grid,
+                             max_new_tokens=4, do_sample=False, eos_token_id=None, return_dict_in_generate=True)
+    cache = out.past_key_values
+    assert cache.decode_graph is not None
+    cross_key = weakref.ref(cache.cross_kv[0][0])
+    gc.disable()
+    try:
+        del out, cache
+        assert cross_key() is None
+    finally:
+        gc.enable()

@@ -653,7 +653,7 @@ class VambaCache(DynamicCache):
     def release_decode_graph(self):
         """Back to the plain cache (before any step the graph does not cover: a prompt, a crop, a new batch)."""
         if self.decode_graph is not None:
-            self.decode_graph.release()
+            self.decode_graph.release(self)
             self.decode_graph = None
 
     def store_cross_kv(self, layer_idx: int, key: torch.Tensor, value: torch.Tensor, storage: Optional[str] = None):
@@ -706,15 +706,17 @@ class DecodeGraph:
     step. Eagerly, a step is ~60 small kernels per layer whose launches cost the CPU more time than their work
     costs the GPU (BENCHMARKS.md); replayed, the GPU runs them back to back.
 
-    It stands in for the cache inside the step: the decoder layers call `update`, which writes the step's
+    Inside the step, `StaticStepKV` stands in for the cache: the decoder layers' `update` writes the step's
     self-attention K/V into preallocated buffers at the step's position (static shapes, as a graph needs), and
-    `read_cross_kv`, which reads the cache's cross-attention K/V. `release` hands the K/V back to the cache.
-    Off CUDA the same static step runs eagerly (that is how the CPU tests check it)."""
+    `read_cross_kv` reads the cache's cross-attention K/V. `release` hands the K/V back to the cache. The cache owns
+    its graph and the graph keeps no reference to the cache, so a finished generation's memory (the cross K/V above
+    all) is freed as soon as its cache is dropped. Off CUDA the same static step runs eagerly (that is how the CPU
+    tests check it)."""
 
     headroom = 256  # decoding positions allocated beyond the prompt; the graph is rebuilt larger when they run out
 
     def __init__(self, model: "VambaForConditionalGeneration", cache: "VambaCache", batch_size: int):
-        self.model, self.cache = model, cache
+        self.model = model
         self.length = cache.self_attention_length()
         self.capacity = -(-(self.length + self.headroom) // self.headroom) * self.headroom
         self.keys, self.values = [], []
@@ -733,15 +735,7 @@ class DecodeGraph:
     def fits(self, batch_size: int) -> bool:
         return self.input_ids.shape[0] == batch_size and self.length < self.capacity
 
-    def update(self, key, value, layer_idx: int):
-        self.keys[layer_idx].index_copy_(2, self.index, key)
-        self.values[layer_idx].index_copy_(2, self.index, value)
-        return self.keys[layer_idx], self.values[layer_idx]
-
-    def read_cross_kv(self, layer_idx: int):
-        return self.cache.read_cross_kv(layer_idx)
-
-    def step(self, input_ids, position_ids, attention_mask) -> torch.Tensor:
+    def step(self, cache: "VambaCache", input_ids, position_ids, attention_mask) -> torch.Tensor:
         """The next-token logits (b, 1, vocab) of `input_ids` (b, 1); `attention_mask` (b, length + 1) or None."""
         self.input_ids.copy_(input_ids)
         self.positions.copy_(position_ids)
@@ -752,35 +746,53 @@ class DecodeGraph:
         self.index.fill_(self.length)
         if self.input_ids.is_cuda:
             if self.graph is None:
-                self._capture()
+                self._capture(cache)
             self.graph.replay()
         else:
-            self.logits = self._run()
+            self.logits = self._run(cache)
         self.length += 1
         return self.logits.clone()  # the graph overwrites its output at the next replay
 
-    def _run(self) -> torch.Tensor:
-        cross = CrossAttentionInputs(mask=self.cache.cross_mask, has_visual=self.cache.cross_has_visual,
-                                     padded=self.cache.cross_mask is not None)
-        return self.model.decode_step(self.input_ids, self.positions, self.keep[:, None, None, :], cross, self)
+    def _run(self, cache: "VambaCache") -> torch.Tensor:
+        cross = CrossAttentionInputs(mask=cache.cross_mask, has_visual=cache.cross_has_visual,
+                                     padded=cache.cross_mask is not None)
+        kv = StaticStepKV(self, cache)
+        return self.model.decode_step(self.input_ids, self.positions, self.keep[:, None, None, :], cross, kv)
 
-    def _capture(self):
+    def _capture(self, cache: "VambaCache"):
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):  # warm-up off the capture: allocator and kernel selection settle first
-            self._run()
+            self._run(cache)
         torch.cuda.current_stream().wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
-            self.logits = self._run()
+            self.logits = self._run(cache)
 
     def reorder(self, beam_idx: torch.LongTensor):
         for buffer in (*self.keys, *self.values, self.keep):  # in place: the graph reads these addresses
             buffer.copy_(buffer.index_select(0, beam_idx.to(buffer.device)))
 
-    def release(self):
-        for layer, key, value in zip(self.cache.layers, self.keys, self.values):
+    def release(self, cache: "VambaCache"):
+        for layer, key, value in zip(cache.layers, self.keys, self.values):
             layer.keys, layer.values = key[:, :, : self.length].clone(), value[:, :, : self.length].clone()
+
+
+@dataclass
+class StaticStepKV:
+    """The cache as the decoder layers see it during a DecodeGraph step."""
+
+    graph: DecodeGraph
+    cache: "VambaCache"
+
+    def update(self, key, value, layer_idx: int):
+        keys, values = self.graph.keys[layer_idx], self.graph.values[layer_idx]
+        keys.index_copy_(2, self.graph.index, key)
+        values.index_copy_(2, self.graph.index, value)
+        return keys, values
+
+    def read_cross_kv(self, layer_idx: int):
+        return self.cache.read_cross_kv(layer_idx)
 
 
 @dataclass
@@ -1299,7 +1311,7 @@ class VambaForConditionalGeneration(VambaModel, GenerationMixin):
                 position_ids = self._text_positions(attention_mask, past_key_values.get_seq_length(), 1,
                                                     input_ids.shape[0], input_ids.device)
             graph = past_key_values.decode_graph_for(self, input_ids.shape[0])
-            logits = graph.step(input_ids, position_ids, attention_mask)
+            logits = graph.step(past_key_values, input_ids, position_ids, attention_mask)
             return CausalLMOutputWithPast(logits=logits, past_key_values=past_key_values)
         outputs = super().forward(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
