@@ -40,3 +40,12 @@ def test_batch_example_answers_every_video(monkeypatch, capsys):
 def test_make_sample_video(tmp_path, monkeypatch, capsys):
     run_example("make_sample_video.py", [str(tmp_path / "clip.mp4"), "--frames", "10"], monkeypatch)
     assert (tmp_path / "clip.mp4").stat().st_size > 0
+
+
+def test_multi_gpu_example_checks_the_split_on_cpu(monkeypatch, capsys):
+    """On CPU there is one device, so the "split" is the whole model: the script's two runs must still agree."""
+    import json
+
+    run_example("multi_gpu_generate.py", ["--tiny", "--max-new-tokens", "4"], monkeypatch)
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["equal"] and len(result["one_device_tokens"]) == 4
