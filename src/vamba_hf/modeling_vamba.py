@@ -1305,8 +1305,8 @@ class VambaForConditionalGeneration(VambaModel, GenerationMixin):
         logits_to_keep: an int k computes the logits of the last k positions only (0: all), a 1-D tensor those of the
             given positions; with `labels`, the loss covers the kept positions.
         """
-        if self._decodes_with_graph(input_ids, past_key_values, labels, output_hidden_states, pixel_values,
-                                    pixel_values_videos, visual_embeds, use_cache):
+        if self._decodes_with_graph(input_ids, past_key_values, use_cache, (pixel_values, pixel_values_videos,
+                                    visual_embeds), labels, output_hidden_states):
             if position_ids is None:
                 position_ids = self._text_positions(attention_mask, past_key_values.get_seq_length(), 1,
                                                     input_ids.shape[0], input_ids.device)
@@ -1330,9 +1330,8 @@ class VambaForConditionalGeneration(VambaModel, GenerationMixin):
 
     _graph_device_types = ("cuda",)
 
-    def _decodes_with_graph(self, input_ids, cache, labels, output_hidden_states, *visual_inputs_and_use_cache):
+    def _decodes_with_graph(self, input_ids, cache, use_cache, visual_inputs, labels, output_hidden_states) -> bool:
         """A decoding step (one token per row after a prompt) that the CUDA graph can run."""
-        *visual_inputs, use_cache = visual_inputs_and_use_cache
         return (
             self.config.decode_with_cuda_graph
             and input_ids is not None and input_ids.shape[1] == 1 and input_ids.device.type in self._graph_device_types
