@@ -39,7 +39,27 @@ with open(root / "train.jsonl", "w") as out:
 PY
 accelerate launch --config_file examples/accelerate_fsdp.yaml examples/finetune.py --tiny --data "$data/train.jsonl" \
   --video-dir "$data" --output-dir "$data/out" --max-steps 8 --learning-rate 2e-3 --bf16 --gradient-checkpointing \
-  2>&1 | tee "$logs/fsdp_finetune.log" | grep -E "'loss'|Error|error" | head -40
+  2>&1 | tee "$logs/fsdp_finetune.log" | grep -E "'loss'|trained|Error|error" | head -40
+python3 benchmarks/check_finetuned.py --data "$data/train.jsonl" --video-dir "$data" --output-dir "$data/out" 2>&1 |
+  tee "$logs/fsdp_saved_model.log" | grep -E "check|Error"
+echo "== 2b. the saved folder through from_pretrained under FSDP2 (as a real checkpoint loads), 2 steps at lr 0"
+accelerate launch --config_file examples/accelerate_fsdp.yaml examples/finetune.py --model "$data/out" \
+  --data "$data/train.jsonl" --video-dir "$data" --output-dir "$data/out_again" --max-steps 2 --learning-rate 0 --bf16 \
+  --gradient-checkpointing 2>&1 | tee "$logs/fsdp_from_pretrained.log" | grep -E "'loss'|trained|Error|error" | head -20
+python3 - "$data/out" "$data/out_again" <<'PY' 2>&1 | tee -a "$logs/fsdp_from_pretrained.log"
+import sys
+import torch
+from safetensors.torch import load_file
+
+before, after = (load_file(f"{folder}/model.safetensors") for folder in sys.argv[1:])
+assert before.keys() == after.keys(), sorted(before.keys() ^ after.keys())
+# --bf16 loads the weights in bf16 (accelerate then keeps fp32 copies for FSDP's mixed precision): compare with the
+# first folder's fp32 weights rounded to bf16 the same way
+changed = [name for name in before if not torch.equal(before[name].bfloat16().to(after[name].dtype), after[name])]
+dtypes = sorted({str(t.dtype) for t in after.values()})
+print(f"check: {len(before)} tensors loaded, sharded, gathered and saved ({dtypes}); {len(changed)} changed at lr 0 "
+      f"{changed[:5]}")
+PY
 fi
 
 want 3 && echo "== 3. one training step at 7B sizes, 256 frames: Vamba and Qwen2-VL-7B" &&
@@ -47,3 +67,4 @@ python3 benchmarks/bench_train_step.py --frames 256 --out "$logs/train_step.json
 
 want 4 && echo "== 4. CUDA-graph decoding step vs eager at 7B sizes" &&
 (cd benchmarks && python3 check_decode_graph_7b.py --frames 256) 2>&1 | tee "$logs/decode_graph_7b.log" | grep check
+exit 0  # each step's log says how it went; a step not asked for is not a failure

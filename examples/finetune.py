@@ -201,6 +201,10 @@ def main(argv=None) -> Trainer:
     trainer = Trainer(model=model, args=training_args, train_dataset=examples,
                       data_collator=VideoQACollator(processor, num_frames, pack=args.pack))
     trainer.train()
+    if trainer.is_world_process_zero():
+        state = trainer.accelerator.state
+        print(f"trained {trainer.state.global_step} steps on {state.num_processes} process(es), "
+              f"{state.distributed_type.value}, model wrapped as {type(trainer.model_wrapped).__name__}")
     trainer.save_model()
     processor.save_pretrained(str(args.output_dir))
     return trainer

@@ -2,6 +2,7 @@
 the options the fixtures do not cover, and generation/batching/loading behaviour."""
 
 import filecmp
+import json
 import math
 
 import pytest
@@ -126,6 +127,29 @@ def test_official_config_formats_load(golden_dir):
     assert config.mrope_section == [2, 3, 3]
     mrope_spelling = VambaConfig(**{**config.to_dict(), "rope_scaling": {"type": "mrope", "mrope_section": [2, 3, 3]}})
     assert mrope_spelling.mrope_section == [2, 3, 3]
+
+
+def test_saved_config_is_strict_json_that_either_transformers_reads(tmp_path):
+    """dt_limit's infinite bound: transformers 4 writes a bare Infinity, 5 an object that 4 cannot read; a Hub repo is
+    read by both."""
+    VambaConfig().save_pretrained(tmp_path)
+
+    def no_constants(name):
+        raise AssertionError(f"config.json holds {name}, which is not JSON")
+
+    saved = json.loads((tmp_path / "config.json").read_text(), parse_constant=no_constants)
+    assert "__float__" not in json.dumps(saved)
+    assert VambaConfig.from_pretrained(tmp_path).vision_mamba_mixer_config.dt_limit == (0.0, math.inf)
+    written_by_transformers_5 = {**saved["vision_mamba_mixer_config"], "dt_limit": [0.0, {"__float__": "Infinity"}]}
+    assert VambaConfig(vision_mamba_mixer_config=written_by_transformers_5).vision_mamba_mixer_config.dt_limit == (
+        0.0, math.inf)
+
+
+def test_importing_the_package_registers_the_auto_classes(tmp_path):
+    tiny_model().save_pretrained(tmp_path)
+    assert type(AutoConfig.from_pretrained(tmp_path)) is VambaConfig
+    assert type(AutoModel.from_pretrained(tmp_path)) is VambaModel
+    assert type(transformers.AutoModelForImageTextToText.from_pretrained(tmp_path)) is VambaForConditionalGeneration
 
 
 # --- the options the golden fixtures do not cover, against a naive float64 re-derivation ---------------------------

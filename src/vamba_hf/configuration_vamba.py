@@ -5,6 +5,8 @@ Reads both our own `config.json` (`model_type: "vamba"`) and the official checkp
 `rope_scaling` spelling).
 """
 
+import math
+
 from transformers import PretrainedConfig
 
 # Keys every PretrainedConfig may carry in a saved file; they are never "unknown".
@@ -102,6 +104,13 @@ class VambaVisionConfig(_FieldsConfig):
             )
 
 
+def _json_float(value) -> float:
+    """A float from config JSON: a number, a string such as "inf", or transformers 5's {"__float__": "Infinity"}."""
+    if isinstance(value, dict) and set(value) == {"__float__"}:
+        value = value["__float__"]
+    return float(value)
+
+
 class VambaMambaConfig(_FieldsConfig):
     """The Mamba-2 mixer that runs over the visual stream in every decoder layer (key names as in the
     official checkpoint's `vision_mamba_mixer_config`)."""
@@ -132,7 +141,7 @@ class VambaMambaConfig(_FieldsConfig):
 
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
-        self.dt_limit = tuple(float(x) for x in self.dt_limit)
+        self.dt_limit = tuple(_json_float(x) for x in self.dt_limit)
         if self.d_ssm not in (None, self.d_inner):
             raise ValueError(f"vision_mamba_mixer_config.d_ssm={self.d_ssm} is not supported; it must equal "
                              f"expand * hidden_dim ({self.d_inner}) or be null.")
@@ -155,7 +164,8 @@ class VambaMambaConfig(_FieldsConfig):
         return self.d_inner // self.headdim
 
     def to_dict(self):
-        return {**super().to_dict(), "dt_limit": list(self.dt_limit)}
+        # JSON has no infinity: transformers 4 writes a bare `Infinity`, 5 an object only 5 reads. "inf" loads in both.
+        return {**super().to_dict(), "dt_limit": [x if math.isfinite(x) else str(x) for x in self.dt_limit]}
 
 
 class VambaConfig(PretrainedConfig):

@@ -144,8 +144,10 @@ class VambaVisionAttention(nn.Module):
         """frames: (F, L, embed_dim), one row per temporal step; attention stays within a row."""
         num_frames, length, dim = frames.shape
         qkv = self.qkv(frames).view(num_frames, length, 3, self.num_heads, self.head_dim)
-        # Rotated before the heads are moved forward: the fused pass then reads and writes whole rows.
-        cos, sin = (t[:, None, None] for t in rotary)
+        # Rotated before the heads are moved forward: the fused pass then reads and writes whole rows. cos/sin are
+        # upcast before the compiled pass, which saves its inputs as it gets them (see apply_rotary for why they may
+        # come as bf16).
+        cos, sin = (t.float()[:, None, None] for t in rotary)
         query, key = fused_rotary(qkv[:, :, :2], cos, sin).permute(2, 0, 3, 1, 4).unbind(0)
         with sdpa_backends():
             out, _ = attention_interface(self.config._attn_implementation or "sdpa")(
@@ -591,7 +593,9 @@ class VambaDecoderLayer(GradientCheckpointingLayer):
             attended = mixed if cross.has_visual is None else torch.where(cross.has_visual, mixed, attended)
         text = text + attended
 
-        if visual is not None and update_visual and self.config.vision_mamba_mixer_config.enable:
+        if not update_visual:
+            visual = None  # the last layer: no later layer reads the stream
+        elif visual is not None and self.config.vision_mamba_mixer_config.enable:
             # Without autograd the stream (the model's own copy, see _visual_stream) is updated in place; never in
             # training, where a reentrant checkpoint runs this forward without grad and must keep its saved input.
             in_place = not torch.is_grad_enabled() and not self.training

@@ -1,0 +1,81 @@
+"""A few training steps of a golden model, sharded with FSDP2 (`fully_shard`) over the processes of a CPU (gloo) group.
+
+    python -m torch.distributed.run --standalone --nproc_per_node 2 tests/fsdp_worker.py GOLDEN_CASE OUT MODE
+
+MODE is `fp32` (fp32 parameters) or `bf16` (bf16 compute through FSDP2's MixedPrecisionPolicy, which casts each
+sharded layer's float inputs in the forward pass but not when activation checkpointing recomputes it). Both run with
+gradient checkpointing. Rank 0 writes the per-step losses to OUT. tests/test_distributed.py compares them with the
+same steps run unsharded in one process (`train`).
+"""
+
+import sys
+
+import torch
+from safetensors.torch import load_file
+
+from vamba_hf import VambaForConditionalGeneration
+from vamba_hf.modeling_vamba import VambaDecoderLayer, VambaVisionBlock
+
+STEPS = 3
+
+
+def load(case_dir):
+    model = VambaForConditionalGeneration.from_pretrained(case_dir, attn_implementation="sdpa", dtype=torch.float32)
+    inputs = load_file(f"{case_dir}/inputs.safetensors")
+    labels = inputs["input_ids"].clone()
+    labels[:, :9] = -100
+    batch = {key: inputs[key] for key in ("input_ids", "attention_mask", "pixel_values_videos", "video_grid_thw")
+             if key in inputs}
+    return model, {**batch, "labels": labels}
+
+
+def enable_checkpointing(model):
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers 5's name
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+def train(model, batch, steps: int = STEPS) -> list[float]:
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    losses = []
+    for _ in range(steps):
+        loss = model(**batch).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    return losses
+
+
+def shard(model, mode: str):
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    policy = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if mode == "bf16"
+              else MixedPrecisionPolicy())
+    for module in model.modules():
+        if isinstance(module, (VambaDecoderLayer, VambaVisionBlock)):
+            fully_shard(module, mp_policy=policy)
+    fully_shard(model, mp_policy=policy)
+    return model
+
+
+def main(case_dir: str, out: str, mode: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo")
+    torch.manual_seed(0)
+    model, batch = load(case_dir)
+    enable_checkpointing(model)
+    model = shard(model, mode)
+    assert type(model).__name__.startswith("FSDP"), type(model)
+    losses = train(model, batch)
+    if dist.get_rank() == 0:
+        torch.save({"losses": losses, "world_size": dist.get_world_size()}, out)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])
