@@ -8,6 +8,8 @@ import numpy as np
 import pytest
 import torch
 
+from vamba_hf import VambaForConditionalGeneration
+
 av = pytest.importorskip("av")
 
 REPO = Path(__file__).resolve().parents[1]
@@ -102,3 +104,8 @@ def test_a_few_trainer_steps_lower_the_loss(finetune, dataset, tmp_path, options
     saved = {path.name for path in (tmp_path / "out").iterdir()}
     assert ("adapter_model.safetensors" if lora else "model.safetensors") in saved
     assert "tokenizer_config.json" in saved
+    if not lora:  # the saved folder is the trained model
+        reloaded = VambaForConditionalGeneration.from_pretrained(tmp_path / "out")
+        trained = trainer.model.state_dict()
+        for name, tensor in reloaded.state_dict().items():
+            assert torch.equal(tensor, trained[name]), name
