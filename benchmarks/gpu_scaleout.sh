@@ -12,9 +12,14 @@ logs=${OUT:-scaleout-logs}
 mkdir -p "$logs"
 nvidia-smi --query-gpu=name,memory.total --format=csv | tee "$logs/gpus.txt"
 want() { [[ " ${STEPS:-1 2 3 4} " == *" $1 "* ]]; }
+failed=()
+passed() { (($1 == 0)) || failed+=("$2"); }  # exit status of a step's command, step name
 
-want 1 && echo "== 1. device_map=auto over 2 GPUs vs one GPU" &&
+if want 1; then
+echo "== 1. device_map=auto over 2 GPUs vs one GPU"
 python3 examples/multi_gpu_generate.py --tiny --gpus 2 --max-new-tokens 16 2>&1 | tee "$logs/multi_gpu_generate.log"
+passed "${PIPESTATUS[0]}" 1
+fi
 
 if want 2; then
 echo "== 2. FSDP2 fine-tuning steps on 2 GPUs"
@@ -39,13 +44,16 @@ with open(root / "train.jsonl", "w") as out:
 PY
 accelerate launch --config_file examples/accelerate_fsdp.yaml examples/finetune.py --tiny --data "$data/train.jsonl" \
   --video-dir "$data" --output-dir "$data/out" --max-steps 8 --learning-rate 2e-3 --bf16 --gradient-checkpointing \
-  2>&1 | tee "$logs/fsdp_finetune.log" | grep -E "'loss'|trained|Error|error" | head -40
+  2>&1 | tee "$logs/fsdp_finetune.log" | grep -E "'loss'|trained|Error|error"
+passed "${PIPESTATUS[0]}" 2
 python3 benchmarks/check_finetuned.py --data "$data/train.jsonl" --video-dir "$data" --output-dir "$data/out" 2>&1 |
   tee "$logs/fsdp_saved_model.log" | grep -E "check|Error"
+passed "${PIPESTATUS[0]}" "2 (saved model)"
 echo "== 2b. the saved folder through from_pretrained under FSDP2 (as a real checkpoint loads), 2 steps at lr 0"
 accelerate launch --config_file examples/accelerate_fsdp.yaml examples/finetune.py --model "$data/out" \
   --data "$data/train.jsonl" --video-dir "$data" --output-dir "$data/out_again" --max-steps 2 --learning-rate 0 --bf16 \
-  --gradient-checkpointing 2>&1 | tee "$logs/fsdp_from_pretrained.log" | grep -E "'loss'|trained|Error|error" | head -20
+  --gradient-checkpointing 2>&1 | tee "$logs/fsdp_from_pretrained.log" | grep -E "'loss'|trained|Error|error"
+passed "${PIPESTATUS[0]}" 2b
 python3 - "$data/out" "$data/out_again" <<'PY' 2>&1 | tee -a "$logs/fsdp_from_pretrained.log"
 import sys
 import torch
@@ -59,12 +67,25 @@ changed = [name for name in before if not torch.equal(before[name].bfloat16().to
 dtypes = sorted({str(t.dtype) for t in after.values()})
 print(f"check: {len(before)} tensors loaded, sharded, gathered and saved ({dtypes}); {len(changed)} changed at lr 0 "
       f"{changed[:5]}")
+sys.exit(1 if changed else 0)
 PY
+passed "${PIPESTATUS[0]}" "2b (round trip)"
 fi
 
-want 3 && echo "== 3. one training step at 7B sizes, 256 frames: Vamba and Qwen2-VL-7B" &&
-python3 benchmarks/bench_train_step.py --frames 256 --out "$logs/train_step.jsonl" 2>&1 | tee "$logs/train_step.log" | tail -5
+if want 3; then
+echo "== 3. one training step at 7B sizes, 256 frames: Vamba and Qwen2-VL-7B"
+python3 benchmarks/bench_train_step.py --frames 256 --out "$logs/train_step.jsonl" 2>&1 | tee "$logs/train_step.log" |
+  tail -5
+passed "${PIPESTATUS[0]}" 3
+fi
 
-want 4 && echo "== 4. CUDA-graph decoding step vs eager at 7B sizes" &&
+if want 4; then
+echo "== 4. CUDA-graph decoding step vs eager at 7B sizes"
 (cd benchmarks && python3 check_decode_graph_7b.py --frames 256) 2>&1 | tee "$logs/decode_graph_7b.log" | grep check
-exit 0  # each step's log says how it went; a step not asked for is not a failure
+passed "${PIPESTATUS[0]}" 4
+fi
+
+if ((${#failed[@]})); then
+  echo "failed steps: ${failed[*]} (their logs are in $logs)"
+  exit 1
+fi

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from vamba_hf.demo import write_demo_video
-from vamba_hf.inference import build_messages, load_model_and_processor, new_text, prepare_inputs
+from vamba_hf.inference import DEMO_NOTE, build_messages, load_model_and_processor, new_text, prepare_inputs
 
 VIDEO_SUFFIXES = {".mp4", ".mkv", ".webm", ".avi", ".mov", ".m4v"}
 
@@ -55,7 +55,7 @@ def main():
                                                          args.max_new_tokens)):
                 print(f"{video.name}: {answer}")
     if loaded.is_demo:
-        print("(embedded demo model with random weights: pass --model for real answers)")
+        print(DEMO_NOTE)
 
 
 if __name__ == "__main__":

@@ -4,7 +4,8 @@ Data: a folder of videos and a JSONL file, one example per line:
 
     {"video": "clips/cat.mp4", "question": "What does the cat do?", "answer": "It jumps onto the table."}
 
-(`video` is relative to --video-dir; it may also be a list of frame images). Only the answer tokens and the closing <|im_end|> are supervised.
+(`video` is relative to --video-dir; it may also be a list of frame images). Only the answer tokens and the closing
+<|im_end|> are supervised.
 
     # full fine-tuning of the text side and the Mamba-2 blocks, vision tower frozen, 2 GPUs with FSDP:
     accelerate launch --config_file examples/accelerate_fsdp.yaml examples/finetune.py \\

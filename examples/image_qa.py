@@ -11,7 +11,7 @@ import argparse
 import torch
 from PIL import Image, ImageDraw
 
-from vamba_hf.inference import build_messages, load_model_and_processor, new_text, prepare_inputs
+from vamba_hf.inference import DEMO_NOTE, build_messages, load_model_and_processor, new_text, prepare_inputs
 
 
 def sample_image() -> Image.Image:
@@ -38,7 +38,7 @@ def main():
     print(f"Q: {args.prompt}")
     print(f"A: {new_text(loaded.processor, output, inputs)[0]}")
     if loaded.is_demo:
-        print("(embedded demo model with random weights: pass --model for a real answer)")
+        print(DEMO_NOTE)
 
 
 if __name__ == "__main__":

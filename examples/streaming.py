@@ -15,7 +15,7 @@ import torch
 from transformers import TextIteratorStreamer
 
 from vamba_hf.demo import write_demo_video
-from vamba_hf.inference import build_messages, load_model_and_processor, prepare_inputs
+from vamba_hf.inference import DEMO_NOTE, build_messages, load_model_and_processor, prepare_inputs
 
 
 def stream_answer(loaded, inputs, max_new_tokens):
@@ -54,7 +54,7 @@ def main():
     if first_piece_at is not None:
         print(f"(first text after {first_piece_at:.2f} s, done after {time.perf_counter() - started:.2f} s)")
     if loaded.is_demo:
-        print("(embedded demo model with random weights: pass --model for a real answer)")
+        print(DEMO_NOTE)
 
 
 if __name__ == "__main__":

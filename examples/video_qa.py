@@ -12,7 +12,7 @@ import tempfile
 import torch
 
 from vamba_hf.demo import write_demo_video
-from vamba_hf.inference import build_messages, load_model_and_processor, new_text, prepare_inputs
+from vamba_hf.inference import DEMO_NOTE, build_messages, load_model_and_processor, new_text, prepare_inputs
 
 
 def main():
@@ -34,7 +34,7 @@ def main():
     print(f"Q: {args.prompt}")
     print(f"A: {new_text(loaded.processor, output, inputs)[0]}")
     if loaded.is_demo:
-        print("(embedded demo model with random weights: pass --model for a real answer)")
+        print(DEMO_NOTE)
 
 
 if __name__ == "__main__":

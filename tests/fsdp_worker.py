@@ -3,38 +3,20 @@
     python -m torch.distributed.run --standalone --nproc_per_node 2 tests/fsdp_worker.py GOLDEN_CASE OUT MODE
 
 MODE is `fp32` (fp32 parameters) or `bf16` (bf16 compute through FSDP2's MixedPrecisionPolicy, which casts each
-sharded layer's float inputs in the forward pass but not when activation checkpointing recomputes it). Both run with
-gradient checkpointing. Rank 0 writes the per-step losses to OUT. tests/test_distributed.py compares them with the
-same steps run unsharded in one process (`train`).
+sharded layer's float inputs to bf16). Both run with gradient checkpointing. Rank 0 writes the per-step losses to
+OUT. tests/test_distributed.py compares them with the same steps run unsharded in one process (`train`).
 """
 
 import sys
+from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
+from test_training import enable_checkpointing, golden_batch, load_model
 
-from vamba_hf import VambaForConditionalGeneration
 from vamba_hf.modeling_vamba import VambaDecoderLayer, VambaVisionBlock
 
 STEPS = 3
-
-
-def load(case_dir):
-    model = VambaForConditionalGeneration.from_pretrained(case_dir, attn_implementation="sdpa", dtype=torch.float32)
-    inputs = load_file(f"{case_dir}/inputs.safetensors")
-    labels = inputs["input_ids"].clone()
-    labels[:, :9] = -100
-    batch = {key: inputs[key] for key in ("input_ids", "attention_mask", "pixel_values_videos", "video_grid_thw")
-             if key in inputs}
-    return model, {**batch, "labels": labels}
-
-
-def enable_checkpointing(model):
-    kwargs = {"use_reentrant": False}
-    if hasattr(model, "activation_checkpointing_enable"):  # transformers 5's name
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-    else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+CHECKPOINTING = {"use_reentrant": False}
 
 
 def train(model, batch, steps: int = STEPS) -> list[float]:
@@ -67,8 +49,9 @@ def main(case_dir: str, out: str, mode: str) -> None:
 
     dist.init_process_group("gloo")
     torch.manual_seed(0)
-    model, batch = load(case_dir)
-    enable_checkpointing(model)
+    case = Path(case_dir)
+    model, batch = load_model(case.parent, case.name), golden_batch(case.parent, case.name)
+    enable_checkpointing(model, CHECKPOINTING)
     model = shard(model, mode)
     assert type(model).__name__.startswith("FSDP"), type(model)
     losses = train(model, batch)

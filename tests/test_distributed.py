@@ -13,8 +13,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import fsdp_worker
 import pytest
 import torch
+from test_training import enable_checkpointing, golden_batch, load_model
 from torch.utils.checkpoint import checkpoint
 
 import vamba_hf.modeling_vamba as modeling
@@ -25,8 +27,6 @@ if not torch.distributed.is_available() or not torch.distributed.is_gloo_availab
     pytest.skip("torch.distributed with gloo is needed for the CPU FSDP2 run", allow_module_level=True)
 
 TESTS = Path(__file__).resolve().parent
-sys.path.insert(0, str(TESTS))
-import fsdp_worker  # noqa: E402
 
 
 def sharded_losses(case_dir: Path, mode: str, tmp_path: Path) -> list[float]:
@@ -45,8 +45,8 @@ def sharded_losses(case_dir: Path, mode: str, tmp_path: Path) -> list[float]:
 @pytest.fixture(scope="module")
 def unsharded_losses(golden_dir):
     torch.manual_seed(0)
-    model, batch = fsdp_worker.load(golden_dir / "video_short")
-    fsdp_worker.enable_checkpointing(model)
+    model, batch = load_model(golden_dir, "video_short"), golden_batch(golden_dir, "video_short")
+    enable_checkpointing(model, fsdp_worker.CHECKPOINTING)
     return fsdp_worker.train(model, batch)
 
 

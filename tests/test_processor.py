@@ -185,8 +185,10 @@ def reference_video_patches(frames, patch=14, merge=2, temporal=2):
     return patches, [t, int(grid_h), int(grid_w)]
 
 
-def test_video_pixels_follow_the_qwen2_vl_layout(processor):
-    frames = random_frames(6, 90, 130, seed=3)
+@pytest.mark.parametrize("count, height, width, seed", [(6, 90, 130, 3), (36, 28, 56, 5)],
+                         ids=["one-chunk", "more-frames-than-one-chunk"])
+def test_video_pixels_follow_the_qwen2_vl_layout(processor, count, height, width, seed):
+    frames = random_frames(count, height, width, seed=seed)
     patches, grid = reference_video_patches(list(frames))
     inputs = processor(text="<|vision_start|><|vision_end|>", videos=frames)
     assert inputs["video_grid_thw"].tolist() == [grid]
@@ -200,14 +202,6 @@ def test_video_pixels_equal_transformers_4_video_path(processor):
     inputs = processor(text="<|vision_start|><|vision_end|>", videos=frames)
     np.testing.assert_array_equal(inputs["video_grid_thw"], reference["video_grid_thw"])
     np.testing.assert_array_equal(inputs["pixel_values_videos"], reference["pixel_values_videos"])
-
-
-def test_more_frames_than_one_chunk(processor):
-    frames = random_frames(36, 28, 56, seed=5)
-    patches, grid = reference_video_patches(list(frames))
-    inputs = processor(text="<|vision_start|><|vision_end|>", videos=frames)
-    assert inputs["video_grid_thw"].tolist() == [grid]
-    np.testing.assert_array_equal(inputs["pixel_values_videos"], patches)
 
 
 def test_video_forms_give_the_same_pixels(processor):

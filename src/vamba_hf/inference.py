@@ -11,6 +11,7 @@ from typing import Optional
 import torch
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DEMO_NOTE = "(embedded demo model with random weights: pass --model for a real answer)"
 
 
 @dataclass
