@@ -374,6 +374,26 @@ def test_cache_holds_cross_attention_kv_per_layer():
     assert key.shape == (1, 2, 8, 16) and value.shape == (1, 2, 8, 16)
 
 
+def test_cache_argument_is_read_under_either_name():
+    """transformers 5.24 passes the cache to forward as `cache`; earlier releases as `past_key_values`. A decoding
+    step must read it under both names (a lost cache re-runs the step without the prompt, silently)."""
+    from vamba_hf.modeling_vamba import CACHE_NAME
+
+    model = tiny_model()
+    pixels, grid = video_pixels(2, 4, 4)
+    ids = prompt(1, 2)[None]
+    next_token = torch.tensor([[7]])
+    with torch.no_grad():
+        full = model(input_ids=torch.cat([ids, next_token], 1), pixel_values_videos=pixels, video_grid_thw=grid)
+        for name in ("cache", "past_key_values"):
+            out = model(input_ids=ids, pixel_values_videos=pixels, video_grid_thw=grid, use_cache=True)
+            cache = getattr(out, CACHE_NAME)
+            step = model(input_ids=next_token, use_cache=True, **{name: cache})
+            assert relative_error(step.logits[:, -1], full.logits[:, -1]) < 1e-5, name
+        with pytest.raises(ValueError, match="given twice"):
+            model(input_ids=next_token, cache=cache, past_key_values=cache)
+
+
 # --- loading, saving, dtypes -----------------------------------------------------------------------------------------
 
 

@@ -48,6 +48,18 @@ logger = logging.get_logger(__name__)
 # The Triton/CUDA kernels index with 32-bit integers: no tensor they touch may reach 2**31 elements.
 _KERNEL_MAX_ELEMENTS = 2**31 - 1
 
+# transformers 5.24 renamed the cache argument of `forward` and the cache field of model outputs from
+# `past_key_values` to `cache`; `generate` passes and reads it under the new name only.
+CACHE_NAME = "cache" if "cache" in {f.name for f in fields(CausalLMOutputWithPast)} else "past_key_values"
+
+
+def cache_argument(past_key_values, cache):
+    """The cache a forward was given, under either name (both at once is ambiguous)."""
+    if past_key_values is not None and cache is not None:
+        raise ValueError("The cache was given twice, as `past_key_values` and as `cache`: pass it once (`cache` on "
+                         "transformers >= 5.24, `past_key_values` before).")
+    return cache if cache is not None else past_key_values
+
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     x1, x2 = x.chunk(2, dim=-1)
@@ -847,7 +859,7 @@ class VambaPreTrainedModel(PreTrainedModel):
     main_input_name = "input_ids"
     supports_gradient_checkpointing = True
     _no_split_modules = ["VambaDecoderLayer", "VambaVisionBlock"]
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = [CACHE_NAME]
     _supports_sdpa = True
     _supports_flash_attn = True
     _supports_flash_attn_2 = True
@@ -1154,6 +1166,7 @@ class VambaModel(VambaPreTrainedModel):
         attention_mask: Optional[torch.Tensor] = None,
         position_ids: Optional[torch.LongTensor] = None,
         past_key_values: Optional[DynamicCache] = None,
+        cache: Optional[DynamicCache] = None,
         inputs_embeds: Optional[torch.FloatTensor] = None,
         pixel_values: Optional[torch.Tensor] = None,
         image_grid_thw: Optional[torch.LongTensor] = None,
@@ -1178,6 +1191,7 @@ class VambaModel(VambaPreTrainedModel):
         text-only. Rows may be padded at the end (with `attention_mask` 0 there). Packed forwards keep no cache and
         need `attn_implementation` "sdpa" or "eager".
         """
+        past_key_values = cache_argument(past_key_values, cache)
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of input_ids and inputs_embeds.")
         if inputs_embeds is None:
@@ -1259,8 +1273,8 @@ class VambaModel(VambaPreTrainedModel):
 
         return BaseModelOutputWithPast(
             last_hidden_state=text,
-            past_key_values=cache,
             hidden_states=tuple(hidden_states) if output_hidden_states else None,
+            **{CACHE_NAME: cache},
         )
 
 
@@ -1285,6 +1299,7 @@ class VambaForConditionalGeneration(VambaModel, GenerationMixin):
         attention_mask: Optional[torch.Tensor] = None,
         position_ids: Optional[torch.LongTensor] = None,
         past_key_values: Optional[DynamicCache] = None,
+        cache: Optional[DynamicCache] = None,
         inputs_embeds: Optional[torch.FloatTensor] = None,
         labels: Optional[torch.LongTensor] = None,
         pixel_values: Optional[torch.Tensor] = None,
@@ -1309,6 +1324,7 @@ class VambaForConditionalGeneration(VambaModel, GenerationMixin):
         logits_to_keep: an int k computes the logits of the last k positions only (0: all), a 1-D tensor those of the
             given positions; with `labels`, the loss covers the kept positions.
         """
+        past_key_values = cache_argument(past_key_values, cache)
         if self._decodes_with_graph(input_ids, past_key_values, use_cache, (pixel_values, pixel_values_videos,
                                     visual_embeds), labels, output_hidden_states):
             if position_ids is None:
@@ -1316,7 +1332,7 @@ class VambaForConditionalGeneration(VambaModel, GenerationMixin):
                                                     input_ids.shape[0], input_ids.device)
             graph = past_key_values.decode_graph_for(self, input_ids.shape[0])
             logits = graph.step(past_key_values, input_ids, position_ids, attention_mask)
-            return CausalLMOutputWithPast(logits=logits, past_key_values=past_key_values)
+            return CausalLMOutputWithPast(logits=logits, **{CACHE_NAME: past_key_values})
         outputs = super().forward(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
             past_key_values=past_key_values, inputs_embeds=inputs_embeds, pixel_values=pixel_values,
@@ -1329,7 +1345,7 @@ class VambaForConditionalGeneration(VambaModel, GenerationMixin):
         if labels is not None:
             loss = self.next_token_loss(logits, labels, kept, num_items_in_batch)
         return CausalLMOutputWithPast(
-            loss=loss, logits=logits, past_key_values=outputs.past_key_values, hidden_states=outputs.hidden_states
+            loss=loss, logits=logits, hidden_states=outputs.hidden_states, **{CACHE_NAME: getattr(outputs, CACHE_NAME)}
         )
 
     _graph_device_types = ("cuda",)
@@ -1364,10 +1380,11 @@ class VambaForConditionalGeneration(VambaModel, GenerationMixin):
 
     # -- generation ---------------------------------------------------------------------------------------------
 
-    def prepare_inputs_for_generation(self, input_ids, past_key_values=None, **kwargs):
-        model_inputs = super().prepare_inputs_for_generation(input_ids, past_key_values=past_key_values, **kwargs)
+    def prepare_inputs_for_generation(self, input_ids, **kwargs):
+        model_inputs = super().prepare_inputs_for_generation(input_ids, **kwargs)
         model_inputs.pop("cache_position", None)
-        if isinstance(past_key_values, VambaCache) and past_key_values.get_seq_length() > 0:
+        cache = model_inputs.get(CACHE_NAME)
+        if isinstance(cache, VambaCache) and cache.get_seq_length() > 0:
             for name in self._visual_input_names:  # already encoded into the cached cross-attention K/V
                 model_inputs.pop(name, None)
         return model_inputs
