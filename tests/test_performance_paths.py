@@ -4,12 +4,11 @@
 import pytest
 import torch
 
+from helpers import VISION_END, VISION_START, relative_error, tiny_model
+
 from vamba_hf import VambaConfig
-from vamba_hf.modeling_vamba import VambaCache, attention_mask_for, quantize_per_token
-
-from test_modeling import relative_error, tiny_model
-
-VISION_START, VISION_END = 300, 301
+from vamba_hf.cache_vamba import VambaCache, quantize_per_token
+from vamba_hf.layers_vamba import attention_mask_for
 
 
 def video_prompt(length=6):
@@ -29,8 +28,8 @@ def test_folded_cross_attention_equals_repeated_heads(padded, queries):
     mask_sdpa = attention_mask_for(keep[:, None, :], "sdpa", q.dtype) if padded else None
     mask_eager = attention_mask_for(keep[:, None, :], "eager", q.dtype) if padded else None
     with torch.no_grad():
-        folded = attention.attend(q, k, v, mask_sdpa, "sdpa")  # one SDPA call on the 2 stored K/V heads
-        repeated = attention.attend(q, k, v, mask_eager, "eager")  # K/V repeated to 4 heads
+        folded, _ = attention.attend(q, k, v, mask_sdpa, "sdpa")  # one SDPA call on the 2 stored K/V heads
+        repeated, _ = attention.attend(q, k, v, mask_eager, "eager")  # K/V repeated to 4 heads
     assert relative_error(folded, repeated) <= 1e-6
 
 
@@ -73,9 +72,9 @@ def test_float8_cross_kv_cache_decodes_close_to_full_precision():
                                  output_scores=True, return_dict_in_generate=True)
         cache = out.past_key_values
         assert isinstance(cache, VambaCache)
-        key, value = cache.cross_kv[0]
+        key, value = cache.cross.kv[0]
         assert key.dtype == value.dtype == (torch.float8_e4m3fn if storage else torch.float32)
-        assert cache.read_cross_kv(0)[0].dtype == torch.float32
+        assert cache.cross.read(0)[0].dtype == torch.float32
         scores[storage] = torch.stack(out.scores, 1)
     # The first step reads the prefill's own K/V; later steps read the 8-bit cache.
     assert relative_error(scores["float8_e4m3fn"], scores[None]) <= 3e-2
