@@ -509,12 +509,17 @@ class VambaForConditionalGeneration(VambaModel, GenerationMixin):
     # -- generation -----------------------------------------------------------------------------------------------
 
     def prepare_inputs_for_generation(self, input_ids, **kwargs):
+        """transformers' inputs, with the visual inputs given exactly to the prefill (the forward that fills an empty
+        cache): the decoding steps read them from the cached cross-attention K/V. transformers 5 decides this by
+        its own iteration count instead, which drops the pixels from an assistant model's prefill."""
         model_inputs = super().prepare_inputs_for_generation(input_ids, **kwargs)
         model_inputs.pop("cache_position", None)
         cache = model_inputs.get(CACHE_NAME)
-        if isinstance(cache, VambaCache) and cache.get_seq_length() > 0:
-            for name in self._visual_input_names:  # already encoded into the cached cross-attention K/V
-                model_inputs.pop(name, None)
+        prefill = not isinstance(cache, VambaCache) or cache.get_seq_length() == 0
+        for name in self._visual_input_names:
+            model_inputs.pop(name, None)
+            if prefill and kwargs.get(name) is not None:
+                model_inputs[name] = kwargs[name]
         return model_inputs
 
     def _expand_inputs_for_generation(self, expand_size=1, is_encoder_decoder=False, input_ids=None,
