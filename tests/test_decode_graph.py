@@ -105,3 +105,17 @@ def test_a_finished_generation_is_freed_without_the_cycle_collector(static_steps
         assert cross_key() is None
     finally:
         gc.enable()
+
+
+@pytest.mark.parametrize("static", [False, True])
+def test_every_forward_runs_the_text_models_one_layer_loop(monkeypatch, static):
+    """Prefill, eager decoding and the static step all go through VambaTextModel.forward."""
+    monkeypatch.setattr(VambaForConditionalGeneration, "static_decode_step_off_cuda", static)
+    model = tiny_model()
+    pixels, grid = video_pixels(2, 4, 4)
+    calls = []
+    model.model.register_forward_hook(lambda module, args, out: calls.append(args[0].shape[1]))
+    with torch.no_grad():
+        model.generate(input_ids=prompt(1, 3)[None], pixel_values_videos=pixels, video_grid_thw=grid,
+                       max_new_tokens=4, do_sample=False, eos_token_id=None)
+    assert calls == [6, 1, 1, 1]

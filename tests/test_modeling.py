@@ -9,7 +9,7 @@ import pytest
 import torch
 import transformers
 from conftest import REPO, golden_cases
-from helpers import (EOS, golden_inputs, left_pad, load_golden, prompt, relative_error, tiny_config, tiny_model,
+from helpers import (golden_inputs, left_pad, load_golden, prompt, relative_error, tiny_config, tiny_model,
                      video_pixels)
 from reference_vamba import reference_logits
 from safetensors.torch import load_file

@@ -169,7 +169,7 @@ def torch_causal_conv1d_fn(x, weight, bias=None, seq_idx=None, initial_states=No
     return out.to(x.dtype).transpose(1, 2)
 
 
-def torch_gated_rmsnorm_fn(x, weight, bias, z=None, eps=1e-6, group_size=None, norm_before_gate=True, upcast=True):
+def torch_gated_rmsnorm_fn(x, weight, bias, z=None, eps=1e-6, group_size=None, norm_before_gate=True):
     """mamba-ssm's gated `rmsnorm_fn` in PyTorch: RMSNorm per group of `group_size` channels, gated by silu(z)
     before (norm_before_gate=False) or after the norm. Computed in fp32."""
     _refuse_options("rmsnorm_fn", bias=bias)

@@ -19,13 +19,13 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 from transformers.modeling_utils import PreTrainedModel
 from transformers.utils import logging
 
-from .cache_vamba import CrossStore, DecodeGraph, StaticStepKV, VambaCache, quantize_per_token  # noqa: F401
+from .cache_vamba import StaticStepKV, VambaCache
 from .configuration_vamba import VambaConfig
 from .decoder_vamba import CrossAttentionInputs, MultimodalRotary, VambaDecoderLayer, VambaTextModel
 from .layers_vamba import VambaRMSNorm, attention_mask_for
 from .mamba2_vamba import Mamba2, kernels_unavailable_reason
 from .streams_vamba import PackedRows, PaddedRows, VisualStream, text_positions
-from .vision_vamba import VambaVisionBlock, VambaVisionTower
+from .vision_vamba import VambaVisionTower
 
 logger = logging.get_logger(__name__)
 
