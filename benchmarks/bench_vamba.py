@@ -34,7 +34,8 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from vamba_hf import VambaConfig, VambaForConditionalGeneration  # noqa: E402
-from vamba_hf.modeling_vamba import Mamba2, kernels_unavailable_reason, quantize_per_token  # noqa: E402
+from vamba_hf.cache_vamba import quantize_per_token  # noqa: E402
+from vamba_hf.mamba2_vamba import Mamba2, kernels_unavailable_reason  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 GRID_H, GRID_W = 26, 46
@@ -248,7 +249,7 @@ def sweep(model, frames_list, repeats, decode_steps, sink) -> list[dict]:
                 record.update(vision_s=statistics.median(vision_s), text_s=statistics.median(text_s),
                               prefill_s=statistics.median(whole_s), text_peak_gib=max(text_peak),
                               peak_gib=max(whole_peak))
-                record["cross_kv_gib"] = sum(k.nbytes + v.nbytes for k, v in cache.cross_kv.values()) / GIB
+                record["cross_kv_gib"] = sum(k.nbytes + v.nbytes for k, v in cache.cross.kv.values()) / GIB
                 record["decode_ms"], _, _ = decode(model, cache, token, decode_steps)
                 del cache
         except torch.OutOfMemoryError:
@@ -294,10 +295,10 @@ def float8_cache(model, frames: int, decode_steps: int, sink) -> None:
             out, seconds, peak = measure_peak(lambda: model(input_ids=ids, pixel_values_videos=pixels,
                                                             video_grid_thw=grid, use_cache=True, logits_to_keep=1))
             cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
-            cross_gib = sum(k.nbytes + v.nbytes for k, v in cache.cross_kv.values()) / GIB
+            cross_gib = sum(k.nbytes + v.nbytes for k, v in cache.cross.kv.values()) / GIB
             if run == "bf16":
                 for layer in (0, 1, 14, 27):
-                    key, value = cache.cross_kv[layer]
+                    key, value = cache.cross.kv[layer]
                     error = {}
                     for name, x in (("key", key), ("value", value)):
                         stored, scale = quantize_per_token(x, torch.float8_e4m3fn)
@@ -395,13 +396,15 @@ def tune(model, sink) -> None:
         _, pixels, grid = video_inputs(256)
         import contextlib
 
-        from vamba_hf import modeling_vamba
+        from vamba_hf import vision_vamba
 
-        for name, backends in (("no cudnn", modeling_vamba.sdpa_backends), ("torch default", contextlib.nullcontext)):
-            original, modeling_vamba.sdpa_backends = modeling_vamba.sdpa_backends, backends
-            model.encode_visual(pixels, grid)
-            times = [sync_seconds(lambda: model.encode_visual(pixels, grid))[1] for _ in range(3)]
-            modeling_vamba.sdpa_backends = original
+        for name, backends in (("no cudnn", vision_vamba.sdpa_backends), ("torch default", contextlib.nullcontext)):
+            original, vision_vamba.sdpa_backends = vision_vamba.sdpa_backends, backends
+            try:
+                model.encode_visual(pixels, grid)
+                times = [sync_seconds(lambda: model.encode_visual(pixels, grid))[1] for _ in range(3)]
+            finally:
+                vision_vamba.sdpa_backends = original
             log({"tune": "vision attention backends", "frames": 256, "backends": name,
                  "s": statistics.median(times)}, sink)
         for group in (16, 32, 64, 128):
