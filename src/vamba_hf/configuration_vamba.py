@@ -459,6 +459,7 @@ class VambaConfig(PretrainedConfig):
                        "text_config")
 
     def __init__(self, vision_config=None, vision_mamba_mixer_config=None, **kwargs):
+        self._refuse_other_architectures(kwargs.get("model_type"), vision_mamba_mixer_config)
         self._take_rope_settings(kwargs)
         _check_keys("Vamba config", kwargs, self._known_keys())
         self._refuse_misplaced_keys(kwargs)
@@ -480,6 +481,27 @@ class VambaConfig(PretrainedConfig):
         if attn_implementation is not None:
             self._attn_implementation = attn_implementation
         self._validate()
+
+    def __setattr__(self, key, value):
+        super().__setattr__(key, value)
+        # A model resolves its attention implementation onto this attribute directly (not through the recursive
+        # setter); sub-configs with no choice of their own follow it, as their modules are not separate models.
+        if key == "_attn_implementation_internal":
+            for sub_key in self.sub_configs:
+                sub_config = self.__dict__.get(sub_key)
+                if sub_config is not None and sub_config._attn_implementation is None:
+                    sub_config._attn_implementation_internal = value
+
+    @staticmethod
+    def _refuse_other_architectures(model_type, vision_mamba_mixer_config) -> None:
+        """A saved config names its architecture: ours, or the official release's qwen2_vl with a Mamba mixer."""
+        if model_type == "qwen2_vl" and vision_mamba_mixer_config is None:
+            raise VambaConfigError("This is a plain Qwen2-VL config (model_type 'qwen2_vl' without "
+                                   "'vision_mamba_mixer_config'), not Vamba: load it with transformers' "
+                                   "Qwen2VLForConditionalGeneration.")
+        if model_type not in (None, "vamba", "qwen2_vl"):
+            raise VambaConfigError(f"model_type={_short_repr(model_type)}: this is not a Vamba config (model_type "
+                                   f"'vamba', or the official release's 'qwen2_vl' with 'vision_mamba_mixer_config').")
 
     @classmethod
     def _known_keys(cls) -> set:
@@ -526,6 +548,11 @@ class VambaConfig(PretrainedConfig):
     def _validate(self):
         _check_rules("", self, self._rules)
         self._validate_mrope_section()
+        # The embedding pads with pad_token_id, and prompts mark the visual input with the vision start/end tokens.
+        for name in ("pad_token_id", "vision_start_token_id", "vision_end_token_id"):
+            value = getattr(self, name)
+            if value is not None and value >= self.vocab_size:
+                raise _invalid(name, value, f"a token id below vocab_size ({self.vocab_size})")
         if self.hidden_size % self.num_attention_heads:
             raise VambaConfigError(
                 f"hidden_size ({self.hidden_size}) must be divisible by num_attention_heads "
@@ -560,6 +587,12 @@ class VambaConfig(PretrainedConfig):
         if not (isinstance(section, (list, tuple)) and len(section) == 3 and all(map(NON_NEGATIVE_INT.check, section))):
             raise _invalid("mrope_section", section, "three integers >= 0 summing to head_dim/2, e.g. [16, 24, 24]")
         self.mrope_section = list(section)
+
+    @classmethod
+    def from_dict(cls, config_dict, **kwargs):
+        if not isinstance(config_dict, dict):
+            raise VambaConfigError(f"A Vamba config is an object of settings, not a {type(config_dict).__name__}.")
+        return super().from_dict(config_dict, **kwargs)
 
     @classmethod
     def _dict_from_json_file(cls, json_file):

@@ -405,10 +405,17 @@ def build_generation_config(source: Path, config, tokenizer):
 # -- where the source is ---------------------------------------------------------------------------------------
 
 
-def is_hub_repo_id(text: str) -> bool:
+def is_hub_repo_id(text) -> bool:
     """`namespace/name` as the Hub spells repo ids (no path syntax: no leading '.', '/', '~', no '..' or '--')."""
-    return (bool(_REPO_ID.match(text)) and ".." not in text and "--" not in text and not text.endswith(".git")
-            and len(text) <= 96)
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    if not (isinstance(text, str) and _REPO_ID.match(text)):
+        return False
+    try:
+        validate_repo_id(text)
+    except HFValidationError:
+        return False
+    return True
 
 
 def local_source_folder(source) -> Optional[Path]:
@@ -615,6 +622,8 @@ def copy_remote_code(destination: Path) -> None:
         source_file = (package_dir / name).resolve()
         if not source_file.is_file():
             raise ConversionError(f"The vamba_hf package is incomplete: {source_file} is missing.")
+        # A fresh file, so that its mode follows the umask, not that of a copy save_pretrained may have made.
+        (destination / name).unlink(missing_ok=True)
         shutil.copyfile(source_file, destination / name)
 
 
@@ -680,6 +689,16 @@ def check_hub_folder(folder: Path, weight_files: list) -> None:
                               f"report this.")
 
 
+def _writing(destination: Path, step, *args):
+    """`step(*args)`, with a filesystem failure (permissions, a full disk) reported as the destination's."""
+    try:
+        return step(*args)
+    except VambaUserError:
+        raise
+    except OSError as error:
+        raise ConversionError(f"Could not write {destination}: {error}.") from error
+
+
 def convert_checkpoint(
     source,
     destination,
@@ -711,7 +730,7 @@ def convert_checkpoint(
     check_tensors(tensors, expected_shapes(config))
     log(f"Checked {len(tensors)} tensors in {len(files)} file(s) against config.json: all match.")
 
-    created = _make_parents(destination.parent)
+    created = _writing(destination, _make_parents, destination.parent)
     staging = _work_folder(destination, "partial")
     warnings = []
     try:
@@ -725,9 +744,9 @@ def convert_checkpoint(
                                 f"tokenizer and preprocessor files (e.g. from Qwen/Qwen2-VL-7B-Instruct) into {source} "
                                 f"and convert again.")
                 log(f"WARNING: {warnings[-1]}")
-            placement = _write_folder(staging, source, config, files, weight_map, tensors, processor,
-                                      dict(base_model=base_model, license=license, repo_id=repo_id))
-            publish(staging, destination, force)
+            placement = _writing(destination, _write_folder, staging, source, config, files, weight_map, tensors,
+                                 processor, dict(base_model=base_model, license=license, repo_id=repo_id))
+            _writing(destination, publish, staging, destination, force)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         _remove_created(created)

@@ -6,17 +6,15 @@ local folder is never written: the model card, with the repo id put into its usa
 memory. Hub and network failures raise `VambaUserError` with a one-line message.
 """
 
-import re
 from pathlib import Path
 from typing import Callable, Optional
 
 from .card import REPO_ID_PLACEHOLDER
 from .convert import (REMOTE_CODE_FILES, ConversionError, check_tensors, expected_shapes, find_weight_files,
-                      load_source_config, read_checkpoint_tensors, read_json_object)
+                      is_hub_repo_id, load_source_config, read_checkpoint_tensors, read_json_object)
 from .errors import VambaUserError, hub_error_message
 
 CARD_FILE = "README.md"
-_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
 
 
 class NotConvertedError(VambaUserError):
@@ -63,15 +61,7 @@ def check_converted_folder(folder: Path) -> list:
 
 
 def check_repo_id(repo_id) -> None:
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
-
-    valid = isinstance(repo_id, str) and bool(_REPO_ID.match(repo_id))
-    if valid:
-        try:
-            validate_repo_id(repo_id)
-        except HFValidationError:
-            valid = False
-    if not valid:
+    if not is_hub_repo_id(repo_id):
         raise VambaUserError(f"{repo_id!r} is not a Hub repo id: use namespace/name with letters, digits, '-', '_' "
                              f"and '.', e.g. your-name/Vamba-Qwen2-VL-7B-hf.")
 
