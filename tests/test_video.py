@@ -7,16 +7,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from media_helpers import frame_index_of, write_audio_only, write_empty_video, write_video
 
-from vamba_hf.processing_vamba import (
+from vamba_hf.video_vamba import (
     VideoFrames,
-    frame_count_for_fps,
+    VideoSampling,
+    edges_size,
     load_video,
-    resize_within_edges,
     sample_frame_indices,
     to_video_frames,
 )
 
-NO_RESIZE = {"shortest_edge": None, "longest_edge": None}
+NO_RESIZE = VideoSampling(video_shortest_edge=None, video_longest_edge=None)
 
 
 def original_middle_indices(num_frames, vlen):
@@ -45,14 +45,6 @@ def test_sample_frame_indices_properties(total, wanted):
     assert indices == original_middle_indices(wanted, total)
 
 
-def test_frame_count_for_fps():
-    assert frame_count_for_fps(60, 30.0, 2.0, 512) == 4
-    assert frame_count_for_fps(61, 30.0, 2.0, 512) == 5
-    assert frame_count_for_fps(36000, 30.0, 1.0, 512) == 512
-    with pytest.raises(ValueError, match="frame rate"):
-        frame_count_for_fps(60, None, 1.0, 512)
-
-
 # -- resizing -------------------------------------------------------------------------------------
 
 
@@ -67,13 +59,12 @@ def test_frame_count_for_fps():
         ((2000, 100), (640, 256)),
     ],
 )
-def test_resize_within_edges(size, expected):
-    assert resize_within_edges(PIL.Image.new("RGB", size), 256, 640).size == expected
+def test_edges_size(size, expected):
+    assert edges_size(*size, 256, 640) == expected
 
 
-def test_resize_within_edges_disabled_keeps_the_image():
-    image = PIL.Image.new("RGB", (1280, 720))
-    assert resize_within_edges(image, None, None) is image
+def test_edges_size_disabled_keeps_the_size():
+    assert edges_size(1280, 720, None, None) == (1280, 720)
 
 
 # -- decoding real files ----------------------------------------------------------------------------
@@ -92,37 +83,39 @@ CODECS = [
 @pytest.mark.parametrize("codec, extension", CODECS)
 def test_load_video_samples_the_middle_frames(tmp_path, codec, extension):
     path = write_video(tmp_path / f"clip.{extension}", num_frames=30, width=96, height=64, fps=15, codec=codec)
-    video = load_video(path, num_frames=8, **NO_RESIZE)
+    video = load_video(path, NO_RESIZE, num_frames=8)
     expected = sample_frame_indices(30, 8)
     assert [frame_index_of(frame) for frame in video.frames] == expected
     assert video.frame_indices == expected
     assert video.timestamps == pytest.approx([index / 15 for index in expected], abs=1e-3)
     assert video.source_frame_count == 30
     assert video.source_fps == pytest.approx(15)
-    assert all(frame.size == (96, 64) for frame in video.frames)
+    assert video.frames.shape == (8, 64, 96, 3) and video.frames.dtype == np.uint8
 
 
 def test_load_video_shorter_than_num_frames_gives_every_frame(tmp_path):
     path = write_video(tmp_path / "short.mp4", num_frames=6)
-    video = load_video(path, num_frames=128, **NO_RESIZE)
+    video = load_video(path, NO_RESIZE, num_frames=128)
     assert [frame_index_of(frame) for frame in video.frames] == list(range(6))
 
 
-def test_load_video_by_fps_with_cap(tmp_path):
+def test_load_video_by_fps_takes_the_frame_on_screen_mid_interval(tmp_path):
     path = write_video(tmp_path / "two_seconds.mp4", num_frames=50, fps=25)
-    video = load_video(path, fps=2.0, **NO_RESIZE)
-    assert video.frame_indices == sample_frame_indices(50, 4) == [5, 18, 30, 43]
-    assert video.timestamps == pytest.approx([0.2, 0.72, 1.2, 1.72], abs=1e-3)
-    capped = load_video(path, fps=10.0, max_frames=6, **NO_RESIZE)
-    assert capped.frame_indices == sample_frame_indices(50, 6)
+    video = load_video(path, NO_RESIZE, fps=2.0)  # intervals of 0.5 s, middles at 0.25, 0.75, 1.25, 1.75 s
+    assert video.frame_indices == [6, 18, 31, 43]
+    assert video.timestamps == pytest.approx([0.24, 0.72, 1.24, 1.72], abs=1e-3)
+    assert [frame_index_of(frame) for frame in video.frames] == video.frame_indices
+    with pytest.warns(UserWarning, match="gives 20 frames, above max_frames=6: sampling 6"):
+        capped = load_video(path, NO_RESIZE, fps=10.0, max_frames=6)  # middles of six intervals of 1/3 s
+    assert capped.frame_indices == [4, 12, 20, 29, 37, 45]
 
 
 def test_load_video_resizes_frames_as_decoded(tmp_path):
     path = write_video(tmp_path / "wide.mp4", num_frames=4, width=1280, height=720)
     video = load_video(path, num_frames=4)
-    assert [frame.size for frame in video.frames] == [(640, 360)] * 4
+    assert video.frames.shape == (4, 360, 640, 3)
     path = write_video(tmp_path / "tiny.mp4", num_frames=4, width=64, height=48)
-    assert load_video(path, num_frames=2).frames[0].size == (256, 256)
+    assert load_video(path, num_frames=2).frames.shape == (2, 256, 256, 3)
 
 
 def test_load_video_accepts_path_objects_and_file_urls(tmp_path):
@@ -149,10 +142,10 @@ def test_progress_bar_only_when_asked(tmp_path, capsys):
 )
 def test_load_video_property(tmp_path_factory, num_frames, width, height, fps, wanted):
     path = write_video(tmp_path_factory.mktemp("prop") / "clip.mp4", num_frames, width, height, fps)
-    video = load_video(path, num_frames=wanted, **NO_RESIZE)
+    video = load_video(path, NO_RESIZE, num_frames=wanted)
     expected = sample_frame_indices(num_frames, wanted)
     assert [frame_index_of(frame) for frame in video.frames] == expected
-    assert all(frame.size == (width, height) for frame in video.frames)
+    assert video.frames.shape[1:] == (height, width, 3)
     assert video.timestamps == pytest.approx([index / fps for index in expected], abs=2e-3)
 
 
@@ -203,7 +196,8 @@ def test_truncated_file_with_index_samples_what_is_there(tmp_path):
     data = full.read_bytes()
     path = tmp_path / "truncated.mp4"
     path.write_bytes(data[: len(data) // 2])
-    video = load_video(path, num_frames=8, **NO_RESIZE)
+    with pytest.warns(UserWarning, match="declares 40 frames but .* could be decoded"):
+        video = load_video(path, NO_RESIZE, num_frames=8)
     assert 0 < video.source_frame_count < 40
     assert video.frame_indices == sample_frame_indices(video.source_frame_count, 8)
     assert [frame_index_of(frame) for frame in video.frames] == video.frame_indices
@@ -214,7 +208,7 @@ def test_corrupt_bytes_in_the_middle(tmp_path):
     data[len(data) // 3: len(data) // 3 + 400] = b"\xff" * 400
     path = tmp_path / "damaged.mkv"
     path.write_bytes(bytes(data))
-    video = load_video(path, num_frames=8, **NO_RESIZE)
+    video = load_video(path, NO_RESIZE, num_frames=8)
     assert 0 < len(video.frames) <= 8
 
 
@@ -245,9 +239,7 @@ def test_to_video_frames_from_arrays_and_lists():
         [PIL.Image.fromarray(frame) for frame in frames_thwc],
         (as_tchw_float, {"fps": 2.0, "frames_indices": [0, 2, 4, 6]}),
     ):
-        frames = to_video_frames(video).frames
-        assert len(frames) == 4
-        np.testing.assert_array_equal(np.stack([np.asarray(frame) for frame in frames]), frames_thwc)
+        np.testing.assert_array_equal(to_video_frames(video).frames, frames_thwc)
 
 
 def test_to_video_frames_keeps_qwen_vl_utils_metadata():
