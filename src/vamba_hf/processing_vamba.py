@@ -89,8 +89,6 @@ GROUPS_PER_STEP = 4
 MAX_ASPECT_RATIO = 200  # Qwen2-VL's vision tower
 CONTENT_TYPES = ("text", "image", "video")
 MODALITY_KWARGS = {"text_kwargs": "text", "images_kwargs": "images", "videos_kwargs": "videos"}
-# Video options beyond the sampling ones: the pixel budget, where to normalise, and what to return.
-VIDEO_OUTPUT_OPTIONS = ("min_pixels", "max_pixels", "device", "return_metadata", "return_tensors")
 
 
 class VambaImagesKwargs(ImagesKwargs, total=False):
@@ -98,10 +96,12 @@ class VambaImagesKwargs(ImagesKwargs, total=False):
     max_pixels: int
 
 
+# The video options: the sampling ones, then the pixel budget, where to normalise, and what to return.
 VambaVideosKwargs = typing.TypedDict(
     "VambaVideosKwargs",
-    {**VideosKwargs.__annotations__, **{field.name: field.type for field in fields(VideoSampling)},
-     "min_pixels": int, "max_pixels": int},
+    {**{field.name: field.type for field in fields(VideoSampling)}, "min_pixels": int, "max_pixels": int,
+     "device": typing.Optional[typing.Union[str, torch.device]], "return_metadata": bool,
+     "return_tensors": VideosKwargs.__annotations__.get("return_tensors", typing.Optional[str])},
     total=False,
 )
 
@@ -463,12 +463,6 @@ class VambaProcessor(ProcessorMixin):
         for key in ("return_mm_token_type_ids", "return_text_replacement_offsets"):
             if merged["text_kwargs"].pop(key, None) or merged.get(key):
                 raise ValueError(f"{key}=True is not supported: Vamba prompts hold no image or video pad tokens.")
-        unsupported = sorted(key for key, value in merged["videos_kwargs"].items() if value is not None
-                             and key not in VideoSampling.option_names() and key not in VIDEO_OUTPUT_OPTIONS)
-        if unsupported:
-            raise ValueError(f"video option(s) {', '.join(unsupported)} are not supported by VambaProcessor (frames "
-                             "are resized, rescaled and normalised with the image processor's settings). Its video "
-                             f"options: {', '.join(VideoSampling.option_names() + VIDEO_OUTPUT_OPTIONS)}.")
         return merged
 
     # -- plain call ---------------------------------------------------------------------------
