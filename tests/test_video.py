@@ -1,11 +1,18 @@
 """Video decoding and frame sampling: real small videos written with PyAV, corrupt files, properties."""
 
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+
 import numpy as np
 import PIL.Image
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from media_helpers import frame_index_of, write_audio_only, write_empty_video, write_video
+from media_helpers import frame_index_of, write_audio_only, write_empty_video, write_frames, write_video
 
 from vamba_hf.video_vamba import (
     VideoFrames,
@@ -263,3 +270,146 @@ def test_to_video_frames_rejects_bad_shapes():
         to_video_frames(np.zeros((4, 0, 28, 3), dtype=np.uint8))
     with pytest.raises(TypeError, match="as a video"):
         to_video_frames(42)
+
+
+# -- URLs that do not answer -------------------------------------------------------------------------
+
+
+class SilentServer:
+    """A local TCP server that accepts connections and, after sending `prefix` (if any), never answers."""
+
+    def __init__(self, prefix: bytes = b""):
+        self.socket = socket.socket()
+        self.socket.bind(("127.0.0.1", 0))
+        self.socket.listen(8)
+        self.prefix, self.connections = prefix, []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while True:
+            try:
+                connection, _ = self.socket.accept()
+            except OSError:
+                return
+            self.connections.append(connection)
+            if self.prefix:
+                connection.sendall(self.prefix)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.socket.getsockname()[1]}/clip.mp4"
+
+    def close(self):
+        for connection in self.connections:
+            connection.close()
+        self.socket.close()
+
+
+@pytest.mark.parametrize("stage", ["connect", "read"])
+def test_a_url_that_never_answers_times_out(tmp_path, stage):
+    prefix = b""
+    if stage == "read":  # headers and the first half of a real file, then silence
+        data = write_video(tmp_path / "clip.mp4", num_frames=40, container_options={"movflags": "faststart"}).read_bytes()
+        prefix = (f"HTTP/1.1 200 OK\r\nContent-Type: video/mp4\r\nContent-Length: {len(data)}\r\n\r\n".encode()
+                  + data[: len(data) // 2])
+    server = SilentServer(prefix)
+    started = time.monotonic()
+    try:
+        with pytest.raises(TimeoutError, match="timed out after 1.0 s"):
+            load_video(server.url, video_timeout=1.0)
+    finally:
+        server.close()
+    assert time.monotonic() - started < 8
+
+
+def test_default_timeout_is_at_most_ten_seconds():
+    assert 0 < VideoSampling().video_timeout <= 10
+
+
+# -- rotation, variable frame rate, caps ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("rotation", [90, -90, 180])
+def test_rotation_of_the_display_matrix_is_applied(tmp_path, rotation):
+    source = np.zeros((32, 64, 3), dtype=np.uint8)
+    source[:16, :32] = 255  # top-left quarter white
+    path = write_frames(tmp_path / "rotated.mp4", [source] * 4, codec="libx264", rotation=rotation)
+    video = load_video(path, NO_RESIZE, num_frames=2)
+    expected = np.rot90(source, rotation // 90)  # counter-clockwise quarter turns
+    assert video.frames.shape[1:] == expected.shape
+    np.testing.assert_allclose(video.frames[0].astype(float), expected.astype(float), atol=3)
+
+
+def test_fps_sampling_of_a_variable_frame_rate_file_goes_by_time(tmp_path):
+    times = [0.0, 0.1, 0.15, 0.2, 1.0, 1.05, 1.9, 2.0, 2.5, 3.9]  # 4 s, frames bunched unevenly
+    path = write_video(tmp_path / "vfr.mp4", num_frames=10, frame_times=times)
+    video = load_video(path, NO_RESIZE, fps=1.0)  # middles at 0.5, 1.5, 2.5, 3.5 s
+    # on screen then: the frame shown at 0.2 s, at 1.05 s, at 2.5 s (and again at 3.5 s: not repeated)
+    assert video.frame_indices == [3, 5, 8]
+    assert video.timestamps == pytest.approx([0.2, 1.05, 2.5], abs=1e-3)
+    assert [frame_index_of(frame) for frame in video.frames] == [3, 5, 8]
+    by_index = sample_frame_indices(10, 4)
+    assert by_index != video.frame_indices  # counting frames would have sampled the bunched start twice
+
+
+def test_num_frames_above_max_frames_is_capped_with_a_warning(tmp_path):
+    path = write_video(tmp_path / "clip.mp4", num_frames=30)
+    with pytest.warns(UserWarning, match="num_frames=20, above max_frames=5"):
+        video = load_video(path, NO_RESIZE, num_frames=20, max_frames=5)
+    assert video.frame_indices == sample_frame_indices(30, 5)
+
+
+@pytest.mark.parametrize("options", [{"num_frames": -1}, {"num_frames": 0}, {"fps": float("nan")},
+                                     {"fps": float("inf")}, {"fps": 0}, {"fps": -1}, {"video_timeout": float("nan")}])
+def test_bad_sampling_values_are_refused_in_one_line(tmp_path, options):
+    path = write_video(tmp_path / "clip.mp4", num_frames=4)
+    with pytest.raises(ValueError, match="is not (a )?valid") as error:
+        load_video(path, **options)
+    assert "\n" not in str(error.value) and next(iter(options)) in str(error.value)
+
+
+# -- sizes ---------------------------------------------------------------------------------------------
+
+
+def test_extreme_aspect_ratio_never_gives_a_zero_side():
+    assert edges_size(4000, 1, None, 640) == (640, 1)
+    assert edges_size(1, 4000, None, 640) == (1, 640)
+    assert edges_size(4000, 16, 256, 640) == (640, 256)
+
+
+def test_extreme_aspect_ratio_video_gets_a_clear_error(tmp_path):
+    from vamba_hf.tiny import build_tiny_processor
+
+    path = write_video(tmp_path / "wide.mkv", num_frames=4, width=4000, height=16, codec="ffv1")
+    processor = build_tiny_processor(video_shortest_edge=None)
+    with pytest.raises(ValueError, match=r"640x2 image or frame has an aspect ratio of 320.*at most 200"):
+        processor(text="<|vision_start|><|vision_end|>", videos=str(path), num_frames=2)
+    inputs = build_tiny_processor()(text="<|vision_start|><|vision_end|>", videos=str(path), num_frames=2)
+    assert inputs["video_grid_thw"].tolist() == [[1, 18, 46]]  # 640x256 (the original's edges) -> 644x252
+
+
+def test_memory_follows_the_output_size(tmp_path):
+    """40 frames of 1920x1920 sampled down to 64 px: the peak stays near a few source frames, not forty."""
+    path = write_video(tmp_path / "big.mkv", num_frames=40, width=1920, height=1920, codec="ffv1")
+    script = (
+        "import resource, sys\n"
+        "from vamba_hf.video_vamba import VideoSampling, load_video\n"
+        "import numpy, av\n"
+        "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        f"video = load_video({str(path)!r}, VideoSampling(num_frames=40, video_longest_edge=64, video_shortest_edge=None))\n"
+        "assert video.frames.shape == (40, 64, 64, 3), video.frames.shape\n"
+        "print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,
+                            env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    grown_mb = float(result.stdout.strip().splitlines()[-1])
+    source_frame_mb = 1920 * 1920 * 3 / 2 ** 20  # 10.5 MB of RGB
+    assert grown_mb < 16 * source_frame_mb, grown_mb  # all forty at source size would be 420 MB
+
+
+def test_truncated_file_warns_that_frames_are_missing(tmp_path):
+    full = write_video(tmp_path / "full.mp4", num_frames=40, container_options={"movflags": "faststart"})
+    path = tmp_path / "cut.mp4"
+    path.write_bytes(full.read_bytes()[: full.stat().st_size * 2 // 3])
+    with pytest.warns(UserWarning, match=r"declares 40 frames but \d+ could be decoded"):
+        load_video(path, NO_RESIZE, fps=5.0)

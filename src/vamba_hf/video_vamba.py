@@ -9,6 +9,7 @@ goes on, straight into one uint8 array of the output size.
 """
 
 import bisect
+import collections
 import math
 import os
 import warnings
@@ -494,7 +495,9 @@ def _decoded_frames(container, stream):
                 continue
             consecutive_errors = 0
             yield from frames
-    except av.error.FFmpegError:
+    except av.error.FFmpegError as error:
+        if _is_timeout(av, error):
+            raise
         return
 
 
@@ -526,13 +529,17 @@ class _FrameWriter:
     def __init__(self, capacity: int, resize: FrameResize, workers: int):
         self.capacity, self.resize = capacity, resize
         self.pool = ThreadPoolExecutor(max_workers=workers)
-        self.pending, self.times, self.indices = [], [], []
+        # Decoded frames waiting for a worker hold source-size pixels: at most two per worker.
+        self.max_pending = 2 * workers
+        self.pending, self.times, self.indices = collections.deque(), [], []
         self.output = None
 
     def add(self, index: int, time: float, frame) -> None:
         if self.output is None:
             width, height = self.resize.output_size(*_display_size(frame))
             self.output = np.empty((self.capacity, height, width, 3), dtype=np.uint8)
+        while len(self.pending) >= self.max_pending:
+            self.pending.popleft().result()
         row = len(self.indices)
         self.pending.append(self.pool.submit(self._convert, frame, row))
         self.times.append(time)
@@ -644,14 +651,14 @@ class _VideoSampler:
         return VideoFrames(frames, times, indices, self.facts.frame_rate, total)
 
 
-def load_video(source, sampling: VideoSampling = None, resize: FrameResize = None, **changes) -> VideoFrames:
-    """Decode a video file or URL with PyAV and sample frames from it (see `VideoSampling` for how; `changes` are
-    `VideoSampling` options for this call). The container is opened once.
+def load_video(source, sampling: VideoSampling = None, resize: FrameResize = None, **options) -> VideoFrames:
+    """Decode a video file or URL with PyAV and sample frames from it (see `VideoSampling` for how; `options` set
+    `VideoSampling` options for this call, None included). The container is opened once.
 
     Frames are resized as they are decoded: by `resize` when given, else to the sampling's edges.
     Returns a `VideoFrames` with a (T, H, W, 3) uint8 array, timestamps (seconds) and frame indices.
     """
-    sampling = (sampling or VideoSampling()).with_changes(**changes)
+    sampling = (sampling or VideoSampling()).with_options(**options)
     if resize is None:
         resize = FrameResize(sampling.video_shortest_edge, sampling.video_longest_edge)
     location = os.fspath(source)
