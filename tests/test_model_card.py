@@ -3,7 +3,6 @@ license, what it loads), Hub metadata of a video model, and snippets that need n
 line. The slow test builds a fresh virtual environment from that install line and runs the snippet in it (set
 VAMBA_HF_SLOW=1; it downloads packages)."""
 
-import ast
 import importlib.metadata
 import json
 import os
@@ -17,17 +16,13 @@ from pathlib import Path
 import pytest
 from convert_helpers import make_source
 from huggingface_hub import ModelCard
-from packaging.requirements import Requirement
+from import_check import installed_closure, missing_imports, required_imports
 from packaging.utils import canonicalize_name
 from safetensors.torch import load_file
 
 from vamba_hf import cli
 from vamba_hf.card import REPO_ID_PLACEHOLDER, WIDGET_VIDEO_URL
 from vamba_hf.convert import REMOTE_CODE_FILES
-
-# A `try` with a handler of one of these makes its imports optional.
-OPTIONAL_IMPORT_ERRORS = {"ImportError", "ModuleNotFoundError", "Exception", "BaseException"}
-
 
 def convert(source: Path, destination: Path, *options) -> ModelCard:
     assert cli.main(["convert", str(source), str(destination), *options]) == 0
@@ -125,60 +120,12 @@ def test_a_weights_only_folder_shows_no_processor_snippet(golden_dir, tmp_path):
 # -- the snippets need nothing beyond the install line ---------------------------------------------------------
 
 
-def catches_import_errors(handler: ast.ExceptHandler) -> bool:
-    if handler.type is None:
-        return True
-    caught = handler.type.elts if isinstance(handler.type, ast.Tuple) else [handler.type]
-    return any(getattr(name, "id", None) in OPTIONAL_IMPORT_ERRORS for name in caught)
-
-
-def required_imports(source: str) -> set:
-    """Top-level modules `source` imports, except relative ones and those guarded by `except ImportError`."""
-    tree = ast.parse(source)
-    optional = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Try) and any(map(catches_import_errors, node.handlers)):
-            optional.update(id(child) for statement in node.body for child in ast.walk(statement))
-    modules = set()
-    for node in ast.walk(tree):
-        if id(node) in optional:
-            continue
-        if isinstance(node, ast.Import):
-            modules.update(alias.name.split(".")[0] for alias in node.names)
-        elif isinstance(node, ast.ImportFrom) and not node.level:
-            modules.add(node.module.split(".")[0])
-    return modules - set(sys.stdlib_module_names)
-
-
-def installed_closure(requirements: list) -> set:
-    """Distributions pip installs for `requirements`: them and their dependencies (no extras), as installed here."""
-    seen, pending = set(), [Requirement(text) for text in requirements]
-    while pending:
-        requirement = pending.pop()
-        name = canonicalize_name(requirement.name)
-        if name in seen:
-            continue
-        seen.add(name)
-        for dependency in importlib.metadata.requires(requirement.name) or []:
-            dependency = Requirement(dependency)
-            if dependency.marker is None or dependency.marker.evaluate({"extra": ""}):
-                pending.append(dependency)
-    return seen
-
-
 def test_every_import_of_the_snippets_and_the_remote_code_is_in_the_install_line(card, converted):
     words = shlex.split(install_line(card))
     assert words[:2] == ["pip", "install"]
-    covered = installed_closure(words[2:])
-    distributions = importlib.metadata.packages_distributions()
     sources = {f"snippet {index}": block for index, block in enumerate(code_blocks(card.text, "python"))}
     sources.update({name: (converted / name).read_text() for name in REMOTE_CODE_FILES})
-    missing = {}
-    for where, source in sources.items():
-        for module in required_imports(source):
-            providers = {canonicalize_name(name) for name in distributions.get(module, [module])}
-            if not providers & covered:
-                missing.setdefault(where, []).append(module)
+    missing = missing_imports(sources, words[2:])
     assert not missing, f"imported but not installed by `{install_line(card)}`: {missing}"
 
 
@@ -186,6 +133,7 @@ def test_the_import_check_can_fail():
     guarded = "import PIL.Image\ntry:\n    import av\nexcept ImportError:\n    av = None\n"
     assert required_imports(guarded + "def f():\n    import requests\n") == {"PIL", "requests"}
     assert canonicalize_name("pillow") not in installed_closure(["torch"])
+    assert missing_imports({"snippet": "import PIL"}, ["torch"]) == {"snippet": ["PIL"]}
 
 
 def test_no_snippet_needs_accelerate(card):

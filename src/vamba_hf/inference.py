@@ -114,11 +114,13 @@ def build_messages(prompt: str, video=None, image=None) -> list:
     return [{"role": "user", "content": content}]
 
 
-def prepare_inputs(processor, conversations, device, num_frames: Optional[int] = None, fps: Optional[float] = None):
-    """Tokenized prompt(s) and pixels for `model.generate(**inputs)`; `conversations` is one or a batch."""
+def prepare_inputs(processor, conversations, device, num_frames: Optional[int] = None, fps: Optional[float] = None,
+                   progress: Optional[bool] = None):
+    """Tokenized prompt(s) and pixels for `model.generate(**inputs)`; `conversations` is one or a batch.
+    `progress`: show a frame-by-frame bar while a video decodes (None: for long videos only)."""
     inputs = processor.apply_chat_template(
         conversations, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt",
-        num_frames=num_frames, fps=fps,
+        num_frames=num_frames, fps=fps, progress=progress,
     )
     return inputs.to(device)
 
