@@ -121,6 +121,32 @@ def test_push_uploads_the_folder(converted, monkeypatch):
     assert 'model_id = "me/vamba"' in card and REPO_ID_PLACEHOLDER not in card
 
 
+def test_push_reports_a_network_error_in_one_line(converted, monkeypatch, capsys):
+    """huggingface_hub's HTTP client (httpx or requests) raises errors that are not OSError in every version."""
+    connect_error = type("ConnectError", (Exception,), {"__module__": "httpx"})
+
+    class UnreachableHub(RecordingHfApi):
+        def create_repo(self, repo_id, **options):
+            raise connect_error("[Errno 111] Connection refused")
+
+    monkeypatch.setattr("huggingface_hub.HfApi", UnreachableHub)
+    assert cli.main(["push", str(converted), "me/vamba"]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == "vamba-hf: error: [Errno 111] Connection refused"
+
+
+def test_an_unexpected_error_is_one_line_and_called_a_bug(demo_cache, demo_video, monkeypatch, capsys):
+    def broken(*args, **kwargs):
+        raise RuntimeError("something inside broke")
+
+    monkeypatch.setattr("vamba_hf.inference.load_model_and_processor", broken)
+    assert cli.main(["generate", "--video", str(demo_video)]) == 1
+    err = capsys.readouterr().err
+    assert err.strip().splitlines()[-1] == ("vamba-hf: internal error: RuntimeError: something inside broke; this is "
+                                            "a bug in vamba-hf, please report it (--debug or VAMBA_HF_DEBUG=1 shows "
+                                            "the traceback)")
+    assert "Traceback" not in err
+
+
 def test_push_refuses_an_unconverted_folder(golden_dir, capsys):
     assert cli.main(["push", str(golden_dir / "image"), "me/vamba", "--dry-run"]) == 2
     assert "not a converted Vamba config" in capsys.readouterr().err

@@ -156,3 +156,4 @@ def test_import_is_lazy_and_first_use_registers_the_auto_classes():
     env = dict(os.environ, PYTHONPATH=str(REPO / "src"))
     finished = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=120)
     assert finished.stdout.split("\n")[:2] == ["after import False", "after use True"], finished.stderr
+

@@ -18,6 +18,8 @@ DEBUG_VARIABLE = "VAMBA_HF_DEBUG"
 # What a user's input can cause (a bad path, a checkpoint that does not match, a missing package, a bad video):
 # reported in one line. Anything else is a bug in vamba-hf and says so.
 USER_ERRORS = (ValueError, TypeError, OSError, ImportError)
+# A network failure talking to the Hub is the machine's, not a bug: huggingface_hub's HTTP clients raise these.
+NETWORK_ERROR_MODULES = ("httpx", "httpx2", "requests", "urllib3")
 EXIT_USER_ERROR = 2
 EXIT_INTERNAL_ERROR = 1
 
@@ -230,6 +232,10 @@ def one_line(error: BaseException) -> str:
     return "; ".join(lines) or type(error).__name__
 
 
+def is_user_error(error: BaseException) -> bool:
+    return isinstance(error, USER_ERRORS) or type(error).__module__.split(".")[0] in NETWORK_ERROR_MODULES
+
+
 def debug_requested(args) -> bool:
     return args.debug or os.environ.get(DEBUG_VARIABLE, "").strip().lower() not in ("", "0", "false", "no")
 
@@ -245,7 +251,7 @@ def main(argv=None) -> int:
         if debug_requested(args):
             traceback.print_exc()
         hint = "" if debug_requested(args) else f" (--debug or {DEBUG_VARIABLE}=1 shows the traceback)"
-        if isinstance(error, USER_ERRORS):
+        if is_user_error(error):
             _stderr(f"vamba-hf: error: {one_line(error)}")
             return EXIT_USER_ERROR
         _stderr(f"vamba-hf: internal error: {type(error).__name__}: {one_line(error)}; this is a bug in vamba-hf, "
