@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from vamba_hf.demo import write_demo_video
-from vamba_hf.inference import DEMO_NOTE, build_messages, load_model_and_processor, new_text, prepare_inputs
+from vamba_hf.inference import DEMO_NOTE, build_messages, load_model_and_processor, new_text, prepare_inputs, printable
 
 VIDEO_SUFFIXES = {".mp4", ".mkv", ".webm", ".avi", ".mov", ".m4v"}
 
@@ -53,7 +53,7 @@ def main():
             batch = videos[start:start + args.batch_size]
             for video, answer in zip(batch, answer_batch(loaded, batch, args.prompt, args.frames,
                                                          args.max_new_tokens)):
-                print(f"{video.name}: {answer}")
+                print(f"{video.name}: {printable(answer)}")
     if loaded.is_demo:
         print(DEMO_NOTE)
 

@@ -18,10 +18,14 @@ Data: a folder of videos and a JSONL file, one example per line:
 
     # a few CPU steps on a tiny random model (what tests/test_finetune.py runs):
     python examples/finetune.py --tiny --data train.jsonl --video-dir videos --output-dir out --max-steps 8
+
+    # no arguments: the embedded demo model on three synthetic clips, a few CPU steps, saved to a temporary folder
+    python examples/finetune.py
 """
 
 import argparse
 import json
+import tempfile
 from pathlib import Path
 
 import torch
@@ -125,9 +129,31 @@ def tiny_model_and_processor(seed: int = 0):
     return VambaForConditionalGeneration(config), processor
 
 
+DEMO_QA = [
+    ("What moves across the picture?", "A red square."),
+    ("Which way does the square move?", "To the right."),
+    ("What color is the background?", "Blue at the top, green at the bottom."),
+]
+
+
+def write_demo_dataset(folder: Path) -> Path:
+    """Three synthetic clips (`vamba_hf.demo.write_demo_video`) and a JSONL of questions about them."""
+    from vamba_hf.demo import write_demo_video
+
+    with open(folder / "train.jsonl", "w", encoding="utf-8") as jsonl:
+        for index, (question, answer) in enumerate(DEMO_QA):
+            write_demo_video(folder / f"clip_{index}.mp4", num_frames=16 + 8 * index)
+            jsonl.write(json.dumps({"video": f"clip_{index}.mp4", "question": question, "answer": answer}) + "\n")
+    return folder / "train.jsonl"
+
+
 def load_model_and_processor(args):
     if args.tiny:
         return tiny_model_and_processor()
+    if args.model is None:
+        from vamba_hf.demo import build_demo_model_dir
+
+        args.model = str(build_demo_model_dir())
     dtype = torch.bfloat16 if args.bf16 else torch.float32
     model = VambaForConditionalGeneration.from_pretrained(args.model, dtype=dtype, attn_implementation=args.attn)
     processor = VambaProcessor.from_pretrained(args.processor or args.model)
@@ -144,12 +170,15 @@ def add_lora(model, rank: int):
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", help="checkpoint folder or Hub id (official or converted Vamba)")
+    parser.add_argument("--model", help="checkpoint folder or Hub id (official or converted Vamba; default: the "
+                                        "embedded demo model, random weights)")
     parser.add_argument("--processor", help="processor folder or Hub id, if not the model's")
     parser.add_argument("--tiny", action="store_true", help="a tiny random model and tokenizer instead of --model")
-    parser.add_argument("--data", type=Path, required=True, help="JSONL of {video, question, answer}")
+    parser.add_argument("--data", type=Path, default=None,
+                        help="JSONL of {video, question, answer} (default: three synthetic clips)")
     parser.add_argument("--video-dir", type=Path, default=Path("."), help="folder the JSONL's video paths start in")
-    parser.add_argument("--output-dir", type=Path, required=True)
+    parser.add_argument("--output-dir", type=Path, default=None, help="where the model is saved (default: a "
+                                                                       "temporary folder, deleted at the end)")
     parser.add_argument("--num-frames", type=int, default=None, help="frames sampled per video (processor default)")
     parser.add_argument("--pack", action="store_true", help="pack each batch into one row (no padding)")
     parser.add_argument("--freeze-vision-tower", action="store_true")
@@ -164,14 +193,34 @@ def parse_args(argv=None):
     parser.add_argument("--max-steps", type=int, default=-1)
     parser.add_argument("--epochs", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
-    if not args.tiny and not args.model:
-        parser.error("give --model (or --tiny for a tiny random model)")
-    return args
+    return parser.parse_args(argv)
+
+
+def describe_run(trainer) -> str:
+    """How the run was spread: accelerate's DistributedType ("NO", "MULTI_GPU", "FSDP", ...) in words."""
+    state = trainer.accelerator.state
+    kind = state.distributed_type.value
+    spread = ("one process, no distributed training (launch with `accelerate launch` to use several GPUs)"
+              if kind == "NO" else f"{state.num_processes} processes, distributed as {kind}")
+    return (f"trained {trainer.state.global_step} steps on {spread}; model wrapped as "
+            f"{type(trainer.model_wrapped).__name__}")
 
 
 def main(argv=None) -> Trainer:
     args = parse_args(argv)
+    with tempfile.TemporaryDirectory() as scratch:
+        if args.data is None:
+            args.data, args.video_dir = write_demo_dataset(Path(scratch)), Path(scratch)
+            print(f"No --data: training on {len(DEMO_QA)} synthetic clips ({args.data}).")
+        if args.output_dir is None:
+            args.output_dir = Path(scratch) / "out"
+            print("No --output-dir: the trained model is saved to a temporary folder and deleted at the end.")
+        return train(args)
+
+
+def train(args) -> Trainer:
+    if args.model is None and not args.tiny:
+        print("No --model: fine-tuning the embedded demo model (tiny, random weights).")
     model, processor = load_model_and_processor(args)
     if args.freeze_vision_tower:
         model.freeze_vision_tower()
@@ -203,11 +252,11 @@ def main(argv=None) -> Trainer:
                       data_collator=VideoQACollator(processor, num_frames, pack=args.pack))
     trainer.train()
     if trainer.is_world_process_zero():
-        state = trainer.accelerator.state
-        print(f"trained {trainer.state.global_step} steps on {state.num_processes} process(es), "
-              f"{state.distributed_type.value}, model wrapped as {type(trainer.model_wrapped).__name__}")
+        print(describe_run(trainer))
     trainer.save_model()
     processor.save_pretrained(str(args.output_dir))
+    if trainer.is_world_process_zero():
+        print(f"saved the model and processor to {args.output_dir}")
     return trainer
 
 

@@ -11,7 +11,7 @@ import argparse
 import torch
 from PIL import Image, ImageDraw
 
-from vamba_hf.inference import DEMO_NOTE, build_messages, load_model_and_processor, new_text, prepare_inputs
+from vamba_hf.inference import DEMO_NOTE, build_messages, load_model_and_processor, new_text, prepare_inputs, printable
 
 
 def sample_image() -> Image.Image:
@@ -36,7 +36,7 @@ def main():
     with torch.no_grad():
         output = loaded.model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False)
     print(f"Q: {args.prompt}")
-    print(f"A: {new_text(loaded.processor, output, inputs)[0]}")
+    print(f"A: {printable(new_text(loaded.processor, output, inputs)[0])}")
     if loaded.is_demo:
         print(DEMO_NOTE)
 

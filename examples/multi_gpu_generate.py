@@ -1,7 +1,10 @@
 """Vamba split over several GPUs with `device_map="auto"` generates the same greedy tokens as on one GPU.
 
-    python examples/multi_gpu_generate.py --model TIGER-Lab/Vamba-Qwen2-VL-7B --video clip.mp4 --gpus 2
-    python examples/multi_gpu_generate.py --tiny        # the embedded demo model; on CPU it checks the script only
+    python examples/multi_gpu_generate.py --model ./Vamba-Qwen2-VL-7B-hf --video clip.mp4 --gpus 2
+    python examples/multi_gpu_generate.py        # the embedded demo model and a synthetic clip (same as --tiny)
+
+With fewer GPUs than --gpus (or none), it says so and runs both loads on the one device there is: the script is
+checked, the split is not.
 
 The one-device run goes first; then the model is loaded with `device_map="auto"` and a per-GPU memory cap of
 about 1/--gpus of its weights, so that accelerate spreads the decoder layers (and the vision tower) over the GPUs.
@@ -10,6 +13,7 @@ Exits with status 1 when the tokens differ.
 """
 
 import argparse
+import importlib.util
 import json
 import math
 import sys
@@ -22,7 +26,7 @@ from vamba_hf.processing_vamba import VambaProcessor
 
 def model_and_video(args):
     """The checkpoint and the video (a path, or with --tiny the demo clip's frames: no video decoder needed)."""
-    if not args.tiny:
+    if args.model:
         return args.model, args.video
     from vamba_hf.demo import build_demo_model_dir, demo_frames
 
@@ -58,21 +62,36 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", help="converted or official Vamba checkpoint (folder or Hub id)")
     parser.add_argument("--video", help="video file to ask about")
-    parser.add_argument("--tiny", action="store_true", help="the embedded tiny demo model and a synthetic clip")
+    parser.add_argument("--tiny", action="store_true",
+                        help="the embedded tiny demo model and a synthetic clip (the default without --model)")
     parser.add_argument("--question", default="Describe the video.")
     parser.add_argument("--gpus", type=int, default=2)
     parser.add_argument("--num-frames", type=int, default=None)
     parser.add_argument("--max-new-tokens", type=int, default=32)
     args = parser.parse_args(argv)
-    if not args.tiny and not (args.model and args.video):
-        parser.error("give --model and --video (or --tiny)")
+    if args.tiny and args.model:
+        parser.error("--tiny runs the demo model; drop it to use --model")
+    if args.model and not args.video:
+        parser.error("--model needs --video (without both, the demo model reads a synthetic clip)")
     return args
+
+
+def announce_devices(gpus: int) -> None:
+    if importlib.util.find_spec("accelerate") is None:
+        sys.exit('This example needs accelerate for device_map="auto": pip install accelerate')
+    available = torch.cuda.device_count()
+    if available < gpus:
+        where = f"{available} GPU" if available else "no GPU, only the CPU"
+        print(f"--gpus {gpus}: this machine has {where}, so device_map=\"auto\" puts the whole model on one device; "
+              f"both runs below use it. On a machine with {gpus} GPUs the decoder layers are split over them.",
+              file=sys.stderr)
 
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
     on_gpu = torch.cuda.is_available()
     dtype = torch.bfloat16 if on_gpu else torch.float32
+    announce_devices(args.gpus)
     model_path, video = model_and_video(args)
     processor = VambaProcessor.from_pretrained(model_path)
     inputs = prompt_inputs(processor, video, args.question, args.num_frames)

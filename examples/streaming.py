@@ -15,7 +15,7 @@ import torch
 from transformers import TextIteratorStreamer
 
 from vamba_hf.demo import write_demo_video
-from vamba_hf.inference import DEMO_NOTE, build_messages, load_model_and_processor, prepare_inputs
+from vamba_hf.inference import DEMO_NOTE, build_messages, load_model_and_processor, prepare_inputs, printable
 
 
 def stream_answer(loaded, inputs, max_new_tokens):
@@ -49,7 +49,7 @@ def main():
     for piece in stream_answer(loaded, inputs, args.max_new_tokens):
         if first_piece_at is None and piece:
             first_piece_at = time.perf_counter() - started
-        print(piece, end="", flush=True)
+        print(printable(piece), end="", flush=True)
     print()
     if first_piece_at is not None:
         print(f"(first text after {first_piece_at:.2f} s, done after {time.perf_counter() - started:.2f} s)")

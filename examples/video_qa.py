@@ -12,7 +12,7 @@ import tempfile
 import torch
 
 from vamba_hf.demo import write_demo_video
-from vamba_hf.inference import DEMO_NOTE, build_messages, load_model_and_processor, new_text, prepare_inputs
+from vamba_hf.inference import DEMO_NOTE, build_messages, load_model_and_processor, new_text, prepare_inputs, printable
 
 
 def main():
@@ -32,7 +32,7 @@ def main():
     with torch.no_grad():
         output = loaded.model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False)
     print(f"Q: {args.prompt}")
-    print(f"A: {new_text(loaded.processor, output, inputs)[0]}")
+    print(f"A: {printable(new_text(loaded.processor, output, inputs)[0])}")
     if loaded.is_demo:
         print(DEMO_NOTE)
 

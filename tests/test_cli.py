@@ -5,6 +5,7 @@ import json
 
 import pytest
 from convert_helpers import make_source
+from huggingface_hub import ModelCard
 from PIL import Image
 
 from vamba_hf import cli
@@ -47,29 +48,38 @@ def test_convert_writes_a_hub_folder(golden_dir, tmp_path, capsys):
 
 def test_convert_refuses_existing_destination_then_force(converted, capsys):
     source = converted.parent / "official"
-    assert cli.main(["convert", str(source), str(converted)]) == 1
+    assert cli.main(["convert", str(source), str(converted)]) == 2
     assert "already exists; pass --force" in capsys.readouterr().err
     assert cli.main(["convert", str(source), str(converted), "--force", "--repo-id", "me/x"]) == 0
     assert 'model_id = "me/x"' in (converted / "README.md").read_text()
 
 
 def test_convert_reports_a_bad_source(tmp_path, capsys):
-    assert cli.main(["convert", str(tmp_path), str(tmp_path.parent / "out")]) == 1
+    assert cli.main(["convert", str(tmp_path), str(tmp_path.parent / "out")]) == 2
     assert "has no config.json" in capsys.readouterr().err
 
 
 def test_convert_downloads_a_repo_id(golden_dir, tmp_path, monkeypatch):
-    source = make_source(golden_dir / "image", tmp_path / "cache" / "snapshot")
-    requested = []
+    """Not in the Hub cache: one quick look-up (the repo exists), then the download; the card names the repo."""
+    from huggingface_hub.errors import LocalEntryNotFoundError
 
-    def fake_snapshot_download(repo_id, allow_patterns):
+    source = make_source(golden_dir / "image", tmp_path / "cache" / "snapshot")
+    requested, looked_up = [], []
+
+    def fake_snapshot_download(repo_id, allow_patterns=None, local_files_only=False):
+        if local_files_only:
+            raise LocalEntryNotFoundError("not in the cache")
         requested.append(repo_id)
         return str(source)
 
     monkeypatch.setattr("huggingface_hub.snapshot_download", fake_snapshot_download)
+    monkeypatch.setattr("huggingface_hub.HfApi.model_info", lambda api, repo_id, timeout: looked_up.append(repo_id))
     monkeypatch.chdir(tmp_path)
     assert cli.main(["convert", "TIGER-Lab/Vamba-Qwen2-VL-7B", str(tmp_path / "hub")]) == 0
-    assert requested == ["TIGER-Lab/Vamba-Qwen2-VL-7B"] and (tmp_path / "hub" / "config.json").is_file()
+    assert requested == looked_up == ["TIGER-Lab/Vamba-Qwen2-VL-7B"] and (tmp_path / "hub" / "config.json").is_file()
+    card = ModelCard.load(tmp_path / "hub" / "README.md")
+    assert card.data.base_model == "TIGER-Lab/Vamba-Qwen2-VL-7B"
+    assert "the weights of [`TIGER-Lab/Vamba-Qwen2-VL-7B`]" in card.text
 
 
 # -- push ------------------------------------------------------------------------------------------------------
@@ -111,8 +121,34 @@ def test_push_uploads_the_folder(converted, monkeypatch):
     assert 'model_id = "me/vamba"' in card and REPO_ID_PLACEHOLDER not in card
 
 
+def test_push_reports_a_network_error_in_one_line(converted, monkeypatch, capsys):
+    """huggingface_hub's HTTP client (httpx or requests) raises errors that are not OSError in every version."""
+    connect_error = type("ConnectError", (Exception,), {"__module__": "httpx"})
+
+    class UnreachableHub(RecordingHfApi):
+        def create_repo(self, repo_id, **options):
+            raise connect_error("[Errno 111] Connection refused")
+
+    monkeypatch.setattr("huggingface_hub.HfApi", UnreachableHub)
+    assert cli.main(["push", str(converted), "me/vamba"]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == "vamba-hf: error: [Errno 111] Connection refused"
+
+
+def test_an_unexpected_error_is_one_line_and_called_a_bug(demo_cache, demo_video, monkeypatch, capsys):
+    def broken(*args, **kwargs):
+        raise RuntimeError("something inside broke")
+
+    monkeypatch.setattr("vamba_hf.inference.load_model_and_processor", broken)
+    assert cli.main(["generate", "--video", str(demo_video)]) == 1
+    err = capsys.readouterr().err
+    assert err.strip().splitlines()[-1] == ("vamba-hf: internal error: RuntimeError: something inside broke; this is "
+                                            "a bug in vamba-hf, please report it (--debug or VAMBA_HF_DEBUG=1 shows "
+                                            "the traceback)")
+    assert "Traceback" not in err
+
+
 def test_push_refuses_an_unconverted_folder(golden_dir, capsys):
-    assert cli.main(["push", str(golden_dir / "image"), "me/vamba", "--dry-run"]) == 1
+    assert cli.main(["push", str(golden_dir / "image"), "me/vamba", "--dry-run"]) == 2
     assert "not a converted Vamba config" in capsys.readouterr().err
 
 
@@ -159,14 +195,14 @@ def test_generate_with_a_converted_model(converted, demo_video, capsys):
 
 
 def test_generate_reports_a_missing_video(demo_cache, tmp_path, capsys):
-    assert cli.main(["generate", "--video", str(tmp_path / "absent.mp4")]) == 1
+    assert cli.main(["generate", "--video", str(tmp_path / "absent.mp4")]) == 2
     assert "video file not found" in capsys.readouterr().err
 
 
 def test_generate_reports_a_weights_only_model(golden_dir, tmp_path, capsys):
     source = make_source(golden_dir / "image", tmp_path / "official", with_processor=False)
     assert cli.main(["convert", str(source), str(tmp_path / "hub")]) == 0
-    assert cli.main(["generate", "--model", str(tmp_path / "hub"), "--prompt", "hi"]) == 1
+    assert cli.main(["generate", "--model", str(tmp_path / "hub"), "--prompt", "hi"]) == 2
     assert "converted weights-only" in capsys.readouterr().err
 
 

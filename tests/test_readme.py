@@ -73,3 +73,48 @@ def test_quickstart_runs_as_written(tmp_path):
     assert "video: 16 frames" in finished.stderr
     assert finished.stdout.strip(), "no answer was streamed"
     assert elapsed < TIME_LIMIT_S, f"the quick start took {elapsed:.0f} s on this machine"
+
+
+# -- the rest of the README: install commands that exist, snippets that run with what they say they need ------------
+
+
+def code_blocks(language: str) -> list:
+    return re.findall(rf"```{language}\n(.*?)```", (REPO / "README.md").read_text(encoding="utf-8"), re.S)
+
+
+def test_install_commands_name_only_what_pip_can_find():
+    """vamba-hf is not on PyPI: it is installed from the clone (-e .) or from a source URL, never by bare name."""
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    for arguments in re.findall(r"pip install ((?:(?!&&|`|\n| #).)*)", readme):
+        for requirement in re.findall(r"""'[^']*'|"[^"]*"|\S+""", arguments):
+            if requirement.strip("'\"").startswith("vamba-hf"):
+                assert "@ git+" in requirement, requirement
+    assert "pip install -e '.[video]'" in readme
+
+
+def test_snippets_do_not_need_accelerate():
+    for block in code_blocks("python"):
+        assert "device_map" not in block, block
+
+
+def test_loading_snippets_run_with_remote_code_only(golden_dir, tmp_path):
+    """The README's Python snippets (Auto classes, then the pipeline) on a converted folder, in a subprocess that
+    cannot import vamba_hf from the source tree: only the folder's remote code runs."""
+    from convert_helpers import make_source
+
+    from vamba_hf.convert import convert_checkpoint
+    from vamba_hf.demo import write_demo_video
+
+    folder = tmp_path / "Vamba-Qwen2-VL-7B-hf"
+    convert_checkpoint(make_source(golden_dir / "video_short", tmp_path / "official"), folder, log=lambda _: None)
+    write_demo_video(tmp_path / "clip.mp4", num_frames=128, width=64, height=48)
+    script = "\n".join(code_blocks("python")).replace("max_new_tokens=256", "max_new_tokens=4").replace(
+        "max_new_tokens=128", "max_new_tokens=4")
+    script += "\nimport sys\nassert 'vamba_hf' not in sys.modules\n"
+    environment = {name: value for name, value in os.environ.items() if name != "PYTHONPATH"}
+    environment["HF_HUB_OFFLINE"] = "1"
+    environment["HF_MODULES_CACHE"] = str(tmp_path / "modules")
+    finished = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=environment, capture_output=True,
+                              text=True, timeout=300)
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    assert len(finished.stdout.strip().splitlines()) >= 1

@@ -1,50 +1,57 @@
-"""The model card (README.md) written into a converted folder: Hub metadata plus usage with the Auto classes and
-the pipeline. Built with huggingface_hub's own card classes, so the metadata block is what the Hub parses."""
+"""The model card (README.md) written into a converted folder: Hub metadata plus what the folder is (its source,
+sizes, license, what it can load) and usage snippets that run in an environment built from the card's own
+install line. Built with huggingface_hub's own card classes, so the metadata block is what the Hub parses."""
 
+import json
+import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-DEFAULT_BASE_MODEL = "TIGER-Lab/Vamba-Qwen2-VL-7B"
-# The license is the source checkpoint's, which this package cannot know; "other" until the uploader sets it.
+# The license is the source checkpoint's; metadata says "other" (and the text "unknown") when it is not known.
 DEFAULT_LICENSE = "other"
 # Stands in for the Hub repo id in the usage snippets until `vamba-hf push` writes the real one.
 REPO_ID_PLACEHOLDER = "your-namespace/your-vamba-model"
 CARD_TAGS = ["vamba", "mamba2", "hybrid", "video", "video-understanding", "multimodal", "qwen2_vl", "custom_code"]
-WIDGET_IMAGE_URL = ("https://huggingface.co/datasets/huggingface/documentation-images/resolve/main/"
-                    "pipeline-cat-chonk.jpeg")
+# What the remote code (configuration_vamba.py, modeling_vamba.py, processing_vamba.py) imports, as pip names:
+# transformers brings numpy, tqdm, huggingface_hub, safetensors and tokenizers; PyAV decodes video files.
+REMOTE_CODE_INSTALL = 'pip install "transformers>=4.57,!=5.0.*" torch av pillow'
+# A short public clip, used in transformers' documentation of video models.
+WIDGET_VIDEO_URL = "https://huggingface.co/datasets/raushan-testing-hf/videos-test/resolve/main/sample_demo_1.mp4"
+WIDGET_PROMPT = "What happens in this video?"
+_HUB_CACHE_FOLDER = re.compile(r"models--(?P<namespace>[^/]+?)--(?P<name>[^/]+)/snapshots/[^/]+/?$")
 
-_CARD_BODY = """
-# Vamba ({model_name})
-
-Vamba is Qwen2-VL-7B whose visual tokens skip self-attention: text tokens run through self-attention,
+_ABOUT_VAMBA = """\
+Vamba is Qwen2-VL whose visual tokens skip self-attention: text tokens run through self-attention,
 cross-attention and an MLP in every decoder layer, while the video/image tokens from the Qwen2-VL vision tower
 run through a Mamba-2 block per layer and serve as the cross-attention keys and values. Prefill cost grows
 linearly with the number of frames, which makes hour-long videos practical
-([paper](https://arxiv.org/abs/2503.11579), [original code](https://github.com/TIGER-AI-Lab/Vamba)).
+([paper](https://arxiv.org/abs/2503.11579), [original code](https://github.com/TIGER-AI-Lab/Vamba))."""
 
-This repository holds the weights of `{base_model}` **unchanged**, with a `transformers` configuration,
-remote code (`configuration_vamba.py`, `modeling_vamba.py`, `processing_vamba.py`){processor_note} written by
-the `vamba-hf` converter. Load it with `trust_remote_code=True`.
-
-Model: {num_layers} decoder layers, hidden size {hidden_size}, vocabulary {vocab_size}; vision tower depth
-{vision_depth}; Mamba-2 d_state {d_state}, head dim {headdim}.
-
+_USAGE = '''\
 ## Usage
 
-transformers 5.x:
+Install what the remote code needs (no other package; `vamba-hf` is not needed to load this repository):
+
+```bash
+{install}
+```
+
+Then, on transformers 4.57 or 5.x, on CPU or CUDA:
 
 ```python
 import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 model_id = "{repo_id}"
-model = AutoModelForImageTextToText.from_pretrained(model_id, trust_remote_code=True, dtype=torch.bfloat16,
-                                                    device_map="auto")
+device = "cuda" if torch.cuda.is_available() else "cpu"
+dtype = torch.bfloat16 if device == "cuda" else torch.float32
+model = AutoModelForImageTextToText.from_pretrained(model_id, trust_remote_code=True, dtype=dtype).to(device)
 processor = AutoProcessor.from_pretrained(model_id, trust_remote_code=True)
 
 messages = [{{"role": "user", "content": [
     {{"type": "video", "path": "video.mp4"}},
-    {{"type": "text", "text": "What happens in this video?"}},
+    {{"type": "text", "text": "{prompt}"}},
 ]}}]
 inputs = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True,
                                        return_tensors="pt", num_frames=128).to(model.device)
@@ -52,41 +59,96 @@ output = model.generate(**inputs, max_new_tokens=256)
 print(processor.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))
 ```
 
-transformers 4.x: the code above works on 4.57 too; code written for earlier 4.x releases uses
-`AutoModelForVision2Seq`, which this repository also maps:
+An image works the same way: `{{"type": "image", "path": "picture.jpg"}}` in place of the video. Code written for
+transformers 4.x before 4.57 uses `AutoModelForVision2Seq`, which this repository also maps.
 
-```python
-from transformers import AutoModelForVision2Seq
-
-model = AutoModelForVision2Seq.from_pretrained(model_id, trust_remote_code=True, dtype=torch.bfloat16,
-                                               device_map="auto")
-```
-
-With the pipeline (images and videos, transformers 4.57 and 5.x):
+transformers has no `video-text-to-text` pipeline; the `image-text-to-text` pipeline takes the same messages,
+with a video or an image:
 
 ```python
 from transformers import pipeline
 
-pipe = pipeline("image-text-to-text", model="{repo_id}", trust_remote_code=True)
-messages = [{{"role": "user", "content": [
-    {{"type": "video", "path": "video.mp4"}},
-    {{"type": "text", "text": "Describe the video."}},
-]}}]
+pipe = pipeline("image-text-to-text", model=model_id, trust_remote_code=True)
 print(pipe(text=messages, max_new_tokens=128, return_full_text=False)[0]["generated_text"])
 ```
 
-From the command line: `pip install 'vamba-hf[video]'`, then
-`vamba-hf generate --model {repo_id} --video video.mp4 --prompt "Describe the video."`.
-
 Inputs follow the original release: one image or one video per conversation, the video sampled as
 `num_frames` frames (the middle frame of equal intervals; 128 in the original demo, up to 512 in its evaluation),
-generation stops at `<|im_end|>`. On CUDA, install the Mamba-2 kernels for speed:
-`pip install 'vamba-hf[cuda]'` (without them a PyTorch path computes the same function).
+generation stops at `<|im_end|>`.
+'''
+
+_WEIGHTS_ONLY_USAGE = '''\
+## Usage
+
+This folder holds **no tokenizer or processor files** (it was converted weights-only), so `AutoProcessor` and the
+pipeline cannot load it, and the model alone cannot be given a video. The model itself loads:
+
+```bash
+{install}
+```
+
+```python
+from transformers import AutoModelForImageTextToText
+
+model = AutoModelForImageTextToText.from_pretrained("{repo_id}", trust_remote_code=True)
+```
+
+To get a complete repository, add the Qwen2-VL tokenizer and preprocessor files to the source checkpoint and run
+`vamba-hf convert` again.
+'''
+
+_CLI = """\
+## The `vamba-hf` package
+
+Needed only to convert checkpoints, for the `vamba-hf generate` command and for the fine-tuning example, not to
+load this repository. From a clone of its source: `pip install -e '.[video]'`, then
+`vamba-hf generate --model {repo_id} --video video.mp4 --prompt "Describe the video."`. On CUDA, the Mamba-2
+kernels make it faster: `pip install mamba-ssm causal-conv1d` (without them a PyTorch path computes the same
+function).
 """
 
 
-def card_metadata(base_model: str, license: str):
-    """The card's metadata as a `huggingface_hub.ModelCardData`."""
+@dataclass
+class SourceFacts:
+    """What is known about a conversion's source: its Hub repo id and its license, each None when unknown."""
+
+    repo_id: Optional[str] = None
+    license: Optional[str] = None
+
+
+def _repo_id_of(folder: Path, name: str) -> Optional[str]:
+    from .sources import looks_like_a_path
+
+    if not Path(name).exists() and not looks_like_a_path(name):
+        return name  # downloaded from the Hub under this id
+    match = _HUB_CACHE_FOLDER.search(folder.resolve().as_posix())
+    return f"{match['namespace']}/{match['name']}" if match else None
+
+
+def _license_of(folder: Path) -> Optional[str]:
+    from huggingface_hub.repocard import metadata_load
+
+    if (folder / "README.md").is_file():
+        license_id = (metadata_load(folder / "README.md") or {}).get("license")
+        if isinstance(license_id, str):
+            return license_id
+    try:
+        license_id = json.loads((folder / "config.json").read_text(encoding="utf-8")).get("license")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return license_id if isinstance(license_id, str) else None
+
+
+def read_source_facts(folder, name: str) -> SourceFacts:
+    """The repo id (when `name` is a Hub id, or `folder` is a Hub cache snapshot) and the license (the source's
+    model card metadata, else its config.json) of the checkpoint in `folder`, which the user named `name`."""
+    folder = Path(folder)
+    return SourceFacts(repo_id=_repo_id_of(folder, name), license=_license_of(folder))
+
+
+def card_metadata(base_model: Optional[str], license: str):
+    """The card's metadata as a `huggingface_hub.ModelCardData`: a video-text-to-text model whose widget asks
+    about a video (the Hub's asset-and-text widget example: `src` and `text`)."""
     from huggingface_hub import ModelCardData
 
     return ModelCardData(
@@ -96,35 +158,70 @@ def card_metadata(base_model: str, license: str):
         base_model=base_model,
         language=["en"],
         tags=list(CARD_TAGS),
-        widget=[{
-            "text": "What animal is in this picture?",
-            "src": WIDGET_IMAGE_URL,
-            "example_title": "Image question",
-        }],
+        widget=[{"src": WIDGET_VIDEO_URL, "text": WIDGET_PROMPT, "example_title": "Video question"}],
     )
+
+
+def parameter_count(config) -> int:
+    """Parameters of `VambaForConditionalGeneration(config)`, counted on the meta device (nothing allocated)."""
+    from math import prod
+
+    from .convert import expected_shapes
+
+    return sum(prod(shape) for shape in expected_shapes(config).values())
+
+
+def human_count(count: int) -> str:
+    for size, suffix in ((10**9, "B"), (10**6, "M"), (10**3, "K")):
+        if count >= size:
+            return f"{count / size:.1f}{suffix}"
+    return str(count)
+
+
+def _about_this_folder(config, base_model: Optional[str], license: Optional[str], has_processor: bool) -> str:
+    source = (f"the weights of [`{base_model}`](https://huggingface.co/{base_model})" if base_model
+              else "weights from a local folder (its Hub origin was not recorded)")
+    license_text = (f"`{license}`" if license
+                    else "unknown: the source did not state one; check the original weights' terms before use")
+    loads = ("`AutoModelForImageTextToText` (and `AutoModelForVision2Seq` on 4.x) for the model, `AutoProcessor` "
+             "for the processor (tokenizer, image processor, chat template)" if has_processor else
+             "`AutoModelForImageTextToText` (and `AutoModelForVision2Seq` on 4.x) for the model only: there is no "
+             "tokenizer or processor")
+    mamba = config.vision_mamba_mixer_config
+    parameters = parameter_count(config)
+    return f"""\
+## This repository
+
+- **Source:** {source}, **unchanged**, with a `transformers` configuration and remote code
+  (`configuration_vamba.py`, `modeling_vamba.py`, `processing_vamba.py`) written by the `vamba-hf` converter.
+  Load it with `trust_remote_code=True`.
+- **Size:** {human_count(parameters)} parameters ({parameters:,}): {config.num_hidden_layers} decoder layers, \
+hidden size {config.hidden_size}, vocabulary {config.vocab_size}; vision tower depth {config.vision_config.depth}, \
+hidden size {config.vision_config.embed_dim}; Mamba-2 d_state {mamba.d_state}, head dim {mamba.headdim}.
+- **License:** {license_text}.
+- **Loads with:** {loads}.
+"""
 
 
 def render_model_card(config, *, base_model: Optional[str] = None, license: Optional[str] = None,
                       repo_id: Optional[str] = None, has_processor: bool = True):
-    """A `huggingface_hub.ModelCard` for a converted Vamba folder with this `config`."""
+    """A `huggingface_hub.ModelCard` for a converted Vamba folder with this `config`. `base_model`: the source's
+    Hub repo id, None for a local folder; `license`: the source's license id, None when unknown."""
     from huggingface_hub import ModelCard
 
-    base_model = base_model or DEFAULT_BASE_MODEL
     repo_id = repo_id or REPO_ID_PLACEHOLDER
-    body = _CARD_BODY.format(
-        model_name=repo_id.split("/")[-1],
-        base_model=base_model,
-        repo_id=repo_id,
-        processor_note=", the processor and chat template" if has_processor else " (no processor: weights only)",
-        num_layers=config.num_hidden_layers,
-        hidden_size=config.hidden_size,
-        vocab_size=config.vocab_size,
-        vision_depth=config.vision_config.depth,
-        d_state=config.vision_mamba_mixer_config.d_state,
-        headdim=config.vision_mamba_mixer_config.headdim,
-    )
+    usage = (_USAGE if has_processor else _WEIGHTS_ONLY_USAGE).format(
+        install=REMOTE_CODE_INSTALL, repo_id=repo_id, prompt=WIDGET_PROMPT)
+    sections = [
+        f"# Vamba: {repo_id.split('/')[-1]}",
+        _ABOUT_VAMBA,
+        _about_this_folder(config, base_model, license, has_processor),
+        usage,
+        _CLI.format(repo_id=repo_id),
+    ]
     metadata = card_metadata(base_model, license or DEFAULT_LICENSE)
-    return ModelCard(f"---\n{metadata.to_yaml()}\n---\n{body}")
+    body = "\n\n".join(section.strip() for section in sections)
+    return ModelCard(f"---\n{metadata.to_yaml()}\n---\n\n{body}\n")
 
 
 def write_model_card(folder, config, **options) -> Path:

@@ -6,36 +6,82 @@
 """
 
 import argparse
-import re
+import math
+import os
 import sys
 import time
+import traceback
 from pathlib import Path
 
 DEFAULT_PROMPTS = {"video": "Describe this video.", "image": "Describe this image.", None: "Hello! Who are you?"}
-_REPO_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+DEBUG_VARIABLE = "VAMBA_HF_DEBUG"
+# What a user's input can cause (a bad path, a checkpoint that does not match, a missing package, a bad video):
+# reported in one line. Anything else is a bug in vamba-hf and says so.
+USER_ERRORS = (ValueError, TypeError, OSError, ImportError)
+# A network failure talking to the Hub is the machine's, not a bug: huggingface_hub's HTTP clients raise these.
+NETWORK_ERROR_MODULES = ("httpx", "httpx2", "requests", "urllib3")
+EXIT_USER_ERROR = 2
+EXIT_INTERNAL_ERROR = 1
 
 
 def _stderr(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
+class OneLineErrorParser(argparse.ArgumentParser):
+    """Usage errors in one line, naming the option and the fix (argparse's default also prints the usage)."""
+
+    def error(self, message):
+        self.exit(EXIT_USER_ERROR, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number; give a count of 1 or more") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not a count; give 1 or more")
+    return value
+
+
+def positive_rate(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number; give a rate in frames per second, e.g. 1 or "
+                                         f"0.5") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"{text} is not a usable rate; give a finite number of frames per second "
+                                         f"above 0, e.g. 1 or 0.5")
+    return value
+
+
 # -- convert ---------------------------------------------------------------------------------------------------
 
 
 def _source_folder(source: str) -> Path:
+    """The official checkpoint's folder: SOURCE itself, or its download when SOURCE is a Hub repo id."""
     from .convert import download_source
+    from .sources import cached_snapshot, check_hub_repo, check_local_name
 
-    if Path(source).is_dir() or not _REPO_ID.match(source):
-        return Path(source)
+    folder = check_local_name(source, "SOURCE", "the official checkpoint's folder")
+    if folder is not None:
+        return folder
+    if cached_snapshot(source) is None:
+        check_hub_repo(source, "SOURCE")
     return download_source(source, log=_stderr)
 
 
 def run_convert(args) -> int:
+    from .card import read_source_facts
     from .convert import convert_checkpoint
 
+    folder = _source_folder(args.source)
+    facts = read_source_facts(folder, args.source)
     result = convert_checkpoint(
-        _source_folder(args.source), args.destination, force=args.force, base_model=args.base_model,
-        license=args.license, repo_id=args.repo_id, log=_stderr,
+        folder, args.destination, force=args.force, base_model=args.base_model or facts.repo_id,
+        license=args.license or facts.license, repo_id=args.repo_id, log=_stderr,
     )
     processor = "with processor" if result.has_processor else "WITHOUT processor (weights only)"
     _stderr(f"Done: {result.num_tensors} tensors, {len(result.weight_files)} weight file(s) {result.weights_placement}"
@@ -67,9 +113,20 @@ def _describe_inputs(inputs) -> str:
     return f"prompt: {inputs['input_ids'].shape[1]} tokens, no image or video"
 
 
-def run_generate(args) -> int:
+def printable_streamer(tokenizer):
+    """transformers' `TextStreamer`, printing only printable text (control bytes escaped)."""
     from transformers import TextStreamer
 
+    from .inference import printable
+
+    class PrintableTextStreamer(TextStreamer):
+        def on_finalized_text(self, text: str, stream_end: bool = False):
+            super().on_finalized_text(printable(text), stream_end)
+
+    return PrintableTextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+
+
+def run_generate(args) -> int:
     from .demo import demo_notice
     from .inference import build_messages, load_model_and_processor, prepare_inputs
 
@@ -84,7 +141,7 @@ def run_generate(args) -> int:
     inputs = prepare_inputs(processor, messages, model.device, num_frames=args.frames, fps=args.fps)
     _stderr(f"Model: {loaded.source} ({model.dtype}, {model.device}); {_describe_inputs(inputs)}")
     _stderr(f"Prompt: {prompt}")
-    streamer = TextStreamer(processor.tokenizer, skip_prompt=True, skip_special_tokens=True)
+    streamer = printable_streamer(processor.tokenizer)
     prefill_started = time.perf_counter()
     output = model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False, streamer=streamer)
     finished = time.perf_counter()
@@ -99,8 +156,6 @@ def run_generate(args) -> int:
 
 
 def _add_convert(subparsers) -> None:
-    from .card import DEFAULT_BASE_MODEL
-
     parser = subparsers.add_parser(
         "convert", help="official-format checkpoint folder -> Hub-ready folder",
         description="Convert an official-format Vamba checkpoint (config.json with model_type qwen2_vl, "
@@ -111,8 +166,10 @@ def _add_convert(subparsers) -> None:
                                        "(e.g. TIGER-Lab/Vamba-Qwen2-VL-7B, downloaded into the Hub cache)")
     parser.add_argument("destination", help="the folder to write (must not exist, unless --force)")
     parser.add_argument("--force", action="store_true", help="replace DESTINATION if it exists")
-    parser.add_argument("--base-model", default=None, help=f"model card base_model (default {DEFAULT_BASE_MODEL})")
-    parser.add_argument("--license", default=None, help="model card license id (default: other)")
+    parser.add_argument("--base-model", default=None,
+                        help="model card base_model (default: SOURCE when it is a Hub repo id, else none)")
+    parser.add_argument("--license", default=None,
+                        help="model card license id (default: the source's model card's, else unknown)")
     parser.add_argument("--repo-id", default=None, help="Hub repo id for the card's usage snippets (push sets it too)")
     parser.set_defaults(run=run_convert)
 
@@ -144,12 +201,13 @@ def _add_generate(subparsers) -> None:
     visual.add_argument("--video", default=None, help="video file (decoded with PyAV)")
     visual.add_argument("--image", default=None, help="image file")
     parser.add_argument("--prompt", default=None, help="the question (default: describe the video/image)")
-    parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--max-new-tokens", type=positive_int, default=128)
     sampling = parser.add_mutually_exclusive_group()
-    sampling.add_argument("--frames", type=int, default=None,
+    sampling.add_argument("--frames", type=positive_int, default=None,
                           help="frames sampled uniformly from the video (default: the processor's, 128 for the "
                                "real model; an odd count drops the last frame)")
-    sampling.add_argument("--fps", type=float, default=None, help="sample frames at this rate instead of --frames")
+    sampling.add_argument("--fps", type=positive_rate, default=None,
+                          help="sample frames at this rate (frames per second) instead of --frames")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                         help="auto: bfloat16 on GPU, float32 on CPU")
     parser.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:1, ...")
@@ -157,8 +215,10 @@ def _add_generate(subparsers) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="vamba-hf", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineErrorParser(prog="vamba-hf", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--debug", action="store_true",
+                        help=f"show the full traceback of an error (or set {DEBUG_VARIABLE}=1)")
     subparsers = parser.add_subparsers(dest="command", required=True)
     _add_convert(subparsers)
     _add_push(subparsers)
@@ -166,16 +226,37 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def one_line(error: BaseException) -> str:
+    """The error's message on one line (a multi-line listing joined with "; ")."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return "; ".join(lines) or type(error).__name__
+
+
+def is_user_error(error: BaseException) -> bool:
+    return isinstance(error, USER_ERRORS) or type(error).__module__.split(".")[0] in NETWORK_ERROR_MODULES
+
+
+def debug_requested(args) -> bool:
+    return args.debug or os.environ.get(DEBUG_VARIABLE, "").strip().lower() not in ("", "0", "false", "no")
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)
-    except (ValueError, OSError, ImportError) as error:
-        # User-facing failures (bad paths, a checkpoint that does not match, missing PyAV): the message says it all.
-        _stderr(f"vamba-hf {args.command}: error: {error}")
-        return 1
     except KeyboardInterrupt:
+        _stderr("vamba-hf: interrupted")
         return 130
+    except Exception as error:  # noqa: BLE001 - the one place every failure is turned into a message
+        if debug_requested(args):
+            traceback.print_exc()
+        hint = "" if debug_requested(args) else f" (--debug or {DEBUG_VARIABLE}=1 shows the traceback)"
+        if is_user_error(error):
+            _stderr(f"vamba-hf: error: {one_line(error)}")
+            return EXIT_USER_ERROR
+        _stderr(f"vamba-hf: internal error: {type(error).__name__}: {one_line(error)}; this is a bug in vamba-hf, "
+                f"please report it{hint}")
+        return EXIT_INTERNAL_ERROR
 
 
 if __name__ == "__main__":

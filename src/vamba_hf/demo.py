@@ -136,13 +136,15 @@ def demo_frames(num_frames: int = 48, width: int = 160, height: int = 120):
     return frames
 
 
-def write_demo_video(path, num_frames: int = 48, width: int = 160, height: int = 120, fps: int = 12) -> Path:
-    """`demo_frames` written as an MPEG-4 file with PyAV."""
+def write_demo_video(path, num_frames: int = 48, width: int = 160, height: int = 120, fps: int = 12,
+                     codec: str = "mpeg4") -> Path:
+    """`demo_frames` written with PyAV: MPEG-4 Part 2 by default (every FFmpeg build encodes it); browsers play
+    `codec="libvpx-vp9"` in a .webm file."""
     import av
 
     path = Path(path)
     with av.open(str(path), "w") as container:
-        stream = container.add_stream("mpeg4", rate=Fraction(fps))
+        stream = container.add_stream(codec, rate=Fraction(fps))
         stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
         for pixels in demo_frames(num_frames, width, height):
             for packet in stream.encode(av.VideoFrame.from_ndarray(pixels, format="rgb24")):

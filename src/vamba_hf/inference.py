@@ -5,7 +5,9 @@ is given, the embedded demo model (tiny, random weights, built locally).
 """
 
 import importlib.util
+import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Optional
 
 import torch
@@ -41,7 +43,23 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return DTYPES[name]
 
 
-def _load_processor(source: str):
+def check_model_folder(folder: str, name: str) -> None:
+    """A one-line error unless `folder` holds a converted Vamba model (config.json with model_type vamba)."""
+    config_path = Path(folder) / "config.json"
+    if not config_path.is_file():
+        raise ValueError(f"--model {name}: {folder} has no config.json, so it is not a model folder.")
+    try:
+        model_type = json.loads(config_path.read_text(encoding="utf-8")).get("model_type")
+    except (ValueError, AttributeError) as error:
+        raise ValueError(f"--model {name}: {config_path} is not a JSON object ({error}).") from error
+    if model_type == "qwen2_vl":
+        raise ValueError(f"--model {name}: {folder} is an official-format checkpoint (model_type qwen2_vl); convert "
+                         f"it first: vamba-hf convert {name} CONVERTED_FOLDER, then pass --model CONVERTED_FOLDER.")
+    if model_type != "vamba":
+        raise ValueError(f"--model {name}: {config_path} has model_type {model_type!r}, not a Vamba model.")
+
+
+def _load_processor(source: str, name: str):
     from .processing_vamba import VambaProcessor
 
     try:
@@ -49,26 +67,37 @@ def _load_processor(source: str):
         return VambaProcessor.from_pretrained(source, trust_remote_code=False)
     except OSError as error:
         raise ValueError(
-            f"{source} has no processor (tokenizer + image processor): it was converted weights-only. Add the "
-            f"Qwen2-VL tokenizer and preprocessor files to the source checkpoint and run `vamba-hf convert` again."
+            f"--model {name}: the folder has no processor (tokenizer and image processor files): it was converted "
+            f"weights-only. Add the Qwen2-VL tokenizer and preprocessor files to the source checkpoint and run "
+            f"`vamba-hf convert` again."
         ) from error
+
+
+def printable(text: str) -> str:
+    """`text` with every non-printable character except newline and tab written as an escape (\\x1b, \\u200b), so
+    that a model's output cannot drive the terminal."""
+    return "".join(c if c.isprintable() or c in "\n\t" else repr(c)[1:-1] for c in text)
 
 
 def load_model_and_processor(model: Optional[str] = None, dtype: str = "auto", device: str = "auto") -> LoadedModel:
     """Model and processor from a converted folder / Hub repo id, or the embedded demo model when `model` is None."""
     from .convert import quiet_transformers
     from .demo import build_demo_model_dir
+    from .sources import resolve_model_source
     from .modeling_vamba import VambaForConditionalGeneration
 
     is_demo = model is None
     source = str(build_demo_model_dir()) if is_demo else str(model)
+    location = source if is_demo else resolve_model_source(source, option="--model")
+    if Path(location).is_dir():
+        check_model_folder(location, source)
     target = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, target)
     # With accelerate, weights go straight to the GPU instead of through CPU memory first.
     placement = {"device_map": str(target)} if target.type == "cuda" and importlib.util.find_spec("accelerate") else {}
     with quiet_transformers():
-        loaded = VambaForConditionalGeneration.from_pretrained(source, dtype=torch_dtype, **placement)
-        processor = _load_processor(source)
+        loaded = VambaForConditionalGeneration.from_pretrained(location, dtype=torch_dtype, **placement)
+        processor = _load_processor(location, source)
     return LoadedModel(loaded.to(target).eval(), processor, source, is_demo)
 
 
@@ -85,11 +114,13 @@ def build_messages(prompt: str, video=None, image=None) -> list:
     return [{"role": "user", "content": content}]
 
 
-def prepare_inputs(processor, conversations, device, num_frames: Optional[int] = None, fps: Optional[float] = None):
-    """Tokenized prompt(s) and pixels for `model.generate(**inputs)`; `conversations` is one or a batch."""
+def prepare_inputs(processor, conversations, device, num_frames: Optional[int] = None, fps: Optional[float] = None,
+                   progress: Optional[bool] = None):
+    """Tokenized prompt(s) and pixels for `model.generate(**inputs)`; `conversations` is one or a batch.
+    `progress`: show a frame-by-frame bar while a video decodes (None: for long videos only)."""
     inputs = processor.apply_chat_template(
         conversations, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt",
-        num_frames=num_frames, fps=fps,
+        num_frames=num_frames, fps=fps, progress=progress,
     )
     return inputs.to(device)
 
