@@ -493,7 +493,7 @@ def stages_plot(sink) -> None:
         ax.bar(labels, values, bottom=bottom, label=stage.removesuffix("_s").replace("_", " "))
         bottom += values
     ax.set_ylabel("seconds, video file -> first token")
-    ax.set_title("Stages to the first token (random 7B weights, bf16)")
+    ax.set_title("Stages from the video file to the first token (random weights)")
     ax.legend()
     fig.tight_layout()
     out = sink.path.with_suffix(".stages.png")

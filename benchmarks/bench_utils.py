@@ -129,6 +129,38 @@ class PeakRss(contextlib.AbstractContextManager):
         return False
 
 
+@contextlib.contextmanager
+def attributes_set(obj, **values):
+    """Set attributes of `obj` for the block and restore what they were after it, whatever happens."""
+    saved = {name: getattr(obj, name) for name in values}
+    try:
+        for name, value in values.items():
+            setattr(obj, name, value)
+        yield obj
+    finally:
+        for name, value in saved.items():
+            setattr(obj, name, value)
+
+
+def relative(a: torch.Tensor, b: torch.Tensor) -> float:
+    """||a - b|| / ||b|| in float64."""
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def output_cache(outputs):
+    """The cache a forward returned: `cache` on transformers >= 5.24, `past_key_values` before."""
+    for name in ("cache", "past_key_values"):
+        if getattr(outputs, name, None) is not None:
+            return getattr(outputs, name)
+    return None
+
+
+def cross_kv_of(cache) -> dict:
+    """{layer index: (key, value)} of the cross-attention K/V a Vamba cache holds, through the attribute the cache
+    exposes for it today (`VambaCache.cross_kv`)."""
+    return cache.cross_kv
+
+
 def median(values: list[float]) -> float:
     return round(statistics.median(values), 4)
 
