@@ -70,8 +70,12 @@ class Budget:
 
 
 def synchronize(device) -> None:
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize(device)
+    """Wait for `device`; "cuda" without an index waits for every GPU."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return
+    for index in [device.index] if device.index is not None else range(torch.cuda.device_count()):
+        torch.cuda.synchronize(index)
 
 
 def timed(fn, device="cpu"):
