@@ -101,9 +101,7 @@ def device_map_for(config: VambaConfig, placement: str, gpus: int, dtype, gpu0_s
         total = {i: weights * 2 for i in range(gpus)}  # capacity is not the question here: the split is
         max_memory = get_balanced_memory(meta, max_memory=total, no_split_module_classes=no_split, dtype=dtype)
     else:
-        first = int(weights * gpu0_share)
-        rest = (weights - first) // (gpus - 1) + weights // 10  # headroom: the map also counts buffers
-        max_memory = {0: first, **{i: rest for i in range(1, gpus)}}
+        max_memory = {0: int(weights * gpu0_share), **{i: weights for i in range(1, gpus)}}
     return infer_auto_device_map(meta, max_memory=max_memory, no_split_module_classes=no_split, dtype=dtype)
 
 
@@ -185,6 +183,11 @@ def sweep_placements(config, counts, args, devices, dtype, sink, budget, label) 
                                       {**label, "placement": "one device"})
     for placement in args.placements.split(","):
         device_map = device_map_for(config, placement, args.gpus, dtype, args.gpu0_share)
+        off_gpu = sorted({str(d) for d in device_map.values() if not isinstance(d, int)})
+        if off_gpu:
+            sink.log({**label, "placement": placement, "skipped": f"the map puts modules on {off_gpu}, not only "
+                      "on the GPUs", "device_map": {name: str(d) for name, d in device_map.items()}})
+            continue
         dispatch(model, device_map, devices)
         sink.log({**label, "placement": placement, "device_map_layers": layer_split(device_map, config),
                   "device_map": {name: str(index) for name, index in device_map.items()}})
