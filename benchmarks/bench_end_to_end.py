@@ -20,10 +20,12 @@ Per frame count and model, one JSON line with:
                     decode_ms_per_token = (answer_s - first_token_s) / (new tokens - 1)
   file_to_first_token_s = decode_s + preprocess_s + first_token_s
   peak_gib          `torch.cuda.max_memory_allocated` over the model stages; rss_*_gib: host RSS peaks
-Model-stage timings are medians of `--repeats` runs after one warm-up; decoding and preprocessing run `--cpu-repeats`
-times (CPU only, nothing to warm up; the file is in the page cache after writing).
-Then, ours only (`--extras`): 4 beams vs greedy, 4 sampled return sequences, a batch of 4 x `--batch-frames`
-videos vs 4 single calls (bf16 ids compared), and fp32 batched-vs-single greedy ids on a smaller config.
+Model-stage timings are medians of `--repeats` runs after a warm-up (ours: at every frame count, as Triton autotunes
+and torch.compile compiles for new shapes; Qwen2-VL, which compiles nothing: once); decoding and preprocessing run
+`--cpu-repeats` times (CPU only, nothing to warm up; the file is in the page cache after writing).
+Then, after the baseline (a short `--budget-s` leaves these out first), ours only (`--extras`): 4 beams vs greedy,
+4 sampled return sequences, a batch of 4 x `--batch-frames` videos vs 4 single calls (bf16 ids compared), and fp32
+batched-vs-single greedy ids on a smaller config.
 """
 
 import argparse
@@ -184,7 +186,8 @@ def qwen2_vl_processor(tokenizer):
     import transformers
 
     video_processor = transformers.Qwen2VLVideoProcessor(min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS)
-    image_processor_class = getattr(transformers, "Qwen2VLImageProcessorPil", None) or transformers.Qwen2VLImageProcessor
+    image_processor_class = (getattr(transformers, "Qwen2VLImageProcessorPil", None)
+                             or transformers.Qwen2VLImageProcessor)
     return transformers.Qwen2VLProcessor(image_processor=image_processor_class(), tokenizer=tokenizer,
                                          video_processor=video_processor, chat_template=QWEN2_VL_CHAT_TEMPLATE)
 
@@ -324,8 +327,8 @@ def cpu_stages(runner, path: Path, frames: int, args, record: dict):
 
 
 def measure_model(runner, path: Path, counts: list[int], args, sink, budget: Budget) -> dict:
-    """Every frame count for one model. For ours, returns {"video": ...}: the decoded video the extras sample
-    from (the first long enough for them, else the longest)."""
+    """Every frame count for one model. For ours, returns {"video": ...}: the first decoded video long enough for
+    the extras to sample from, if any."""
     kept = {}
     warmed = False
     for frames in counts:
@@ -335,16 +338,17 @@ def measure_model(runner, path: Path, counts: list[int], args, sink, budget: Bud
         record = {"model": runner.name, "frames": frames}
         try:
             video, inputs = cpu_stages(runner, path, frames, args, record)
-            if not warmed:
+            if not warmed or isinstance(runner, Ours):
                 with torch.inference_mode():
                     runner.first_token(inputs)
-                    generate(runner.model, inputs, 2, do_sample=False)
+                    if not warmed:
+                        generate(runner.model, inputs, 2, do_sample=False)
                 warmed = True
             model_stages(runner, inputs, args, record)
             record["file_to_first_token_s"] = round(record["decode_s"] + record["preprocess_s"] +
                                                     record["first_token_s"], 4)
-            if isinstance(runner, Ours) and not kept.get("enough"):
-                kept.update(video=video, enough=frames >= frames_for_extras(args))
+            if isinstance(runner, Ours) and "video" not in kept and frames >= frames_for_extras(args):
+                kept["video"] = video
         except torch.OutOfMemoryError:
             record["oom"] = True
         finally:
@@ -439,11 +443,11 @@ class SmallerOurs(Ours):
         self.device, self.dtype = device, torch.float32
 
 
-def extras(ours: Ours, kept: dict, args, sink, budget: Budget) -> None:
+def extras(ours: Ours, path: Path, kept: dict, args, sink, budget: Budget) -> None:
+    """`kept["video"]`, the sweep's decoded video, when it has the frames the extras sample from; else decoded anew."""
     video = kept.get("video")
-    if video is None:
-        sink.log({"extra": "all", "skipped": "no decoded video was kept (every frame count was skipped or OOM)"})
-        return
+    if video is None or len(video.frames) < frames_for_extras(args):
+        video = ours.decode(path, frames_for_extras(args))
     wanted = args.extras.split(",")
     steps = [("beams", lambda: beams_and_return_sequences(ours, video, args, sink)),
              ("batch", lambda: batch_vs_singles(ours, video, args, sink, "7B bf16" if not args.tiny else "tiny")),
@@ -542,6 +546,21 @@ def parse_args():
     return args
 
 
+def measure_qwen2_vl(path: Path, counts: list[int], args, device, dtype, sink, budget: Budget) -> None:
+    if budget.spent():
+        sink.log({"model": "qwen2-vl", "skipped": "budget spent"})
+        return
+    try:
+        runner = Qwen2VL(args, device, dtype)
+    except ImportError as error:
+        reason = " ".join(str(error).split())
+        sink.log({"model": "qwen2-vl", "skipped": f"transformers' Qwen2-VL video processor: {reason}"})
+        return
+    measure_model(runner, path, counts, args, sink, budget)
+    del runner
+    free_memory(device)
+
+
 def main() -> None:
     args = parse_args()
     counts = frame_counts(args.frames)
@@ -556,23 +575,20 @@ def main() -> None:
         raise SystemExit("bench_end_to_end: no CUDA device; run with --tiny for the CPU smoke run")
     path = ensure_video(args, sink)
     models = args.models.split(",")
+    kept = {}
     if "vamba" in models:
         ours = Ours(args, device, dtype)
         kept = measure_model(ours, path, counts, args, sink, budget)
-        if args.extras:
-            extras(ours, kept, args, sink, budget)
         del ours
         free_memory(device)
     if "qwen2-vl" in models:
+        measure_qwen2_vl(path, counts, args, device, dtype, sink, budget)
+    if args.extras and "vamba" in models:
+        # After the baseline: when the budget runs short, the extras are what is left out.
         if budget.spent():
-            sink.log({"model": "qwen2-vl", "skipped": "budget spent"})
+            sink.log({"extra": args.extras, "skipped": "budget spent"})
         else:
-            try:
-                runner = Qwen2VL(args, device, dtype)
-            except ImportError as error:
-                sink.log({"model": "qwen2-vl", "skipped": "transformers' Qwen2-VL video processor: " + " ".join(str(error).split())})
-            else:
-                measure_model(runner, path, counts, args, sink, budget)
+            extras(Ours(args, device, dtype), path, kept, args, sink, budget)
     synchronize(device)
     if args.stages:
         stages_plot(sink)

@@ -306,8 +306,9 @@ def tune_cross_attention(model, setup: Setup, tokens: int, sink) -> None:
                 ms = bench_ms(fn, device)
             except RuntimeError as error:  # a forced SDPA backend refuses shapes or devices it does not support
                 ms = f"{type(error).__name__}: {str(error).splitlines()[0][:120]}"
+            bandwidth = round(2 * k.nbytes / ms / 1e6, 1) if isinstance(ms, float) else None
             sink.log({"tune": "cross-attention", "queries": length, "visual_tokens": tokens, "variant": name,
-                      "ms": ms, "kv_read_gb_per_s": round(2 * k.nbytes / ms / 1e6, 1) if isinstance(ms, float) else None})
+                      "ms": ms, "kv_read_gb_per_s": bandwidth})
 
 
 def tune_mamba(model, setup: Setup, tokens: int, sink) -> None:
@@ -470,7 +471,8 @@ def plot(rows: list[dict], path: Path) -> None:
             continue
         frames = [r["frames"] for r in done]
         ax_time.plot(frames, [r["prefill_s"] for r in done], "o-", color=color, label=f"{name}: whole prefill")
-        ax_time.plot(frames, [r["vision_s"] for r in done], "s--", color=color, alpha=0.6, label=f"{name}: vision tower")
+        ax_time.plot(frames, [r["vision_s"] for r in done], "s--", color=color, alpha=0.6,
+                     label=f"{name}: vision tower")
         ax_time.plot(frames, [r["text_s"] for r in done], "^:", color=color, alpha=0.6, label=f"{name}: text side")
         peaks = [(r["frames"], r["peak_gib"]) for r in done if r.get("peak_gib") is not None]
         if peaks:
