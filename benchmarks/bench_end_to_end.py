@@ -43,6 +43,7 @@ from bench_utils import (  # noqa: E402
     PeakRss,
     ResultSink,
     add_common_arguments,
+    failure,
     frame_counts,
     gpu_peaks_gib,
     median,
@@ -349,13 +350,13 @@ def measure_model(runner, path: Path, counts: list[int], args, sink, budget: Bud
                                                     record["first_token_s"], 4)
             if isinstance(runner, Ours) and "video" not in kept and frames >= frames_for_extras(args):
                 kept["video"] = video
-        except torch.OutOfMemoryError:
-            record["oom"] = True
+        except Exception as error:
+            record.update(failure(error))
         finally:
             inputs = video = None
             free_memory(runner.device)
         sink.log(record)
-        if record.get("oom"):
+        if "oom" in record or "error" in record:  # larger counts would fail the same way
             break
     return kept
 
@@ -458,7 +459,10 @@ def extras(ours: Ours, path: Path, kept: dict, args, sink, budget: Budget) -> No
         if budget.spent():
             sink.log({"extra": name, "skipped": "budget spent"})
             continue
-        step()
+        try:
+            step()
+        except Exception as error:
+            sink.log({"extra": name, **failure(error)})
 
 
 def fp32_batch(ours: Ours, video, args, sink) -> None:

@@ -31,6 +31,7 @@ from bench_utils import (  # noqa: E402
     ResultSink,
     add_common_arguments,
     cross_kv_of,
+    failure,
     frame_counts,
     gpu_peaks_gib,
     output_cache,
@@ -143,8 +144,8 @@ def measure(model, config, frames: int, args, input_device, device, dtype, sink,
         with torch.inference_mode():
             model.generate(**inputs, max_new_tokens=2, do_sample=False)  # warm-up
         record.update(run_once(model, inputs, args.new_tokens, device))
-    except torch.OutOfMemoryError:
-        record["oom"] = True
+    except Exception as error:
+        record.update(failure(error))
     sink.log(record)
     return record
 
@@ -188,7 +189,12 @@ def sweep_placements(config, counts, args, devices, dtype, sink, budget, label) 
             sink.log({**label, "placement": placement, "skipped": f"the map puts modules on {off_gpu}, not only "
                       "on the GPUs", "device_map": {name: str(d) for name, d in device_map.items()}})
             continue
-        dispatch(model, device_map, devices)
+        try:
+            dispatch(model, device_map, devices)
+        except Exception as error:
+            sink.log({**label, "placement": placement, "dispatch": "failed", **failure(error)})
+            model = undispatch(model, devices[0])
+            continue
         sink.log({**label, "placement": placement, "device_map_layers": layer_split(device_map, config),
                   "device_map": {name: str(index) for name, index in device_map.items()}})
         for frames in counts:
