@@ -11,8 +11,9 @@ vocabulary with the real Qwen2-VL special tokens), shared by both models; nothin
 Per frame count and model, one JSON line with:
   decode_s          the frames sampled and decoded from the file (ours: `vamba_hf.load_video`; Qwen2-VL:
                     `transformers.video_utils.load_video(..., backend="pyav")`), peak host RSS during it
-  preprocess_s      decoded frames -> model inputs through the processor's public call (what `apply_chat_template`
-                    runs after loading); for Qwen2-VL also with `device="cuda"` (its fast video processor)
+  preprocess_s      decoded frames -> model inputs on the GPU through the processor's public call (what
+                    `apply_chat_template` runs after loading); for Qwen2-VL also with `device="cuda"` (its fast video
+                    processor working on the GPU: preprocess_on_gpu_s)
   vision_s          the vision tower on the processed pixels
   text_prefill_s    first token minus vision tower
   first_token_s     pixels -> first logits, cache kept
