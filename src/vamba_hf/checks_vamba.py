@@ -48,8 +48,9 @@ def check_inputs_embeds(inputs_embeds: torch.Tensor, hidden_size: int):
 
 
 def check_attention_mask(attention_mask: Optional[torch.Tensor], batch_size: int, total_length: int,
-                         past_length: int):
-    """A (batch, past + new length) mask of 0/1 (or bool)."""
+                         past_length: int, check_values: bool = True):
+    """A (batch, past + new length) mask of 0/1 (or bool). `check_values` False checks the shape only (no device
+    synchronisation: the CUDA-graph decoding step, whose masks generate extends)."""
     if attention_mask is None:
         return
     fix = (f"it must be (batch, cached + new tokens) = ({batch_size}, {total_length}), 1 for real tokens and 0 for "
@@ -61,7 +62,8 @@ def check_attention_mask(attention_mask: Optional[torch.Tensor], batch_size: int
     if attention_mask.shape[1] != total_length:
         raise ValueError(f"`attention_mask` covers {attention_mask.shape[1]} positions but the cache holds "
                          f"{past_length} and the input {total_length - past_length}: {fix}.")
-    if attention_mask.dtype != torch.bool and bool(((attention_mask != 0) & (attention_mask != 1)).any()):
+    if check_values and attention_mask.dtype != torch.bool and bool(
+            ((attention_mask != 0) & (attention_mask != 1)).any()):
         raise ValueError(f"`attention_mask` holds values other than 0 and 1: {fix}.")
 
 

@@ -497,7 +497,7 @@ class VambaForConditionalGeneration(VambaModel, GenerationMixin):
     def _graph_step(self, input_ids, attention_mask, position_ids, cache: VambaCache, return_dict):
         check_input_ids(input_ids, self.config.vocab_size)
         past_length = cache.get_seq_length()
-        check_attention_mask(attention_mask, input_ids.shape[0], past_length + 1, past_length)
+        check_attention_mask(attention_mask, input_ids.shape[0], past_length + 1, past_length, check_values=False)
         check_position_ids(position_ids, input_ids.shape[0], 1)
         if position_ids is None:
             position_ids = text_positions(attention_mask, cache.get_seq_length(), 1, input_ids.shape[0],
