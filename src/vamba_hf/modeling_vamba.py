@@ -525,11 +525,12 @@ class VambaForConditionalGeneration(VambaModel, GenerationMixin):
             check_attention_mask(kwargs.get("attention_mask"), input_ids.shape[0], input_ids.shape[1], 0)
         return super().generate(inputs, *args, **kwargs)
 
-    def prepare_inputs_for_generation(self, input_ids, **kwargs):
+    def prepare_inputs_for_generation(self, input_ids, inputs_embeds=None, **kwargs):
         """transformers' inputs, with the visual inputs given exactly to the prefill (the forward that fills an empty
         cache): the decoding steps read them from the cached cross-attention K/V. transformers 5 decides this by
-        its own iteration count instead, which drops the pixels from an assistant model's prefill."""
-        model_inputs = super().prepare_inputs_for_generation(input_ids, **kwargs)
+        its own iteration count instead, which drops the pixels from an assistant model's prefill. (`inputs_embeds`
+        is named: generate starts from embeddings only for a model whose signature shows it.)"""
+        model_inputs = super().prepare_inputs_for_generation(input_ids, inputs_embeds=inputs_embeds, **kwargs)
         model_inputs.pop("cache_position", None)
         cache = model_inputs.get(CACHE_NAME)
         prefill = not isinstance(cache, VambaCache) or cache.get_seq_length() == 0
