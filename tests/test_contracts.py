@@ -231,3 +231,19 @@ def test_generate_continues_from_a_returned_cache(model, video):
         continued = model.generate(input_ids=first.sequences, max_new_tokens=3, **greedy, **video,
                                    **{CACHE_NAME: getattr(first, CACHE_NAME)})
     assert torch.equal(continued, whole)
+
+
+@pytest.mark.parametrize("implementation", ["static", "offloaded"])
+def test_a_cache_implementation_vamba_does_not_keep_is_refused(model, video, implementation):
+    with pytest.raises(ValueError, match=f"cache_implementation='{implementation}' is not supported"):
+        model.generate(input_ids=prompt(1, 2)[None], max_new_tokens=2, cache_implementation=implementation, **video)
+
+
+def test_a_cache_of_another_kind_is_refused(model, video):
+    from transformers.cache_utils import DynamicCache
+
+    class OtherCache(DynamicCache):
+        pass
+
+    with pytest.raises(ValueError, match="must be a VambaCache .* got OtherCache"):
+        model(input_ids=prompt(1, 2)[None], use_cache=True, **{CACHE_NAME: OtherCache()}, **video)

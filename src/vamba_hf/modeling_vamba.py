@@ -14,6 +14,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers.cache_utils import DynamicCache
 from transformers.generation import GenerationMixin
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.modeling_utils import PreTrainedModel
@@ -236,8 +237,10 @@ class VambaModel(VambaPreTrainedModel):
             return None
         cache = past_key_values
         if not isinstance(cache, VambaCache):
-            if cache is not None and cache.get_seq_length() > 0:
-                raise ValueError(f"{CACHE_NAME} must be the VambaCache a previous call returned.")
+            # An empty DynamicCache is what generate starts with; any other cache would be ignored silently.
+            if cache is not None and (type(cache) is not DynamicCache or cache.get_seq_length() > 0):
+                raise ValueError(f"{CACHE_NAME} must be a VambaCache (the one a previous call returned) or None, got "
+                                 f"{type(cache).__name__}: Vamba's cache also holds the cross-attention K/V.")
             cache = VambaCache()
         cache.release_decode_graph()
         return cache
@@ -519,6 +522,11 @@ class VambaForConditionalGeneration(VambaModel, GenerationMixin):
     def generate(self, inputs=None, *args, **kwargs):
         """transformers' generate, with the prompt's ids and attention mask checked first (transformers derives
         positions from the mask before any forward runs, where a wrong one fails deep inside, or passes silently)."""
+        generation_config = kwargs.get("generation_config") or self.generation_config
+        cache_implementation = kwargs.get("cache_implementation", generation_config.cache_implementation)
+        if cache_implementation not in (None, "dynamic", "dynamic_full"):  # the last: 4.57 assisted decoding
+            raise ValueError(f"cache_implementation={cache_implementation!r} is not supported: Vamba keeps its own "
+                             f"cache (self-attention and cross-attention K/V). Leave cache_implementation unset.")
         input_ids = inputs if inputs is not None else kwargs.get("input_ids")
         if input_ids is not None:
             check_input_ids(input_ids, self.config.vocab_size)
