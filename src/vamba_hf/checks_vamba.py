@@ -34,8 +34,9 @@ def check_input_ids(input_ids: torch.Tensor, vocab_size: int):
         raise ValueError(f"`input_ids` is empty ({_shape(input_ids)}): give at least one token per row.")
     outside = (input_ids < 0) | (input_ids >= vocab_size)
     if bool(outside.any()):
-        raise ValueError(f"`input_ids` holds id {int(input_ids[outside][0])}, outside the vocabulary (0..{vocab_size - 1}): "
-                         f"the tokenizer does not belong to this model, or the ids were altered.")
+        raise ValueError(f"`input_ids` holds id {int(input_ids[outside][0])}, outside the vocabulary "
+                         f"(0..{vocab_size - 1}): the tokenizer does not belong to this model, or the ids were "
+                         f"altered.")
 
 
 def check_inputs_embeds(inputs_embeds: torch.Tensor, hidden_size: int):

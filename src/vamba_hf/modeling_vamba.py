@@ -193,8 +193,8 @@ class VambaModel(VambaPreTrainedModel):
         if visual_embeds is not None:
             check_visual_embeds(visual_embeds, self.config.hidden_size)
             return list(visual_embeds), None
-        given = [(kind, pixels, grid) for kind, pixels, grid in (
-            ("image", pixel_values, image_grid_thw), ("video", pixel_values_videos, video_grid_thw)) if pixels is not None]
+        pairs = (("image", pixel_values, image_grid_thw), ("video", pixel_values_videos, video_grid_thw))
+        given = [(kind, pixels, grid) for kind, pixels, grid in pairs if pixels is not None]
         for kind, pixels, grid in given:
             check_visual_pixels(self.config, kind, pixels, grid)
         if len(given) == 2:
