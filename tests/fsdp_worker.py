@@ -4,33 +4,17 @@
 
 MODE is `fp32` (fp32 parameters) or `bf16` (bf16 compute through FSDP2's MixedPrecisionPolicy, which casts each
 sharded layer's float inputs to bf16). Both run with gradient checkpointing. Rank 0 writes the per-step losses to
-OUT. tests/test_distributed.py compares them with the same steps run unsharded in one process (`train`).
+OUT. tests/test_distributed.py compares them with the same steps run unsharded in one process (`train_steps`).
 """
 
 import sys
 from pathlib import Path
 
 import torch
-from helpers import enable_checkpointing, golden_batch, golden_model
+from helpers import CHECKPOINTING, enable_checkpointing, golden_batch, golden_model, train_steps
 
 from vamba_hf.decoder_vamba import VambaDecoderLayer
 from vamba_hf.vision_vamba import VambaVisionBlock
-
-STEPS = 3
-CHECKPOINTING = {"use_reentrant": False}
-
-
-def train(model, batch, steps: int = STEPS) -> list[float]:
-    model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    losses = []
-    for _ in range(steps):
-        loss = model(**batch).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(loss.item())
-    return losses
 
 
 def shard(model, mode: str):
@@ -55,7 +39,7 @@ def main(case_dir: str, out: str, mode: str) -> None:
     enable_checkpointing(model, CHECKPOINTING)
     model = shard(model, mode)
     assert type(model).__name__.startswith("FSDP"), type(model)
-    losses = train(model, batch)
+    losses = train_steps(model, batch)
     if dist.get_rank() == 0:
         torch.save({"losses": losses, "world_size": dist.get_world_size()}, out)
     dist.destroy_process_group()

@@ -10,9 +10,11 @@ VISION_START = TINY_MODEL_SETTINGS["vision_start_token_id"]
 VISION_END = TINY_MODEL_SETTINGS["vision_end_token_id"]
 EOS = TINY_MODEL_SETTINGS["eos_token_id"]
 
-__all__ = ["EOS", "VISION_END", "VISION_START", "enable_checkpointing", "golden_batch", "golden_inputs",
-           "golden_video", "left_pad", "load_golden", "prompt", "relative_error", "tiny_config", "tiny_model",
-           "video_pixels"]
+__all__ = [
+    "CHECKPOINTING", "EOS", "VISION_END", "VISION_START", "enable_checkpointing", "golden_batch", "golden_inputs",
+    "golden_model", "golden_video", "left_pad", "load_golden", "prompt", "relative_error", "tiny_config",
+    "tiny_model", "train_steps", "video_pixels",
+]
 
 
 def relative_error(ours, ref) -> float:
@@ -89,6 +91,24 @@ def golden_batch(golden_dir, case="video_short"):
     labels = inputs["input_ids"].clone()
     labels[:, :9] = -100
     return {**inputs, "labels": labels}
+
+
+# Activation checkpointing as the FSDP2 runs use it (non-reentrant, what transformers' later releases default to).
+CHECKPOINTING = {"use_reentrant": False}
+
+
+def train_steps(model, batch, steps: int = 3) -> list[float]:
+    """The losses of `steps` AdamW steps (lr 1e-3) on one batch, in training mode."""
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    losses = []
+    for _ in range(steps):
+        loss = model(**batch).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    return losses
 
 
 def enable_checkpointing(model, checkpoint_kwargs=None):

@@ -208,3 +208,42 @@ def test_assisted_and_prompt_lookup_decoding_equal_greedy_with_a_video(model, vi
     if mode == "assistant_attentions":
         assert len(out.attentions) == sequences.shape[1] - ids.shape[1]
         assert all(len(step) == model.config.num_hidden_layers for step in out.attentions)
+
+
+# -- generation entry points ----------------------------------------------------------------------------------------
+
+
+def test_generate_from_inputs_embeds_equals_generate_from_ids(model):
+    ids = prompt(4, 0, visual=False)[None]
+    embeds = model.get_input_embeddings()(ids).detach()
+    with torch.no_grad():
+        from_embeds = model.generate(inputs_embeds=embeds, max_new_tokens=4, do_sample=False, eos_token_id=None)
+        from_ids = model.generate(input_ids=ids, max_new_tokens=4, do_sample=False, eos_token_id=None)
+    assert torch.equal(from_embeds, from_ids[:, ids.shape[1]:])
+
+
+def test_generate_continues_from_a_returned_cache(model, video):
+    ids = prompt(2, 3)[None]
+    greedy = dict(do_sample=False, eos_token_id=None)
+    with torch.no_grad():
+        whole = model.generate(input_ids=ids, max_new_tokens=6, **greedy, **video)
+        first = model.generate(input_ids=ids, max_new_tokens=3, return_dict_in_generate=True, **greedy, **video)
+        continued = model.generate(input_ids=first.sequences, max_new_tokens=3, **greedy, **video,
+                                   **{CACHE_NAME: getattr(first, CACHE_NAME)})
+    assert torch.equal(continued, whole)
+
+
+@pytest.mark.parametrize("implementation", ["static", "offloaded"])
+def test_a_cache_implementation_vamba_does_not_keep_is_refused(model, video, implementation):
+    with pytest.raises(ValueError, match=f"cache_implementation='{implementation}' is not supported"):
+        model.generate(input_ids=prompt(1, 2)[None], max_new_tokens=2, cache_implementation=implementation, **video)
+
+
+def test_a_cache_of_another_kind_is_refused(model, video):
+    from transformers.cache_utils import DynamicCache
+
+    class OtherCache(DynamicCache):
+        pass
+
+    with pytest.raises(ValueError, match="must be a VambaCache .* got OtherCache"):
+        model(input_ids=prompt(1, 2)[None], use_cache=True, **{CACHE_NAME: OtherCache()}, **video)

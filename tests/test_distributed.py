@@ -13,10 +13,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-import fsdp_worker
 import pytest
 import torch
-from helpers import enable_checkpointing, golden_batch, golden_model
+from helpers import CHECKPOINTING, enable_checkpointing, golden_batch, golden_model, train_steps
 from torch.utils.checkpoint import checkpoint
 
 import vamba_hf.layers_vamba as layers
@@ -47,8 +46,8 @@ def sharded_losses(case_dir: Path, mode: str, tmp_path: Path) -> list[float]:
 def unsharded_losses(golden_dir):
     torch.manual_seed(0)
     model, batch = golden_model(golden_dir, "video_short"), golden_batch(golden_dir, "video_short")
-    enable_checkpointing(model, fsdp_worker.CHECKPOINTING)
-    return fsdp_worker.train(model, batch)
+    enable_checkpointing(model, CHECKPOINTING)
+    return train_steps(model, batch)
 
 
 def test_fsdp2_fp32_trains_exactly_like_one_process(golden_dir, tmp_path, unsharded_losses):

@@ -415,7 +415,7 @@ def test_bad_inputs_raise_clear_errors():
         image_pixels, image_grid = video_pixels(1, 4, 4)
         model(input_ids=torch.cat([ids, ids]), pixel_values_videos=pixels, video_grid_thw=grid,
               pixel_values=image_pixels, image_grid_thw=image_grid)
-    with pytest.raises(ValueError, match="attention_mask has batch size 2"):
+    with pytest.raises(ValueError, match="`attention_mask` has shape \\(2, 5\\) but the input has batch size 1"):
         model(input_ids=ids, attention_mask=torch.ones(2, ids.shape[1]), pixel_values_videos=pixels,
               video_grid_thw=grid)
 

@@ -181,3 +181,14 @@ def test_fused_pass_falls_back_only_when_compiling_is_unavailable(monkeypatch, e
         with pytest.raises(type(raised)):
             fused(x)
         assert not fused.failed
+
+
+def test_fused_pass_runs_eager_where_torch_compile_cannot_start(monkeypatch):
+    from vamba_hf.layers_vamba import FusedOnCuda
+
+    def no_compile(fn, **kwargs):
+        raise RuntimeError("torch.compile is not supported on this Python")
+
+    monkeypatch.setattr(torch, "compile", no_compile)
+    fused = FusedOnCuda(lambda x: x + 1, device_type="cpu")
+    assert torch.equal(fused(torch.zeros(2)), torch.ones(2)) and fused.failed

@@ -201,7 +201,8 @@ class DecodeGraph:
         return self.logits.clone()  # the graph overwrites its output at the next replay
 
     def _run(self, cache: VambaCache) -> torch.Tensor:
-        return self.step_fn(self.input_ids, self.positions, self.keep[:, None, None, :], StaticStepKV(self, cache.cross))
+        kv = StaticStepKV(self, cache.cross)
+        return self.step_fn(self.input_ids, self.positions, self.keep[:, None, None, :], kv)
 
     def _capture(self, cache: VambaCache):
         side = torch.cuda.Stream()

@@ -107,7 +107,7 @@ class VambaAttention(nn.Module):
         if not self.is_causal and implementation == "sdpa" and (mask is None or mask.shape[-2] == 1):
             out = self.cross_sdpa(q, k, v, mask, dropout)
         else:
-            # flash-attn takes a (b, k) padding mask together with its own causal flag; the others take one or the other.
+            # flash-attn takes a (b, k) padding mask together with its own causal flag; the others one or the other.
             causal = self.is_causal and q.shape[2] > 1 and (mask is None or implementation.startswith("flash"))
             with sdpa_backends():
                 out, weights = attention_interface(implementation)(

@@ -144,12 +144,13 @@ class FusedOnCuda:
     def __call__(self, x: torch.Tensor, *args):
         if x.device.type != self.device_type or self.failed:
             return self.fn(x, *args)
-        if self.compiled is None:
-            self.compiled = torch.compile(self.fn, dynamic=True)
         try:
+            if self.compiled is None:
+                # Raises at once where this Python or platform has no torch.compile.
+                self.compiled = torch.compile(self.fn, dynamic=True)
             return self.compiled(x, *args)
         except Exception as error:
-            if not compile_unavailable(error):
+            if self.compiled is not None and not compile_unavailable(error):
                 raise
             self.failed = True
             logger.warning(f"Vamba: torch.compile is unavailable ({type(error).__name__}: {error}); running eager.")

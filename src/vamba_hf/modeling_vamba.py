@@ -14,12 +14,15 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers.cache_utils import DynamicCache
 from transformers.generation import GenerationMixin
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.modeling_utils import PreTrainedModel
 from transformers.utils import logging
 
 from .cache_vamba import StaticStepKV, VambaCache
+from .checks_vamba import (check_attention_mask, check_finite_logits, check_input_ids, check_inputs_embeds,
+                           check_labels, check_position_ids, check_visual_embeds, check_visual_pixels)
 from .configuration_vamba import VambaConfig
 from .decoder_vamba import CrossAttentionInputs, MultimodalRotary, VambaDecoderLayer, VambaTextModel
 from .layers_vamba import VambaRMSNorm, attention_mask_for
@@ -188,24 +191,20 @@ class VambaModel(VambaPreTrainedModel):
     def _visual_items(self, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw, visual_embeds):
         """(features per item, their grid or None) of the one visual input kind given."""
         if visual_embeds is not None:
+            check_visual_embeds(visual_embeds, self.config.hidden_size)
             return list(visual_embeds), None
-        given = [(name, pixels, grid) for name, pixels, grid in (
-            ("image", pixel_values, image_grid_thw), ("video", pixel_values_videos, video_grid_thw)) if pixels is not None]
-        for name, pixels, grid in given:
-            if grid is None:
-                raise ValueError(f"{name} pixels were given without `{name}_grid_thw`: pass the grid sizes the "
-                                 f"processor returned alongside the pixels.")
-            if int(grid.prod(-1).sum()) != pixels.shape[0]:
-                raise ValueError(f"`{name}_grid_thw` describes {int(grid.prod(-1).sum())} patches but the {name} "
-                                 f"pixels hold {pixels.shape[0]}: they must come from the same processor call.")
+        pairs = (("image", pixel_values, image_grid_thw), ("video", pixel_values_videos, video_grid_thw))
+        given = [(kind, pixels, grid) for kind, pixels, grid in pairs if pixels is not None]
+        for kind, pixels, grid in given:
+            check_visual_pixels(self.config, kind, pixels, grid)
         if len(given) == 2:
             raise ValueError("One batch mixes images and videos: the prompts mark both with the same "
                              "<|vision_start|><|vision_end|> pair, so their rows are ambiguous. Run images and "
                              "videos in separate batches.")
         if not given:
             return [], None
-        name, pixels, grid = given[0]
-        features = self.get_video_features(pixels, grid) if name == "video" else self.get_image_features(pixels, grid)
+        kind, pixels, grid = given[0]
+        features = self.get_video_features(pixels, grid) if kind == "video" else self.get_image_features(pixels, grid)
         return features, grid
 
     def _check_kernels(self, device):
@@ -227,19 +226,21 @@ class VambaModel(VambaPreTrainedModel):
                              "'eager'; flash-attention's variable-length path is not wired for them yet.")
         return packed
 
-    def _cache_for(self, past_key_values, use_cache: Optional[bool], layout) -> Optional[VambaCache]:
+    def _cache_for(self, past_key_values, use_cache: Optional[bool]) -> Optional[VambaCache]:
         """The VambaCache this forward fills (None: no cache), back in its plain form."""
         use_cache = use_cache if use_cache is not None else (self.config.use_cache and not self.training)
         if use_cache and self.training and any(layer.gradient_checkpointing for layer in self.model.layers):
             # The checkpointed layers run twice: the second run would append to the cache again.
             logger.warning_once("use_cache=True is incompatible with gradient checkpointing: running without cache.")
             use_cache = False
-        if not use_cache or layout.packed:  # packed forwards keep no cache
+        if not use_cache:
             return None
         cache = past_key_values
         if not isinstance(cache, VambaCache):
-            if cache is not None and cache.get_seq_length() > 0:
-                raise ValueError(f"{CACHE_NAME} must be the VambaCache a previous call returned.")
+            # An empty DynamicCache is what generate starts with; any other cache would be ignored silently.
+            if cache is not None and (type(cache) is not DynamicCache or cache.get_seq_length() > 0):
+                raise ValueError(f"{CACHE_NAME} must be a VambaCache (the one a previous call returned) or None, got "
+                                 f"{type(cache).__name__}: Vamba's cache also holds the cross-attention K/V.")
             cache = VambaCache()
         cache.release_decode_graph()
         return cache
@@ -296,15 +297,14 @@ class VambaModel(VambaPreTrainedModel):
     def _returns_dict(self, return_dict: Optional[bool]) -> bool:
         return bool(self.config.return_dict if return_dict is None else return_dict)
 
-    def _text_embeddings(self, input_ids, inputs_embeds, attention_mask) -> torch.Tensor:
+    def _text_embeddings(self, input_ids, inputs_embeds) -> torch.Tensor:
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of input_ids and inputs_embeds.")
-        if inputs_embeds is None:
-            inputs_embeds = self.model.embed_tokens(input_ids)
-        if attention_mask is not None and attention_mask.shape[0] != inputs_embeds.shape[0]:
-            raise ValueError(f"attention_mask has batch size {attention_mask.shape[0]} but the input has "
-                             f"{inputs_embeds.shape[0]}.")
-        return inputs_embeds
+        if inputs_embeds is not None:
+            check_inputs_embeds(inputs_embeds, self.config.hidden_size)
+            return inputs_embeds
+        check_input_ids(input_ids, self.config.vocab_size)
+        return self.model.embed_tokens(input_ids)
 
     def forward(
         self,
@@ -332,26 +332,23 @@ class VambaModel(VambaPreTrainedModel):
         weights as `attentions` and its cross-attention weights (None for a layer without visual input) as
         `cross_attentions`, computed with eager attention.
 
-        Packed rows (training): several (video, conversation) pairs in one row, computed exactly as if each pair ran
-        alone. Mark where each pair starts by `position_ids` (b, T) restarting at 0, as transformers' padding-free
-        collators do (`DataCollatorWithFlattening`); e.g. two pairs of 5 and 3 tokens: `[[0, 1, 2, 3, 4, 0, 1, 2]]`.
-        A segment's text attends causally to itself only, reads only its own video in cross-attention, and its
-        video's Mamba-2 state starts from zero. A row may hold several placeholders (one per segment); the visual
-        inputs are the videos of row 0 in order, then those of row 1, and so on; segments without a placeholder are
-        text-only. Rows may be padded at the end (with `attention_mask` 0 there). Packed forwards keep no cache and
-        need `attn_implementation` "sdpa" or "eager".
+        Packed rows (training, several (video, conversation) pairs in one row, marked by `position_ids` restarting at
+        0): see `streams_vamba.PackedRows`.
         """
         check_keywords(type(self).__name__ + ".forward", kwargs)
         past_key_values = cache_argument(past_key_values, cache)
         output_attentions, output_hidden_states, return_dict = self._output_flags(
             output_attentions, output_hidden_states, return_dict)
-        inputs_embeds = self._text_embeddings(input_ids, inputs_embeds, attention_mask)
+        inputs_embeds = self._text_embeddings(input_ids, inputs_embeds)
         (batch_size, length), dtype, device = inputs_embeds.shape[:2], inputs_embeds.dtype, inputs_embeds.device
         implementation = self._implementation(output_attentions)
-        given_length = past_key_values.get_seq_length() if past_key_values is not None else 0
-        layout = self._layout(position_ids, attention_mask, batch_size, given_length, implementation)
-        cache = self._cache_for(past_key_values, use_cache, layout)
+        cache = self._cache_for(past_key_values, use_cache)
         past_length = cache.get_seq_length() if cache is not None else 0
+        check_attention_mask(attention_mask, batch_size, past_length + length, past_length)
+        check_position_ids(position_ids, batch_size, length)
+        layout = self._layout(position_ids, attention_mask, batch_size, past_length, implementation)
+        if layout.packed:  # packed forwards keep no cache
+            cache = None
 
         visual_inputs = dict(pixel_values=pixel_values, image_grid_thw=image_grid_thw, visual_embeds=visual_embeds,
                              pixel_values_videos=pixel_values_videos, video_grid_thw=video_grid_thw)
@@ -437,6 +434,7 @@ class VambaForConditionalGeneration(VambaModel, GenerationMixin):
         if self._decodes_with_graph(input_ids, past_key_values, use_cache, visual_inputs, labels, shift_labels,
                                     output_hidden_states, output_attentions):
             return self._graph_step(input_ids, attention_mask, position_ids, past_key_values, return_dict)
+        prefill = past_key_values is None or past_key_values.get_seq_length() == 0
         outputs = super().forward(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
             past_key_values=past_key_values, inputs_embeds=inputs_embeds, pixel_values=pixel_values,
@@ -444,14 +442,23 @@ class VambaForConditionalGeneration(VambaModel, GenerationMixin):
             visual_embeds=visual_embeds, use_cache=use_cache, output_attentions=output_attentions,
             output_hidden_states=output_hidden_states, return_dict=True, **kwargs,
         )
-        kept = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
-        logits = self.lm_head(outputs.last_hidden_state[:, kept]).float()
-        loss = self.next_token_loss(logits, labels, kept, num_items_in_batch, shift_labels)
+        logits, loss = self._logits_and_loss(outputs.last_hidden_state, prefill, logits_to_keep, labels, shift_labels,
+                                             num_items_in_batch)
         result = VambaCausalLMOutputWithPast(
             loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions,
             cross_attentions=outputs.cross_attentions, **{CACHE_NAME: getattr(outputs, CACHE_NAME)},
         )
         return result if self._returns_dict(return_dict) else result.to_tuple()
+
+    def _logits_and_loss(self, hidden, prefill: bool, logits_to_keep, labels, shift_labels, num_items_in_batch):
+        """fp32 logits of the kept positions of `hidden` (b, T, d), and the loss when targets are given."""
+        for name, targets in (("labels", labels), ("shift_labels", shift_labels)):
+            check_labels(name, targets, *hidden.shape[:2])
+        kept = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(hidden[:, kept]).float()
+        if prefill and not self.training:
+            check_finite_logits(logits)  # before generate turns NaN logits into token 0 again and again, silently
+        return logits, self.next_token_loss(logits, labels, kept, num_items_in_batch, shift_labels)
 
     def next_token_loss(self, logits, labels=None, kept=slice(None), num_items_in_batch=None, shift_labels=None):
         """transformers' causal-LM loss on `logits` (b, k, V), the logits of positions `kept`: against `labels`
@@ -473,8 +480,8 @@ class VambaForConditionalGeneration(VambaModel, GenerationMixin):
         """Whether this forward is a decoding step that the static step (DecodeGraph) computes exactly."""
         if not self.config.decode_with_cuda_graph:  # switched off in the config
             return False
-        if input_ids is None or input_ids.shape[1] != 1:  # the captured shapes: one new token id per row
-            return False
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.shape[1] != 1:
+            return False  # the captured shapes: one new token id per row
         if input_ids.device.type != "cuda" and not self.static_decode_step_off_cuda:  # graphs are CUDA's
             return False
         if not isinstance(cache, VambaCache) or cache.get_seq_length() == 0 or use_cache is False:
@@ -491,6 +498,10 @@ class VambaForConditionalGeneration(VambaModel, GenerationMixin):
         return len(set((getattr(self, "hf_device_map", None) or {"": 0}).values())) == 1
 
     def _graph_step(self, input_ids, attention_mask, position_ids, cache: VambaCache, return_dict):
+        check_input_ids(input_ids, self.config.vocab_size)
+        past_length = cache.get_seq_length()
+        check_attention_mask(attention_mask, input_ids.shape[0], past_length + 1, past_length, check_values=False)
+        check_position_ids(position_ids, input_ids.shape[0], 1)
         if position_ids is None:
             position_ids = text_positions(attention_mask, cache.get_seq_length(), 1, input_ids.shape[0],
                                           input_ids.device)
@@ -508,11 +519,26 @@ class VambaForConditionalGeneration(VambaModel, GenerationMixin):
 
     # -- generation -----------------------------------------------------------------------------------------------
 
-    def prepare_inputs_for_generation(self, input_ids, **kwargs):
+    def generate(self, inputs=None, *args, **kwargs):
+        """transformers' generate, with the prompt's ids and attention mask checked first (transformers derives
+        positions from the mask before any forward runs, where a wrong one fails deep inside, or passes silently)."""
+        generation_config = kwargs.get("generation_config") or self.generation_config
+        cache_implementation = kwargs.get("cache_implementation", generation_config.cache_implementation)
+        if cache_implementation not in (None, "dynamic", "dynamic_full"):  # the last: 4.57 assisted decoding
+            raise ValueError(f"cache_implementation={cache_implementation!r} is not supported: Vamba keeps its own "
+                             f"cache (self-attention and cross-attention K/V). Leave cache_implementation unset.")
+        input_ids = inputs if inputs is not None else kwargs.get("input_ids")
+        if input_ids is not None:
+            check_input_ids(input_ids, self.config.vocab_size)
+            check_attention_mask(kwargs.get("attention_mask"), input_ids.shape[0], input_ids.shape[1], 0)
+        return super().generate(inputs, *args, **kwargs)
+
+    def prepare_inputs_for_generation(self, input_ids, inputs_embeds=None, **kwargs):
         """transformers' inputs, with the visual inputs given exactly to the prefill (the forward that fills an empty
         cache): the decoding steps read them from the cached cross-attention K/V. transformers 5 decides this by
-        its own iteration count instead, which drops the pixels from an assistant model's prefill."""
-        model_inputs = super().prepare_inputs_for_generation(input_ids, **kwargs)
+        its own iteration count instead, which drops the pixels from an assistant model's prefill. (`inputs_embeds`
+        is named: generate starts from embeddings only for a model whose signature shows it.)"""
+        model_inputs = super().prepare_inputs_for_generation(input_ids, inputs_embeds=inputs_embeds, **kwargs)
         model_inputs.pop("cache_position", None)
         cache = model_inputs.get(CACHE_NAME)
         prefill = not isinstance(cache, VambaCache) or cache.get_seq_length() == 0

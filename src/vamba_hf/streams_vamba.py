@@ -99,9 +99,6 @@ class PaddedRows:
     @staticmethod
     def self_mask(attention_mask, past_length: int, length: int, dtype, implementation: str, device):
         """Causal self-attention to real tokens, in the implementation's format; None where causality is implied."""
-        if attention_mask is not None and attention_mask.shape[-1] != past_length + length:
-            raise ValueError(f"attention_mask covers {attention_mask.shape[-1]} positions but the cache holds "
-                             f"{past_length} and the input {length}: it must cover both.")
         padded = attention_mask is not None and not bool(attention_mask.all())
         if implementation.startswith("flash"):
             return attention_mask if padded else None
@@ -117,8 +114,16 @@ class PaddedRows:
 
 
 class PackedRows:
-    """Several (video, conversation) pairs per row. `segments` (b, T): the index of the packed segment of each text
-    token (-1 before a row's first one)."""
+    """Several (video, conversation) pairs per row, computed exactly as if each pair ran alone.
+
+    Where each pair starts is marked by `position_ids` (b, T) restarting at 0, as transformers' padding-free
+    collators do (`DataCollatorWithFlattening`); e.g. two pairs of 5 and 3 tokens: `[[0, 1, 2, 3, 4, 0, 1, 2]]`. A
+    segment's text attends causally to itself only, reads only its own video in cross-attention, and its video's
+    Mamba-2 state starts from zero. A row may hold several placeholders (one per segment); the visual inputs are the
+    videos of row 0 in order, then those of row 1, and so on; segments without a placeholder are text-only. Rows may
+    be padded at the end (with `attention_mask` 0 there). Packed forwards keep no cache and need
+    `attn_implementation` "sdpa" or "eager". `segments` (b, T): the index of the packed segment of each text token
+    (-1 before a row's first one)."""
 
     packed = True
 

@@ -1,0 +1,1 @@
+src/vamba_hf/checks_vamba.py
