@@ -290,6 +290,17 @@ def test_failed_run_removes_the_parent_folders_it_created(video_short_source, tm
     assert sorted(p.name for p in tmp_path.iterdir()) == ["official"]
 
 
+def test_a_full_disk_is_reported_as_the_destination_s_and_cleaned_up(video_short_source, tmp_path, monkeypatch):
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(convert_module.os, "link", disk_full)
+    monkeypatch.setattr(convert_module.shutil, "copyfile", disk_full)
+    with pytest.raises(ConversionError, match=r"^Could not write .*/new/hub: \[Errno 28\] No space left on device\.$"):
+        convert_quietly(video_short_source, tmp_path / "new" / "hub")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["official"]
+
+
 def test_force_refuses_a_destination_that_contains_the_source(golden_dir, tmp_path):
     """`convert SRC PARENT --force` where PARENT holds SRC once deleted the source and everything beside it."""
     parent = tmp_path / "models"

@@ -163,9 +163,9 @@ def _check_generic_values(kind: str, given: dict) -> None:
 
     for key in ("dtype", "torch_dtype"):
         value = given.get(key)
-        if value is not None and not isinstance(value, torch.dtype):
-            if not (isinstance(value, str) and isinstance(getattr(torch, value, None), torch.dtype)):
-                raise _invalid(f"{kind}.{key}", value, 'null or a torch dtype name such as "bfloat16"')
+        dtype = getattr(torch, value, None) if isinstance(value, str) else value
+        if value is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise _invalid(f"{kind}.{key}", value, 'null or a floating-point torch dtype name such as "bfloat16"')
     architectures = given.get("architectures")
     if architectures is not None and not (
         isinstance(architectures, list) and all(isinstance(name, str) for name in architectures)
@@ -174,6 +174,9 @@ def _check_generic_values(kind: str, given: dict) -> None:
     for key in ("id2label", "label2id", "auto_map"):
         if given.get(key) is not None and not isinstance(given[key], dict):
             raise _invalid(f"{kind}.{key}", given[key], "null or a JSON object")
+    id2label = given.get("id2label") or {}
+    if not all(_is_int(label_id) or (isinstance(label_id, str) and label_id.isdigit()) for label_id in id2label):
+        raise _invalid(f"{kind}.id2label", id2label, "an object whose keys are label ids (integers)")
     if "num_labels" in given and not NON_NEGATIVE_INT.check(given["num_labels"]):
         raise _invalid(f"{kind}.num_labels", given["num_labels"], NON_NEGATIVE_INT.requirement)
 
