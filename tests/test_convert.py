@@ -775,6 +775,16 @@ def test_push_refuses_a_bad_repo_id_before_anything(converted, recording_api, re
     assert recording_api == []
 
 
+@pytest.mark.parametrize("revision", ["", "a b", "../x", "-x", "x/", "x.lock", "a..b", "x~1", "a\nb", 3])
+def test_push_refuses_a_bad_revision_before_anything(converted, recording_api, revision):
+    from vamba_hf.hub import push_folder
+
+    with pytest.raises(VambaUserError, match="is not a branch name") as error:
+        push_folder(converted, "me/vamba", revision=revision, token="hf_test", log=lambda m: None)
+    assert_one_line(error.value)
+    assert recording_api == []
+
+
 @pytest.mark.parametrize("damage, message", [
     (lambda f: (f / "model.safetensors").unlink(), "has neither model.safetensors"),
     (lambda f: (f / "modeling_vamba.py").unlink(), "lacks the remote-code file"),

@@ -385,22 +385,26 @@ def _weights_only_warning(source: Path, missing_reason: str) -> str:
 
 def build_generation_config(source: Path, config, tokenizer):
     """The source's generation config (or one derived from the config), stopping at `<|im_end|>` when the
-    tokenizer is known: the chat template ends every turn with it."""
+    tokenizer is known: the chat template ends every turn with it. Checked as strictly as saving it will be."""
     from transformers import GenerationConfig
 
     path = source / "generation_config.json"
-    if path.is_file():
-        try:
-            with quiet_transformers():
+    try:
+        with quiet_transformers():
+            if path.is_file():
                 generation_config = GenerationConfig.from_dict(_without_remote_code_keys(read_json_object(path)))
-        except (TypeError, ValueError) as error:
-            raise ConversionError(f"{path}: {error}") from None
-    else:
-        generation_config = GenerationConfig.from_model_config(config)
-    if tokenizer is not None:
-        generation_config.eos_token_id = tokenizer.convert_tokens_to_ids(IM_END_TOKEN)
-        if tokenizer.pad_token_id is not None:
-            generation_config.pad_token_id = tokenizer.pad_token_id
+            else:
+                generation_config = GenerationConfig.from_model_config(config)
+            if tokenizer is not None:
+                generation_config.eos_token_id = tokenizer.convert_tokens_to_ids(IM_END_TOKEN)
+                if tokenizer.pad_token_id is not None:
+                    generation_config.pad_token_id = tokenizer.pad_token_id
+            generation_config.validate(strict=True)
+    except (TypeError, ValueError) as error:
+        if isinstance(error, VambaUserError):
+            raise
+        where = path if path.is_file() else f"the generation settings of {source / 'config.json'}"
+        raise ConversionError(f"{where}: {error}") from None
     # Otherwise transformers may rebuild it from the model config at generate time, dropping the stop token.
     generation_config._from_model_config = False
     return generation_config
