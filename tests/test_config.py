@@ -82,9 +82,12 @@ def saved_and_loaded(config, tmp_path):
     (dict(vocab_size=300, pad_token_id=None), "vision_start_token_id=300 is invalid: set it to a token id below "
                                               "vocab_size (300)."),
     (dict(vocab_size=302), "pad_token_id=304 is invalid: set it to a token id below vocab_size (302)."),
-    (dict(torch_dtype="abc"), "config.torch_dtype='abc' is invalid: set it to null or a torch dtype name"),
+    (dict(torch_dtype="abc"), "config.torch_dtype='abc' is invalid: set it to null or a floating-point torch dtype"),
+    (dict(dtype="int8"), "config.dtype='int8' is invalid: set it to null or a floating-point torch dtype"),
+    (dict(id2label={"a": "x"}), "config.id2label={'a': 'x'} is invalid: set it to an object whose keys are label"),
     (dict(architectures="Vamba"), "config.architectures='Vamba' is invalid"),
-    (dict(num_labels=-1), "config.num_labels=-1 is invalid: set it to an integer >= 0."),
+    (dict(num_labels=-1), "config.num_labels=-1 is invalid: set it to an integer from 0 to 100000."),
+    (dict(num_labels=10**12), "config.num_labels=1000000000000 is invalid: set it to an integer from 0 to 100000."),
 ])
 def test_bad_values_are_named_with_the_fix(settings_, message):
     with pytest.raises(VambaConfigError) as error:
@@ -129,6 +132,33 @@ def test_a_mixer_key_at_the_top_level_is_sent_where_it_belongs():
     with pytest.raises(VambaConfigError, match=r"\['d_state'\]: vision_mamba_mixer_config setting\(s\) given at the "
                                                r"top level .* move them into vision_mamba_mixer_config"):
         tiny(d_state=16)
+
+
+def test_derived_values_may_be_given_when_they_agree():
+    assert tiny(head_dim=16).head_dim == 16
+    assert tiny(vision_mamba_mixer_config={"nheads": 8, "d_inner": 128}).vision_mamba_mixer_config.nheads == 8
+    with pytest.raises(VambaConfigError, match=r"^head_dim=99 disagrees with the value the other fields give \(16\)"):
+        tiny(head_dim=99)
+    with pytest.raises(VambaConfigError, match=r"^vision_mamba_mixer_config\.nheads=3 disagrees"):
+        tiny(vision_mamba_mixer_config={"nheads": 3})
+
+
+@pytest.mark.parametrize("settings_, message", [
+    (dict(model_type="llama"), "model_type='llama': this is not a Vamba config"),
+    (dict(model_type="qwen2_vl", vision_mamba_mixer_config=None), "This is a plain Qwen2-VL config"),
+])
+def test_other_architectures_are_named(settings_, message):
+    with pytest.raises(VambaConfigError, match=message):
+        VambaConfig(**{**TINY, **settings_})
+
+
+def test_a_plain_qwen2_vl_folder_is_called_one(golden_dir, tmp_path):
+    raw = json.loads((golden_dir / "image" / "config.json").read_text())
+    raw.pop("vision_mamba_mixer_config")
+    (tmp_path / "config.json").write_text(json.dumps(raw))
+    with pytest.raises(VambaConfigError, match=r"^This is a plain Qwen2-VL config .* not Vamba: load it with "
+                                               r"transformers' Qwen2VLForConditionalGeneration\.$"):
+        VambaConfig.from_pretrained(tmp_path)
 
 
 def test_extra_attributes_round_trip(tmp_path):
@@ -237,12 +267,13 @@ _VALUES = st.one_of(
     st.lists(st.integers(-1, 30), max_size=4), st.lists(st.sampled_from([0.0, "inf", 1, "x"]), max_size=3),
     st.dictionaries(st.text(max_size=3), st.integers(), max_size=2),
 )
-_TOP_KEYS = [*VambaConfig._text_fields, "rope_scaling", "torch_dtype", "vision_config", "vision_mamba_mixer_config",
-             "my_extra", "hiden_size", "num_labels", "architectures"]
+_TOP_KEYS = [*VambaConfig._text_fields, "head_dim", "rope_scaling", "torch_dtype", "vision_config", "vision_mamba_mixer_config",
+             "my_extra", "hiden_size", "num_labels", "architectures", "id2label", "model_type", "dtype"]
 _VISION_KEYS = ["depth", "embed_dim", "hidden_size", "num_heads", "mlp_ratio", "patch_size", "spatial_merge_size",
                 "temporal_patch_size", "in_channels", "hidden_act", "in_chans", "extra_note"]
 _MIXER_KEYS = ["enable", "hidden_dim", "d_state", "d_conv", "expand", "headdim", "ngroups", "chunk_size", "rmsnorm",
-               "norm_type", "dt_limit", "A_init_range", "dt_min", "dt_max", "d_ssm", "D_has_hdim", "extra_note"]
+               "norm_type", "dt_limit", "A_init_range", "dt_min", "dt_max", "d_ssm", "D_has_hdim", "nheads",
+               "extra_note"]
 
 
 @st.composite

@@ -290,6 +290,17 @@ def test_failed_run_removes_the_parent_folders_it_created(video_short_source, tm
     assert sorted(p.name for p in tmp_path.iterdir()) == ["official"]
 
 
+def test_a_full_disk_is_reported_as_the_destination_s_and_cleaned_up(video_short_source, tmp_path, monkeypatch):
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(convert_module.os, "link", disk_full)
+    monkeypatch.setattr(convert_module.shutil, "copyfile", disk_full)
+    with pytest.raises(ConversionError, match=r"^Could not write .*/new/hub: \[Errno 28\] No space left on device\.$"):
+        convert_quietly(video_short_source, tmp_path / "new" / "hub")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["official"]
+
+
 def test_force_refuses_a_destination_that_contains_the_source(golden_dir, tmp_path):
     """`convert SRC PARENT --force` where PARENT holds SRC once deleted the source and everything beside it."""
     parent = tmp_path / "models"
@@ -760,6 +771,16 @@ def test_push_refuses_a_bad_repo_id_before_anything(converted, recording_api, re
 
     with pytest.raises(VambaUserError, match="is not a Hub repo id: use namespace/name") as error:
         push_folder(converted, repo_id, token="hf_test", log=lambda m: None)
+    assert_one_line(error.value)
+    assert recording_api == []
+
+
+@pytest.mark.parametrize("revision", ["", "a b", "../x", "-x", "x/", "x.lock", "a..b", "x~1", "a\nb", 3])
+def test_push_refuses_a_bad_revision_before_anything(converted, recording_api, revision):
+    from vamba_hf.hub import push_folder
+
+    with pytest.raises(VambaUserError, match="is not a branch name") as error:
+        push_folder(converted, "me/vamba", revision=revision, token="hf_test", log=lambda m: None)
     assert_one_line(error.value)
     assert recording_api == []
 

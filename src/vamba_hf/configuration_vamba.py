@@ -49,6 +49,7 @@ _GENERIC_KEYS = frozenset(PretrainedConfig().to_dict()) | frozenset(GenerationCo
 # How close (difflib ratio) an unknown key must be to a Vamba key to count as its misspelling.
 _NEAR_MISS_CUTOFF = 0.8
 _MAX_VALUE_REPR = 80
+_MAX_LABELS = 100_000
 
 
 # Where the Auto classes find Vamba's remote code; both names of the vision-to-text Auto class are listed
@@ -163,9 +164,9 @@ def _check_generic_values(kind: str, given: dict) -> None:
 
     for key in ("dtype", "torch_dtype"):
         value = given.get(key)
-        if value is not None and not isinstance(value, torch.dtype):
-            if not (isinstance(value, str) and isinstance(getattr(torch, value, None), torch.dtype)):
-                raise _invalid(f"{kind}.{key}", value, 'null or a torch dtype name such as "bfloat16"')
+        dtype = getattr(torch, value, None) if isinstance(value, str) else value
+        if value is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise _invalid(f"{kind}.{key}", value, 'null or a floating-point torch dtype name such as "bfloat16"')
     architectures = given.get("architectures")
     if architectures is not None and not (
         isinstance(architectures, list) and all(isinstance(name, str) for name in architectures)
@@ -174,8 +175,29 @@ def _check_generic_values(kind: str, given: dict) -> None:
     for key in ("id2label", "label2id", "auto_map"):
         if given.get(key) is not None and not isinstance(given[key], dict):
             raise _invalid(f"{kind}.{key}", given[key], "null or a JSON object")
-    if "num_labels" in given and not NON_NEGATIVE_INT.check(given["num_labels"]):
-        raise _invalid(f"{kind}.num_labels", given["num_labels"], NON_NEGATIVE_INT.requirement)
+    id2label = given.get("id2label") or {}
+    if not all(_is_int(label_id) or (isinstance(label_id, str) and label_id.isdigit()) for label_id in id2label):
+        raise _invalid(f"{kind}.id2label", id2label, "an object whose keys are label ids (integers)")
+    num_labels = given.get("num_labels", 0)
+    if not (_is_int(num_labels) and 0 <= num_labels <= _MAX_LABELS):
+        # transformers builds one id2label entry per label: a huge count would hang here.
+        raise _invalid(f"{kind}.num_labels", num_labels, f"an integer from 0 to {_MAX_LABELS}")
+
+
+def _take_derived(cls, given: dict) -> dict:
+    """The keys that name a read-only property of `cls` (a value derived from fields, e.g. `head_dim`), taken out
+    of `given` to be compared with the derived value once the config is built."""
+    derived = [key for key in given
+               if isinstance(getattr(cls, key, None), property) and getattr(cls, key).fset is None]
+    return {key: given.pop(key) for key in derived}
+
+
+def _check_derived(prefix: str, config, given: dict) -> None:
+    for key, value in given.items():
+        actual = getattr(config, key)
+        if value != actual:
+            raise VambaConfigError(f"{prefix}{key}={_short_repr(value)} disagrees with the value the other fields give "
+                                   f"({actual!r}): remove {prefix}{key} or make the fields agree.")
 
 
 # -- sub-configs ---------------------------------------------------------------------------------------------
@@ -200,6 +222,7 @@ class _FieldsConfig(PretrainedConfig):
                                            f"{kwargs[name]!r}; they name the same setting and must agree: keep one.")
                 kwargs[name] = value
         known = {**self._fields, **self._init_fields}
+        derived = _take_derived(type(self), kwargs)
         _check_keys(self.base_config_key, kwargs, known)
         _check_generic_values(self.base_config_key, kwargs)
         values = {name: kwargs.pop(name, default) for name, default in known.items()}
@@ -208,6 +231,11 @@ class _FieldsConfig(PretrainedConfig):
         for name, value in values.items():
             setattr(self, name, value)
         _check_rules(f"{self.base_config_key}.", self, self._rules)
+        self._validate()
+        _check_derived(f"{self.base_config_key}.", self, derived)
+
+    def _validate(self) -> None:
+        """Checks across fields, once each field has passed its rule."""
 
     def to_dict(self):
         output = super().to_dict()
@@ -248,8 +276,11 @@ class VambaVisionConfig(_FieldsConfig):
     # Qwen2-VL's Hub configs write these (transformers <= 4.44 kept them as extra attributes).
     _aliases = {"in_chans": "in_channels", "spatial_patch_size": "patch_size"}
 
+    # transformers 5 gives config classes that define no __init__ a generic one, which would skip the checks.
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
+
+    def _validate(self) -> None:
         if self.embed_dim % self.num_heads:
             raise VambaConfigError(
                 f"vision_config.embed_dim ({self.embed_dim}) must be divisible by vision_config.num_heads "
@@ -313,8 +344,10 @@ class VambaMambaConfig(_FieldsConfig):
         d_ssm=Rule("null or an integer >= 1", lambda v: v is None or (_is_int(v) and v >= 1)),
     )
 
-    def __init__(self, **kwargs):
+    def __init__(self, **kwargs):  # see VambaVisionConfig.__init__
         super().__init__(**kwargs)
+
+    def _validate(self) -> None:
         prefix = "vision_mamba_mixer_config."
         self.dt_limit = _number_pair(prefix + "dt_limit", self.dt_limit, '[low, high] with 0 <= low <= high (high '
                                                                           'may be "inf")')
@@ -460,6 +493,7 @@ class VambaConfig(PretrainedConfig):
 
     def __init__(self, vision_config=None, vision_mamba_mixer_config=None, **kwargs):
         self._refuse_other_architectures(kwargs.get("model_type"), vision_mamba_mixer_config)
+        derived = _take_derived(type(self), kwargs)
         self._take_rope_settings(kwargs)
         _check_keys("Vamba config", kwargs, self._known_keys())
         self._refuse_misplaced_keys(kwargs)
@@ -481,6 +515,7 @@ class VambaConfig(PretrainedConfig):
         if attn_implementation is not None:
             self._attn_implementation = attn_implementation
         self._validate()
+        _check_derived("", self, derived)
 
     def __setattr__(self, key, value):
         super().__setattr__(key, value)

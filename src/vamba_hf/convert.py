@@ -365,7 +365,8 @@ def load_source_processor(source: Path, scratch: Path):
             image_processor = AutoImageProcessor.from_pretrained(scratch, trust_remote_code=False)
     except Exception as error:  # tokenizers and transformers raise many types for bad files; all are reported
         raise ConversionError(f"The tokenizer / image processor files in {source} cannot be loaded "
-                              f"({type(error).__name__}: {error}); fix or replace them (they are Qwen2-VL's).") from None
+                              f"({type(error).__name__}: {error}); fix or replace them (they are Qwen2-VL's).") \
+            from None
     if tokenizer.convert_tokens_to_ids(IM_END_TOKEN) in (None, tokenizer.unk_token_id):
         raise ConversionError(f"The tokenizer in {source} has no {IM_END_TOKEN} token: it is not Qwen2-VL's.")
     # The source's own template (Qwen2-VL's) would insert <|image_pad|>/<|video_pad|> runs Vamba never reads.
@@ -374,29 +375,36 @@ def load_source_processor(source: Path, scratch: Path):
     return processor, None
 
 
-def _describe_weights(source: Path) -> str:
+def _weights_only_warning(source: Path, missing_reason: str) -> str:
     official = read_json_object(source / "config.json").get("model_type") == "qwen2_vl"
-    return "official-format Vamba weights" if official else "Vamba weights"
+    weights = "official-format Vamba weights" if official else "Vamba weights"
+    return (f"{source} holds {weights} but {missing_reason}: writing a weights-only folder without a processor "
+            f"(AutoProcessor will not load it). To get one, copy the Qwen2-VL tokenizer and preprocessor files (e.g. "
+            f"from Qwen/Qwen2-VL-7B-Instruct) into {source} and convert again.")
 
 
 def build_generation_config(source: Path, config, tokenizer):
     """The source's generation config (or one derived from the config), stopping at `<|im_end|>` when the
-    tokenizer is known: the chat template ends every turn with it."""
+    tokenizer is known: the chat template ends every turn with it. Checked as strictly as saving it will be."""
     from transformers import GenerationConfig
 
     path = source / "generation_config.json"
-    if path.is_file():
-        try:
-            with quiet_transformers():
+    try:
+        with quiet_transformers():
+            if path.is_file():
                 generation_config = GenerationConfig.from_dict(_without_remote_code_keys(read_json_object(path)))
-        except (TypeError, ValueError) as error:
-            raise ConversionError(f"{path}: {error}") from None
-    else:
-        generation_config = GenerationConfig.from_model_config(config)
-    if tokenizer is not None:
-        generation_config.eos_token_id = tokenizer.convert_tokens_to_ids(IM_END_TOKEN)
-        if tokenizer.pad_token_id is not None:
-            generation_config.pad_token_id = tokenizer.pad_token_id
+            else:
+                generation_config = GenerationConfig.from_model_config(config)
+            if tokenizer is not None:
+                generation_config.eos_token_id = tokenizer.convert_tokens_to_ids(IM_END_TOKEN)
+                if tokenizer.pad_token_id is not None:
+                    generation_config.pad_token_id = tokenizer.pad_token_id
+            generation_config.validate(strict=True)
+    except (TypeError, ValueError) as error:
+        if isinstance(error, VambaUserError):
+            raise
+        where = path if path.is_file() else f"the generation settings of {source / 'config.json'}"
+        raise ConversionError(f"{where}: {error}") from None
     # Otherwise transformers may rebuild it from the model config at generate time, dropping the stop token.
     generation_config._from_model_config = False
     return generation_config
@@ -431,7 +439,8 @@ def local_source_folder(source) -> Optional[Path]:
     if path.is_symlink():
         raise ConversionError(f"{source} is a symbolic link to {os.readlink(path)}, which does not exist.")
     if isinstance(source, Path) or not is_hub_repo_id(str(source)):
-        hint = "" if "/" in str(source) else " (a Hub repo id has the form namespace/name, e.g. TIGER-Lab/Vamba-Qwen2-VL-7B)"
+        hint = "" if "/" in str(source) else (" (a Hub repo id has the form namespace/name, e.g. "
+                                              "TIGER-Lab/Vamba-Qwen2-VL-7B)")
         raise ConversionError(f"Source folder {source} does not exist{hint}.")
     return None
 
@@ -645,8 +654,9 @@ def publish(staging: Path, destination: Path, force: bool) -> None:
     os.rename(destination, aside)
     try:
         os.rename(staging, destination)
-    except OSError:
-        os.rename(aside, destination)
+    except BaseException:  # an interrupt may also land just after the rename
+        if not destination.exists():
+            os.rename(aside, destination)
         raise
     _remove(aside)
 
@@ -735,14 +745,11 @@ def convert_checkpoint(
     warnings = []
     try:
         with _termination_as_interrupt():
-            staging.mkdir()
-            processor, missing_reason = load_source_processor(source, staging / ".source")
+            _writing(destination, staging.mkdir)
+            processor, missing_reason = _writing(destination, load_source_processor, source, staging / ".source")
             shutil.rmtree(staging / ".source", ignore_errors=True)
             if processor is None:
-                warnings.append(f"{source} holds {_describe_weights(source)} but {missing_reason}: writing a weights-only folder "
-                                f"without a processor (AutoProcessor will not load it). To get one, copy the Qwen2-VL "
-                                f"tokenizer and preprocessor files (e.g. from Qwen/Qwen2-VL-7B-Instruct) into {source} "
-                                f"and convert again.")
+                warnings.append(_weights_only_warning(source, missing_reason))
                 log(f"WARNING: {warnings[-1]}")
             placement = _writing(destination, _write_folder, staging, source, config, files, weight_map, tensors,
                                  processor, dict(base_model=base_model, license=license, repo_id=repo_id))

@@ -6,6 +6,7 @@ local folder is never written: the model card, with the repo id put into its usa
 memory. Hub and network failures raise `VambaUserError` with a one-line message.
 """
 
+import re
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -66,6 +67,15 @@ def check_repo_id(repo_id) -> None:
                              f"and '.', e.g. your-name/Vamba-Qwen2-VL-7B-hf.")
 
 
+# What git refuses in a branch name (the common rules of `git check-ref-format`).
+_BAD_BRANCH = re.compile(r"[\s~^:?*\[\\\x00-\x1f\x7f]|\.\.|@\{|//|^[-/]|[/.]$|\.lock$")
+
+
+def check_revision(revision) -> None:
+    if not (isinstance(revision, str) and revision and not _BAD_BRANCH.search(revision)):
+        raise VambaUserError(f"--revision {revision!r} is not a branch name; use e.g. main or v1.")
+
+
 def files_to_upload(folder: Path) -> list:
     """(relative path, size in bytes) of every file that would be uploaded; hidden files and folders are left out."""
     files = []
@@ -121,6 +131,8 @@ def push_folder(
     folder nor the network. Raises `VambaUserError` (one line) for a bad folder, repo id, token or network."""
     folder = Path(folder)
     check_repo_id(repo_id)
+    if revision is not None:
+        check_revision(revision)
     check_converted_folder(folder)
     files = files_to_upload(folder)
     if not dry_run:
