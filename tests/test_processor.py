@@ -222,6 +222,37 @@ def test_video_forms_give_the_same_pixels(processor):
         np.testing.assert_array_equal(output, outputs[0])
 
 
+def test_decoded_frames_are_handed_back_as_they_are_patched(processor, tmp_path, monkeypatch):
+    import vamba_hf.processing_vamba as processing
+
+    path = write_video(tmp_path / "clip.mp4", num_frames=24, width=56, height=56)
+    released = []
+    patch_into = processing.video_patches_into
+    monkeypatch.setattr(processing, "STEP_BYTES", 1)  # one temporal group per step
+
+    def recording_patch_into(output, frames, layout, release):
+        recorder = None if release is None else (lambda n: (released.append(n), release(n)))
+        return patch_into(output, frames, layout, recorder)
+
+    monkeypatch.setattr(processing, "video_patches_into", recording_patch_into)
+    with_release = processor(text="<|vision_start|><|vision_end|>", videos=str(path), num_frames=8)
+    assert released == [2, 4, 6, 8]
+    frames = processing.load_video(path, processor.video_sampling, num_frames=8,
+                                   resize=processing.FrameResize(256, 640, processing.PatchLayout.of(
+                                       processor.image_processor).frame_size))
+    given = processor(text="<|vision_start|><|vision_end|>", videos=frames)
+    assert released == [2, 4, 6, 8]  # frames a caller gave are never released
+    np.testing.assert_array_equal(given["pixel_values_videos"], with_release["pixel_values_videos"])
+
+
+def test_device_option(processor):
+    inputs = processor(text="<|vision_start|><|vision_end|>", videos=random_frames(4, 56, 56), device="cpu",
+                       return_tensors="pt")
+    reference = processor(text="<|vision_start|><|vision_end|>", videos=random_frames(4, 56, 56), return_tensors="pt")
+    assert inputs["pixel_values_videos"].device.type == "cpu"
+    torch.testing.assert_close(inputs["pixel_values_videos"], reference["pixel_values_videos"], rtol=0, atol=0)
+
+
 def test_min_max_pixels_override(processor):
     frames = random_frames(2, 280, 280)
     inputs = processor(text="<|vision_start|><|vision_end|>", videos=frames, max_pixels=112 * 112)

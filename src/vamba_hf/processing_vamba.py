@@ -13,6 +13,7 @@ PIL, jinja2 and the standard library at top level.
 """
 
 import math
+import os
 import typing
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, fields
@@ -84,8 +85,9 @@ VAMBA_CHAT_TEMPLATE = (
     "{%- endif -%}"
 )
 
-# Temporal patch groups normalised at once: bounds the working set of one step.
-GROUPS_PER_STEP = 4
+# Output bytes normalised per step: large enough that each torch op's thread start-up is amortised (on a busy
+# machine a small step waits for descheduled threads), small enough that frames are handed back as they go.
+STEP_BYTES = 64 * 2 ** 20
 MAX_ASPECT_RATIO = 200  # Qwen2-VL's vision tower
 CONTENT_TYPES = ("text", "image", "video")
 MODALITY_KWARGS = {"text_kwargs": "text", "images_kwargs": "images", "videos_kwargs": "videos"}
@@ -215,34 +217,32 @@ def _normalize_(patches: torch.Tensor, layout: PatchLayout, exact_division: bool
         patches.div_(torch.tensor(layout.std, dtype=torch.float32, device=patches.device).view(shape))
 
 
-def resize_frames(frames: np.ndarray, size: tuple, resample: int) -> np.ndarray:
-    """(T, H, W, 3) uint8 frames resized to `size` (width, height) with PIL, in threads."""
-    if (frames.shape[2], frames.shape[1]) == tuple(size):
+def resize_frames(frames: list, size: tuple, resample: int) -> list:
+    """HxWx3 uint8 frames resized to `size` (width, height) with PIL, in threads."""
+    if (frames[0].shape[1], frames[0].shape[0]) == tuple(size):
         return frames
-    output = np.empty((len(frames), size[1], size[0], 3), dtype=np.uint8)
-
-    def resize_one(index):
-        output[index] = resize_frame(frames[index], size, resample)
-
     with ThreadPoolExecutor(max_workers=4) as pool:
-        list(pool.map(resize_one, range(len(frames))))
-    return output
+        return list(pool.map(lambda frame: resize_frame(frame, size, resample), frames))
 
 
-def video_patches_into(output: torch.Tensor, frames: np.ndarray, layout: PatchLayout) -> tuple:
-    """Writes the flattened patches `(t*h*w, C*tp*P*P)` of (T, H, W, 3) uint8 frames (T a multiple of tp, H and W
-    of P*merge) into `output`, rows (t, h/m, w/m, m, m), features (C, tp, P, P) as Qwen2-VL lays them out.
+def video_patches_into(output: torch.Tensor, frames: list, layout: PatchLayout, release=None) -> tuple:
+    """Writes the flattened patches `(t*h*w, C*tp*P*P)` of HxWx3 uint8 frames (a multiple of tp of them, H and W
+    multiples of P*merge) into `output`, rows (t, h/m, w/m, m, m), features (C, tp, P, P) as Qwen2-VL lays them
+    out. `release(n)`, when given, is told each time the first n frames are no longer needed.
     Returns the grid (t, h, w)."""
     tp, patch, merge = layout.temporal_patch_size, layout.patch_size, layout.merge_size
-    count, height, width, _ = frames.shape
-    t, grid_h, grid_w = count // tp, height // patch, width // patch
-    pixels = torch.from_numpy(frames).to(output.device)
+    height, width, _ = frames[0].shape
+    t, grid_h, grid_w = len(frames) // tp, height // patch, width // patch
     exact_division = layout.rescale_by_division()
     rows_per_group = grid_h * grid_w
-    for first in range(0, t, GROUPS_PER_STEP):
-        groups = min(GROUPS_PER_STEP, t - first)
-        chunk = pixels[first * tp:(first + groups) * tp].view(
+    step = max(1, STEP_BYTES // (rows_per_group * output.shape[1] * output.element_size()))
+    for first in range(0, t, step):
+        groups = min(step, t - first)
+        frame_range = slice(first * tp, (first + groups) * tp)
+        chunk = torch.from_numpy(np.stack(frames[frame_range])).to(output.device).view(
             groups, tp, grid_h // merge, merge, patch, grid_w // merge, merge, patch, 3)
+        if release is not None:
+            release(frame_range.stop)
         target = output[first * rows_per_group:(first + groups) * rows_per_group]
         target.view(groups, grid_h // merge, grid_w // merge, merge, merge, 3, tp, patch, patch).copy_(
             chunk.permute(0, 2, 5, 3, 6, 8, 1, 4, 7))
@@ -564,16 +564,20 @@ class VambaProcessor(ProcessorMixin):
                              layout.resample)
         loaded = [_even_length(self._load_video(video, sampling, resize), layout.temporal_patch_size)
                   for video in videos]
-        frames = [resize_frames(video.frames, layout.frame_size(*video.frames.shape[2:0:-1]), layout.resample)
-                  for video in loaded]
-        rows = [len(array) // layout.temporal_patch_size * (array.shape[1] // layout.patch_size)
-                * (array.shape[2] // layout.patch_size) for array in frames]
+        frames, releases = [], []
+        for video, given in zip(loaded, videos):
+            height, width, _ = video.frames[0].shape
+            frames.append(resize_frames(video.frames, layout.frame_size(width, height), layout.resample))
+            # The memory of frames decoded here is handed back as they are patched; frames a caller gave are kept.
+            decoded_here = isinstance(given, (str, os.PathLike, _VideoItem)) and frames[-1] is video.frames
+            releases.append(video.release if decoded_here else None)
+        rows = [len(video) // layout.temporal_patch_size * (video[0].shape[0] // layout.patch_size)
+                * (video[0].shape[1] // layout.patch_size) for video in frames]
         patch_dim = 3 * layout.temporal_patch_size * layout.patch_size ** 2
-        device = videos_kwargs.get("device") or "cpu"
-        output = torch.empty((sum(rows), patch_dim), dtype=torch.float32, device=device)
+        output = torch.empty((sum(rows), patch_dim), dtype=torch.float32, device=videos_kwargs.get("device") or "cpu")
         grids, first = [], 0
-        for array, count in zip(frames, rows):
-            grids.append(video_patches_into(output[first:first + count], array, layout))
+        for video, count, release in zip(frames, rows, releases):
+            grids.append(video_patches_into(output[first:first + count], video, layout, release))
             first += count
         return output, np.array(grids, dtype=np.int64), [video.metadata() for video in loaded]
 
