@@ -2,6 +2,9 @@
 
 import json
 import math
+import os
+import subprocess
+import sys
 
 import numpy as np
 import PIL.Image
@@ -422,6 +425,26 @@ def test_round_trip_through_auto_processor(tmp_path):
     assert set(got.keys()) == VIDEO_KEYS
     for key in VIDEO_KEYS:
         torch.testing.assert_close(got[key], expected[key], rtol=0, atol=0)
+
+
+def test_saved_processor_runs_as_remote_code_without_the_package(tmp_path):
+    folder = tmp_path / "saved"
+    build_tiny_processor(num_frames=4).save_pretrained(folder)
+    assert {"processing_vamba.py", "video_vamba.py"} <= {path.name for path in folder.iterdir()}
+    video = write_video(tmp_path / "clip.mp4", num_frames=12, width=56, height=56)
+    script = (
+        "import sys\n"
+        "sys.modules['vamba_hf'] = None  # not importable: only the folder's remote code may run\n"
+        "import transformers\n"
+        f"processor = transformers.AutoProcessor.from_pretrained({str(folder)!r}, trust_remote_code=True)\n"
+        "assert type(processor).__module__.startswith('transformers_modules'), type(processor).__module__\n"
+        f"inputs = processor(text='<|vision_start|><|vision_end|>', videos={str(video)!r}, return_metadata=True)\n"
+        "print(inputs['video_grid_thw'].tolist(), inputs['video_metadata'][0]['frame_indices'])\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            env={**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules")})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip().splitlines()[-1] == "[[2, 18, 18]] [1, 4, 7, 10]"
 
 
 def test_processor_from_parts():

@@ -424,3 +424,38 @@ def test_frame_buffer_hands_back_used_frames():
     assert buffer.array[2:].min() == 255
     buffer.release(1)  # never takes back what it gave
     assert buffer.released == 2 * 64 * 64 * 3
+
+
+# -- a growing file: only the new part, timestamps that continue -------------------------------------
+
+
+def test_a_growing_file_gives_only_its_new_frames(tmp_path):
+    from vamba_hf.tiny import build_tiny_processor
+
+    processor = build_tiny_processor(video_shortest_edge=None, video_longest_edge=None)
+    placeholder = "<|vision_start|><|vision_end|>"
+    early = write_video(tmp_path / "early.mp4", num_frames=20, width=56, height=56)  # the first 2 s
+    grown = write_video(tmp_path / "grown.mp4", num_frames=40, width=56, height=56)  # the same 2 s, then 2 more
+    first = processor(text=placeholder, videos=str(early), fps=2.0, return_metadata=True)
+    start = first["video_metadata"][0]["end_time"]
+    assert start == pytest.approx(2.0)
+    new = processor(text=placeholder, videos=str(grown), fps=2.0, start_time=start, return_metadata=True)
+    whole = processor(text=placeholder, videos=str(grown), fps=2.0, return_metadata=True)
+
+    first_meta, new_meta, whole_meta = first["video_metadata"][0], new["video_metadata"][0], whole["video_metadata"][0]
+    assert new_meta["timestamps"] == pytest.approx([2.2, 2.7, 3.2, 3.7], abs=1e-3)  # continuing, not from 0
+    assert new_meta["frame_indices"] == [22, 27, 32, 37]
+    assert first_meta["frame_indices"] + new_meta["frame_indices"] == whole_meta["frame_indices"]
+    assert first["video_grid_thw"][0][0] + new["video_grid_thw"][0][0] == whole["video_grid_thw"][0][0]
+    np.testing.assert_array_equal(np.concatenate([first["pixel_values_videos"], new["pixel_values_videos"]]),
+                                  whole["pixel_values_videos"])
+
+
+def test_start_time_with_sampling_by_count(tmp_path):
+    path = write_video(tmp_path / "clip.mp4", num_frames=40)  # 10 fps
+    video = load_video(path, NO_RESIZE, num_frames=4, start_time=2.0)
+    assert video.frame_indices == [20 + index for index in sample_frame_indices(20, 4)]
+    assert [frame_index_of(frame) for frame in video.frames] == video.frame_indices
+    assert video.timestamps[0] >= 2.0 and (video.start_time, video.end_time) == (2.0, pytest.approx(4.0))
+    with pytest.raises(ValueError, match="after start_time=5"):
+        load_video(path, NO_RESIZE, num_frames=4, start_time=5.0)

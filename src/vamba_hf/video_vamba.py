@@ -174,6 +174,9 @@ class VideoFrames:
     frame_indices: Optional[list] = None  # indices of the frames in the decoded stream, when known
     source_fps: Optional[float] = None
     source_frame_count: Optional[int] = None
+    # The part of the stream sampled, in seconds: a growing file's next call starts at `end_time`.
+    start_time: float = 0.0
+    end_time: Optional[float] = None
     # For frames decoded into a `FrameBuffer`: `release(n)` hands back the memory of the first n frames.
     release: Optional[Callable] = field(default=None, repr=False, compare=False)
 
@@ -187,6 +190,8 @@ class VideoFrames:
             "source_fps": self.source_fps,
             "source_frame_count": self.source_frame_count,
             "num_frames": len(self.frames),
+            "start_time": self.start_time,
+            "end_time": self.end_time,
         }
 
     def first(self, count: int) -> "VideoFrames":
@@ -194,7 +199,7 @@ class VideoFrames:
             return self
         cut = (lambda values: None if values is None else values[:count])
         return VideoFrames(self.frames[:count], cut(self.timestamps), cut(self.frame_indices), self.source_fps,
-                           self.source_frame_count, self.release)
+                           self.source_frame_count, self.start_time, self.end_time, self.release)
 
 
 def _to_numpy(array) -> np.ndarray:
@@ -642,13 +647,18 @@ class _VideoSampler:
         if self.sampling.fps is None:
             indices = sample_frame_indices(available, self.sampling.frame_count(self.sampling.num_frames))
             return _IndexPlan([first + index for index in indices])
-        end = self.facts.duration
-        if self.facts.packet_times:
-            end = max(end or 0.0, self.facts.packet_times[-1] + 1 / (self.facts.frame_rate or 1e9))
+        end = self.end_time()
         if end is None or end <= self.sampling.start_time:
             return _IndexPlan([])
         wanted = max(1, math.ceil((end - self.sampling.start_time) * self.sampling.fps))
         return _TimePlan(sample_times(self.sampling.start_time, end, self.sampling.frame_count(wanted)))
+
+    def end_time(self) -> Optional[float]:
+        """Seconds: the stream's duration, or the end of its last packet when that is later."""
+        end = self.facts.duration
+        if self.facts.packet_times:
+            end = max(end or 0.0, self.facts.packet_times[-1] + 1 / (self.facts.frame_rate or 1e9))
+        return end
 
     def _decode(self, plan) -> tuple:
         return _decode_plan(self.container, self.stream, self.facts, plan, self.sampling, self.resize,
@@ -675,7 +685,8 @@ class _VideoSampler:
             raise ValueError(f"no frame of {self.location!r} lies in the sampled range (start_time="
                              f"{self.sampling.start_time} s); give an earlier start_time.")
         total = self.facts.declared_frames if self.facts.packet_times is None else len(self.facts.packet_times)
-        return VideoFrames(frames, times, indices, self.facts.frame_rate, total, buffer.release)
+        return VideoFrames(frames, times, indices, self.facts.frame_rate, total, self.sampling.start_time,
+                           self.end_time(), buffer.release)
 
 
 def load_video(source, sampling: VideoSampling = None, resize: FrameResize = None, **options) -> VideoFrames:
