@@ -171,10 +171,10 @@ def test_image_as_path_array_tensor_give_the_same_pixels(processor, tmp_path):
         np.testing.assert_array_equal(output, outputs[0])
 
 
-def reference_video_patches(frames, patch=14, merge=2, temporal=2):
+def reference_video_patches(frames, patch=14, merge=2, temporal=2, image_processor=None):
     """The Qwen2-VL video layout built from the spec: each frame normalized by the image processor,
     then grouped (t, h/m, w/m, m, m, C, temporal, patch, patch)."""
-    image_processor = default_image_processor()
+    image_processor = image_processor or default_image_processor()
     normalized = []
     for frame in frames:
         single = image_processor(images=[frame], return_tensors="np")
@@ -206,6 +206,21 @@ def test_video_pixels_equal_transformers_4_video_path(processor):
     inputs = processor(text="<|vision_start|><|vision_end|>", videos=frames)
     np.testing.assert_array_equal(inputs["video_grid_thw"], reference["video_grid_thw"])
     np.testing.assert_array_equal(inputs["pixel_values_videos"], reference["pixel_values_videos"])
+
+
+@pytest.mark.parametrize("settings", [
+    {"rescale_factor": 1 / 127.5, "image_mean": [0.5, 0.25, 0.125], "image_std": [0.3, 0.7, 1.9]},
+    {"rescale_factor": 0.003, "do_normalize": False},
+    {"do_rescale": False, "image_mean": [100.0, 50.0, 0.0], "image_std": [60.0, 60.0, 60.0]},
+], ids=["other-rescale-and-norm", "no-normalize", "no-rescale"])
+def test_video_pixels_follow_any_image_processor_settings_exactly(settings):
+    image_processor = default_image_processor(**settings)
+    processor = VambaProcessor(image_processor=image_processor, tokenizer=build_tiny_tokenizer())
+    frames = random_frames(4, 60, 90, seed=9)
+    patches, grid = reference_video_patches(list(frames), image_processor=image_processor)
+    inputs = processor(text="<|vision_start|><|vision_end|>", videos=frames)
+    assert inputs["video_grid_thw"].tolist() == [grid]
+    np.testing.assert_array_equal(inputs["pixel_values_videos"], patches)
 
 
 def test_video_forms_give_the_same_pixels(processor):

@@ -184,17 +184,6 @@ class PatchLayout:
         new_height, new_width = smart_size(height, width, factor, self.min_pixels, self.max_pixels)
         return new_width, new_height
 
-    def reference_values(self) -> np.ndarray:
-        """(3, 256): each channel's output for each byte, computed with transformers' own NumPy operations."""
-        values = np.arange(256, dtype=np.float64)
-        values = (values * self.rescale_factor).astype(np.float32) if self.do_rescale else values.astype(np.float32)
-        values = np.broadcast_to(values, (3, 256))
-        if self.do_normalize:
-            mean = np.array(self.mean, dtype=np.float32)[:, None]
-            std = np.array(self.std, dtype=np.float32)[:, None]
-            values = (values - mean) / std
-        return np.ascontiguousarray(values)
-
     def rescale_by_division(self) -> bool:
         """Whether float32 `x / (1 / rescale_factor)` gives transformers' float64 rescale exactly for every byte
         (true for 1/255); then the fast float32 path reproduces its pixels bit for bit."""

@@ -439,6 +439,9 @@ class _TimePlan:
         return [candidate]
 
     def offer(self, index: int, time: float, frame) -> list:
+        if time is None:
+            raise ValueError("sampling by fps needs frame timestamps, and this video's frames have none: sample by "
+                             "num_frames instead.")
         kept = []
         while self.next < len(self.times) and time > self.times[self.next] + TIME_TOLERANCE:
             kept += self._keep(self.previous or (index, time, frame))
@@ -642,8 +645,7 @@ class _VideoSampler:
         return len(self.facts.packet_times) - _index_at(self.facts.packet_times, self.sampling.start_time)
 
     def plan(self, available: int):
-        first = self.facts.declared_frames - available if self.facts.packet_times is None else (
-            _index_at(self.facts.packet_times, self.sampling.start_time))
+        first = 0 if self.facts.packet_times is None else _index_at(self.facts.packet_times, self.sampling.start_time)
         if self.sampling.fps is None:
             indices = sample_frame_indices(available, self.sampling.frame_count(self.sampling.num_frames))
             return _IndexPlan([first + index for index in indices])
@@ -694,7 +696,7 @@ def load_video(source, sampling: VideoSampling = None, resize: FrameResize = Non
     `VideoSampling` options for this call, None included). The container is opened once.
 
     Frames are resized as they are decoded: by `resize` when given, else to the sampling's edges.
-    Returns a `VideoFrames` with a (T, H, W, 3) uint8 array, timestamps (seconds) and frame indices.
+    Returns a `VideoFrames` with HxWx3 uint8 frames, their timestamps (seconds) and frame indices.
     """
     sampling = (sampling or VideoSampling()).with_options(**options)
     if resize is None:
