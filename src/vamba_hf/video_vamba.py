@@ -154,10 +154,14 @@ class FrameResize:
         size = edges_size(width, height, self.shortest_edge, self.longest_edge)
         return size if self.final_size is None else tuple(self.final_size(*size))
 
-    def apply(self, frame: np.ndarray, output_size: tuple) -> np.ndarray:
-        height, width = frame.shape[:2]
-        frame = resize_frame(frame, edges_size(width, height, self.shortest_edge, self.longest_edge))
-        return resize_frame(frame, output_size, self.final_resample)
+    def apply(self, image: PIL.Image.Image, output_size: tuple) -> np.ndarray:
+        """The image, resized to its edges size and then to `output_size`, as an HxWx3 uint8 array."""
+        size = edges_size(*image.size, self.shortest_edge, self.longest_edge)
+        if size != image.size:
+            image = image.resize(size, resample=PIL.Image.BICUBIC)
+        if tuple(output_size) != image.size:
+            image = image.resize(tuple(output_size), resample=self.final_resample)
+        return np.asarray(image)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -523,16 +527,24 @@ def _progress_bar(total: int, progress, description: str):
     return tqdm(total=total, unit="frame", desc=description, leave=False)
 
 
-def _rotated_rgb(frame) -> np.ndarray:
-    """The frame as HxWx3 RGB, turned as its display matrix says (counter-clockwise degrees)."""
-    rgb = frame.to_ndarray(format="rgb24")
-    quarter_turns = round(getattr(frame, "rotation", 0) / 90) % 4
-    return np.ascontiguousarray(np.rot90(rgb, quarter_turns)) if quarter_turns else rgb
+def _quarter_turns(frame) -> int:
+    """Counter-clockwise quarter turns the frame's display matrix asks for."""
+    return round(getattr(frame, "rotation", 0) / 90) % 4
+
+
+QUARTER_TURN_TRANSPOSES = {1: PIL.Image.Transpose.ROTATE_90, 2: PIL.Image.Transpose.ROTATE_180,
+                           3: PIL.Image.Transpose.ROTATE_270}
+
+
+def _display_image(frame) -> PIL.Image.Image:
+    """The frame as an RGB PIL image, turned as its display matrix says."""
+    image = frame.to_image()
+    turns = _quarter_turns(frame)
+    return image.transpose(QUARTER_TURN_TRANSPOSES[turns]) if turns else image
 
 
 def _display_size(frame) -> tuple:
-    quarter_turns = round(getattr(frame, "rotation", 0) / 90) % 4
-    return (frame.height, frame.width) if quarter_turns % 2 else (frame.width, frame.height)
+    return (frame.height, frame.width) if _quarter_turns(frame) % 2 else (frame.width, frame.height)
 
 
 class FrameBuffer:
@@ -579,7 +591,7 @@ class _FrameWriter:
 
     def _convert(self, frame, row: int) -> None:
         output = self.buffer.array[row]
-        output[...] = self.resize.apply(_rotated_rgb(frame), output.shape[1::-1])
+        output[...] = self.resize.apply(_display_image(frame), output.shape[1::-1])
 
     def finish(self):
         """(the kept frames, the buffer holding them), or (None, None) when nothing was kept."""
