@@ -90,6 +90,8 @@ VAMBA_CHAT_TEMPLATE = (
 STEP_BYTES = 64 * 2 ** 20
 MAX_ASPECT_RATIO = 200  # Qwen2-VL's vision tower
 CONTENT_TYPES = ("text", "image", "video")
+SOURCE_TYPES = {"image": (str, os.PathLike, PIL.Image.Image, np.ndarray, torch.Tensor),
+                "video": (str, os.PathLike, np.ndarray, torch.Tensor, list, tuple, VideoFrames)}
 MODALITY_KWARGS = {"text_kwargs": "text", "images_kwargs": "images", "videos_kwargs": "videos"}
 
 
@@ -268,8 +270,19 @@ def _check_item(item, path: str) -> None:
                          f"{', '.join(map(repr, CONTENT_TYPES))}.")
     if kind == "text" and not isinstance(item.get("text"), str):
         raise TypeError(f"{path}[\"text\"] is {_type_name(item.get('text'))}; a text item needs a string.")
-    if kind != "text" and all(item.get(key) is None for key in (kind, "path", "url")):
+    if kind == "text":
+        return
+    key = next((key for key in (kind, "path", "url") if item.get(key) is not None), None)
+    if key is None:
         raise ValueError(f"{path} has no `{kind}`, `path` or `url`: say which {kind} it is.")
+    if not isinstance(item[key], SOURCE_TYPES[kind]):
+        raise TypeError(f"{path}[{key!r}] is a {_type_name(item[key])}; give a path or URL, or the {kind} itself "
+                        f"({', '.join(cls.__name__ for cls in SOURCE_TYPES[kind][2:])}).")
+    allowed = {"type", kind, "path", "url"} | (set(VideoSampling.option_names()) if kind == "video" else set())
+    unknown = sorted(map(str, set(item) - allowed))
+    if unknown:
+        raise ValueError(f"{path} has unknown key(s) {', '.join(unknown)}; a {kind} item takes "
+                         f"{', '.join(sorted(allowed))}.")
 
 
 def _check_message(message, path: str) -> None:
