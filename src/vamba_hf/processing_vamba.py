@@ -634,6 +634,7 @@ class VambaProcessor(ProcessorMixin):
             return prompts if batched else prompts[0]
 
         images, videos = self._visual_inputs(conversations)
+        return_tensors = None if return_tensors == "auto" else return_tensors  # transformers 5: the defaults
         if return_assistant_tokens_mask:
             processor_kwargs["return_offsets_mapping"] = True
         inputs = self(text=prompts, images=images or None, videos=videos or None,
