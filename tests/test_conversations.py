@@ -1,6 +1,8 @@
 """Malformed conversations get our ValueError/TypeError naming the path of what is wrong; a fuzz of shapes."""
 
 import re
+import traceback
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -35,6 +37,10 @@ def user(content):
     ([user([{"type": "audio", "audio": "a.wav"}])], ValueError, r"\[\"type\"\] is 'audio'; Vamba reads items"),
     ([user([{"type": "text", "text": None}])], TypeError, r"^conversation\[0\]\[\"content\"\]\[0\]\[\"text\"\] is None"),
     ([user([{"type": "video"}])], ValueError, r"^conversation\[0\]\[\"content\"\]\[0\] has no `video`, `path` or `url`"),
+    ([user([{"type": "video", "video": 2}])], TypeError, r"^conversation\[0\]\[\"content\"\]\[0\]\['video'\] is a int"),
+    ([user([{"type": "video", "video": "a.mp4", "num_frame": 8}])], ValueError,
+     r"^conversation\[0\]\[\"content\"\]\[0\] has unknown key\(s\) num_frame; a video item takes"),
+    ([user([{"type": "image", "url": {"a": 1}}])], TypeError, r"^conversation\[0\]\[\"content\"\]\[0\]\['url'\] is a dict"),
     ([[user("ok")], [user("ok"), 7]], TypeError, r"^conversation\[1\]\[1\] is a int"),
     ([[user("ok")], []], ValueError, r"^conversation\[1\] is empty"),
 ])
@@ -52,12 +58,19 @@ def test_well_formed_conversations_still_render():
     assert PROCESSOR.apply_chat_template((user("hi"),)) == PROCESSOR.apply_chat_template([user("hi")])
 
 
+def raised_by_vamba(error: BaseException) -> bool:
+    """Whether the exception was raised by vamba_hf's own code (a check with a message), not deep inside a library."""
+    frames = traceback.extract_tb(error.__traceback__)
+    return Path(frames[-1].filename).name in ("processing_vamba.py", "video_vamba.py")
+
+
 LEAVES = st.one_of(st.none(), st.text(max_size=4), st.integers(-2, 2), st.booleans(),
                    st.sampled_from(["text", "image", "video", "Video", "audio", "user", "assistant", "system"]))
 ITEM = st.one_of(
     LEAVES,
     st.fixed_dictionaries({"type": st.sampled_from(["text", "Text"]), "text": st.one_of(st.text(max_size=4), LEAVES)}),
     st.fixed_dictionaries({"type": st.just("video"), "video": st.just(FRAMES)}),
+    st.fixed_dictionaries({"type": st.sampled_from(["video", "image"]), "path": LEAVES}),
     st.dictionaries(st.sampled_from(["type", "text", "video", "image", "path"]), LEAVES, max_size=3),
 )
 MESSAGE = st.one_of(
@@ -70,15 +83,17 @@ CONVERSATION = st.one_of(LEAVES, MESSAGE, st.lists(MESSAGE, max_size=3), st.list
                                                                                     max_size=2))
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(conversation=CONVERSATION, tokenize=st.booleans())
 def test_fuzzed_conversations_render_or_raise_our_errors(conversation, tokenize):
     try:
         output = PROCESSOR.apply_chat_template(conversation, tokenize=tokenize, return_dict=tokenize,
                                                add_generation_prompt=True)
     except (ValueError, TypeError) as error:
-        assert re.match(r"^(conversation|got \d|prompt \d|a video needs|conversation \d)", str(error)), str(error)
-        assert "\n" not in str(error)
+        assert raised_by_vamba(error) and str(error) and "\n" not in str(error), repr(error)
+        return
+    except FileNotFoundError as error:  # a well-formed item naming a file that is not there: said as such
+        assert tokenize and re.match(r"^(video|image) file not found: ", str(error)), str(error)
         return
     if tokenize:
         assert output["input_ids"] and len(output["input_ids"]) == (len(conversation) if isinstance(conversation[0], list)

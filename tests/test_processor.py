@@ -2,6 +2,9 @@
 
 import json
 import math
+import os
+import subprocess
+import sys
 
 import numpy as np
 import PIL.Image
@@ -168,10 +171,10 @@ def test_image_as_path_array_tensor_give_the_same_pixels(processor, tmp_path):
         np.testing.assert_array_equal(output, outputs[0])
 
 
-def reference_video_patches(frames, patch=14, merge=2, temporal=2):
+def reference_video_patches(frames, patch=14, merge=2, temporal=2, image_processor=None):
     """The Qwen2-VL video layout built from the spec: each frame normalized by the image processor,
     then grouped (t, h/m, w/m, m, m, C, temporal, patch, patch)."""
-    image_processor = default_image_processor()
+    image_processor = image_processor or default_image_processor()
     normalized = []
     for frame in frames:
         single = image_processor(images=[frame], return_tensors="np")
@@ -205,6 +208,21 @@ def test_video_pixels_equal_transformers_4_video_path(processor):
     np.testing.assert_array_equal(inputs["pixel_values_videos"], reference["pixel_values_videos"])
 
 
+@pytest.mark.parametrize("settings", [
+    {"rescale_factor": 1 / 127.5, "image_mean": [0.5, 0.25, 0.125], "image_std": [0.3, 0.7, 1.9]},
+    {"rescale_factor": 0.003, "do_normalize": False},
+    {"do_rescale": False, "image_mean": [100.0, 50.0, 0.0], "image_std": [60.0, 60.0, 60.0]},
+], ids=["other-rescale-and-norm", "no-normalize", "no-rescale"])
+def test_video_pixels_follow_any_image_processor_settings_exactly(settings):
+    image_processor = default_image_processor(**settings)
+    processor = VambaProcessor(image_processor=image_processor, tokenizer=build_tiny_tokenizer())
+    frames = random_frames(4, 60, 90, seed=9)
+    patches, grid = reference_video_patches(list(frames), image_processor=image_processor)
+    inputs = processor(text="<|vision_start|><|vision_end|>", videos=frames)
+    assert inputs["video_grid_thw"].tolist() == [grid]
+    np.testing.assert_array_equal(inputs["pixel_values_videos"], patches)
+
+
 def test_video_forms_give_the_same_pixels(processor):
     frames = random_frames(4, 56, 56, seed=6)
     as_torch_float = torch.from_numpy(frames).permute(0, 3, 1, 2).float()  # qwen_vl_utils' video tensors
@@ -220,6 +238,37 @@ def test_video_forms_give_the_same_pixels(processor):
     outputs = [processor(text="<|vision_start|><|vision_end|>", videos=form)["pixel_values_videos"] for form in forms]
     for output in outputs[1:]:
         np.testing.assert_array_equal(output, outputs[0])
+
+
+def test_decoded_frames_are_handed_back_as_they_are_patched(processor, tmp_path, monkeypatch):
+    import vamba_hf.processing_vamba as processing
+
+    path = write_video(tmp_path / "clip.mp4", num_frames=24, width=56, height=56)
+    released = []
+    patch_into = processing.video_patches_into
+    monkeypatch.setattr(processing, "STEP_BYTES", 1)  # one temporal group per step
+
+    def recording_patch_into(output, frames, layout, release):
+        recorder = None if release is None else (lambda n: (released.append(n), release(n)))
+        return patch_into(output, frames, layout, recorder)
+
+    monkeypatch.setattr(processing, "video_patches_into", recording_patch_into)
+    with_release = processor(text="<|vision_start|><|vision_end|>", videos=str(path), num_frames=8)
+    assert released == [2, 4, 6, 8]
+    frames = processing.load_video(path, processor.video_sampling, num_frames=8,
+                                   resize=processing.FrameResize(256, 640, processing.PatchLayout.of(
+                                       processor.image_processor).frame_size))
+    given = processor(text="<|vision_start|><|vision_end|>", videos=frames)
+    assert released == [2, 4, 6, 8]  # frames a caller gave are never released
+    np.testing.assert_array_equal(given["pixel_values_videos"], with_release["pixel_values_videos"])
+
+
+def test_device_option(processor):
+    inputs = processor(text="<|vision_start|><|vision_end|>", videos=random_frames(4, 56, 56), device="cpu",
+                       return_tensors="pt")
+    reference = processor(text="<|vision_start|><|vision_end|>", videos=random_frames(4, 56, 56), return_tensors="pt")
+    assert inputs["pixel_values_videos"].device.type == "cpu"
+    torch.testing.assert_close(inputs["pixel_values_videos"], reference["pixel_values_videos"], rtol=0, atol=0)
 
 
 def test_min_max_pixels_override(processor):
@@ -391,6 +440,26 @@ def test_round_trip_through_auto_processor(tmp_path):
     assert set(got.keys()) == VIDEO_KEYS
     for key in VIDEO_KEYS:
         torch.testing.assert_close(got[key], expected[key], rtol=0, atol=0)
+
+
+def test_saved_processor_runs_as_remote_code_without_the_package(tmp_path):
+    folder = tmp_path / "saved"
+    build_tiny_processor(num_frames=4).save_pretrained(folder)
+    assert {"processing_vamba.py", "video_vamba.py"} <= {path.name for path in folder.iterdir()}
+    video = write_video(tmp_path / "clip.mp4", num_frames=12, width=56, height=56)
+    script = (
+        "import sys\n"
+        "sys.modules['vamba_hf'] = None  # not importable: only the folder's remote code may run\n"
+        "import transformers\n"
+        f"processor = transformers.AutoProcessor.from_pretrained({str(folder)!r}, trust_remote_code=True)\n"
+        "assert type(processor).__module__.startswith('transformers_modules'), type(processor).__module__\n"
+        f"inputs = processor(text='<|vision_start|><|vision_end|>', videos={str(video)!r}, return_metadata=True)\n"
+        "print(inputs['video_grid_thw'].tolist(), inputs['video_metadata'][0]['frame_indices'])\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            env={**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules")})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip().splitlines()[-1] == "[[2, 18, 18]] [1, 4, 7, 10]"
 
 
 def test_processor_from_parts():

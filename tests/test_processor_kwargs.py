@@ -91,6 +91,12 @@ def test_processor_kwargs_of_apply_chat_template(processor, tmp_path):
     np.testing.assert_array_equal(legacy["pixel_values_videos"], inputs["pixel_values_videos"])
 
 
+def test_return_tensors_auto_means_the_defaults(processor):
+    inputs = processor.apply_chat_template(conversation(frames()), tokenize=True, return_dict=True,
+                                           return_tensors="auto")
+    assert isinstance(inputs["input_ids"], list) and isinstance(inputs["pixel_values_videos"], np.ndarray)
+
+
 def test_item_options_win_over_call_options(processor, tmp_path):
     path = write_video(tmp_path / "clip.mp4", num_frames=20)
     inputs = processor.apply_chat_template(conversation(str(path), num_frames=6), tokenize=True, return_dict=True,

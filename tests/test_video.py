@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from media_helpers import frame_index_of, write_audio_only, write_empty_video, write_frames, write_video
 
 from vamba_hf.video_vamba import (
+    FrameBuffer,
     VideoFrames,
     VideoSampling,
     edges_size,
@@ -97,7 +98,7 @@ def test_load_video_samples_the_middle_frames(tmp_path, codec, extension):
     assert video.timestamps == pytest.approx([index / 15 for index in expected], abs=1e-3)
     assert video.source_frame_count == 30
     assert video.source_fps == pytest.approx(15)
-    assert video.frames.shape == (8, 64, 96, 3) and video.frames.dtype == np.uint8
+    assert np.stack(video.frames).shape == (8, 64, 96, 3) and video.frames[0].dtype == np.uint8
 
 
 def test_load_video_shorter_than_num_frames_gives_every_frame(tmp_path):
@@ -120,9 +121,9 @@ def test_load_video_by_fps_takes_the_frame_on_screen_mid_interval(tmp_path):
 def test_load_video_resizes_frames_as_decoded(tmp_path):
     path = write_video(tmp_path / "wide.mp4", num_frames=4, width=1280, height=720)
     video = load_video(path, num_frames=4)
-    assert video.frames.shape == (4, 360, 640, 3)
+    assert np.stack(video.frames).shape == (4, 360, 640, 3)
     path = write_video(tmp_path / "tiny.mp4", num_frames=4, width=64, height=48)
-    assert load_video(path, num_frames=2).frames.shape == (2, 256, 256, 3)
+    assert np.stack(load_video(path, num_frames=2).frames).shape == (2, 256, 256, 3)
 
 
 def test_load_video_accepts_path_objects_and_file_urls(tmp_path):
@@ -152,7 +153,7 @@ def test_load_video_property(tmp_path_factory, num_frames, width, height, fps, w
     video = load_video(path, NO_RESIZE, num_frames=wanted)
     expected = sample_frame_indices(num_frames, wanted)
     assert [frame_index_of(frame) for frame in video.frames] == expected
-    assert video.frames.shape[1:] == (height, width, 3)
+    assert all(frame.shape == (height, width, 3) for frame in video.frames)
     assert video.timestamps == pytest.approx([index / fps for index in expected], abs=2e-3)
 
 
@@ -246,7 +247,7 @@ def test_to_video_frames_from_arrays_and_lists():
         [PIL.Image.fromarray(frame) for frame in frames_thwc],
         (as_tchw_float, {"fps": 2.0, "frames_indices": [0, 2, 4, 6]}),
     ):
-        np.testing.assert_array_equal(to_video_frames(video).frames, frames_thwc)
+        np.testing.assert_array_equal(np.stack(to_video_frames(video).frames), frames_thwc)
 
 
 def test_to_video_frames_keeps_qwen_vl_utils_metadata():
@@ -336,7 +337,7 @@ def test_rotation_of_the_display_matrix_is_applied(tmp_path, rotation):
     path = write_frames(tmp_path / "rotated.mp4", [source] * 4, codec="libx264", rotation=rotation)
     video = load_video(path, NO_RESIZE, num_frames=2)
     expected = np.rot90(source, rotation // 90)  # counter-clockwise quarter turns
-    assert video.frames.shape[1:] == expected.shape
+    assert video.frames[0].shape == expected.shape
     np.testing.assert_allclose(video.frames[0].astype(float), expected.astype(float), atol=3)
 
 
@@ -397,7 +398,7 @@ def test_memory_follows_the_output_size(tmp_path):
         "import numpy, av\n"
         "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
         f"video = load_video({str(path)!r}, VideoSampling(num_frames=40, video_longest_edge=64, video_shortest_edge=None))\n"
-        "assert video.frames.shape == (40, 64, 64, 3), video.frames.shape\n"
+        "assert numpy.stack(video.frames).shape == (40, 64, 64, 3)\n"
         "print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024)\n"
     )
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,
@@ -413,3 +414,48 @@ def test_truncated_file_warns_that_frames_are_missing(tmp_path):
     path.write_bytes(full.read_bytes()[: full.stat().st_size * 2 // 3])
     with pytest.warns(UserWarning, match=r"declares 40 frames but \d+ could be decoded"):
         load_video(path, NO_RESIZE, fps=5.0)
+
+
+def test_frame_buffer_hands_back_used_frames():
+    buffer = FrameBuffer(4, 64, 64)  # 12288 bytes a frame: three pages
+    buffer.array[:] = 255
+    buffer.release(2)
+    assert buffer.array[:2].max() == 0  # the pages went back to the system and read as zeros
+    assert buffer.array[2:].min() == 255
+    buffer.release(1)  # never takes back what it gave
+    assert buffer.released == 2 * 64 * 64 * 3
+
+
+# -- a growing file: only the new part, timestamps that continue -------------------------------------
+
+
+def test_a_growing_file_gives_only_its_new_frames(tmp_path):
+    from vamba_hf.tiny import build_tiny_processor
+
+    processor = build_tiny_processor(video_shortest_edge=None, video_longest_edge=None)
+    placeholder = "<|vision_start|><|vision_end|>"
+    early = write_video(tmp_path / "early.mp4", num_frames=20, width=56, height=56)  # the first 2 s
+    grown = write_video(tmp_path / "grown.mp4", num_frames=40, width=56, height=56)  # the same 2 s, then 2 more
+    first = processor(text=placeholder, videos=str(early), fps=2.0, return_metadata=True)
+    start = first["video_metadata"][0]["end_time"]
+    assert start == pytest.approx(2.0)
+    new = processor(text=placeholder, videos=str(grown), fps=2.0, start_time=start, return_metadata=True)
+    whole = processor(text=placeholder, videos=str(grown), fps=2.0, return_metadata=True)
+
+    first_meta, new_meta, whole_meta = first["video_metadata"][0], new["video_metadata"][0], whole["video_metadata"][0]
+    assert new_meta["timestamps"] == pytest.approx([2.2, 2.7, 3.2, 3.7], abs=1e-3)  # continuing, not from 0
+    assert new_meta["frame_indices"] == [22, 27, 32, 37]
+    assert first_meta["frame_indices"] + new_meta["frame_indices"] == whole_meta["frame_indices"]
+    assert first["video_grid_thw"][0][0] + new["video_grid_thw"][0][0] == whole["video_grid_thw"][0][0]
+    np.testing.assert_array_equal(np.concatenate([first["pixel_values_videos"], new["pixel_values_videos"]]),
+                                  whole["pixel_values_videos"])
+
+
+def test_start_time_with_sampling_by_count(tmp_path):
+    path = write_video(tmp_path / "clip.mp4", num_frames=40)  # 10 fps
+    video = load_video(path, NO_RESIZE, num_frames=4, start_time=2.0)
+    assert video.frame_indices == [20 + index for index in sample_frame_indices(20, 4)]
+    assert [frame_index_of(frame) for frame in video.frames] == video.frame_indices
+    assert video.timestamps[0] >= 2.0 and (video.start_time, video.end_time) == (2.0, pytest.approx(4.0))
+    with pytest.raises(ValueError, match="after start_time=5"):
+        load_video(path, NO_RESIZE, num_frames=4, start_time=5.0)

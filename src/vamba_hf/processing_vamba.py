@@ -13,6 +13,7 @@ PIL, jinja2 and the standard library at top level.
 """
 
 import math
+import os
 import typing
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, fields
@@ -84,10 +85,13 @@ VAMBA_CHAT_TEMPLATE = (
     "{%- endif -%}"
 )
 
-# Temporal patch groups normalised at once: bounds the working set of one step.
-GROUPS_PER_STEP = 4
+# Output bytes normalised per step: large enough that each torch op's thread start-up is amortised (on a busy
+# machine a small step waits for descheduled threads), small enough that frames are handed back as they go.
+STEP_BYTES = 64 * 2 ** 20
 MAX_ASPECT_RATIO = 200  # Qwen2-VL's vision tower
 CONTENT_TYPES = ("text", "image", "video")
+SOURCE_TYPES = {"image": (str, os.PathLike, PIL.Image.Image, np.ndarray, torch.Tensor),
+                "video": (str, os.PathLike, np.ndarray, torch.Tensor, list, tuple, VideoFrames)}
 MODALITY_KWARGS = {"text_kwargs": "text", "images_kwargs": "images", "videos_kwargs": "videos"}
 
 
@@ -182,17 +186,6 @@ class PatchLayout:
         new_height, new_width = smart_size(height, width, factor, self.min_pixels, self.max_pixels)
         return new_width, new_height
 
-    def reference_values(self) -> np.ndarray:
-        """(3, 256): each channel's output for each byte, computed with transformers' own NumPy operations."""
-        values = np.arange(256, dtype=np.float64)
-        values = (values * self.rescale_factor).astype(np.float32) if self.do_rescale else values.astype(np.float32)
-        values = np.broadcast_to(values, (3, 256))
-        if self.do_normalize:
-            mean = np.array(self.mean, dtype=np.float32)[:, None]
-            std = np.array(self.std, dtype=np.float32)[:, None]
-            values = (values - mean) / std
-        return np.ascontiguousarray(values)
-
     def rescale_by_division(self) -> bool:
         """Whether float32 `x / (1 / rescale_factor)` gives transformers' float64 rescale exactly for every byte
         (true for 1/255); then the fast float32 path reproduces its pixels bit for bit."""
@@ -215,34 +208,32 @@ def _normalize_(patches: torch.Tensor, layout: PatchLayout, exact_division: bool
         patches.div_(torch.tensor(layout.std, dtype=torch.float32, device=patches.device).view(shape))
 
 
-def resize_frames(frames: np.ndarray, size: tuple, resample: int) -> np.ndarray:
-    """(T, H, W, 3) uint8 frames resized to `size` (width, height) with PIL, in threads."""
-    if (frames.shape[2], frames.shape[1]) == tuple(size):
+def resize_frames(frames: list, size: tuple, resample: int) -> list:
+    """HxWx3 uint8 frames resized to `size` (width, height) with PIL, in threads."""
+    if (frames[0].shape[1], frames[0].shape[0]) == tuple(size):
         return frames
-    output = np.empty((len(frames), size[1], size[0], 3), dtype=np.uint8)
-
-    def resize_one(index):
-        output[index] = resize_frame(frames[index], size, resample)
-
     with ThreadPoolExecutor(max_workers=4) as pool:
-        list(pool.map(resize_one, range(len(frames))))
-    return output
+        return list(pool.map(lambda frame: resize_frame(frame, size, resample), frames))
 
 
-def video_patches_into(output: torch.Tensor, frames: np.ndarray, layout: PatchLayout) -> tuple:
-    """Writes the flattened patches `(t*h*w, C*tp*P*P)` of (T, H, W, 3) uint8 frames (T a multiple of tp, H and W
-    of P*merge) into `output`, rows (t, h/m, w/m, m, m), features (C, tp, P, P) as Qwen2-VL lays them out.
+def video_patches_into(output: torch.Tensor, frames: list, layout: PatchLayout, release=None) -> tuple:
+    """Writes the flattened patches `(t*h*w, C*tp*P*P)` of HxWx3 uint8 frames (a multiple of tp of them, H and W
+    multiples of P*merge) into `output`, rows (t, h/m, w/m, m, m), features (C, tp, P, P) as Qwen2-VL lays them
+    out. `release(n)`, when given, is told each time the first n frames are no longer needed.
     Returns the grid (t, h, w)."""
     tp, patch, merge = layout.temporal_patch_size, layout.patch_size, layout.merge_size
-    count, height, width, _ = frames.shape
-    t, grid_h, grid_w = count // tp, height // patch, width // patch
-    pixels = torch.from_numpy(frames).to(output.device)
+    height, width, _ = frames[0].shape
+    t, grid_h, grid_w = len(frames) // tp, height // patch, width // patch
     exact_division = layout.rescale_by_division()
     rows_per_group = grid_h * grid_w
-    for first in range(0, t, GROUPS_PER_STEP):
-        groups = min(GROUPS_PER_STEP, t - first)
-        chunk = pixels[first * tp:(first + groups) * tp].view(
+    step = max(1, STEP_BYTES // (rows_per_group * output.shape[1] * output.element_size()))
+    for first in range(0, t, step):
+        groups = min(step, t - first)
+        frame_range = slice(first * tp, (first + groups) * tp)
+        chunk = torch.from_numpy(np.stack(frames[frame_range])).to(output.device).view(
             groups, tp, grid_h // merge, merge, patch, grid_w // merge, merge, patch, 3)
+        if release is not None:
+            release(frame_range.stop)
         target = output[first * rows_per_group:(first + groups) * rows_per_group]
         target.view(groups, grid_h // merge, grid_w // merge, merge, merge, 3, tp, patch, patch).copy_(
             chunk.permute(0, 2, 5, 3, 6, 8, 1, 4, 7))
@@ -279,8 +270,19 @@ def _check_item(item, path: str) -> None:
                          f"{', '.join(map(repr, CONTENT_TYPES))}.")
     if kind == "text" and not isinstance(item.get("text"), str):
         raise TypeError(f"{path}[\"text\"] is {_type_name(item.get('text'))}; a text item needs a string.")
-    if kind != "text" and all(item.get(key) is None for key in (kind, "path", "url")):
+    if kind == "text":
+        return
+    key = next((key for key in (kind, "path", "url") if item.get(key) is not None), None)
+    if key is None:
         raise ValueError(f"{path} has no `{kind}`, `path` or `url`: say which {kind} it is.")
+    if not isinstance(item[key], SOURCE_TYPES[kind]):
+        raise TypeError(f"{path}[{key!r}] is a {_type_name(item[key])}; give a path or URL, or the {kind} itself "
+                        f"({', '.join(cls.__name__ for cls in SOURCE_TYPES[kind][2:])}).")
+    allowed = {"type", kind, "path", "url"} | (set(VideoSampling.option_names()) if kind == "video" else set())
+    unknown = sorted(map(str, set(item) - allowed))
+    if unknown:
+        raise ValueError(f"{path} has unknown key(s) {', '.join(unknown)}; a {kind} item takes "
+                         f"{', '.join(sorted(allowed))}.")
 
 
 def _check_message(message, path: str) -> None:
@@ -564,16 +566,20 @@ class VambaProcessor(ProcessorMixin):
                              layout.resample)
         loaded = [_even_length(self._load_video(video, sampling, resize), layout.temporal_patch_size)
                   for video in videos]
-        frames = [resize_frames(video.frames, layout.frame_size(*video.frames.shape[2:0:-1]), layout.resample)
-                  for video in loaded]
-        rows = [len(array) // layout.temporal_patch_size * (array.shape[1] // layout.patch_size)
-                * (array.shape[2] // layout.patch_size) for array in frames]
+        frames, releases = [], []
+        for video, given in zip(loaded, videos):
+            height, width, _ = video.frames[0].shape
+            frames.append(resize_frames(video.frames, layout.frame_size(width, height), layout.resample))
+            # The memory of frames decoded here is handed back as they are patched; frames a caller gave are kept.
+            decoded_here = isinstance(given, (str, os.PathLike, _VideoItem)) and frames[-1] is video.frames
+            releases.append(video.release if decoded_here else None)
+        rows = [len(video) // layout.temporal_patch_size * (video[0].shape[0] // layout.patch_size)
+                * (video[0].shape[1] // layout.patch_size) for video in frames]
         patch_dim = 3 * layout.temporal_patch_size * layout.patch_size ** 2
-        device = videos_kwargs.get("device") or "cpu"
-        output = torch.empty((sum(rows), patch_dim), dtype=torch.float32, device=device)
+        output = torch.empty((sum(rows), patch_dim), dtype=torch.float32, device=videos_kwargs.get("device") or "cpu")
         grids, first = [], 0
-        for array, count in zip(frames, rows):
-            grids.append(video_patches_into(output[first:first + count], array, layout))
+        for video, count, release in zip(frames, rows, releases):
+            grids.append(video_patches_into(output[first:first + count], video, layout, release))
             first += count
         return output, np.array(grids, dtype=np.int64), [video.metadata() for video in loaded]
 
@@ -628,6 +634,7 @@ class VambaProcessor(ProcessorMixin):
             return prompts if batched else prompts[0]
 
         images, videos = self._visual_inputs(conversations)
+        return_tensors = None if return_tensors == "auto" else return_tensors  # transformers 5: the defaults
         if return_assistant_tokens_mask:
             processor_kwargs["return_offsets_mapping"] = True
         inputs = self(text=prompts, images=images or None, videos=videos or None,

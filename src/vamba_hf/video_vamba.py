@@ -11,10 +11,11 @@ goes on, straight into one uint8 array of the output size.
 import bisect
 import collections
 import math
+import mmap
 import os
 import warnings
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Callable, Optional
 
 import numpy as np
@@ -153,10 +154,14 @@ class FrameResize:
         size = edges_size(width, height, self.shortest_edge, self.longest_edge)
         return size if self.final_size is None else tuple(self.final_size(*size))
 
-    def apply(self, frame: np.ndarray, output_size: tuple) -> np.ndarray:
-        height, width = frame.shape[:2]
-        frame = resize_frame(frame, edges_size(width, height, self.shortest_edge, self.longest_edge))
-        return resize_frame(frame, output_size, self.final_resample)
+    def apply(self, image: PIL.Image.Image, output_size: tuple) -> np.ndarray:
+        """The image, resized to its edges size and then to `output_size`, as an HxWx3 uint8 array."""
+        size = edges_size(*image.size, self.shortest_edge, self.longest_edge)
+        if size != image.size:
+            image = image.resize(size, resample=PIL.Image.BICUBIC)
+        if tuple(output_size) != image.size:
+            image = image.resize(tuple(output_size), resample=self.final_resample)
+        return np.asarray(image)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -165,16 +170,22 @@ class FrameResize:
 
 @dataclass
 class VideoFrames:
-    """Frames of one video as a (T, H, W, 3) uint8 array, and where they came from."""
+    """Frames of one video, a list of HxWx3 uint8 arrays of one size (given as such, as a 4-D array or tensor, or as
+    a list of PIL images or arrays), and where they came from."""
 
-    frames: np.ndarray
+    frames: list
     timestamps: Optional[list] = None  # seconds from the start of the stream, one per frame, when known
     frame_indices: Optional[list] = None  # indices of the frames in the decoded stream, when known
     source_fps: Optional[float] = None
     source_frame_count: Optional[int] = None
+    # The part of the stream sampled, in seconds: a growing file's next call starts at `end_time`.
+    start_time: float = 0.0
+    end_time: Optional[float] = None
+    # For frames decoded into a `FrameBuffer`: `release(n)` hands back the memory of the first n frames.
+    release: Optional[Callable] = field(default=None, repr=False, compare=False)
 
     def __post_init__(self):
-        self.frames = frames_array(self.frames)
+        self.frames = frames_list(self.frames)
 
     def metadata(self) -> dict:
         return {
@@ -183,6 +194,8 @@ class VideoFrames:
             "source_fps": self.source_fps,
             "source_frame_count": self.source_frame_count,
             "num_frames": len(self.frames),
+            "start_time": self.start_time,
+            "end_time": self.end_time,
         }
 
     def first(self, count: int) -> "VideoFrames":
@@ -190,7 +203,7 @@ class VideoFrames:
             return self
         cut = (lambda values: None if values is None else values[:count])
         return VideoFrames(self.frames[:count], cut(self.timestamps), cut(self.frame_indices), self.source_fps,
-                           self.source_frame_count)
+                           self.source_frame_count, self.start_time, self.end_time, self.release)
 
 
 def _to_numpy(array) -> np.ndarray:
@@ -246,8 +259,13 @@ def frame_array(frame, what: str = "frame") -> np.ndarray:
     return np.ascontiguousarray(_to_uint8(array))
 
 
-def frames_array(frames) -> np.ndarray:
-    """A (T, H, W, 3) uint8 array from a 4-D array/tensor (channels first or last) or a list of frames."""
+def _is_frame_array(frame) -> bool:
+    return isinstance(frame, np.ndarray) and frame.dtype == np.uint8 and frame.ndim == 3 and frame.shape[2] == 3 \
+        and frame.flags.c_contiguous
+
+
+def frames_list(frames) -> list:
+    """HxWx3 uint8 arrays of one size from a 4-D array/tensor (channels first or last) or a list of frames."""
     if isinstance(frames, (np.ndarray, torch.Tensor)):
         array = _to_numpy(frames)
         if array.ndim != 4:
@@ -255,15 +273,16 @@ def frames_array(frames) -> np.ndarray:
                              f"got shape {tuple(array.shape)}")
         array = _rgb_channels_last(array, "video")
         _check_frame_size(array.shape[2], array.shape[1], "video frame")
-        return np.ascontiguousarray(_to_uint8(array))
+        return list(np.ascontiguousarray(_to_uint8(array)))
     if not isinstance(frames, (list, tuple)):
         raise TypeError(f"cannot use a {type(frames).__name__} as video frames: give an array, tensor or list")
     if not frames:
         raise ValueError("a video has no frames: give at least 2 frames.")
-    arrays = [frame_array(frame, f"frame {index} of the video") for index, frame in enumerate(frames)]
+    arrays = [frame if _is_frame_array(frame) else frame_array(frame, f"frame {index} of the video")
+              for index, frame in enumerate(frames)]
     if any(array.shape != arrays[0].shape for array in arrays):
         raise ValueError("all frames of a video must have the same size; resize them to one size first")
-    return np.stack(arrays)
+    return arrays
 
 
 def is_single_frame(item) -> bool:
@@ -272,7 +291,7 @@ def is_single_frame(item) -> bool:
 
 def _frames_from_qwen_vl_utils(video, metadata: dict) -> VideoFrames:
     """qwen_vl_utils' `(video_tensor, {"fps": ..., "frames_indices": ...})`."""
-    frames = frames_array(video)
+    frames = frames_list(video)
     indices, fps = metadata.get("frames_indices"), metadata.get("fps")
     if indices is None or not fps or len(indices) != len(frames):
         return VideoFrames(frames, source_fps=fps)
@@ -290,7 +309,7 @@ def to_video_frames(video, sampling: "VideoSampling" = None, resize: FrameResize
     if isinstance(video, tuple) and len(video) == 2 and isinstance(video[1], dict):
         return _frames_from_qwen_vl_utils(*video)
     if isinstance(video, (np.ndarray, torch.Tensor, list, tuple)):
-        return VideoFrames(frames_array(video))
+        return VideoFrames(frames_list(video))
     raise TypeError(f"cannot use a {type(video).__name__} as a video: give a path, frames array/tensor, list of "
                     "frames or VideoFrames")
 
@@ -394,11 +413,8 @@ class _IndexPlan:
 
     def __init__(self, indices: list):
         self.indices = sorted(set(indices))
+        self.capacity = len(self.indices)
         self.next = 0
-
-    @property
-    def capacity(self) -> int:
-        return len(self.indices)
 
     def offer(self, index: int, time: float, frame) -> list:
         if self.next < len(self.indices) and index == self.indices[self.next]:
@@ -415,13 +431,10 @@ class _TimePlan:
 
     def __init__(self, times: list):
         self.times = times
+        self.capacity = len(times)
         self.next = 0
         self.previous = None
         self.last_kept_index = None
-
-    @property
-    def capacity(self) -> int:
-        return len(self.times)
 
     def _keep(self, candidate) -> list:
         if candidate[0] == self.last_kept_index:
@@ -430,6 +443,9 @@ class _TimePlan:
         return [candidate]
 
     def offer(self, index: int, time: float, frame) -> list:
+        if time is None:
+            raise ValueError("sampling by fps needs frame timestamps, and this video's frames have none: sample by "
+                             "num_frames instead.")
         kept = []
         while self.next < len(self.times) and time > self.times[self.next] + TIME_TOLERANCE:
             kept += self._keep(self.previous or (index, time, frame))
@@ -511,20 +527,50 @@ def _progress_bar(total: int, progress, description: str):
     return tqdm(total=total, unit="frame", desc=description, leave=False)
 
 
-def _rotated_rgb(frame) -> np.ndarray:
-    """The frame as HxWx3 RGB, turned as its display matrix says (counter-clockwise degrees)."""
-    rgb = frame.to_ndarray(format="rgb24")
-    quarter_turns = round(getattr(frame, "rotation", 0) / 90) % 4
-    return np.ascontiguousarray(np.rot90(rgb, quarter_turns)) if quarter_turns else rgb
+def _quarter_turns(frame) -> int:
+    """Counter-clockwise quarter turns the frame's display matrix asks for."""
+    return round(getattr(frame, "rotation", 0) / 90) % 4
+
+
+QUARTER_TURN_TRANSPOSES = {1: PIL.Image.Transpose.ROTATE_90, 2: PIL.Image.Transpose.ROTATE_180,
+                           3: PIL.Image.Transpose.ROTATE_270}
+
+
+def _display_image(frame) -> PIL.Image.Image:
+    """The frame as an RGB PIL image, turned as its display matrix says."""
+    image = frame.to_image()
+    turns = _quarter_turns(frame)
+    return image.transpose(QUARTER_TURN_TRANSPOSES[turns]) if turns else image
 
 
 def _display_size(frame) -> tuple:
-    quarter_turns = round(getattr(frame, "rotation", 0) / 90) % 4
-    return (frame.height, frame.width) if quarter_turns % 2 else (frame.width, frame.height)
+    return (frame.height, frame.width) if _quarter_turns(frame) % 2 else (frame.width, frame.height)
+
+
+class FrameBuffer:
+    """Frames of one size in one anonymous memory map, whose pages are handed back to the system as the frames
+    are used, first to last (so that patching a long video moves memory from frames to patches)."""
+
+    def __init__(self, capacity: int, width: int, height: int):
+        self.frame_bytes = width * height * 3
+        size = max(1, capacity * self.frame_bytes)
+        if hasattr(mmap, "MAP_ANONYMOUS"):  # private: handed-back pages are freed (a shared mapping keeps them)
+            self.map = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        else:
+            self.map = mmap.mmap(-1, size)
+        self.array = np.frombuffer(self.map, dtype=np.uint8, count=capacity * self.frame_bytes).reshape(
+            capacity, height, width, 3)
+        self.released = 0  # bytes, a multiple of the page size
+
+    def release(self, count: int) -> None:
+        end = count * self.frame_bytes // mmap.PAGESIZE * mmap.PAGESIZE
+        if end > self.released and hasattr(mmap, "MADV_DONTNEED"):
+            self.map.madvise(mmap.MADV_DONTNEED, self.released, end - self.released)
+            self.released = end
 
 
 class _FrameWriter:
-    """Converts kept frames (RGB, rotation, resize) in worker threads, each into its row of one uint8 array."""
+    """Converts kept frames (RGB, rotation, resize) in worker threads, all to the size of the first."""
 
     def __init__(self, capacity: int, resize: FrameResize, workers: int):
         self.capacity, self.resize = capacity, resize
@@ -532,30 +578,31 @@ class _FrameWriter:
         # Decoded frames waiting for a worker hold source-size pixels: at most two per worker.
         self.max_pending = 2 * workers
         self.pending, self.times, self.indices = collections.deque(), [], []
-        self.output = None
+        self.buffer = None
 
     def add(self, index: int, time: float, frame) -> None:
-        if self.output is None:
-            width, height = self.resize.output_size(*_display_size(frame))
-            self.output = np.empty((self.capacity, height, width, 3), dtype=np.uint8)
+        if self.buffer is None:
+            self.buffer = FrameBuffer(self.capacity, *self.resize.output_size(*_display_size(frame)))
         while len(self.pending) >= self.max_pending:
             self.pending.popleft().result()
-        row = len(self.indices)
-        self.pending.append(self.pool.submit(self._convert, frame, row))
+        self.pending.append(self.pool.submit(self._convert, frame, len(self.indices)))
         self.times.append(time)
         self.indices.append(index)
 
     def _convert(self, frame, row: int) -> None:
-        self.output[row] = self.resize.apply(_rotated_rgb(frame), self.output.shape[2:0:-1])
+        output = self.buffer.array[row]
+        output[...] = self.resize.apply(_display_image(frame), output.shape[1::-1])
 
     def finish(self):
-        """The kept frames, or None when nothing was kept."""
+        """(the kept frames, the buffer holding them), or (None, None) when nothing was kept."""
         try:
             for future in self.pending:
                 future.result()
         finally:
             self.pool.shutdown()
-        return None if self.output is None else self.output[: len(self.indices)]
+        if self.buffer is None:
+            return None, None
+        return list(self.buffer.array[: len(self.indices)]), self.buffer
 
 
 def _decode_plan(container, stream, facts: _StreamFacts, plan, sampling: VideoSampling, resize: FrameResize,
@@ -580,11 +627,11 @@ def _decode_plan(container, stream, facts: _StreamFacts, plan, sampling: VideoSa
         for kept in plan.finish():
             writer.add(*kept)
     finally:
-        frames = writer.finish()
+        frames, buffer = writer.finish()
         if bar is not None:
             bar.close()
     times = writer.times if all(time is not None for time in writer.times) else None
-    return frames, times, writer.indices, decoded
+    return frames, times, writer.indices, decoded, buffer
 
 
 def _index_at(packet_times: list, time: float) -> int:
@@ -610,18 +657,22 @@ class _VideoSampler:
         return len(self.facts.packet_times) - _index_at(self.facts.packet_times, self.sampling.start_time)
 
     def plan(self, available: int):
-        first = self.facts.declared_frames - available if self.facts.packet_times is None else (
-            _index_at(self.facts.packet_times, self.sampling.start_time))
+        first = 0 if self.facts.packet_times is None else _index_at(self.facts.packet_times, self.sampling.start_time)
         if self.sampling.fps is None:
             indices = sample_frame_indices(available, self.sampling.frame_count(self.sampling.num_frames))
             return _IndexPlan([first + index for index in indices])
-        end = self.facts.duration
-        if self.facts.packet_times:
-            end = max(end or 0.0, self.facts.packet_times[-1] + 1 / (self.facts.frame_rate or 1e9))
+        end = self.end_time()
         if end is None or end <= self.sampling.start_time:
             return _IndexPlan([])
         wanted = max(1, math.ceil((end - self.sampling.start_time) * self.sampling.fps))
         return _TimePlan(sample_times(self.sampling.start_time, end, self.sampling.frame_count(wanted)))
+
+    def end_time(self) -> Optional[float]:
+        """Seconds: the stream's duration, or the end of its last packet when that is later."""
+        end = self.facts.duration
+        if self.facts.packet_times:
+            end = max(end or 0.0, self.facts.packet_times[-1] + 1 / (self.facts.frame_rate or 1e9))
+        return end
 
     def _decode(self, plan) -> tuple:
         return _decode_plan(self.container, self.stream, self.facts, plan, self.sampling, self.resize,
@@ -633,7 +684,7 @@ class _VideoSampler:
             after = f" after start_time={self.sampling.start_time}" if self.sampling.start_time else ""
             raise ValueError(f"no frame of video {self.location!r} could be read{after}: its video stream is empty, "
                              "or the file is truncated or corrupt. Check that it plays, or re-encode it.")
-        frames, times, indices, decoded = self._decode(self.plan(available))
+        frames, times, indices, decoded, buffer = self._decode(self.plan(available))
         if decoded == 0:
             raise ValueError(f"no frame of {self.location!r} could be decoded: the video stream is empty or corrupt. "
                              "Re-encode the video.")
@@ -643,12 +694,13 @@ class _VideoSampler:
             if self.sampling.fps is None:
                 self.facts.declared_frames, self.facts.packet_times = decoded, None
                 self.container.seek(0)
-                frames, times, indices, _ = self._decode(self.plan(decoded))
+                frames, times, indices, _, buffer = self._decode(self.plan(decoded))
         if frames is None:
             raise ValueError(f"no frame of {self.location!r} lies in the sampled range (start_time="
                              f"{self.sampling.start_time} s); give an earlier start_time.")
         total = self.facts.declared_frames if self.facts.packet_times is None else len(self.facts.packet_times)
-        return VideoFrames(frames, times, indices, self.facts.frame_rate, total)
+        return VideoFrames(frames, times, indices, self.facts.frame_rate, total, self.sampling.start_time,
+                           self.end_time(), buffer.release)
 
 
 def load_video(source, sampling: VideoSampling = None, resize: FrameResize = None, **options) -> VideoFrames:
@@ -656,7 +708,7 @@ def load_video(source, sampling: VideoSampling = None, resize: FrameResize = Non
     `VideoSampling` options for this call, None included). The container is opened once.
 
     Frames are resized as they are decoded: by `resize` when given, else to the sampling's edges.
-    Returns a `VideoFrames` with a (T, H, W, 3) uint8 array, timestamps (seconds) and frame indices.
+    Returns a `VideoFrames` with HxWx3 uint8 frames, their timestamps (seconds) and frame indices.
     """
     sampling = (sampling or VideoSampling()).with_options(**options)
     if resize is None:
