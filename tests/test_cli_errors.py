@@ -72,8 +72,10 @@ def test_a_hub_id_offline_says_so(tmp_path, hub_home):
     assert elapsed < TIME_LIMIT_S
 
 
-def test_convert_of_a_missing_folder_or_a_hub_id_without_network(tmp_path, hub_home):
+def test_convert_of_a_missing_folder_a_file_or_a_hub_id_without_network(tmp_path, hub_home):
+    (tmp_path / "model.safetensors").write_bytes(b"weights")
     for source, fragment in (("./missing", "SOURCE ./missing: no such local folder"),
+                             ("model.safetensors", "SOURCE model.safetensors: this is a file, not a folder"),
                              ("some-namespace/missing", "cannot be reached")):
         finished, elapsed = run_cli("convert", source, str(tmp_path / "out"), cwd=tmp_path, **hub_home)
         assert_one_line_error(finished, fragment)
@@ -157,3 +159,28 @@ def test_import_is_lazy_and_first_use_registers_the_auto_classes():
     finished = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=120)
     assert finished.stdout.split("\n")[:2] == ["after import False", "after use True"], finished.stderr
 
+
+
+@pytest.mark.parametrize("hub_error, fragment", [
+    ("RepositoryNotFoundError", "no model repo 'me/nothing-here' on the Hub"),
+    ("GatedRepoError", "the Hub repo is gated"),
+])
+def test_what_the_hub_answers_about_a_repo_is_one_line(hub_error, fragment, monkeypatch):
+    import huggingface_hub.errors
+
+    from vamba_hf import sources
+
+    error_class = getattr(huggingface_hub.errors, hub_error)
+
+    def answer(api, repo_id, timeout):
+        assert timeout <= sources.HUB_TIMEOUT_S
+        error = error_class.__new__(error_class)  # constructors differ across huggingface_hub versions
+        Exception.__init__(error, "404 Client Error")
+        raise error
+
+    monkeypatch.setattr("huggingface_hub.HfApi.model_info", answer)
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(sources, "cached_snapshot", lambda repo_id: None)
+    with pytest.raises(ValueError, match=fragment) as raised:
+        sources.resolve_model_source("me/nothing-here")
+    assert "\n" not in str(raised.value)

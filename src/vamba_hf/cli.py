@@ -128,12 +128,16 @@ def printable_streamer(tokenizer):
 
 def run_generate(args) -> int:
     from .demo import demo_notice
-    from .inference import build_messages, load_model_and_processor, prepare_inputs
+    from .sources import resolve_model_source
 
     started = time.perf_counter()
+    # Before torch is imported: a wrong --model is reported within a second or two.
+    location = None if args.model is None else resolve_model_source(args.model, option="--model")
+    from .inference import build_messages, load_model_and_processor, prepare_inputs
+
     if args.model is None:
         _stderr(demo_notice())
-    loaded = load_model_and_processor(args.model, dtype=args.dtype, device=args.device)
+    loaded = load_model_and_processor(args.model, dtype=args.dtype, device=args.device, location=location)
     model, processor = loaded.model, loaded.processor
     kind = "video" if args.video else "image" if args.image else None
     prompt = args.prompt or DEFAULT_PROMPTS[kind]

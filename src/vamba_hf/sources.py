@@ -12,6 +12,7 @@ from typing import Optional
 
 HUB_TIMEOUT_S = 10
 HUB_NAME = re.compile(r"^[\w.-]+(/[\w.-]+)?$")
+_SYSTEM_ERROR = re.compile(r"\[Errno -?\d+\] [^'\"()\]]+")
 
 
 def looks_like_a_path(name: str) -> bool:
@@ -27,6 +28,16 @@ def cached_snapshot(repo_id: str) -> Optional[str]:
         return snapshot_download(repo_id, local_files_only=True)
     except Exception:  # huggingface_hub raises several types for "not in the cache"; each means: look online
         return None
+
+
+def network_reason(error: Exception) -> str:
+    """The operating system's reason ("[Errno 111] Connection refused") when the HTTP client's message holds one
+    (requests nests it in several layers of retries), else the message's first line."""
+    text = str(error)
+    system_reason = _SYSTEM_ERROR.search(text)
+    if system_reason:
+        return system_reason.group(0)
+    return next(iter(text.splitlines()), "")[:200] or type(error).__name__
 
 
 def check_hub_repo(repo_id: str, option: str) -> None:
@@ -47,10 +58,9 @@ def check_hub_repo(repo_id: str, option: str) -> None:
         raise ValueError(f"{option} {repo_id}: no local folder of that name, and no model repo {repo_id!r} on the "
                          f"Hub (if it is private, log in with `hf auth login` or set HF_TOKEN).") from error
     except Exception as error:  # connection refused, timeout, HTTP error: the Hub cannot be used
-        reason = next(iter(str(error).splitlines()), "") or type(error).__name__
         raise ValueError(f"{option} {repo_id}: not a local folder and not in the Hub cache, and the Hub at "
-                         f"{constants.ENDPOINT} cannot be reached ({reason}). Check the network, or give a local "
-                         f"folder.") from error
+                         f"{constants.ENDPOINT} cannot be reached ({network_reason(error)}). Check the network, or give "
+                         f"a local folder.") from error
 
 
 def check_local_name(name: str, option: str, what: str) -> Optional[Path]:
