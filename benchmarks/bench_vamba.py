@@ -1,348 +1,293 @@
-"""Vamba on one GPU: CUDA-kernel vs PyTorch parity, then prefill / decode time and peak memory against frames, with
-the Qwen2-VL-7B baseline (bench_qwen2vl.py, run as a subprocess in the same call). Random weights at 7B sizes, bf16,
-640x360 frames (grid h=26, w=46 patches per temporal step: 299 visual tokens per 2 frames).
+"""Vamba on one GPU: prefill / decode time and peak memory against frames, with the Qwen2-VL-7B baseline
+(bench_qwen2vl.py, the unchanged anchor, run as a subprocess in the same call). Random weights at 7B sizes, bf16,
+640x360 frames (grid h=26, w=46 patches per temporal step: 299 visual tokens per 2 frames). Kernel parity checks
+are in check_kernels.py.
 
-    PYTHONPATH=src python benchmarks/bench_vamba.py --out bench_out
+    PYTHONPATH=src python benchmarks/bench_vamba.py --out bench_out --frames 16,256,1024,4096 \\
+        --baseline-frames 16,256,1024
 
-Sections (--sections, default parity,sweep,baseline,plot):
-  parity    kernel path (mamba-ssm + causal-conv1d) vs `Mamba2.use_kernels = False` on the golden fixtures (fp32,
-            bf16) and on a 7B-sized random layer (bf16); segmented == unsegmented scan at 2048 and 4096 frames;
-            greedy generation with vs without the CUDA-graph decoding step on the golden fixtures
+Sections (--sections, default sweep,baseline,plot):
   sweep     ours over --frames: vision tower, text side, whole prefill (time, peak memory), decode ms/token;
-            at 1024 frames also decoding with vs without the CUDA graph, and the float8 cross-K/V cache (memory,
-            decode, logits error)
+            at --checks-frames (1024) also decoding with vs without the CUDA graph, and the float8 cross-K/V cache
+            (memory, decode, logits error)
   baseline  benchmarks/bench_qwen2vl.py over --baseline-frames (stops at its first OOM)
-  plot      time and memory vs frames for both models (bench_vamba.png)
-  tune      cross-attention variants, Mamba-2 segment length, vision_max_frames (not part of the default run)
-  profile   torch.profiler of the text side and of one decode step at --profile-frames (not default)
+  plot      time and memory vs frames for both models (a PNG beside the result file; needs matplotlib)
+  tune      cross-attention variants, Mamba-2 segment length and chunk size, vision attention backends,
+            vision_max_frames (not part of the default run; each setting is restored after it is measured)
+  profile   torch.profiler of the vision tower, the text side and one decode step at --profile-frames (CUDA only;
+            not default)
 Timings are medians of --repeats runs after one warm-up (Triton autotunes and torch.compile compiles on the first
-call); above 1024 frames, one timed run after the warm-up.
+call); above 1024 frames, one timed run after the warm-up. `--tiny` runs the sections at tiny sizes on CPU.
 """
 
 import argparse
+import contextlib
 import json
-import os
 import statistics
 import subprocess
 import sys
+import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
-os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+import torch
+import torch.nn.functional as F
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_utils import (  # noqa: E402
+    GIB,
+    Budget,
+    ResultSink,
+    attributes_set,
+    frame_counts,
+    cross_kv_of,
+    output_cache,
+    relative,
+    start_run,
+    synchronize,
+    timed,
+)
 
 from vamba_hf import VambaConfig, VambaForConditionalGeneration  # noqa: E402
-from vamba_hf.modeling_vamba import Mamba2, kernels_unavailable_reason, quantize_per_token  # noqa: E402
+from vamba_hf.modeling_vamba import kernels_unavailable_reason, quantize_per_token  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
-GRID_H, GRID_W = 26, 46
-TOKENS_PER_STEP = (GRID_H // 2) * (GRID_W // 2)  # 299 visual tokens per temporal step (2 frames)
-PROMPT = [151644, 8948, 198, 151652, 151653] + list(range(1000, 1020)) + [151645, 198, 151644, 77091, 198]
-GIB = 2**30
+# The 7B prompt: Qwen2's special-token ids (im_start, vision_start/end, im_end) around 20 text tokens.
+PROMPT_7B = [151644, 8948, 198, 151652, 151653] + list(range(1000, 1020)) + [151645, 198, 151644, 77091, 198]
 
 
-def log(record: dict, sink) -> None:
-    line = json.dumps(record)
-    print(line, flush=True)
-    sink.write(line + "\n")
-    sink.flush()
+@dataclass
+class Setup:
+    """Where and at what sizes the sweep runs."""
+
+    device: torch.device
+    dtype: torch.dtype
+    config: VambaConfig
+    prompt: list
+    grid_h: int = 26
+    grid_w: int = 46
+
+    @property
+    def tokens_per_step(self) -> int:
+        return (self.grid_h // 2) * (self.grid_w // 2)
 
 
-def relative(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+def seven_b_setup(overrides: dict) -> Setup:
+    return Setup(torch.device("cuda"), torch.bfloat16, VambaConfig(**overrides), PROMPT_7B)
 
 
-def set_kernels(model: torch.nn.Module, enabled: bool) -> None:
-    for module in model.modules():
-        if isinstance(module, Mamba2):
-            module.use_kernels = enabled
+def tiny_setup(overrides: dict) -> Setup:
+    """The demo model's sizes (the package's tiny definition) and a prompt of its tokenizer's special tokens."""
+    from vamba_hf.demo import demo_config
+    from vamba_hf.tiny import build_tiny_tokenizer, special_token_ids
+
+    tokenizer = build_tiny_tokenizer()
+    config = demo_config(tokenizer)
+    for key, value in overrides.items():
+        setattr(config, key, value)
+    ids = special_token_ids(tokenizer)
+    prompt = ([ids["im_start_token_id"], 20, 21, ids["vision_start_token_id"], ids["vision_end_token_id"]]
+              + list(range(30, 50)) + [ids["eos_token_id"], 21, ids["im_start_token_id"], 22, 21])
+    return Setup(torch.device("cpu"), torch.float32, config, prompt, grid_h=4, grid_w=4)
 
 
-def build(config: VambaConfig) -> VambaForConditionalGeneration:
+def build(setup: Setup) -> VambaForConditionalGeneration:
     torch.manual_seed(0)
-    with torch.device("cuda"):
-        model = VambaForConditionalGeneration._from_config(config, attn_implementation="sdpa", dtype=torch.bfloat16)
+    with setup.device:
+        model = VambaForConditionalGeneration._from_config(setup.config, attn_implementation="sdpa",
+                                                           dtype=setup.dtype)
     return model.eval()
-
-
-def sync_seconds(fn):
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    out = fn()
-    torch.cuda.synchronize()
-    return out, time.perf_counter() - start
-
-
-# -- parity ----------------------------------------------------------------------------------------------------
-
-
-def golden_parity(root: Path, sink) -> None:
-    from safetensors.torch import load_file
-
-    for case in ("video_short", "video_long", "image"):
-        folder = root / case
-        reference = load_file(folder / "reference_outputs.safetensors")
-        for dtype in (torch.float32, torch.bfloat16):
-            model = VambaForConditionalGeneration.from_pretrained(folder, attn_implementation="sdpa", dtype=dtype)
-            model = model.cuda().eval()
-            inputs = {k: v.cuda() for k, v in load_file(folder / "inputs.safetensors").items()}
-            for name in ("pixel_values", "pixel_values_videos"):
-                if name in inputs:
-                    inputs[name] = inputs[name].to(dtype)
-            logits = {}
-            with torch.inference_mode():
-                for kernels in (True, False):
-                    set_kernels(model, kernels)
-                    logits[kernels] = model(**inputs, use_cache=False).logits
-            log({"check": "golden", "case": case, "dtype": str(dtype).split(".")[-1],
-                 "kernel_backend": kernels_unavailable_reason(model.device) or "mamba-ssm + causal-conv1d",
-                 "kernel_vs_torch_logits": relative(logits[True], logits[False]),
-                 "kernel_vs_reference_logits": relative(logits[True].cpu(), reference["logits"])}, sink)
-            del model
-
-
-def golden_decode_graph(root: Path, sink) -> None:
-    """Greedy generation with each decoding step replayed from a CUDA graph vs run eagerly (fp32, golden)."""
-    from safetensors.torch import load_file
-
-    for case in ("video_short", "video_long", "image"):
-        folder = root / case
-        reference = load_file(folder / "reference_outputs.safetensors")
-        model = VambaForConditionalGeneration.from_pretrained(folder, attn_implementation="sdpa",
-                                                              dtype=torch.float32).cuda().eval()
-        inputs = {k: v.cuda() for k, v in load_file(folder / "inputs.safetensors").items()}
-        runs = {}
-        with torch.inference_mode():
-            for graph in (True, False):
-                model.config.decode_with_cuda_graph = graph
-                runs[graph] = model.generate(**inputs, max_new_tokens=12, do_sample=False, output_scores=True,
-                                             return_dict_in_generate=True)
-        log({"check": "decode graph (golden, fp32)", "case": case,
-             "tokens_equal": bool(torch.equal(runs[True].sequences, runs[False].sequences)),
-             "tokens_equal_reference": bool(torch.equal(runs[True].sequences.cpu(), reference["generated_ids"])),
-             "graph_vs_eager_scores": relative(torch.stack(runs[True].scores), torch.stack(runs[False].scores))}, sink)
-        del model
-
-
-def small_vocab_config() -> VambaConfig:
-    """Two decoder layers at 7B sizes (and a small vocabulary and vision tower: they are not under test)."""
-    return VambaConfig(num_hidden_layers=2, vocab_size=2048, vision_start_token_id=1, vision_end_token_id=2,
-                       vision_config=dict(depth=1))
-
-
-def layer_parity(sink, tokens: int = 8192) -> None:
-    """Layer 0 runs its Mamba-2 block, layer 1's cross-attention reads it."""
-    config = small_vocab_config()
-    model = build(config)
-    generator = torch.Generator("cuda").manual_seed(1)
-    visual = torch.randn(1, tokens, config.hidden_size, device="cuda", dtype=torch.bfloat16, generator=generator)
-    ids = torch.randint(3, 2048, (1, 32), device="cuda", generator=generator)
-    ids[0, 1:3] = torch.tensor([config.vision_start_token_id, config.vision_end_token_id])
-    mixer = model.model.layers[0].vision_mixer
-    out = {}
-    with torch.inference_mode():
-        for kernels in (True, False):
-            set_kernels(model, kernels)
-            out[kernels] = (model(input_ids=ids, visual_embeds=[visual[0]], use_cache=False).logits,
-                            mixer(visual.clone()))
-        mixer.mixer.max_tokens = 2048
-        segmented = mixer.mixer(mixer.norm(visual))
-        set_kernels(model, True)
-        segmented_kernel = mixer.mixer(mixer.norm(visual))
-        mixer.mixer.max_tokens = config.mamba_max_tokens
-        whole_kernel = mixer.mixer(mixer.norm(visual))
-    log({"check": "7B layer", "dtype": "bfloat16", "visual_tokens": tokens,
-         "kernel_vs_torch_logits": relative(out[True][0], out[False][0]),
-         "kernel_vs_torch_mamba_block": relative(out[True][1], out[False][1]),
-         "torch_segmented_2048_vs_kernel": relative(segmented, whole_kernel),
-         "kernel_segmented_2048_vs_unsegmented": relative(segmented_kernel, whole_kernel)}, sink)
-    del model
-
-
-def long_segment_parity(sink) -> None:
-    """The Mamba-2 block at 2048 and 4096 frames: segments of 2**15 tokens vs the longest the kernels allow."""
-    config = small_vocab_config()
-    model = build(config)
-    mixer = model.model.layers[0].vision_mixer
-    generator = torch.Generator("cuda").manual_seed(2)
-    for frames in (2048, 4096):
-        tokens = frames // 2 * TOKENS_PER_STEP
-        visual = torch.randn(1, tokens, config.hidden_size, device="cuda", dtype=torch.bfloat16, generator=generator)
-        outs, lengths = {}, []
-        with torch.inference_mode():
-            for max_tokens in (2**15, 2**40):
-                mixer.mixer.max_tokens = max_tokens
-                lengths.append(mixer.mixer.segment_length(1))
-                outs[max_tokens] = mixer(visual.clone(), in_place=True)
-        log({"check": "segments", "frames": frames, "visual_tokens": tokens, "segment_tokens": lengths,
-             "relative": relative(outs[2**15], outs[2**40]), "finite": bool(outs[2**15].isfinite().all())}, sink)
-        del visual, outs
-    del model
 
 
 # -- sweep -----------------------------------------------------------------------------------------------------
 
 
-def video_inputs(frames: int):
+def video_inputs(setup: Setup, frames: int):
     steps = frames // 2
-    generator = torch.Generator("cuda").manual_seed(frames)
-    pixels = torch.randn(steps * GRID_H * GRID_W, 3 * 2 * 14 * 14, device="cuda", dtype=torch.bfloat16,
-                         generator=generator)
-    grid = torch.tensor([[steps, GRID_H, GRID_W]], device="cuda")
-    return torch.tensor([PROMPT], device="cuda"), pixels, grid
+    generator = torch.Generator(setup.device).manual_seed(frames)
+    pixels = torch.randn(steps * setup.grid_h * setup.grid_w, 3 * 2 * 14 * 14, device=setup.device,
+                         dtype=setup.dtype, generator=generator)
+    grid = torch.tensor([[steps, setup.grid_h, setup.grid_w]], device=setup.device)
+    return torch.tensor([setup.prompt], device=setup.device), pixels, grid
 
 
-def measure_peak(fn):
+def measure_peak(fn, device):
+    """(fn(), seconds, peak GiB of `device` during it; None off CUDA)."""
+    if device.type != "cuda":
+        out, seconds = timed(fn, device)
+        return out, seconds, None
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
-    out, seconds = sync_seconds(fn)
+    out, seconds = timed(fn, device)
     return out, seconds, torch.cuda.max_memory_allocated() / GIB
+
+
+def cross_kv_gib(cache) -> float:
+    return sum(k.nbytes + v.nbytes for k, v in cross_kv_of(cache).values()) / GIB
 
 
 def decode(model, cache, token, steps: int, warmup: int = 4, forced=None):
     """Greedy steps from `cache`; returns (ms per token, tokens, per-step logits). `forced` feeds given tokens."""
+    device = token.device
     tokens, logits_seen = [], []
+    start = None
     for i in range(warmup + steps):
         if i == warmup:
-            torch.cuda.synchronize()
+            synchronize(device)
             start = time.perf_counter()
         logits = model(input_ids=token, past_key_values=cache, use_cache=True).logits[:, -1]
         logits_seen.append(logits)
         token = logits.argmax(-1, keepdim=True) if forced is None else forced[i][None, None]
         tokens.append(token[0, 0])
-    torch.cuda.synchronize()
+    synchronize(device)
     return (time.perf_counter() - start) / steps * 1e3, torch.stack(tokens), torch.stack(logits_seen)
 
 
-def sweep(model, frames_list, repeats, decode_steps, sink) -> list[dict]:
+def peak_of(values) -> float | None:
+    values = [v for v in values if v is not None]
+    return max(values) if values else None
+
+
+def sweep_one(model, setup: Setup, frames: int, reps: int, decode_steps: int) -> dict:
+    ids, pixels, grid = video_inputs(setup, frames)
+    record = {"model": "vamba", "frames": frames, "visual_tokens": frames // 2 * setup.tokens_per_step,
+              "repeats": reps}
+    device = setup.device
+    with torch.inference_mode():
+        whole = lambda: model(input_ids=ids, pixel_values_videos=pixels, video_grid_thw=grid,  # noqa: E731
+                              use_cache=True, logits_to_keep=1)
+        out = whole()  # warm-up
+        del out
+        vision_s, text_s, whole_s, text_peak, whole_peak = [], [], [], [], []
+        cache = None
+        for _ in range(reps):
+            cache = None  # the previous repetition's cache must not count in this one's peak
+            embeds, seconds, _ = measure_peak(lambda: model.encode_visual(pixels, grid), device)
+            vision_s.append(seconds)
+            out, seconds, peak = measure_peak(lambda: model(input_ids=ids, visual_embeds=embeds, use_cache=True,
+                                                            logits_to_keep=1), device)
+            text_s.append(seconds)
+            text_peak.append(peak)
+            del out, embeds
+            out, seconds, peak = measure_peak(whole, device)
+            whole_s.append(seconds)
+            whole_peak.append(peak)
+            cache = output_cache(out)
+            token = out.logits[:, -1:].argmax(-1)
+            del out
+        record.update(vision_s=statistics.median(vision_s), text_s=statistics.median(text_s),
+                      prefill_s=statistics.median(whole_s), text_peak_gib=peak_of(text_peak),
+                      peak_gib=peak_of(whole_peak), cross_kv_gib=cross_kv_gib(cache))
+        record["decode_ms"], _, _ = decode(model, cache, token, decode_steps)
+    return record
+
+
+def sweep(model, setup: Setup, frames_list, repeats, decode_steps, sink, budget: Budget) -> list[dict]:
     rows = []
     for frames in frames_list:
-        ids, pixels, grid = video_inputs(frames)
+        if budget.spent():
+            sink.log({"model": "vamba", "frames": frames, "skipped": "budget spent"})
+            continue
         reps = repeats if frames <= 1024 else 1  # one timed run after the warm-up: these take 10-40 s each
-        record = {"model": "vamba", "frames": frames, "visual_tokens": frames // 2 * TOKENS_PER_STEP, "repeats": reps}
         try:
-            with torch.inference_mode():
-                whole = lambda: model(input_ids=ids, pixel_values_videos=pixels, video_grid_thw=grid,  # noqa: E731
-                                      use_cache=True, logits_to_keep=1)
-                out = whole()  # warm-up
-                del out
-                vision_s, text_s, whole_s, text_peak, whole_peak = [], [], [], [], []
-                cache = None
-                for _ in range(reps):
-                    cache = None  # the previous repetition's cache must not count in this one's peak
-                    embeds, seconds, _ = measure_peak(lambda: model.encode_visual(pixels, grid))
-                    vision_s.append(seconds)
-                    out, seconds, peak = measure_peak(lambda: model(input_ids=ids, visual_embeds=embeds,
-                                                                    use_cache=True, logits_to_keep=1))
-                    text_s.append(seconds)
-                    text_peak.append(peak)
-                    del out, embeds
-                    out, seconds, peak = measure_peak(whole)
-                    whole_s.append(seconds)
-                    whole_peak.append(peak)
-                    cache = out.past_key_values
-                    token = out.logits[:, -1:].argmax(-1)
-                    del out
-                record.update(vision_s=statistics.median(vision_s), text_s=statistics.median(text_s),
-                              prefill_s=statistics.median(whole_s), text_peak_gib=max(text_peak),
-                              peak_gib=max(whole_peak))
-                record["cross_kv_gib"] = sum(k.nbytes + v.nbytes for k, v in cache.cross_kv.values()) / GIB
-                record["decode_ms"], _, _ = decode(model, cache, token, decode_steps)
-                del cache
+            record = sweep_one(model, setup, frames, reps, decode_steps)
         except torch.OutOfMemoryError:
-            record["oom"] = True
-        log(record, sink)
+            record = {"model": "vamba", "frames": frames, "oom": True}
+        sink.log(record)
         rows.append(record)
-        del ids, pixels, grid
         if record.get("oom"):
             break
     return rows
 
 
-def decode_graph_check(model, frames: int, decode_steps: int, sink) -> None:
+def decode_graph_check(model, setup: Setup, frames: int, decode_steps: int, sink) -> None:
     """Decoding at `frames` with each step replayed from a CUDA graph vs run eagerly: ms/token and the
-    teacher-forced logits' difference (bf16)."""
-    ids, pixels, grid = video_inputs(frames)
+    teacher-forced logits' difference (off CUDA both runs are eager)."""
+    ids, pixels, grid = video_inputs(setup, frames)
     results = {}
     with torch.inference_mode():
         for graph in (False, True):
-            model.config.decode_with_cuda_graph = graph
-            out = model(input_ids=ids, pixel_values_videos=pixels, video_grid_thw=grid, use_cache=True,
-                        logits_to_keep=1)
-            cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
-            forced = results[False]["tokens"] if results else None
-            ms, tokens, logits = decode(model, cache, token, decode_steps, warmup=0, forced=forced)
-            timed_ms, _, _ = decode(model, cache, tokens[-1:][None], decode_steps)
-            results[graph] = dict(ms=timed_ms, tokens=tokens, logits=logits.float())
-            del out, cache
-    model.config.decode_with_cuda_graph = True
-    log({"check": "decode graph", "frames": frames, "decode_ms_eager": results[False]["ms"],
-         "decode_ms_graph": results[True]["ms"],
-         "graph_vs_eager_logits": relative(results[True]["logits"], results[False]["logits"])}, sink)
+            with attributes_set(model.config, decode_with_cuda_graph=graph):
+                out = model(input_ids=ids, pixel_values_videos=pixels, video_grid_thw=grid, use_cache=True,
+                            logits_to_keep=1)
+                cache, token = output_cache(out), out.logits[:, -1:].argmax(-1)
+                forced = results[False]["tokens"] if results else None
+                ms, tokens, logits = decode(model, cache, token, decode_steps, warmup=0, forced=forced)
+                timed_ms, _, _ = decode(model, cache, tokens[-1:][None], decode_steps)
+                results[graph] = dict(ms=timed_ms, tokens=tokens, logits=logits.float())
+                del out, cache
+    sink.log({"check": "decode graph", "frames": frames, "device": setup.device.type,
+              "decode_ms_eager": results[False]["ms"], "decode_ms_graph": results[True]["ms"],
+              "graph_vs_eager_logits": relative(results[True]["logits"], results[False]["logits"])})
 
 
-def float8_cache(model, frames: int, decode_steps: int, sink) -> None:
+def float8_round_trip(cache, layers, sink) -> None:
+    for layer in layers:
+        key, value = cross_kv_of(cache)[layer]
+        error = {}
+        for name, x in (("key", key), ("value", value)):
+            stored, scale = quantize_per_token(x, torch.float8_e4m3fn)
+            error[name] = relative(stored.to(x.dtype) * scale, x)
+        sink.log({"check": "float8 round trip", "layer": layer, **error,
+                  "key_absmax": key.abs().max().item(), "key_rms": key.float().pow(2).mean().sqrt().item(),
+                  "value_absmax": value.abs().max().item(), "value_rms": value.float().pow(2).mean().sqrt().item()})
+
+
+def float8_cache(model, setup: Setup, frames: int, decode_steps: int, sink) -> None:
     """The float8 cross-K/V cache at `frames`: peak memory, decode speed, and the decode logits' error against the
     bf16 cache on the same (teacher-forced) tokens."""
-    ids, pixels, grid = video_inputs(frames)
+    ids, pixels, grid = video_inputs(setup, frames)
+    layers = sorted({0, 1, len(model.model.layers) // 2, len(model.model.layers) - 1})
     results = {}
     with torch.inference_mode():
         for run, storage in (("bf16", None), ("bf16 again", None), ("fp8", "float8_e4m3fn")):
-            model.config.cross_kv_cache_dtype = storage
-            out, seconds, peak = measure_peak(lambda: model(input_ids=ids, pixel_values_videos=pixels,
-                                                            video_grid_thw=grid, use_cache=True, logits_to_keep=1))
-            cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
-            cross_gib = sum(k.nbytes + v.nbytes for k, v in cache.cross_kv.values()) / GIB
-            if run == "bf16":
-                for layer in (0, 1, 14, 27):
-                    key, value = cache.cross_kv[layer]
-                    error = {}
-                    for name, x in (("key", key), ("value", value)):
-                        stored, scale = quantize_per_token(x, torch.float8_e4m3fn)
-                        error[name] = relative(stored.to(x.dtype) * scale, x)
-                    log({"check": "float8 round trip", "layer": layer, **error,
-                         "key_absmax": key.abs().max().item(), "key_rms": key.float().pow(2).mean().sqrt().item(),
-                         "value_absmax": value.abs().max().item(),
-                         "value_rms": value.float().pow(2).mean().sqrt().item()}, sink)
-            forced = results["bf16"]["tokens"] if results else None
-            ms, tokens, logits = decode(model, cache, token, decode_steps, warmup=0, forced=forced)
-            results[run] = dict(prefill_s=seconds, peak_gib=peak, cross_kv_gib=cross_gib, decode_ms=ms,
-                                    tokens=tokens, logits=logits.float())
-            del out, cache
-    model.config.cross_kv_cache_dtype = None
+            with attributes_set(model.config, cross_kv_cache_dtype=storage):
+                out, seconds, peak = measure_peak(lambda: model(input_ids=ids, pixel_values_videos=pixels,
+                                                                video_grid_thw=grid, use_cache=True,
+                                                                logits_to_keep=1), setup.device)
+                cache, token = output_cache(out), out.logits[:, -1:].argmax(-1)
+                if run == "bf16":
+                    float8_round_trip(cache, layers, sink)
+                forced = results["bf16"]["tokens"] if results else None
+                ms, tokens, logits = decode(model, cache, token, decode_steps, warmup=0, forced=forced)
+                results[run] = dict(prefill_s=seconds, peak_gib=peak, cross_kv_gib=cross_kv_gib(cache),
+                                    decode_ms=ms, tokens=tokens, logits=logits.float())
+                del out, cache
     bf16, again, fp8 = results["bf16"], results["bf16 again"], results["fp8"]
-    log({"check": "float8 cross K/V", "frames": frames, "peak_gib_bf16": bf16["peak_gib"],
-         "peak_gib_fp8": fp8["peak_gib"], "cross_kv_gib_bf16": bf16["cross_kv_gib"],
-         "cross_kv_gib_fp8": fp8["cross_kv_gib"], "decode_ms_bf16": bf16["decode_ms"],
-         "decode_ms_fp8": fp8["decode_ms"], "decode_logits_relative": relative(fp8["logits"], bf16["logits"]),
-         "greedy_agreement": (fp8["logits"].argmax(-1) == bf16["logits"].argmax(-1)).float().mean().item(),
-         "bf16_rerun_logits_relative": relative(again["logits"], bf16["logits"]),
-         "bf16_rerun_greedy_agreement": (again["logits"].argmax(-1) == bf16["logits"].argmax(-1)).float().mean().item(),
-         }, sink)
+    sink.log({"check": "float8 cross K/V", "frames": frames, "peak_gib_bf16": bf16["peak_gib"],
+              "peak_gib_fp8": fp8["peak_gib"], "cross_kv_gib_bf16": bf16["cross_kv_gib"],
+              "cross_kv_gib_fp8": fp8["cross_kv_gib"], "decode_ms_bf16": bf16["decode_ms"],
+              "decode_ms_fp8": fp8["decode_ms"], "decode_logits_relative": relative(fp8["logits"], bf16["logits"]),
+              "greedy_agreement": (fp8["logits"].argmax(-1) == bf16["logits"].argmax(-1)).float().mean().item(),
+              "bf16_rerun_logits_relative": relative(again["logits"], bf16["logits"]),
+              "bf16_rerun_greedy_agreement":
+                  (again["logits"].argmax(-1) == bf16["logits"].argmax(-1)).float().mean().item()})
 
 
 # -- tune ------------------------------------------------------------------------------------------------------
 
 
-def bench_ms(fn, repeats: int = 20) -> float:
-    import triton.testing
+def bench_ms(fn, device, repeats: int = 20) -> float:
+    """Median milliseconds of fn(): Triton's `do_bench` on CUDA, else wall clock over `repeats` calls."""
+    if device.type == "cuda":
+        import triton.testing
 
-    return triton.testing.do_bench(fn, warmup=25, rep=repeats * 10, return_mode="median")
+        return triton.testing.do_bench(fn, warmup=25, rep=repeats * 10, return_mode="median")
+    fn()
+    return statistics.median(timed(fn, device)[1] for _ in range(repeats)) * 1e3
 
 
-def tune(model, sink) -> None:
+def tune_cross_attention(model, setup: Setup, tokens: int, sink) -> None:
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    config = model.config
+    config, device, dtype = model.config, setup.device, setup.dtype
     heads, kv_heads, dim = config.num_attention_heads, config.num_key_value_heads, config.head_dim
     groups = heads // kv_heads
-    tokens = 512 * TOKENS_PER_STEP
-    k = torch.randn(1, tokens, kv_heads, dim, device="cuda", dtype=torch.bfloat16).transpose(1, 2)
+    k = torch.randn(1, tokens, kv_heads, dim, device=device, dtype=dtype).transpose(1, 2)
     v = torch.randn_like(k)
     for length in (1, 30):
-        q = torch.randn(1, heads, length, dim, device="cuda", dtype=torch.bfloat16)
+        q = torch.randn(1, heads, length, dim, device=device, dtype=dtype)
         folded = q.reshape(1, kv_heads, groups * length, dim)
         variants = {
             "folded": lambda: F.scaled_dot_product_attention(folded, k, v),
@@ -358,75 +303,92 @@ def tune(model, sink) -> None:
             variants[f"folded_{backend.name.lower()}"] = forced
         for name, fn in variants.items():
             try:
-                ms = bench_ms(fn)
-            except Exception as error:  # a backend may refuse the shapes
-                ms = f"{type(error).__name__}"
-            log({"tune": "cross-attention", "queries": length, "visual_tokens": tokens, "variant": name, "ms": ms,
-                 "kv_read_gb_per_s": round(2 * k.nbytes / ms / 1e6, 1) if isinstance(ms, float) else None}, sink)
-    del k, v
+                ms = bench_ms(fn, device)
+            except RuntimeError as error:  # a forced SDPA backend refuses shapes or devices it does not support
+                ms = f"{type(error).__name__}: {str(error).splitlines()[0][:120]}"
+            bandwidth = round(2 * k.nbytes / ms / 1e6, 1) if isinstance(ms, float) else None
+            sink.log({"tune": "cross-attention", "queries": length, "visual_tokens": tokens, "variant": name,
+                      "ms": ms, "kv_read_gb_per_s": bandwidth})
 
-    mixer = model.model.layers[0].vision_mixer
-    visual = torch.randn(1, tokens, config.hidden_size, device="cuda", dtype=torch.bfloat16)
+
+def tune_mamba(model, setup: Setup, tokens: int, sink) -> None:
+    block = model.model.layers[0].vision_mixer
+    device = setup.device
+    visual = torch.randn(1, tokens, model.config.hidden_size, device=device, dtype=setup.dtype)
     with torch.inference_mode():
         for max_tokens in (2**13, 2**14, 2**15, 2**16, 2**40):
-            mixer.mixer.max_tokens = max_tokens
-            work = visual.clone()
-            mixer(work, in_place=True)
-            torch.cuda.synchronize()
-            times = []
-            torch.cuda.reset_peak_memory_stats()
-            base = torch.cuda.memory_allocated()
-            for _ in range(3):
-                _, seconds = sync_seconds(lambda: mixer(work, in_place=True))
-                times.append(seconds)
-            log({"tune": "mamba segment", "visual_tokens": tokens, "segment_tokens": mixer.mixer.segment_length(1),
-                 "ms": statistics.median(times) * 1e3,
-                 "activation_gib": (torch.cuda.max_memory_allocated() - base) / GIB}, sink)
-        mixer.mixer.max_tokens = config.mamba_max_tokens
+            with attributes_set(block.mixer, max_tokens=max_tokens):
+                work = visual.clone()
+                block(work, in_place=True)
+                synchronize(device)
+                if device.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats()
+                base = torch.cuda.memory_allocated() if device.type == "cuda" else 0
+                times = [timed(lambda: block(work, in_place=True), device)[1] for _ in range(3)]
+                activation = (torch.cuda.max_memory_allocated() - base) / GIB if device.type == "cuda" else None
+                sink.log({"tune": "mamba segment", "visual_tokens": tokens,
+                          "segment_tokens": block.mixer.segment_length(1), "ms": statistics.median(times) * 1e3,
+                          "activation_gib": activation})
         for chunk_size in (128, 256):
-            mixer.mixer.config.chunk_size = chunk_size
-            work = visual.clone()
-            mixer(work, in_place=True)
-            times = [sync_seconds(lambda: mixer(work, in_place=True))[1] for _ in range(3)]
-            log({"tune": "mamba chunk_size", "visual_tokens": tokens, "chunk_size": chunk_size,
-                 "ms": statistics.median(times) * 1e3}, sink)
-        del visual, work
+            # The chunk size lives on the Mamba config that every layer's block shares.
+            with attributes_set(block.mixer.config, chunk_size=chunk_size):
+                work = visual.clone()
+                block(work, in_place=True)
+                times = [timed(lambda: block(work, in_place=True), device)[1] for _ in range(3)]
+                sink.log({"tune": "mamba chunk_size", "visual_tokens": tokens, "chunk_size": chunk_size,
+                          "ms": statistics.median(times) * 1e3})
 
-        _, pixels, grid = video_inputs(256)
-        import contextlib
 
-        from vamba_hf import modeling_vamba
+def tune_vision(model, setup: Setup, frames: int, sink) -> None:
+    from vamba_hf import modeling_vamba
 
+    _, pixels, grid = video_inputs(setup, frames)
+    device = setup.device
+    with torch.inference_mode():
         for name, backends in (("no cudnn", modeling_vamba.sdpa_backends), ("torch default", contextlib.nullcontext)):
-            original, modeling_vamba.sdpa_backends = modeling_vamba.sdpa_backends, backends
-            model.encode_visual(pixels, grid)
-            times = [sync_seconds(lambda: model.encode_visual(pixels, grid))[1] for _ in range(3)]
-            modeling_vamba.sdpa_backends = original
-            log({"tune": "vision attention backends", "frames": 256, "backends": name,
-                 "s": statistics.median(times)}, sink)
+            with attributes_set(modeling_vamba, sdpa_backends=backends):
+                model.encode_visual(pixels, grid)
+                times = [timed(lambda: model.encode_visual(pixels, grid), device)[1] for _ in range(3)]
+            sink.log({"tune": "vision attention backends", "frames": frames, "backends": name,
+                      "s": statistics.median(times)})
         for group in (16, 32, 64, 128):
-            model.visual.max_frames = group
-            model.encode_visual(pixels, grid)
-            times = [sync_seconds(lambda: model.encode_visual(pixels, grid))[1] for _ in range(3)]
-            log({"tune": "vision_max_frames", "frames": 256, "group": group, "s": statistics.median(times)}, sink)
-        model.visual.max_frames = config.vision_max_frames
+            with attributes_set(model.visual, max_frames=group):
+                model.encode_visual(pixels, grid)
+                times = [timed(lambda: model.encode_visual(pixels, grid), device)[1] for _ in range(3)]
+            sink.log({"tune": "vision_max_frames", "frames": frames, "group": group, "s": statistics.median(times)})
+
+
+def tune(model, setup: Setup, tiny: bool, sink) -> None:
+    tokens = (8 if tiny else 512) * setup.tokens_per_step
+    tune_cross_attention(model, setup, tokens, sink)
+    tune_mamba(model, setup, tokens, sink)
+    tune_vision(model, setup, 8 if tiny else 256, sink)
 
 
 # -- profile ---------------------------------------------------------------------------------------------------
 
 
-def profile(model, frames: int, out_dir: Path, sink) -> None:
+def write_profile(prof, path: Path, row_limit: int) -> str:
+    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=row_limit, max_name_column_width=70)
+    path.write_text(table)
+    return table
+
+
+def profile(model, setup: Setup, frames: int, out_dir: Path, sink) -> None:
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
-    ids, pixels, grid = video_inputs(frames)
+    if setup.device.type != "cuda":
+        sink.log({"profile": frames, "skipped": "the profile section reads CUDA kernel times: CUDA only"})
+        return
+    ids, pixels, grid = video_inputs(setup, frames)
+    names = {part: out_dir / f"profile_{part}_{frames}.txt" for part in ("vision", "text", "decode")}
     with torch.inference_mode():
         embeds = model.encode_visual(pixels, grid)
         with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
             model.encode_visual(pixels, grid)
             torch.cuda.synchronize()
-        table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=70)
-        (out_dir / f"profile_vision_{frames}.txt").write_text(table)
+        write_profile(prof, names["vision"], 30)
         del pixels
         run = lambda: model(input_ids=ids, visual_embeds=embeds, use_cache=True, logits_to_keep=1)  # noqa: E731
         out = run()
@@ -435,27 +397,27 @@ def profile(model, frames: int, out_dir: Path, sink) -> None:
         with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
             out = run()
             torch.cuda.synchronize()
-        table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=70)
-        (out_dir / f"profile_text_{frames}.txt").write_text(table)
-        print(table, flush=True)
-        cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        print(write_profile(prof, names["text"], 30), flush=True)
+        cache, token = output_cache(out), out.logits[:, -1:].argmax(-1)
         del out
         decode(model, cache, token, 4, warmup=2)
         with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             decode(model, cache, token, 4, warmup=0)
-        table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=70)
-        (out_dir / f"profile_decode_{frames}.txt").write_text(table)
-        print(table, flush=True)
-    log({"profile": frames, "files": [f"profile_{part}_{frames}.txt" for part in ("vision", "text", "decode")]}, sink)
+        print(write_profile(prof, names["decode"], 25), flush=True)
+    sink.log({"profile": frames, "files": [str(path) for path in names.values()]})
 
 
 # -- baseline, table, plot -------------------------------------------------------------------------------------
 
 
-def baseline(frames_list, sink) -> list[dict]:
-    command = [sys.executable, str(HERE / "bench_qwen2vl.py"), ",".join(map(str, frames_list))]
+def baseline(frames_list, tiny: bool, sink, budget: Budget) -> list[dict]:
+    """The anchor script as a subprocess; killed (and said so) if it is still running when the budget is spent."""
+    command = [sys.executable, str(HERE / "bench_qwen2vl.py"), "--tiny" if tiny else ",".join(map(str, frames_list))]
     rows = []
     process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
+    watchdog = threading.Timer(budget.left(), process.kill) if budget.seconds is not None else None
+    if watchdog is not None:
+        watchdog.start()
     for line in process.stdout:
         line = line.strip()
         if line.startswith("{"):
@@ -465,8 +427,13 @@ def baseline(frames_list, sink) -> list[dict]:
                 if "prefill_s" in record and "vision_s" in record:
                     record["text_s"] = record["prefill_s"] - record["vision_s"]
                 rows.append(record)
-                log(record, sink)
-    process.wait()
+            sink.log(record)
+    returncode = process.wait()
+    if watchdog is not None:
+        watchdog.cancel()
+    if returncode != 0:
+        sink.log({"model": "qwen2-vl", "baseline_exit_code": returncode,
+                  "note": "stopped: budget spent" if budget.spent() else "the anchor script failed (see stderr)"})
     return rows
 
 
@@ -474,7 +441,7 @@ def table(rows: list[dict]) -> str:
     def cell(record, key, fmt):
         if record.get("oom") and key not in record:
             return "OOM"
-        return format(record[key], fmt) if key in record else "-"
+        return format(record[key], fmt) if record.get(key) is not None else "-"
 
     lines = ["| model | frames | visual tokens | vision tower s | text side s | whole prefill s | peak GiB | "
              "decode ms/token |", "|---|---|---|---|---|---|---|---|"]
@@ -487,7 +454,11 @@ def table(rows: list[dict]) -> str:
 
 
 def plot(rows: list[dict], path: Path) -> None:
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:
+        print("plot: matplotlib is not installed; no plot written", flush=True)
+        return
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -500,9 +471,12 @@ def plot(rows: list[dict], path: Path) -> None:
             continue
         frames = [r["frames"] for r in done]
         ax_time.plot(frames, [r["prefill_s"] for r in done], "o-", color=color, label=f"{name}: whole prefill")
-        ax_time.plot(frames, [r["vision_s"] for r in done], "s--", color=color, alpha=0.6, label=f"{name}: vision tower")
+        ax_time.plot(frames, [r["vision_s"] for r in done], "s--", color=color, alpha=0.6,
+                     label=f"{name}: vision tower")
         ax_time.plot(frames, [r["text_s"] for r in done], "^:", color=color, alpha=0.6, label=f"{name}: text side")
-        ax_mem.plot(frames, [r["peak_gib"] for r in done], "o-", color=color, label=f"{name}: peak, whole prefill")
+        peaks = [(r["frames"], r["peak_gib"]) for r in done if r.get("peak_gib") is not None]
+        if peaks:
+            ax_mem.plot(*zip(*peaks), "o-", color=color, label=f"{name}: peak, whole prefill")
         for r in rows:
             if r["model"] == name and r.get("oom"):
                 ax_mem.axvline(r["frames"], color=color, linestyle=":", label=f"{name}: OOM at {r['frames']} frames")
@@ -518,79 +492,99 @@ def plot(rows: list[dict], path: Path) -> None:
     ax_mem.set_title(f"Peak memory ({device})")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+    print(f"plot: {path}", flush=True)
 
 
 # -- main ------------------------------------------------------------------------------------------------------
 
 
-def environment() -> dict:
-    import transformers
-    import triton
-
-    versions = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "cuda": torch.version.cuda,
-                "transformers": transformers.__version__, "triton": triton.__version__}
-    for name in ("mamba_ssm", "causal_conv1d", "flash_attn"):
-        try:
-            versions[name] = __import__(name).__version__
-        except Exception:
-            versions[name] = None
-    versions["kernels"] = kernels_unavailable_reason(torch.device("cuda")) or "mamba-ssm + causal-conv1d"
-    return versions
-
-
-def main() -> None:
+def parse_args():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "bench_out")))
-    parser.add_argument("--sections", default="parity,sweep,baseline,plot")
+    parser.add_argument("--out", type=Path, required=True, help="folder for the result file, table and plot")
+    parser.add_argument("--sections", default="sweep,baseline,plot")
     parser.add_argument("--frames", default="16,64,256,512,1024,2048,4096")
     parser.add_argument("--baseline-frames", default="16,64,256,512,1024,2048")
+    parser.add_argument("--checks-frames", type=int, default=1024,
+                        help="frame count of the decode-graph and float8-cache checks (when it is in --frames)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--decode-steps", type=int, default=32)
     parser.add_argument("--profile-frames", type=int, default=1024)
-    parser.add_argument("--golden", type=Path, default=next(
-        (p for p in (Path(".golden"), Path("/work/shared/golden")) if p.exists()), Path(".golden")))
     parser.add_argument("--mamba-max-tokens", type=int, default=None)
     parser.add_argument("--vision-max-frames", type=int, default=None)
+    parser.add_argument("--budget-s", type=float, default=None,
+                        help="stop starting new measurements after this many seconds of wall clock")
+    parser.add_argument("--tiny", action="store_true", help="tiny sizes on CPU, for the test suite (seconds)")
     args = parser.parse_args()
+    unknown = set(args.sections.split(",")) - set(SECTIONS)
+    if unknown:
+        parser.error(f"--sections: unknown {sorted(unknown)}; choose from {', '.join(SECTIONS)}")
+    if args.tiny:
+        defaults = {name: parser.get_default(name) for name in ("frames", "baseline_frames", "checks_frames")}
+        if args.frames == defaults["frames"]:
+            args.frames = "4,8"
+        if args.checks_frames == defaults["checks_frames"]:
+            args.checks_frames = 8
+        args.decode_steps = min(args.decode_steps, 4)
+        args.repeats = min(args.repeats, 2)
+    args.frames = frame_counts(args.frames)
+    args.baseline_frames = frame_counts(args.baseline_frames)
+    return args
+
+
+SECTIONS = ("sweep", "baseline", "plot", "tune", "profile")
+
+
+def run_model_sections(args, sections, sink, budget: Budget) -> list[dict]:
+    overrides = {k: v for k, v in (("mamba_max_tokens", args.mamba_max_tokens),
+                                   ("vision_max_frames", args.vision_max_frames)) if v is not None}
+    setup = tiny_setup(overrides) if args.tiny else seven_b_setup(overrides)
+    model = build(setup)
+    sink.log({"model": "vamba", "params": sum(p.numel() for p in model.parameters()), "device": setup.device.type,
+              "mamba_backend": model.mamba_backend, **overrides})
+    rows = []
+    if "tune" in sections:
+        tune(model, setup, args.tiny, sink)
+    if "sweep" in sections:
+        rows += sweep(model, setup, args.frames, args.repeats, args.decode_steps, sink, budget)
+        if args.checks_frames in args.frames and not budget.spent():
+            for check in (decode_graph_check, float8_cache):
+                try:
+                    check(model, setup, args.checks_frames, args.decode_steps, sink)
+                except torch.OutOfMemoryError:
+                    sink.log({"check": check.__name__, "frames": args.checks_frames, "oom": True})
+    if "profile" in sections and not budget.spent():
+        profile(model, setup, args.profile_frames, args.out, sink)
+    return rows
+
+
+def main() -> None:
+    args = parse_args()
     sections = set(args.sections.split(","))
-    args.out.mkdir(parents=True, exist_ok=True)
-    sink = (args.out / "results.jsonl").open("a")
-    log({"environment": environment(), "argv": sys.argv}, sink)
-
-    if "parity" in sections:
-        golden_parity(args.golden, sink)
-        golden_decode_graph(args.golden, sink)
-        layer_parity(sink)
-        long_segment_parity(sink)
-        torch.cuda.empty_cache()
-
+    budget = Budget(args.budget_s)
+    if not args.tiny and not torch.cuda.is_available():
+        raise SystemExit("bench_vamba: no CUDA device; run with --tiny for the CPU smoke run")
+    sink = ResultSink(args.out, __file__)
+    start_run(__file__, args, sink)
+    sink.log({"kernels": kernels_unavailable_reason(torch.device("cpu" if args.tiny else "cuda"))
+              or "mamba-ssm + causal-conv1d"})
     rows = []
     if sections & {"sweep", "tune", "profile"}:
-        overrides = {k: v for k, v in (("mamba_max_tokens", args.mamba_max_tokens),
-                                       ("vision_max_frames", args.vision_max_frames)) if v is not None}
-        model = build(VambaConfig(**overrides))
-        log({"model": "vamba", "params": sum(p.numel() for p in model.parameters()), **overrides}, sink)
-        if "tune" in sections:
-            tune(model, sink)
-        if "sweep" in sections:
-            frames = [int(x) for x in args.frames.split(",")]
-            rows += sweep(model, frames, args.repeats, args.decode_steps, sink)
-            if 1024 in frames:
-                decode_graph_check(model, 1024, args.decode_steps, sink)
-                float8_cache(model, 1024, args.decode_steps, sink)
-        if "profile" in sections:
-            profile(model, args.profile_frames, args.out, sink)
-        del model
-        torch.cuda.empty_cache()
-
+        rows += run_model_sections(args, sections, sink, budget)
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
     if "baseline" in sections:
-        rows += baseline([int(x) for x in args.baseline_frames.split(",")], sink)
+        if budget.spent():
+            sink.log({"model": "qwen2-vl", "skipped": "budget spent"})
+        else:
+            rows += baseline(args.baseline_frames, args.tiny, sink, budget)
     if rows:
         text = table(rows)
-        (args.out / "table.md").write_text(text + "\n")
+        sink.path.with_suffix(".table.md").write_text(text + "\n")
         print(text, flush=True)
     if "plot" in sections and rows:
-        plot(rows, args.out / "bench_vamba.png")
+        plot(rows, sink.path.with_suffix(".png"))
+    sink.log({"done": True, "wall_s": budget.elapsed()})
+    sink.close()
 
 
 if __name__ == "__main__":

@@ -8,14 +8,13 @@ import argparse
 import json
 
 import torch
-from bench_vamba import build, relative, video_inputs
+from bench_utils import relative
+from bench_vamba import build, seven_b_setup, video_inputs
 
-from vamba_hf import VambaConfig
 
-
-def teacher_forced_logits(model, frames: int, steps: int, graph: bool) -> torch.Tensor:
+def teacher_forced_logits(model, setup, frames: int, steps: int, graph: bool) -> torch.Tensor:
     model.config.decode_with_cuda_graph = graph
-    ids, pixels, grid = video_inputs(frames)
+    ids, pixels, grid = video_inputs(setup, frames)
     out = model(input_ids=ids, pixel_values_videos=pixels.to(model.dtype), video_grid_thw=grid, use_cache=True,
                 logits_to_keep=1)
     cache, logits = out.past_key_values, []
@@ -30,10 +29,11 @@ def main():
     parser.add_argument("--steps", type=int, default=16)
     args = parser.parse_args()
     for dtype in (torch.float32, torch.bfloat16):
-        model = build(VambaConfig()).to(dtype)
+        setup = seven_b_setup({})
+        model = build(setup).to(dtype)
         with torch.inference_mode():
-            eager = teacher_forced_logits(model, args.frames, args.steps, graph=False)
-            graph = teacher_forced_logits(model, args.frames, args.steps, graph=True)
+            eager = teacher_forced_logits(model, setup, args.frames, args.steps, graph=False)
+            graph = teacher_forced_logits(model, setup, args.frames, args.steps, graph=True)
         print(json.dumps({"check": "decode graph vs eager, 7B sizes", "dtype": str(dtype).split(".")[-1],
                           "frames": args.frames, "steps": args.steps, "relative": relative(graph, eager),
                           "first_step_relative": relative(graph[0], eager[0])}), flush=True)

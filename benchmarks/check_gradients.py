@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import load_file
 
 from vamba_hf import VambaForConditionalGeneration
-from vamba_hf.modeling_vamba import Mamba2
+from vamba_hf.mamba2_vamba import Mamba2
 
 BOUNDS = {"fp32": 1e-4, "bf16": 5e-2}
 

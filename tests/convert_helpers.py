@@ -138,3 +138,29 @@ def write_sparse_shards(folder: Path, shapes: dict, num_shards: int, bytes_per_v
     index_json = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (folder / "model.safetensors.index.json").write_text(json.dumps(index_json))
     return total
+
+
+def tree_snapshot(root: Path) -> dict:
+    """Relative path -> (kind, mode, mtime_ns, bytes) of everything under `root`, links not followed: equal
+    snapshots mean nothing under `root` was created, removed, rewritten or re-moded."""
+    snapshot = {}
+    for path in sorted(root.rglob("*")):
+        info = path.lstat()
+        if path.is_symlink():
+            snapshot[path.relative_to(root).as_posix()] = ("link", os.readlink(path))
+        elif path.is_dir():
+            snapshot[path.relative_to(root).as_posix()] = ("dir", info.st_mode)
+        else:
+            snapshot[path.relative_to(root).as_posix()] = ("file", info.st_mode, info.st_mtime_ns, path.read_bytes())
+    return snapshot
+
+
+def write_json(path: Path, value) -> None:
+    path.write_text(json.dumps(value), encoding="utf-8")
+
+
+def edit_json(path: Path, edit) -> None:
+    """Apply `edit(value)` (in place) to the JSON file `path`."""
+    value = json.loads(path.read_text(encoding="utf-8"))
+    edit(value)
+    write_json(path, value)

@@ -11,9 +11,10 @@ import sys
 from pathlib import Path
 
 import torch
-from test_training import enable_checkpointing, golden_batch, load_model
+from helpers import enable_checkpointing, golden_batch, golden_model
 
-from vamba_hf.modeling_vamba import VambaDecoderLayer, VambaVisionBlock
+from vamba_hf.decoder_vamba import VambaDecoderLayer
+from vamba_hf.vision_vamba import VambaVisionBlock
 
 STEPS = 3
 CHECKPOINTING = {"use_reentrant": False}
@@ -50,7 +51,7 @@ def main(case_dir: str, out: str, mode: str) -> None:
     dist.init_process_group("gloo")
     torch.manual_seed(0)
     case = Path(case_dir)
-    model, batch = load_model(case.parent, case.name), golden_batch(case.parent, case.name)
+    model, batch = golden_model(case.parent, case.name), golden_batch(case.parent, case.name)
     enable_checkpointing(model, CHECKPOINTING)
     model = shard(model, mode)
     assert type(model).__name__.startswith("FSDP"), type(model)

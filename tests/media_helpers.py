@@ -21,9 +21,15 @@ def frame_index_of(image) -> int:
     return round((mean - 16) / LEVEL_STEP)
 
 
-def write_video(path, num_frames=12, width=64, height=48, fps=10, codec="mpeg4", container_options=None):
-    """Writes `num_frames` solid-gray frames (at most 55, so every level stays distinct) and returns the path."""
-    assert num_frames <= 55
+def gray_frames(num_frames, width, height):
+    assert num_frames <= 55, "at most 55 frames, so every level stays distinct"
+    return [np.full((height, width, 3), frame_level(index), dtype=np.uint8) for index in range(num_frames)]
+
+
+def write_frames(path, frames, fps=10, codec="mpeg4", container_options=None, rotation=None, frame_times=None):
+    """Encodes HxWx3 uint8 `frames`. `rotation`: degrees counter-clockwise in the display matrix. `frame_times`:
+    seconds, one per frame, for a variable-frame-rate file (millisecond time base)."""
+    height, width = frames[0].shape[:2]
     with av.open(str(path), "w", options=container_options or {}) as container:
         stream = container.add_stream(codec, rate=Fraction(fps).limit_denominator(1000))
         stream.width, stream.height = width, height
@@ -31,14 +37,25 @@ def write_video(path, num_frames=12, width=64, height=48, fps=10, codec="mpeg4",
         if codec in ("mpeg4", "mjpeg", "mpeg2video"):
             stream.options = {"qscale": "2"}
             stream.codec_context.qmax = 2
-        for index in range(num_frames):
-            pixels = np.full((height, width, 3), frame_level(index), dtype=np.uint8)
+        if rotation is not None:
+            stream.set_display_rotation(rotation)
+        if frame_times is not None:
+            stream.codec_context.time_base = Fraction(1, 1000)
+            stream.time_base = Fraction(1, 1000)
+        for index, pixels in enumerate(frames):
             frame = av.VideoFrame.from_ndarray(pixels, format="rgb24")
+            if frame_times is not None:
+                frame.pts, frame.time_base = round(frame_times[index] * 1000), Fraction(1, 1000)
             for packet in stream.encode(frame):
                 container.mux(packet)
         for packet in stream.encode():
             container.mux(packet)
     return path
+
+
+def write_video(path, num_frames=12, width=64, height=48, fps=10, codec="mpeg4", container_options=None, **options):
+    """Writes `num_frames` solid-gray frames (at most 55) and returns the path; `options` as for `write_frames`."""
+    return write_frames(path, gray_frames(num_frames, width, height), fps, codec, container_options, **options)
 
 
 def write_empty_video(path, codec="mpeg4"):

@@ -4,20 +4,24 @@ load with trust_remote_code and that reproduce the original implementation's gre
 import filecmp
 import json
 import os
+import re
 from pathlib import Path
 
 import pytest
 import torch
 from conftest import golden_cases
-from convert_helpers import (IM_END_ID, OFFICIAL_7B_CONFIG, auto_model_class, generate_golden, golden_generated_ids,
-                             make_source, rewrite_weights, shard_weights, write_sparse_shards)
+from convert_helpers import (IM_END_ID, OFFICIAL_7B_CONFIG, auto_model_class, edit_json, generate_golden,
+                             golden_generated_ids, make_source, rewrite_weights, shard_weights, tree_snapshot,
+                             write_json, write_sparse_shards)
 from huggingface_hub import ModelCard, ModelCardData
 from transformers import AutoProcessor
 
 import vamba_hf
 from vamba_hf import convert as convert_module
 from vamba_hf.card import REPO_ID_PLACEHOLDER
+from vamba_hf.configuration_vamba import AUTO_MAP
 from vamba_hf.convert import REMOTE_CODE_FILES, ConversionError, convert_checkpoint, read_safetensors_header
+from vamba_hf.errors import VambaUserError
 
 PACKAGE_DIR = Path(vamba_hf.__file__).resolve().parent
 
@@ -96,7 +100,8 @@ def test_weights_only_source_converts_without_processor(golden_dir, tmp_path):
     messages = []
     result = convert_checkpoint(source, tmp_path / "hub", log=messages.append)
     assert not result.has_processor
-    assert any("without a processor" in m and "no tokenizer files" in m for m in messages)
+    assert any("holds official-format Vamba weights but no tokenizer files" in m and "without a processor" in m
+               and "convert again" in m for m in messages)
     assert not (tmp_path / "hub" / "tokenizer.json").exists()
     # Without a tokenizer, the source's eos stays.
     assert json.loads((tmp_path / "hub" / "generation_config.json").read_text())["eos_token_id"] == 304
@@ -117,8 +122,8 @@ def test_missing_shard_is_named(golden_dir, tmp_path):
 def test_wrong_shape_is_named(video_short_source, tmp_path):
     name = "model.layers.1.cross_attn.q_proj.weight"
     rewrite_weights(video_short_source, lambda tensors: tensors.update({name: torch.zeros(32, 64)}))
-    with pytest.raises(ConversionError, match=r"wrong shape.*\n.*cross_attn\.q_proj\.weight: checkpoint \[32, 64\], "
-                                              r"config expects \[64, 64\]"):
+    with pytest.raises(ConversionError, match=r"wrong shape \(1\): model\.layers\.1\.cross_attn\.q_proj\.weight: "
+                                              r"checkpoint \[32, 64\], config expects \[64, 64\]\.$"):
         convert_quietly(video_short_source, tmp_path / "hub")
     assert not (tmp_path / "hub").exists()
 
@@ -131,8 +136,9 @@ def test_missing_and_unexpected_tensors_are_named(video_short_source, tmp_path):
     rewrite_weights(video_short_source, edit)
     with pytest.raises(ConversionError) as error:
         convert_quietly(video_short_source, tmp_path / "hub")
-    assert "missing tensors (1):\n  model.layers.2.vision_mixer.mixer.A_log" in str(error.value)
-    assert "unexpected tensors (1):\n  model.layers.2.extra.weight" in str(error.value)
+    assert "missing tensors (1): model.layers.2.vision_mixer.mixer.A_log |" in str(error.value)
+    assert "unexpected tensors (1): model.layers.2.extra.weight." in str(error.value)
+    assert "\n" not in str(error.value)
 
 
 def _edit_config(folder, edit):
@@ -173,14 +179,37 @@ def test_header_reader_matches_the_file(golden_dir):
 def test_refuses_to_overwrite_without_force(video_short_source, tmp_path):
     destination = tmp_path / "hub"
     destination.mkdir()
-    (destination / "keep.txt").write_text("mine")
     with pytest.raises(FileExistsError, match="--force"):
         convert_quietly(video_short_source, destination)
-    assert (destination / "keep.txt").read_text() == "mine"
 
-    convert_quietly(video_short_source, destination, force=True)
-    assert not (destination / "keep.txt").exists() and (destination / "config.json").is_file()
+    convert_quietly(video_short_source, destination, force=True)  # an empty folder
+    assert (destination / "config.json").is_file()
+    convert_quietly(video_short_source, destination, force=True, repo_id="me/x")  # a previous convert output
+    assert 'model_id = "me/x"' in (destination / "README.md").read_text()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hub", "official"]
+
+
+@pytest.mark.parametrize("extra, reason", [
+    ("keep.txt", "it holds keep.txt"),
+    ("notes/", "it holds notes"),
+    ("model.safetensors.index.json", "it has no Vamba config.json"),  # convert's file names, but not a Vamba folder
+])
+def test_force_never_replaces_a_folder_convert_did_not_write(video_short_source, tmp_path, extra, reason):
+    destination = tmp_path / "hub"
+    if extra == "model.safetensors.index.json":
+        destination.mkdir()
+        (destination / extra).write_text("{}")
+    else:
+        convert_quietly(video_short_source, destination)
+        if extra.endswith("/"):
+            (destination / extra).mkdir()
+        else:
+            (destination / extra).write_text("mine")
+    before = tree_snapshot(tmp_path)
+    with pytest.raises(ConversionError, match=r"^--force replaces only an empty folder or one written by vamba-hf "
+                                              rf"convert .* is not one \({reason}\)"):
+        convert_quietly(video_short_source, destination, force=True)
+    assert tree_snapshot(tmp_path) == before
 
 
 def test_failed_run_leaves_nothing_behind(video_short_source, tmp_path, monkeypatch):
@@ -242,3 +271,595 @@ def test_official_7b_layout_is_checked_from_headers_only(tmp_path, monkeypatch):
     saved = json.loads((tmp_path / "hub" / "config.json").read_text())
     assert (saved["model_type"], saved["hidden_size"], saved["vision_mamba_mixer_config"]["d_state"]) == (
         "vamba", 3584, 128)
+
+
+# -- convert touches nothing but the destination ----------------------------------------------------------------
+
+
+def assert_one_line(error):
+    assert isinstance(error, VambaUserError) and "\n" not in str(error) and str(error).strip(), repr(error)
+
+
+def test_failed_run_removes_the_parent_folders_it_created(video_short_source, tmp_path, monkeypatch):
+    def broken_card(*args, **kwargs):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(convert_module, "write_model_card", broken_card)
+    with pytest.raises(RuntimeError, match="disk full"):
+        convert_quietly(video_short_source, tmp_path / "new" / "deeper" / "hub")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["official"]
+
+
+def test_force_refuses_a_destination_that_contains_the_source(golden_dir, tmp_path):
+    """`convert SRC PARENT --force` where PARENT holds SRC once deleted the source and everything beside it."""
+    parent = tmp_path / "models"
+    source = make_source(golden_dir / "video_short", parent / "official")
+    (parent / "other-model.txt").write_text("keep me")
+    before = tree_snapshot(tmp_path)
+    with pytest.raises(ConversionError, match="source folder .* is inside the destination") as error:
+        convert_quietly(source, parent, force=True)
+    assert_one_line(error.value)
+    assert tree_snapshot(tmp_path) == before
+
+
+@pytest.mark.parametrize("layout", ["same folder through a link", "destination inside the source through a link",
+                                    "source inside the destination through a link", "relative path to the source"])
+def test_overlap_is_refused_through_links_and_relative_paths(video_short_source, tmp_path, monkeypatch, layout):
+    monkeypatch.chdir(tmp_path)
+    if layout == "same folder through a link":
+        (tmp_path / "link").symlink_to(video_short_source)
+        destination, message = tmp_path / "link", "is the source folder"
+    elif layout == "destination inside the source through a link":
+        (tmp_path / "link").symlink_to(video_short_source)
+        destination, message = tmp_path / "link" / "hub", "inside the source folder"
+    elif layout == "source inside the destination through a link":
+        (tmp_path / "link").symlink_to(tmp_path)
+        destination, message = tmp_path / "link", "source folder .* is inside the destination"
+    else:
+        destination, message = Path("official/../official"), "is the source folder"
+    before = tree_snapshot(tmp_path)
+    with pytest.raises(ConversionError, match=message):
+        convert_quietly(video_short_source, destination, force=True)
+    assert tree_snapshot(tmp_path) == before
+
+
+@pytest.mark.parametrize("kind", ["link to a folder", "broken link", "file"])
+def test_destination_must_be_a_real_folder_path(video_short_source, tmp_path, kind):
+    destination = tmp_path / "hub"
+    if kind == "link to a folder":
+        (tmp_path / "elsewhere").mkdir()
+        destination.symlink_to(tmp_path / "elsewhere")
+        message = "is a symbolic link"
+    elif kind == "broken link":
+        destination.symlink_to(tmp_path / "nowhere")
+        message = "is a symbolic link"
+    else:
+        destination.write_text("a file")
+        message = "is a file, not a folder"
+    before = tree_snapshot(tmp_path)
+    with pytest.raises(ConversionError, match=message):
+        convert_quietly(video_short_source, destination, force=True)
+    assert tree_snapshot(tmp_path) == before
+
+
+@pytest.mark.parametrize("shard_name", ["../outside.safetensors", "{tmp}/outside.safetensors", "sub/x.safetensors",
+                                        "..\\\\outside.safetensors", ".hidden.safetensors", "weights.bin", 7])
+def test_hostile_shard_names_are_refused(golden_dir, tmp_path, shard_name):
+    """A shard named outside the folder once made convert hard-link the weights beside the destination."""
+    source = make_source(golden_dir / "image", tmp_path / "official")
+    shards = shard_weights(source)
+    if isinstance(shard_name, str):
+        shard_name = shard_name.format(tmp=tmp_path)
+        target = (source / shard_name) if not os.path.isabs(shard_name) else Path(shard_name)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(source / shards[1], target)  # the file exists where the hostile name points
+    edit_json(source / "model.safetensors.index.json",
+              lambda index: index["weight_map"].update({k: shard_name for k, v in index["weight_map"].items()
+                                                        if v == shards[1]}))
+    out = tmp_path / "out"
+    out.mkdir()
+    before = tree_snapshot(tmp_path)
+    with pytest.raises(ConversionError, match="a shard must be a plain .safetensors file name") as error:
+        convert_quietly(source, out / "hub")
+    assert_one_line(error.value)
+    assert tree_snapshot(tmp_path) == before
+
+
+HOSTILE = "attacker/repo--modeling_evil.Evil"
+
+
+def test_source_auto_map_and_custom_pipelines_never_reach_the_hub_folder(golden_dir, tmp_path):
+    source = make_source(golden_dir / "video_short", tmp_path / "official")
+    edit_json(source / "config.json", lambda c: c.update(
+        auto_map={"AutoModel": HOSTILE, "AutoModelForCausalLM": HOSTILE, "AutoConfig": HOSTILE},
+        custom_pipelines={"evil": {"impl": HOSTILE}}))
+    edit_json(source / "tokenizer_config.json", lambda c: c.update(auto_map={"AutoTokenizer": [HOSTILE, None]}))
+    processor_file = "processor_config.json" if (source / "processor_config.json").is_file() else \
+        "preprocessor_config.json"
+    edit_json(source / processor_file, lambda c: c.update(
+        auto_map={"AutoProcessor": HOSTILE, "AutoImageProcessor": HOSTILE}))
+    write_json(source / "generation_config.json",
+               {**json.loads((golden_dir / "video_short" / "generation_config.json").read_text()),
+                "auto_map": {"AutoModel": HOSTILE}})
+
+    convert_quietly(source, tmp_path / "hub")
+    hub = tmp_path / "hub"
+    for path in hub.iterdir():
+        assert b"attacker" not in path.read_bytes(), path.name
+    assert json.loads((hub / "config.json").read_text())["auto_map"] == AUTO_MAP
+    for path in hub.glob("*.json"):
+        auto_map = json.loads(path.read_text()).get("auto_map")
+        assert auto_map in (None, AUTO_MAP, {"AutoProcessor": AUTO_MAP["AutoProcessor"]}), path.name
+    processor = AutoProcessor.from_pretrained(hub, trust_remote_code=True)
+    assert type(processor).__name__ == "VambaProcessor"
+
+
+def test_only_hub_files_are_copied(golden_dir, tmp_path):
+    source = make_source(golden_dir / "video_short", tmp_path / "official")
+    (source / "modeling_vamba.py").write_text("import os; os.system('echo pwned')\n")
+    (source / "evil.py").write_text("raise SystemExit\n")
+    (source / "notes.txt").write_text("private notes")
+    (source / "pytorch_model.bin").write_bytes(b"not for the hub")
+    (source / "sub").mkdir()
+    (source / "sub" / "model.safetensors").write_bytes(b"nested")
+    convert_quietly(source, tmp_path / "hub")
+    hub = tmp_path / "hub"
+    assert {p.name for p in hub.iterdir()} <= convert_module.HUB_FILES
+    assert {"config.json", "generation_config.json", "README.md", "model.safetensors", *REMOTE_CODE_FILES} <= {
+        p.name for p in hub.iterdir()}
+    for name in REMOTE_CODE_FILES:
+        assert filecmp.cmp(hub / name, (PACKAGE_DIR / name).resolve(), shallow=False), name
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o002, 0o027])
+def test_created_folders_and_files_follow_the_umask(video_short_source, tmp_path, umask):
+    previous = os.umask(umask)
+    try:
+        convert_quietly(video_short_source, tmp_path / "new" / "hub")
+    finally:
+        os.umask(previous)
+    for folder in (tmp_path / "new", tmp_path / "new" / "hub"):
+        assert folder.stat().st_mode & 0o777 == 0o777 & ~umask, folder
+    for path in (tmp_path / "new" / "hub").iterdir():
+        if path.name != "model.safetensors":  # hard-linked: the source file's own mode
+            assert path.stat().st_mode & 0o777 == 0o666 & ~umask, path.name
+
+
+# A convert run in a child process that stops for good once the weights are in the partial folder, so that the
+# test can kill it there; the product code has no hook for this: the driver wraps the card writer it calls.
+_STOPPING_CONVERT = """
+import sys, time
+from pathlib import Path
+import vamba_hf.convert as convert
+
+real_card = convert.write_model_card
+def card_then_wait(folder, *args, **kwargs):
+    real_card(folder, *args, **kwargs)
+    Path(sys.argv[3]).write_text(str(folder))
+    time.sleep(600)
+
+convert.write_model_card = card_then_wait
+convert.convert_checkpoint(sys.argv[1], sys.argv[2], log=lambda message: None)
+"""
+
+
+def _start_stopping_convert(source, destination, ready):
+    import subprocess
+    import sys
+    import time
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(PACKAGE_DIR.parent),
+                                                                      os.environ.get("PYTHONPATH")]))}
+    process = subprocess.Popen([sys.executable, "-c", _STOPPING_CONVERT, str(source), str(destination), str(ready)],
+                               env=env, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while not ready.exists():
+        assert process.poll() is None, process.stderr.read().decode()
+        assert time.monotonic() < deadline, "the convert child never reached the card"
+        time.sleep(0.05)
+    return process, Path(ready.read_text())
+
+
+def test_a_killed_convert_leaves_a_partial_folder_the_next_run_removes(video_short_source, tmp_path):
+    import signal
+
+    out = tmp_path / "out"
+    out.mkdir()
+    process, partial = _start_stopping_convert(video_short_source, out / "hub", tmp_path / "ready")
+    assert partial.parent == out and partial.name.startswith(f".hub.partial-{process.pid}-")
+    assert (partial / "model.safetensors").is_file() and (partial / "config.json").is_file()
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    process.stderr.close()
+    assert [p.name for p in out.iterdir()] == [partial.name]  # SIGKILL cannot be caught: the folder stays
+
+    messages = []
+    convert_checkpoint(video_short_source, out / "hub", log=messages.append)
+    assert [p.name for p in out.iterdir()] == ["hub"]
+    assert any(f"Removed {partial}" in m and "interrupted convert" in m for m in messages)
+
+
+def test_a_terminated_convert_cleans_up(video_short_source, tmp_path):
+    import signal
+
+    out = tmp_path / "out"
+    out.mkdir()
+    process, _ = _start_stopping_convert(video_short_source, out / "hub", tmp_path / "ready")
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=60) != 0
+    process.stderr.close()
+    assert list(out.iterdir()) == []
+
+
+def test_stale_folders_of_live_processes_and_of_other_destinations_are_kept(video_short_source, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    live = out / f".hub.partial-{os.getppid()}-0123abcd"  # the parent process is alive
+    other = out / ".other.partial-999999999-0123abcd"
+    for folder in (live, other):
+        folder.mkdir()
+    convert_quietly(video_short_source, out / "hub")
+    assert sorted(p.name for p in out.iterdir()) == sorted(["hub", live.name, other.name])
+
+
+def test_a_previous_output_moved_aside_by_a_killed_run_is_restored(video_short_source, tmp_path):
+    import subprocess
+
+    out = tmp_path / "out"
+    out.mkdir()
+    convert_quietly(video_short_source, out / "hub")
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    aside = out / f".hub.replaced-{dead.pid}-0123abcd"
+    os.rename(out / "hub", aside)
+    with pytest.raises(FileExistsError, match="already exists"):
+        convert_quietly(video_short_source, out / "hub")
+    assert [p.name for p in out.iterdir()] == ["hub"] and (out / "hub" / "config.json").is_file()
+
+
+# -- where the source is ----------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def no_hub(monkeypatch):
+    def never(*args, **kwargs):
+        raise AssertionError("the Hub must not be asked")
+
+    monkeypatch.setattr("huggingface_hub.snapshot_download", never)
+
+
+@pytest.mark.parametrize("source, message", [
+    ("./missing", r"^Source folder \./missing does not exist\.$"),
+    ("{tmp}/missing", r"^Source folder .*/missing does not exist\.$"),
+    ("missing", r"does not exist \(a Hub repo id has the form namespace/name"),
+    ("a/b/c", r"^Source folder a/b/c does not exist\.$"),
+    ("~/vamba-hf-surely-missing-folder", r"does not exist"),
+])
+def test_a_missing_source_folder_is_never_looked_up_on_the_hub(tmp_path, monkeypatch, no_hub, source, message):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConversionError, match=message) as error:
+        convert_quietly(source.format(tmp=tmp_path), tmp_path / "hub")
+    assert_one_line(error.value)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_source_that_is_a_file_is_called_a_file(tmp_path, no_hub):
+    (tmp_path / "model.safetensors").write_bytes(b"x")
+    for source in (tmp_path / "model.safetensors", str(tmp_path / "model.safetensors")):
+        with pytest.raises(ConversionError, match="is a file, not a folder"):
+            convert_quietly(source, tmp_path / "hub")
+
+
+def test_an_existing_local_path_is_never_taken_for_a_repo_id(golden_dir, tmp_path, monkeypatch, no_hub):
+    make_source(golden_dir / "image", tmp_path / "TIGER-Lab" / "Vamba-Qwen2-VL-7B")
+    monkeypatch.chdir(tmp_path)
+    result = convert_quietly("TIGER-Lab/Vamba-Qwen2-VL-7B", tmp_path / "hub")
+    assert result.num_tensors == 121
+
+
+def _run_python(code, env_updates, timeout=120):
+    import subprocess
+    import sys
+
+    env = {key: value for key, value in os.environ.items() if not key.startswith("HF_")}
+    env.update(env_updates, PYTHONPATH=os.pathsep.join(filter(None, [str(PACKAGE_DIR.parent),
+                                                                     os.environ.get("PYTHONPATH")])))
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=timeout)
+
+
+_CONVERT_FROM_THE_HUB = """
+import sys, time
+from vamba_hf.convert import convert_checkpoint
+from vamba_hf.errors import VambaUserError
+started = time.monotonic()
+try:
+    convert_checkpoint("someone/some-vamba", sys.argv[1] if len(sys.argv) > 1 else "hub", log=lambda m: None)
+except VambaUserError as error:
+    print(f"{time.monotonic() - started:.1f}")
+    print(error)
+"""
+
+
+@pytest.mark.parametrize("offline", [False, True])
+def test_a_repo_id_without_network_fails_fast_in_one_line(tmp_path, offline):
+    env = {"HF_HOME": str(tmp_path / "hf-home"), "HF_ENDPOINT": "http://127.0.0.1:9"}  # nothing leaves the machine
+    if offline:
+        env["HF_HUB_OFFLINE"] = "1"
+    result = _run_python(_CONVERT_FROM_THE_HUB.replace('"hub"', repr(str(tmp_path / "hub"))), env)
+    lines = result.stdout.splitlines()
+    assert len(lines) == 2, (result.stdout, result.stderr)
+    seconds, message = float(lines[0]), lines[1]
+    assert seconds < 10
+    assert message.startswith("Downloading someone/some-vamba from the Hugging Face Hub failed: ")
+    assert ("HF_HUB_OFFLINE is set" in message) == offline
+    if not offline:
+        assert "http://127.0.0.1:9" in message and "check the network connection" in message
+    assert not (tmp_path / "hub").exists()
+
+
+# -- bad files in the source ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("text, message", [
+    ("{not json", r"config\.json is not valid JSON"),
+    ("[1, 2]", r"config\.json holds a JSON list, not an object"),
+    ('"a string"', r"config\.json holds a JSON str, not an object"),
+])
+def test_unreadable_config_json_names_the_file(video_short_source, tmp_path, text, message):
+    (video_short_source / "config.json").write_text(text)
+    with pytest.raises(ConversionError, match=message) as error:
+        convert_quietly(video_short_source, tmp_path / "hub")
+    assert_one_line(error.value)
+    assert str(video_short_source / "config.json") in str(error.value)
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda c: c.update(num_attention_heads=0), r"num_attention_heads=0 is invalid: set it to an integer >= 1"),
+    (lambda c: c.update(hidden_size="64"), r"hidden_size='64' is invalid"),
+    (lambda c: c.update(rope_theta="abc"), r"rope_theta='abc' is invalid: set it to a finite number > 0"),
+    (lambda c: c["vision_mamba_mixer_config"].update(chunk_size=0), r"vision_mamba_mixer_config\.chunk_size=0"),
+    (lambda c: c.update(vision_config=[1, 2]), r"vision_config=\[1, 2\] is invalid"),
+    (lambda c: c.update(torch_dtype="int99"), r"torch_dtype='int99' is invalid"),
+    (lambda c: c.update(quantization_config={"quant_method": "bitsandbytes"}), r"quantized checkpoint"),
+])
+def test_bad_config_values_are_reported_with_the_file(video_short_source, tmp_path, edit, message):
+    edit_json(video_short_source / "config.json", edit)
+    with pytest.raises(ConversionError, match=message) as error:
+        convert_quietly(video_short_source, tmp_path / "hub")
+    assert_one_line(error.value)
+    assert str(video_short_source / "config.json") in str(error.value)
+    assert not (tmp_path / "hub").exists()
+
+
+def _write_raw_safetensors(path, header, data=b"", header_bytes=None):
+    encoded = header_bytes if header_bytes is not None else json.dumps(header).encode()
+    path.write_bytes(len(encoded).to_bytes(8, "little") + encoded + data)
+
+
+_F32_ENTRY = {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}
+
+
+@pytest.mark.parametrize("header, data, header_bytes, message", [
+    ([1, 2], b"", None, "the header is not a JSON object"),
+    ({"w": {"dtype": "F32", "shape": [2]}}, bytes(8), None, "lacks dtype, shape or data_offsets"),
+    ({"w": "a string"}, b"", None, "lacks dtype, shape or data_offsets"),
+    ({"w": {**_F32_ENTRY, "dtype": "X9"}}, bytes(8), None, "unknown dtype 'X9'"),
+    ({"w": {**_F32_ENTRY, "shape": "abc"}}, bytes(8), None, "has the shape 'abc'"),
+    ({"w": {**_F32_ENTRY, "shape": [-2]}}, bytes(8), None, "has the shape"),
+    ({"w": {**_F32_ENTRY, "data_offsets": [0]}}, bytes(8), None, "data_offsets"),
+    ({"w": {**_F32_ENTRY, "data_offsets": [8, 0]}}, bytes(8), None, "data_offsets"),
+    ({"w": {**_F32_ENTRY, "data_offsets": [0, 4]}}, bytes(4), None, "does not fill data_offsets"),
+    ({"w": _F32_ENTRY, "v": _F32_ENTRY}, bytes(16), None, "gap or an overlap"),
+    ({"w": _F32_ENTRY}, bytes(12), None, "4 bytes follow the tensor data"),
+    ({"__metadata__": [1], "w": _F32_ENTRY}, bytes(8), None, "__metadata__ is not an object of strings"),
+    (None, b"", b"\xff\xfe{}", "unreadable header"),
+])
+def test_malformed_safetensors_headers_are_reported(video_short_source, tmp_path, header, data, header_bytes,
+                                                    message):
+    weights = video_short_source / "model.safetensors"
+    _write_raw_safetensors(weights, header, data, header_bytes)
+    with pytest.raises(ConversionError, match=re.escape(message)) as error:
+        convert_quietly(video_short_source, tmp_path / "hub")
+    assert_one_line(error.value)
+    assert str(error.value).startswith(f"{weights} is not a valid safetensors file")
+
+
+def test_integer_weights_are_refused(video_short_source, tmp_path):
+    def int8_head(tensors):
+        tensors["lm_head.weight"] = tensors["lm_head.weight"].to(torch.int8)
+
+    rewrite_weights(video_short_source, int8_head)
+    with pytest.raises(ConversionError, match=r"not floating point .*: lm_head\.weight: I8\.$") as error:
+        convert_quietly(video_short_source, tmp_path / "hub")
+    assert_one_line(error.value)
+
+
+class _Payload:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.mkdir, (Path(self.marker),))
+
+
+def test_pickled_weights_are_refused_and_never_unpickled(video_short_source, tmp_path):
+    import pickle
+
+    (video_short_source / "model.safetensors").unlink()
+    marker = tmp_path / "unpickled"
+    (video_short_source / "pytorch_model.bin").write_bytes(pickle.dumps(_Payload(str(marker))))
+    with pytest.raises(ConversionError, match=r"pickled PyTorch weights \(pytorch_model\.bin\), which convert never "
+                                              r"opens") as error:
+        convert_quietly(video_short_source, tmp_path / "hub")
+    assert_one_line(error.value)
+    assert not marker.exists()
+
+
+# -- push: everything checked first, the folder never written, failures in one line ----------------------------
+
+
+@pytest.fixture
+def converted(video_short_source, tmp_path):
+    convert_quietly(video_short_source, tmp_path / "hub")
+    return tmp_path / "hub"
+
+
+class RecordingApi:
+    """Stands in for huggingface_hub.HfApi: records the calls, uploads nothing."""
+
+    calls = []
+
+    def __init__(self, token=None):
+        self.calls.append(("init", token))
+
+    def create_repo(self, repo_id, **options):
+        self.calls.append(("create_repo", repo_id, options))
+
+    def create_branch(self, repo_id, **options):
+        self.calls.append(("create_branch", repo_id, options))
+
+    def create_commit(self, repo_id, operations, **options):
+        self.calls.append(("create_commit", repo_id, operations, options))
+        return "https://huggingface.co/me/vamba/commit/0"
+
+
+@pytest.fixture
+def recording_api(monkeypatch):
+    RecordingApi.calls = []
+    monkeypatch.setattr("huggingface_hub.HfApi", RecordingApi)
+    return RecordingApi.calls
+
+
+def _operation_bytes(operation):
+    source = operation.path_or_fileobj
+    return source if isinstance(source, bytes) else Path(source).read_bytes()
+
+
+def test_push_uploads_one_commit_with_the_card_from_memory(converted, recording_api):
+    from vamba_hf.hub import push_folder
+
+    before = tree_snapshot(converted)
+    files = push_folder(converted, "me/vamba", private=True, revision="v1", token="hf_test", log=lambda m: None)
+    assert tree_snapshot(converted) == before
+    (_, token), (_, repo, create), (_, _, branch), (_, commit_repo, operations, commit) = recording_api
+    assert (token, repo, create["private"], create["exist_ok"], branch["branch"]) == ("hf_test", "me/vamba", True,
+                                                                                   True, "v1")
+    assert (commit_repo, commit["revision"]) == ("me/vamba", "v1")
+    uploaded = {operation.path_in_repo: _operation_bytes(operation) for operation in operations}
+    assert sorted(uploaded) == sorted(name for name, _ in files) == sorted(p.name for p in converted.iterdir())
+    card = uploaded.pop("README.md").decode()
+    assert 'model_id = "me/vamba"' in card and REPO_ID_PLACEHOLDER not in card
+    assert REPO_ID_PLACEHOLDER in (converted / "README.md").read_text()
+    for name, data in uploaded.items():
+        assert data == (converted / name).read_bytes(), name
+
+
+@pytest.mark.parametrize("repo_id", ["not a repo id", "a/b/c", "../x", "me/", "/vamba", "me/x--y", "me/.x", 5])
+def test_push_refuses_a_bad_repo_id_before_anything(converted, recording_api, repo_id):
+    from vamba_hf.hub import push_folder
+
+    with pytest.raises(VambaUserError, match="is not a Hub repo id: use namespace/name") as error:
+        push_folder(converted, repo_id, token="hf_test", log=lambda m: None)
+    assert_one_line(error.value)
+    assert recording_api == []
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda f: (f / "model.safetensors").unlink(), "has neither model.safetensors"),
+    (lambda f: (f / "modeling_vamba.py").unlink(), "lacks the remote-code file"),
+    (lambda f: edit_json(f / "config.json", lambda c: c["auto_map"].update(AutoModel=HOSTILE)),
+     "maps the Auto classes to code that is not vamba-hf's"),
+    (lambda f: edit_json(f / "config.json", lambda c: c.update(num_hidden_layers=2)), "missing tensors|unexpected"),
+    (lambda f: edit_json(f / "config.json", lambda c: c.update(vocab_size=0)), "vocab_size=0 is invalid"),
+    (lambda f: (f / "config.json").write_text("[]"), "holds a JSON list"),
+    (lambda f: edit_json(f / "config.json", lambda c: c.update(model_type="qwen2_vl")), "not a converted Vamba"),
+])
+def test_push_checks_the_folder_before_anything(converted, recording_api, damage, message):
+    from vamba_hf.hub import push_folder
+
+    damage(converted)
+    before = tree_snapshot(converted)
+    for dry_run in (True, False):
+        with pytest.raises(VambaUserError, match=message) as error:
+            push_folder(converted, "me/vamba", token="hf_test", dry_run=dry_run, log=lambda m: None)
+        assert_one_line(error.value)
+    assert recording_api == [] and tree_snapshot(converted) == before
+
+
+def test_push_without_a_token_or_offline_says_so_before_any_request(converted, recording_api, monkeypatch):
+    from huggingface_hub import constants
+
+    from vamba_hf.hub import push_folder
+
+    monkeypatch.setattr("huggingface_hub.get_token", lambda: None)
+    with pytest.raises(VambaUserError, match=r"No Hugging Face token: log in with `hf auth login`"):
+        push_folder(converted, "me/vamba", log=lambda m: None)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(VambaUserError, match="HF_HUB_OFFLINE is set"):
+        push_folder(converted, "me/vamba", token="hf_test", log=lambda m: None)
+    assert recording_api == []
+
+
+def test_push_to_an_unreachable_hub_fails_in_one_line_and_leaves_the_folder(converted, monkeypatch):
+    import time
+
+    from huggingface_hub import constants
+
+    from vamba_hf.hub import push_folder
+
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing leaves the machine
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")
+    before = tree_snapshot(converted)
+    started = time.monotonic()
+    with pytest.raises(VambaUserError) as error:
+        push_folder(converted, "me/vamba", token="hf_test", log=lambda m: None)
+    assert time.monotonic() - started < 30
+    assert_one_line(error.value)
+    assert str(error.value).startswith("Uploading to me/vamba failed: could not reach the Hub at http://127.0.0.1:9")
+    assert tree_snapshot(converted) == before
+
+
+@pytest.fixture
+def refusing_hub(monkeypatch):
+    """A local HTTP server that answers every request with 401, as the Hub does for a bad token."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from huggingface_hub import constants
+
+    class Refuse(BaseHTTPRequestHandler):
+        def _refuse(self):
+            self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            body = b'{"error": "Invalid credentials in Authorization header"}'
+            self.send_response(401)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        do_GET = do_POST = do_PUT = do_HEAD = _refuse
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Refuse)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    endpoint = f"http://127.0.0.1:{server.server_address[1]}"
+    monkeypatch.setenv("HF_ENDPOINT", endpoint)
+    monkeypatch.setattr(constants, "ENDPOINT", endpoint)
+    yield endpoint
+    server.shutdown()
+    server.server_close()
+
+
+def test_push_with_a_refused_token_fails_in_one_line(converted, refusing_hub):
+    from vamba_hf.hub import push_folder
+
+    before = tree_snapshot(converted)
+    with pytest.raises(VambaUserError, match=r"^Uploading to me/vamba failed: ") as error:
+        push_folder(converted, "me/vamba", token="hf_bad", log=lambda m: None)
+    assert_one_line(error.value)
+    assert "401" in str(error.value) or "repository not found" in str(error.value)
+    assert "hf auth login" in str(error.value)
+    assert tree_snapshot(converted) == before

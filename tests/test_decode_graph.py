@@ -3,17 +3,17 @@ plain cache, through greedy, batched/padded and beam-search generation, and back
 
 import pytest
 import torch
-from test_modeling import left_pad, prompt, relative_error, tiny_model, video_pixels
+from helpers import left_pad, prompt, relative_error, tiny_model, video_pixels
 
 from vamba_hf import VambaForConditionalGeneration
-from vamba_hf.modeling_vamba import DecodeGraph
+from vamba_hf.cache_vamba import DecodeGraph
 
 
 @pytest.fixture
 def static_steps_on_cpu(monkeypatch):
     steps = []
     original = DecodeGraph.step
-    monkeypatch.setattr(VambaForConditionalGeneration, "_graph_device_types", ("cuda", "cpu"))
+    monkeypatch.setattr(VambaForConditionalGeneration, "static_decode_step_off_cuda", True)
     monkeypatch.setattr(DecodeGraph, "step", lambda self, *a: steps.append(1) or original(self, *a))
     return steps
 
@@ -98,10 +98,24 @@ def test_a_finished_generation_is_freed_without_the_cycle_collector(static_steps
                              max_new_tokens=4, do_sample=False, eos_token_id=None, return_dict_in_generate=True)
     cache = out.past_key_values
     assert cache.decode_graph is not None
-    cross_key = weakref.ref(cache.cross_kv[0][0])
+    cross_key = weakref.ref(cache.cross.kv[0][0])
     gc.disable()
     try:
         del out, cache
         assert cross_key() is None
     finally:
         gc.enable()
+
+
+@pytest.mark.parametrize("static", [False, True])
+def test_every_forward_runs_the_text_models_one_layer_loop(monkeypatch, static):
+    """Prefill, eager decoding and the static step all go through VambaTextModel.forward."""
+    monkeypatch.setattr(VambaForConditionalGeneration, "static_decode_step_off_cuda", static)
+    model = tiny_model()
+    pixels, grid = video_pixels(2, 4, 4)
+    calls = []
+    model.model.register_forward_hook(lambda module, args, out: calls.append(args[0].shape[1]))
+    with torch.no_grad():
+        model.generate(input_ids=prompt(1, 3)[None], pixel_values_videos=pixels, video_grid_thw=grid,
+                       max_new_tokens=4, do_sample=False, eos_token_id=None)
+    assert calls == [6, 1, 1, 1]

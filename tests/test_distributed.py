@@ -16,10 +16,11 @@ from pathlib import Path
 import fsdp_worker
 import pytest
 import torch
-from test_training import enable_checkpointing, golden_batch, load_model
+from helpers import enable_checkpointing, golden_batch, golden_model
 from torch.utils.checkpoint import checkpoint
 
-import vamba_hf.modeling_vamba as modeling
+import vamba_hf.layers_vamba as layers
+import vamba_hf.vision_vamba as vision
 from vamba_hf.configuration_vamba import VambaVisionConfig
 
 pytest.importorskip("torch.distributed.fsdp", reason="torch without FSDP2")
@@ -45,7 +46,7 @@ def sharded_losses(case_dir: Path, mode: str, tmp_path: Path) -> list[float]:
 @pytest.fixture(scope="module")
 def unsharded_losses(golden_dir):
     torch.manual_seed(0)
-    model, batch = load_model(golden_dir, "video_short"), golden_batch(golden_dir, "video_short")
+    model, batch = golden_model(golden_dir, "video_short"), golden_batch(golden_dir, "video_short")
     enable_checkpointing(model, fsdp_worker.CHECKPOINTING)
     return fsdp_worker.train(model, batch)
 
@@ -80,15 +81,15 @@ def cast_in_first_pass_only(layer):
 def test_vision_block_recomputes_with_angles_cast_in_the_first_pass_only(monkeypatch, fused):
     if fused == "compiled":
         # What FusedOnCuda runs on GPU; aot_eager partitions the graph (what decides the saved tensors) with no compiler.
-        monkeypatch.setattr(modeling, "fused_rotary",
-                            torch.compile(modeling.apply_rotary, dynamic=True, backend="aot_eager"))
+        monkeypatch.setattr(vision, "fused_rotary",
+                            torch.compile(layers.apply_rotary, dynamic=True, backend="aot_eager"))
     torch.manual_seed(0)
     config = VambaVisionConfig(depth=1, embed_dim=32, hidden_size=64, num_heads=2, mlp_ratio=2)
     config._attn_implementation = "sdpa"
-    block = modeling.VambaVisionBlock(config).to(torch.bfloat16)
-    cos, sin = modeling.VambaVisionRotary(config)(4, 4, "cpu")
+    block = vision.VambaVisionBlock(config).to(torch.bfloat16)
+    cos, sin = vision.VambaVisionRotary(config)(4, 4, "cpu")
     frames = torch.randn(2, 16, 32, dtype=torch.bfloat16, requires_grad=True)
-    run, passes = cast_in_first_pass_only(lambda x, c, s: modeling.VambaVisionBlock.forward(block, x, (c, s)))
+    run, passes = cast_in_first_pass_only(lambda x, c, s: vision.VambaVisionBlock.forward(block, x, (c, s)))
 
     checkpoint(run, frames, cos, sin, use_reentrant=False).float().square().sum().backward()
     assert passes == [torch.bfloat16, torch.float32]
@@ -96,10 +97,10 @@ def test_vision_block_recomputes_with_angles_cast_in_the_first_pass_only(monkeyp
 
 
 def test_text_rotary_recomputes_with_angles_cast_in_the_first_pass_only():
-    cos, sin = (t[None, None] for t in modeling.VambaVisionRotary(
+    cos, sin = (t[None, None] for t in vision.VambaVisionRotary(
         VambaVisionConfig(embed_dim=32, num_heads=2))(4, 4, "cpu"))
     x = torch.randn(1, 2, 16, 16, dtype=torch.bfloat16, requires_grad=True)
-    run, passes = cast_in_first_pass_only(modeling.apply_rotary)
+    run, passes = cast_in_first_pass_only(layers.apply_rotary)
     checkpoint(run, x, cos, sin, use_reentrant=False).float().square().sum().backward()
     assert passes == [torch.bfloat16, torch.float32]
     assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0

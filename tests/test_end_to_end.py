@@ -1,8 +1,8 @@
 """From video files and questions, through VambaProcessor, to generated answers on a tiny random model."""
 
 import torch
+from helpers import tiny_model
 from media_helpers import write_video
-from test_modeling import tiny_model
 
 from vamba_hf.tiny import build_tiny_processor, special_token_ids
 

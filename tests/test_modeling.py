@@ -9,71 +9,17 @@ import pytest
 import torch
 import transformers
 from conftest import REPO, golden_cases
+from helpers import (golden_inputs, left_pad, load_golden, prompt, relative_error, tiny_config, tiny_model,
+                     video_pixels)
 from reference_vamba import reference_logits
 from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModel
 
 from vamba_hf import VambaConfig, VambaForConditionalGeneration, VambaModel
-from vamba_hf.modeling_vamba import Mamba2, VambaCache, ssd_scan_torch
+from vamba_hf.cache_vamba import VambaCache
+from vamba_hf.mamba2_vamba import Mamba2, ssd_scan_torch
 
 TRANSFORMERS_5 = int(transformers.__version__.split(".")[0]) >= 5
-VISION_START, VISION_END, EOS = 300, 301, 304
-
-
-def relative_error(ours, ref):
-    return ((ours.double() - ref.double()).norm() / ref.double().norm()).item()
-
-
-def load_golden(folder, attn="eager", **kwargs):
-    model, info = VambaForConditionalGeneration.from_pretrained(
-        folder, attn_implementation=attn, dtype=torch.float32, output_loading_info=True, **kwargs
-    )
-    return model.eval(), info
-
-
-def golden_inputs(folder):
-    inputs = load_file(str(folder / "inputs.safetensors"))
-    visual = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
-    return inputs["input_ids"], inputs["attention_mask"], visual
-
-
-def tiny_config(**overrides):
-    settings = dict(
-        vocab_size=320, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, mrope_section=[2, 3, 3], vision_start_token_id=VISION_START,
-        vision_end_token_id=VISION_END, image_token_id=302, video_token_id=303, eos_token_id=EOS, pad_token_id=EOS,
-        vision_config=dict(depth=1, embed_dim=32, hidden_size=64, num_heads=2, mlp_ratio=2),
-        vision_mamba_mixer_config=dict(hidden_dim=64, d_state=16, headdim=16, chunk_size=8),
-    )
-    settings.update(overrides)
-    return VambaConfig(**settings)
-
-
-def tiny_model(**overrides):
-    """A random tiny model whose norms, biases, alpha and SSM parameters are all perturbed away from their
-    initial values, so that a wrong wiring shows."""
-    torch.manual_seed(0)
-    model = VambaForConditionalGeneration(tiny_config(**overrides)).eval()
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name.endswith("alpha"):
-                param.uniform_(0.2, 0.8)
-            elif param.dim() == 1:
-                param.add_(torch.randn_like(param) * 0.2)
-    return model
-
-
-def video_pixels(t, h, w, seed=0):
-    generator = torch.Generator().manual_seed(seed)
-    return torch.randn(t * h * w, 3 * 2 * 14 * 14, generator=generator), torch.tensor([[t, h, w]])
-
-
-def prompt(length_before, length_after, seed=0, visual=True):
-    generator = torch.Generator().manual_seed(seed)
-    before = torch.randint(0, 300, (length_before,), generator=generator)
-    after = torch.randint(0, 300, (length_after,), generator=generator)
-    middle = torch.tensor([VISION_START, VISION_END] if visual else [])
-    return torch.cat([before, middle, after]).long()
 
 
 # --- parity with the original implementation ---------------------------------------------------------------------
@@ -245,16 +191,6 @@ def test_mixer_in_segments_equals_one_pass():
 # --- batching ------------------------------------------------------------------------------------------------------
 
 
-def left_pad(rows, pad_id=EOS):
-    longest = max(len(r) for r in rows)
-    ids = torch.full((len(rows), longest), pad_id)
-    mask = torch.zeros(len(rows), longest, dtype=torch.long)
-    for i, row in enumerate(rows):
-        ids[i, longest - len(row):] = row
-        mask[i, longest - len(row):] = 1
-    return ids, mask
-
-
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
 def test_batched_equals_one_by_one(attn):
     model = tiny_model()
@@ -369,9 +305,29 @@ def test_cache_holds_cross_attention_kv_per_layer():
     with torch.no_grad():
         out = model(input_ids=prompt(1, 2)[None], pixel_values_videos=pixels, video_grid_thw=grid, use_cache=True)
     cache = out.past_key_values
-    assert isinstance(cache, VambaCache) and sorted(cache.cross_kv) == [0, 1]
-    key, value = cache.cross_kv[0]
+    assert isinstance(cache, VambaCache) and sorted(cache.cross.kv) == [0, 1]
+    key, value = cache.cross.kv[0]
     assert key.shape == (1, 2, 8, 16) and value.shape == (1, 2, 8, 16)
+
+
+def test_cache_argument_is_read_under_either_name():
+    """transformers 5.24 passes the cache to forward as `cache`; earlier releases as `past_key_values`. A decoding
+    step must read it under both names (a lost cache re-runs the step without the prompt, silently)."""
+    from vamba_hf.modeling_vamba import CACHE_NAME
+
+    model = tiny_model()
+    pixels, grid = video_pixels(2, 4, 4)
+    ids = prompt(1, 2)[None]
+    next_token = torch.tensor([[7]])
+    with torch.no_grad():
+        full = model(input_ids=torch.cat([ids, next_token], 1), pixel_values_videos=pixels, video_grid_thw=grid)
+        for name in ("cache", "past_key_values"):
+            out = model(input_ids=ids, pixel_values_videos=pixels, video_grid_thw=grid, use_cache=True)
+            cache = getattr(out, CACHE_NAME)
+            step = model(input_ids=next_token, use_cache=True, **{name: cache})
+            assert relative_error(step.logits[:, -1], full.logits[:, -1]) < 1e-5, name
+        with pytest.raises(ValueError, match="given twice"):
+            model(input_ids=next_token, cache=cache, past_key_values=cache)
 
 
 # --- loading, saving, dtypes -----------------------------------------------------------------------------------------
@@ -411,7 +367,10 @@ def test_bf16_load_returns_fp32_logits(tmp_path):
 
 
 def test_hub_files_are_the_package_files():
-    for name in ("configuration_vamba.py", "modeling_vamba.py", "processing_vamba.py"):
+    """The repository root is a loadable Hub folder: every remote-code module of the package is there too."""
+    remote_code = sorted(path.name for path in (REPO / "src" / "vamba_hf").glob("*_vamba.py"))
+    assert {"configuration_vamba.py", "modeling_vamba.py", "processing_vamba.py"} <= set(remote_code)
+    for name in remote_code:
         assert filecmp.cmp(REPO / name, REPO / "src" / "vamba_hf" / name, shallow=False), name
 
 
@@ -420,9 +379,10 @@ def test_cpu_runs_the_torch_mamba_path():
 
 
 def test_missing_kernels_warn_once_with_the_fix(monkeypatch):
+    import vamba_hf.mamba2_vamba as mamba2
     import vamba_hf.modeling_vamba as modeling
 
-    monkeypatch.setattr(modeling, "_MAMBA_SSM_ERROR", "ImportError: selective_scan_cuda.so: undefined symbol")
+    monkeypatch.setattr(mamba2, "_MAMBA_SSM_ERROR", "ImportError: selective_scan_cuda.so: undefined symbol")
     messages = []
     monkeypatch.setattr(modeling.logger, "warning", lambda message, *a, **k: messages.append(message))
     model = tiny_model()
@@ -430,7 +390,7 @@ def test_missing_kernels_warn_once_with_the_fix(monkeypatch):
     model._check_kernels(torch.device("cuda"))
     assert len(messages) == 1
     assert "selective_scan_cuda" in messages[0] and "pip install 'vamba-hf[cuda]'" in messages[0]
-    assert modeling.kernels_unavailable_reason(torch.device("cuda")).startswith("mamba-ssm is not usable")
+    assert mamba2.kernels_unavailable_reason(torch.device("cuda")).startswith("mamba-ssm is not usable")
 
 
 # --- clear errors ----------------------------------------------------------------------------------------------------

@@ -4,12 +4,11 @@
 import pytest
 import torch
 
+from helpers import VISION_END, VISION_START, relative_error, tiny_model
+
 from vamba_hf import VambaConfig
-from vamba_hf.modeling_vamba import VambaCache, attention_mask_for, quantize_per_token
-
-from test_modeling import relative_error, tiny_model
-
-VISION_START, VISION_END = 300, 301
+from vamba_hf.cache_vamba import VambaCache, quantize_per_token
+from vamba_hf.layers_vamba import attention_mask_for
 
 
 def video_prompt(length=6):
@@ -29,8 +28,8 @@ def test_folded_cross_attention_equals_repeated_heads(padded, queries):
     mask_sdpa = attention_mask_for(keep[:, None, :], "sdpa", q.dtype) if padded else None
     mask_eager = attention_mask_for(keep[:, None, :], "eager", q.dtype) if padded else None
     with torch.no_grad():
-        folded = attention.attend(q, k, v, mask_sdpa, "sdpa")  # one SDPA call on the 2 stored K/V heads
-        repeated = attention.attend(q, k, v, mask_eager, "eager")  # K/V repeated to 4 heads
+        folded, _ = attention.attend(q, k, v, mask_sdpa, "sdpa")  # one SDPA call on the 2 stored K/V heads
+        repeated, _ = attention.attend(q, k, v, mask_eager, "eager")  # K/V repeated to 4 heads
     assert relative_error(folded, repeated) <= 1e-6
 
 
@@ -73,9 +72,9 @@ def test_float8_cross_kv_cache_decodes_close_to_full_precision():
                                  output_scores=True, return_dict_in_generate=True)
         cache = out.past_key_values
         assert isinstance(cache, VambaCache)
-        key, value = cache.cross_kv[0]
+        key, value = cache.cross.kv[0]
         assert key.dtype == value.dtype == (torch.float8_e4m3fn if storage else torch.float32)
-        assert cache.read_cross_kv(0)[0].dtype == torch.float32
+        assert cache.cross.read(0)[0].dtype == torch.float32
         scores[storage] = torch.stack(out.scores, 1)
     # The first step reads the prefill's own K/V; later steps read the 8-bit cache.
     assert relative_error(scores["float8_e4m3fn"], scores[None]) <= 3e-2
@@ -85,3 +84,100 @@ def test_cross_kv_cache_dtype_is_validated():
     assert VambaConfig(cross_kv_cache_dtype="float8_e4m3fn").cross_kv_cache_dtype == "float8_e4m3fn"
     with pytest.raises(ValueError, match="cross_kv_cache_dtype"):
         VambaConfig(cross_kv_cache_dtype="int4")
+
+
+# -- the Mamba-2 op tables -------------------------------------------------------------------------------------------
+
+# The kernels' signatures (mamba-ssm 2.2's `mamba_chunk_scan_combined` and gated `rmsnorm_fn`, causal-conv1d's
+# `causal_conv1d_fn`): the PyTorch ops take the same arguments, so that one call site serves both tables.
+KERNEL_SIGNATURES = {
+    "chunk_scan": [("x",), ("dt",), ("A",), ("B",), ("C",), ("chunk_size",), ("D", None), ("z", None),
+                   ("dt_bias", None), ("initial_states", None), ("seq_idx", None), ("cu_seqlens", None),
+                   ("dt_softplus", False), ("dt_limit", (0.0, float("inf"))), ("return_final_states", False),
+                   ("return_varlen_states", False)],
+    "causal_conv1d": [("x",), ("weight",), ("bias", None), ("seq_idx", None), ("initial_states", None),
+                      ("return_final_states", False), ("final_states_out", None), ("activation", None)],
+    "gated_rmsnorm": [("x",), ("weight",), ("bias",), ("z", None), ("eps", 1e-6), ("group_size", None),
+                      ("norm_before_gate", True)],
+}
+
+
+@pytest.mark.parametrize("op", sorted(KERNEL_SIGNATURES))
+def test_torch_ops_have_the_kernels_signatures(op):
+    import inspect
+
+    from vamba_hf.mamba2_vamba import TORCH_OPS
+
+    parameters = inspect.signature(getattr(TORCH_OPS, op)).parameters.values()
+    ours = [(p.name,) if p.default is inspect.Parameter.empty else (p.name, p.default) for p in parameters]
+    assert ours == KERNEL_SIGNATURES[op]
+
+
+def test_the_op_table_is_chosen_once_per_call(monkeypatch):
+    from vamba_hf.mamba2_vamba import Mamba2
+
+    mixer = tiny_model(mamba_max_tokens=16).model.layers[0].vision_mixer
+    calls = []
+    original = Mamba2.ops
+    monkeypatch.setattr(Mamba2, "ops", lambda self, device: calls.append(device) or original(self, device))
+    with torch.no_grad():
+        mixer(torch.randn(1, 50, 64))  # four segments
+        mixer(torch.randn(1, 50, 64), in_place=True)
+    assert len(calls) == 2
+
+
+def test_stable_segment_sum_keeps_small_sums_exact():
+    """Along a chunk the cumulative sum of dt*A reaches thousands; a segment sum taken as a difference of two such
+    sums keeps only their last few bits. Summed directly, each one-step segment is its own term exactly."""
+    from vamba_hf.mamba2_vamba import segment_sum
+
+    x = -torch.rand(2, 256, generator=torch.Generator().manual_seed(0)) * 20
+    sums = segment_sum(x)
+    assert torch.equal(sums.diagonal(-1, -2, -1), x[:, 1:])
+    assert torch.all(sums.diagonal(0, -2, -1) == 0) and torch.isneginf(sums.triu(1)[..., 0, 1:]).all()
+    exact = x.double().cumsum(-1)[..., :, None] - x.double().cumsum(-1)[..., None, :]
+    lower = torch.ones(256, 256, dtype=torch.bool).tril()
+    assert (sums.double() - exact)[:, lower].abs().max() < 1e-3
+    naive = x.cumsum(-1)[..., :, None] - x.cumsum(-1)[..., None, :]
+    assert not torch.equal(naive.diagonal(-1, -2, -1), x[:, 1:])  # what the stable form avoids
+
+
+# -- the compile wrapper ------------------------------------------------------------------------------------------
+
+
+def failing_compile(error):
+    def compile(fn, **kwargs):
+        def compiled(*args):
+            raise error
+
+        return compiled
+
+    return compile
+
+
+def backend_failure(inner):
+    from torch._dynamo.exc import BackendCompilerFailed
+
+    return BackendCompilerFailed(lambda *a: None, inner, None)
+
+
+@pytest.mark.parametrize("error, falls_back", [
+    (lambda: backend_failure(RuntimeError("Triton is not installed")), True),
+    (lambda: torch.OutOfMemoryError("CUDA out of memory"), False),
+    (lambda: backend_failure(torch.OutOfMemoryError("CUDA out of memory while autotuning")), False),
+    (lambda: ValueError("a bad input"), False),
+])
+def test_fused_pass_falls_back_only_when_compiling_is_unavailable(monkeypatch, error, falls_back):
+    from vamba_hf.layers_vamba import FusedOnCuda
+
+    raised = error()
+    monkeypatch.setattr(torch, "compile", failing_compile(raised))
+    fused = FusedOnCuda(lambda x: x * 2, device_type="cpu")  # as on CUDA, for tensors on the CPU
+    x = torch.ones(3)
+    if falls_back:
+        assert torch.equal(fused(x), x * 2) and fused.failed
+        assert torch.equal(fused(x), x * 2)  # eager from now on
+    else:
+        with pytest.raises(type(raised)):
+            fused(x)
+        assert not fused.failed

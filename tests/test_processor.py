@@ -12,7 +12,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from media_helpers import write_video
 
-from vamba_hf.processing_vamba import VAMBA_CHAT_TEMPLATE, VambaProcessor, VideoFrames, default_image_processor
+from vamba_hf.processing_vamba import VAMBA_CHAT_TEMPLATE, VambaProcessor, default_image_processor
+from vamba_hf.video_vamba import VideoFrames, VideoSampling
 from vamba_hf.tiny import TINY_SPECIAL_TOKENS, build_tiny_processor, build_tiny_tokenizer, special_token_ids
 
 ORIGINAL_PROMPT = (
@@ -230,13 +231,18 @@ def test_min_max_pixels_override(processor):
 
 
 @settings(max_examples=12, deadline=None)
-@given(num_frames=st.integers(2, 9), height=st.integers(10, 300), width=st.integers(10, 300))
-def test_video_shapes_property(processor, num_frames, height, width):
-    inputs = processor(text="<|vision_start|><|vision_end|>", videos=random_frames(num_frames, height, width))
-    grid_h, grid_w = expected_grid(height, width)
-    assert inputs["video_grid_thw"].tolist() == [[num_frames // 2, grid_h, grid_w]]
-    assert inputs["pixel_values_videos"].shape == (num_frames // 2 * grid_h * grid_w, 1176)
-    assert len(processor.last_video_metadata[0]["timestamps"] or [None] * (num_frames // 2 * 2)) == num_frames // 2 * 2
+@given(num_frames=st.integers(2, 9), height=st.integers(10, 300), width=st.integers(10, 300), seed=st.integers(0, 99))
+def test_video_pixels_property(processor, num_frames, height, width, seed):
+    """Any size and frame count: the grid of Qwen2-VL's smart resize, the odd last frame dropped, and pixels equal,
+    bit for bit, to the image processor's on each frame laid out as Qwen2-VL's video patches."""
+    frames = random_frames(num_frames, height, width, seed=seed)
+    inputs = processor(text="<|vision_start|><|vision_end|>", videos=frames, return_metadata=True)
+    kept = num_frames // 2 * 2
+    patches, grid = reference_video_patches(list(frames[:kept]))
+    assert grid == [num_frames // 2, *expected_grid(height, width)]
+    assert inputs["video_grid_thw"].tolist() == [grid]
+    np.testing.assert_array_equal(inputs["pixel_values_videos"], patches)
+    assert inputs["video_metadata"][0]["num_frames"] == kept
 
 
 # -- videos from files -------------------------------------------------------------------------------------
@@ -244,8 +250,8 @@ def test_video_shapes_property(processor, num_frames, height, width):
 
 def test_video_file_message_and_timestamps(processor, tmp_path):
     path = write_video(tmp_path / "clip.mp4", num_frames=30, width=96, height=64, fps=15)
-    inputs = as_inputs(processor, video_message(str(path), num_frames=5))
-    metadata = processor.last_video_metadata
+    inputs = as_inputs(processor, video_message(str(path), num_frames=5), return_metadata=True)
+    metadata = inputs["video_metadata"]
     assert len(metadata) == 1 and metadata[0]["num_frames"] == 4  # 5 sampled, the odd last one dropped
     assert metadata[0]["frame_indices"] == [2, 8, 14, 20]
     assert metadata[0]["timestamps"] == pytest.approx([index / 15 for index in (2, 8, 14, 20)], abs=1e-3)
@@ -264,9 +270,9 @@ def test_video_file_by_path_and_url_keys(processor, tmp_path):
 def test_processor_sampling_defaults_apply(tmp_path):
     processor = build_tiny_processor(num_frames=6, video_shortest_edge=None, video_longest_edge=None)
     path = write_video(tmp_path / "clip.mp4", num_frames=20, width=56, height=56)
-    inputs = processor(text="<|vision_start|><|vision_end|>", videos=str(path))
+    inputs = processor(text="<|vision_start|><|vision_end|>", videos=str(path), return_metadata=True)
     assert inputs["video_grid_thw"].tolist() == [[3, 4, 4]]
-    assert processor.last_video_metadata[0]["frame_indices"] == [1, 4, 7, 11, 14, 17]
+    assert inputs["video_metadata"][0]["frame_indices"] == [1, 4, 7, 11, 14, 17]
 
 
 # -- batches ------------------------------------------------------------------------------------------------
@@ -376,7 +382,7 @@ def test_round_trip_through_auto_processor(tmp_path):
 
     loaded = transformers.AutoProcessor.from_pretrained(tmp_path, trust_remote_code=True)
     assert type(loaded).__name__ == "VambaProcessor"
-    assert loaded.num_frames == 32
+    assert loaded.video_sampling.to_dict() == VideoSampling(num_frames=32).to_dict()  # the remote-code copy of the class
     assert loaded.chat_template == VAMBA_CHAT_TEMPLATE
     assert loaded.tokenizer.padding_side == "left"
     assert loaded.tokenizer.get_vocab() == processor.tokenizer.get_vocab()
@@ -389,8 +395,9 @@ def test_round_trip_through_auto_processor(tmp_path):
 
 def test_processor_from_parts():
     processor = VambaProcessor(image_processor=default_image_processor(), tokenizer=build_tiny_tokenizer())
-    assert processor.num_frames == 128 and processor.max_frames == 512
-    assert (processor.video_longest_edge, processor.video_shortest_edge) == (640, 256)
+    assert processor.video_sampling == VideoSampling()
+    assert (processor.video_sampling.num_frames, processor.video_sampling.max_frames) == (128, 512)
+    assert (processor.video_sampling.video_longest_edge, processor.video_sampling.video_shortest_edge) == (640, 256)
     assert processor.image_processor.size == {"shortest_edge": 56 * 56, "longest_edge": 28 * 28 * 1280}
 
 

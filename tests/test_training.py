@@ -4,49 +4,17 @@ rows, LoRA and a frozen vision tower. Runs on the golden fixtures' tiny models (
 import pytest
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file
+from helpers import VISION_END, VISION_START, enable_checkpointing, golden_batch, golden_model, golden_video
+from helpers import relative_error as relative
 
 from vamba_hf import VambaForConditionalGeneration
-from vamba_hf.modeling_vamba import Mamba2
-
-VISION_START, VISION_END = 300, 301
-
-
-def load_model(golden_dir, case="video_long", implementation="sdpa", dtype=torch.float32):
-    model = VambaForConditionalGeneration.from_pretrained(golden_dir / case, attn_implementation=implementation,
-                                                          dtype=dtype)
-    return model
-
-
-def golden_video(golden_dir, case):
-    inputs = load_file(golden_dir / case / "inputs.safetensors")
-    return inputs["pixel_values_videos"], inputs["video_grid_thw"]
-
-
-def golden_batch(golden_dir, case="video_short"):
-    inputs = load_file(golden_dir / case / "inputs.safetensors")
-    labels = inputs["input_ids"].clone()
-    labels[:, :9] = -100  # the "prompt"
-    return {**inputs, "labels": labels}
-
-
-def relative(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
-
-
-def enable_checkpointing(model, checkpoint_kwargs=None):
-    """transformers 5 renamed gradient checkpointing to activation checkpointing (the old name warns)."""
-    if hasattr(model, "activation_checkpointing_enable"):
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs=checkpoint_kwargs)
-    else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpoint_kwargs)
-
+from vamba_hf.mamba2_vamba import Mamba2
 
 # -- loss ---------------------------------------------------------------------------------------------------------
 
 
 def test_loss_is_shifted_cross_entropy_ignoring_minus_100(golden_dir):
-    model = load_model(golden_dir, "video_short").eval()
+    model = golden_model(golden_dir, "video_short").eval()
     batch = golden_batch(golden_dir)
     out = model(**batch, use_cache=False)
     expected = F.cross_entropy(out.logits[0, :-1].double(), batch["labels"][0, 1:], ignore_index=-100)
@@ -59,7 +27,7 @@ def test_loss_is_shifted_cross_entropy_ignoring_minus_100(golden_dir):
 
 
 def test_loss_with_logits_to_keep_covers_the_kept_positions(golden_dir):
-    model = load_model(golden_dir, "video_short").eval()
+    model = golden_model(golden_dir, "video_short").eval()
     batch = golden_batch(golden_dir)
     full = model(**batch, use_cache=False)
     kept = model(**batch, use_cache=False, logits_to_keep=4)
@@ -80,7 +48,7 @@ def loss_and_gradients(model, batch):
 
 
 def test_every_used_parameter_gets_a_gradient(golden_dir):
-    model = load_model(golden_dir, "video_short").train()
+    model = golden_model(golden_dir, "video_short").train()
     _, grads = loss_and_gradients(model, golden_batch(golden_dir))
     last = model.config.num_hidden_layers - 1
     # The last layer's Mamba-2 block feeds no one; everything else, vision tower included, must learn.
@@ -94,7 +62,7 @@ def test_gradient_matches_finite_differences(golden_dir):
     """A float64 model's gradients vs. central differences of its final hidden states, through both streams. The
     norms, rotary and Mamba-2 compute in fp32 inside, which bounds the agreement to about 1% (the exact check of
     the Mamba-2 path is the reference test below)."""
-    model = load_model(golden_dir, "video_short", dtype=torch.float64).train()
+    model = golden_model(golden_dir, "video_short", dtype=torch.float64).train()
     batch = golden_batch(golden_dir)
     del batch["labels"]
     batch["pixel_values_videos"] = batch["pixel_values_videos"].double()
@@ -152,7 +120,7 @@ def reference_mamba(mixer, u, seq_lengths):
 def test_pytorch_mamba_gradients_match_a_step_by_step_reference(golden_dir, max_tokens):
     """Chunked scan + causal conv (torch path) vs. the plain recurrence: output and gradients, with packed
     sequences (seq_idx) and, for max_tokens=40, segments carrying the state across."""
-    mixer = load_model(golden_dir, "video_short").model.layers[0].vision_mixer.mixer
+    mixer = golden_model(golden_dir, "video_short").model.layers[0].vision_mixer.mixer
     if max_tokens:
         mixer.max_tokens = max_tokens
     seq_lengths = [37, 50, 13]
@@ -180,7 +148,7 @@ def count_calls(module):
 
 @pytest.mark.parametrize("reentrant", [None, True])
 def test_gradient_checkpointing_gives_the_same_gradients(golden_dir, reentrant):
-    model = load_model(golden_dir, "video_short").train()
+    model = golden_model(golden_dir, "video_short").train()
     batch = golden_batch(golden_dir)
     loss, grads = loss_and_gradients(model, batch)
 
@@ -199,7 +167,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(golden_dir, reentrant):
 
 def test_gradient_checkpointing_trains_behind_frozen_inputs(golden_dir):
     """Frozen embeddings and vision tower: the layers' inputs need no gradient, their weights do."""
-    model = load_model(golden_dir, "video_short").train()
+    model = golden_model(golden_dir, "video_short").train()
     model.freeze_vision_tower()
     model.get_input_embeddings().requires_grad_(False)
     enable_checkpointing(model)
@@ -210,14 +178,14 @@ def test_gradient_checkpointing_trains_behind_frozen_inputs(golden_dir):
 
 
 def test_use_cache_is_dropped_under_gradient_checkpointing(golden_dir):
-    model = load_model(golden_dir, "video_short").train()
+    model = golden_model(golden_dir, "video_short").train()
     enable_checkpointing(model)
     out = model(**golden_batch(golden_dir), use_cache=True)
     assert out.past_key_values is None
 
 
 def test_freeze_vision_tower(golden_dir):
-    model = load_model(golden_dir, "video_short")
+    model = golden_model(golden_dir, "video_short")
     assert model.freeze_vision_tower() is model
     assert not any(p.requires_grad for p in model.visual.parameters())
     assert all(p.requires_grad for name, p in model.named_parameters() if not name.startswith("visual."))
@@ -269,7 +237,7 @@ def pack(rows, pad_id=304):
 @pytest.mark.parametrize("implementation", ["sdpa", "eager"])
 @pytest.mark.parametrize("variant", ["official", "position_embeddings", "mamba_segments"])
 def test_packed_row_equals_each_pair_alone(golden_dir, implementation, variant):
-    model = load_model(golden_dir, "video_long", implementation).eval()
+    model = golden_model(golden_dir, "video_long", implementation).eval()
     if variant == "position_embeddings":
         model.config.cross_attn_use_position_embeddings = True
     if variant == "mamba_segments":  # Mamba-2 scans 80-token segments: a video boundary inside one, carries across
@@ -289,7 +257,7 @@ def test_packed_row_equals_each_pair_alone(golden_dir, implementation, variant):
 
 def test_packed_row_without_attention_mask(golden_dir):
     """The padding-free layout of DataCollatorWithFlattening: one row, position_ids only."""
-    model = load_model(golden_dir, "video_long").eval()
+    model = golden_model(golden_dir, "video_long").eval()
     short, long = golden_video(golden_dir, "video_short"), golden_video(golden_dir, "video_long")
     pairs = [(prompt(11, 5, True), long), (prompt(8, 6, True), short)]
     batch, spans = pack([pairs])
@@ -302,7 +270,7 @@ def test_packed_row_without_attention_mask(golden_dir):
 
 
 def test_packed_loss_and_gradients_run(golden_dir):
-    model = load_model(golden_dir, "video_long").train()
+    model = golden_model(golden_dir, "video_long").train()
     enable_checkpointing(model)
     pairs = [(prompt(11, 5, True), golden_video(golden_dir, "video_long")),
              (prompt(8, 6, True), golden_video(golden_dir, "video_short"))]
@@ -316,7 +284,7 @@ def test_packed_loss_and_gradients_run(golden_dir):
 
 
 def test_packed_segment_with_two_videos_is_rejected(golden_dir):
-    model = load_model(golden_dir, "video_short")
+    model = golden_model(golden_dir, "video_short")
     ids = prompt(12, 1, True)
     ids[7], ids[8] = VISION_START, VISION_END
     video = golden_video(golden_dir, "video_short")
@@ -326,7 +294,7 @@ def test_packed_segment_with_two_videos_is_rejected(golden_dir):
 
 
 def test_packed_rows_need_as_many_videos_as_placeholders(golden_dir):
-    model = load_model(golden_dir, "video_short")
+    model = golden_model(golden_dir, "video_short")
     video = golden_video(golden_dir, "video_short")
     batch, _ = pack([[(prompt(12, 1, True), video), (prompt(6, 2, True), video)]])
     batch["pixel_values_videos"], batch["video_grid_thw"] = video
@@ -336,7 +304,7 @@ def test_packed_rows_need_as_many_videos_as_placeholders(golden_dir):
 
 def test_generation_position_ids_are_not_taken_for_packing(golden_dir):
     """Left-padded prompts as generate() sees them (pads at position 1) stay one segment per row."""
-    model = load_model(golden_dir, "video_short").eval()
+    model = golden_model(golden_dir, "video_short").eval()
     batch = golden_batch(golden_dir)
     ids = torch.cat([torch.full((1, 3), 304), batch["input_ids"]], dim=1)
     mask = torch.cat([torch.zeros(1, 3, dtype=torch.long), batch["attention_mask"]], dim=1)
@@ -355,7 +323,7 @@ LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 
 def test_lora_trains_saves_loads_and_merges(golden_dir, tmp_path):
     peft = pytest.importorskip("peft")
-    model = load_model(golden_dir, "video_short")
+    model = golden_model(golden_dir, "video_short")
     config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=LORA_TARGETS, task_type="CAUSAL_LM")
     lora = peft.get_peft_model(model, config)
     wrapped = {name.rsplit(".", 1)[-1] for name, module in lora.named_modules() if hasattr(module, "lora_A")}
@@ -382,7 +350,7 @@ def test_lora_trains_saves_loads_and_merges(golden_dir, tmp_path):
     with torch.no_grad():
         tuned = lora(**inputs, use_cache=False).logits
     lora.save_pretrained(tmp_path / "adapter")
-    reloaded = peft.PeftModel.from_pretrained(load_model(golden_dir, "video_short"), tmp_path / "adapter").eval()
+    reloaded = peft.PeftModel.from_pretrained(golden_model(golden_dir, "video_short"), tmp_path / "adapter").eval()
     merged = lora.merge_and_unload()
     assert isinstance(merged, VambaForConditionalGeneration)
     with torch.no_grad():

@@ -1,22 +1,29 @@
 """Video decoding and frame sampling: real small videos written with PyAV, corrupt files, properties."""
 
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+
 import numpy as np
 import PIL.Image
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from media_helpers import frame_index_of, write_audio_only, write_empty_video, write_video
+from media_helpers import frame_index_of, write_audio_only, write_empty_video, write_frames, write_video
 
-from vamba_hf.processing_vamba import (
+from vamba_hf.video_vamba import (
     VideoFrames,
-    frame_count_for_fps,
+    VideoSampling,
+    edges_size,
     load_video,
-    resize_within_edges,
     sample_frame_indices,
     to_video_frames,
 )
 
-NO_RESIZE = {"shortest_edge": None, "longest_edge": None}
+NO_RESIZE = VideoSampling(video_shortest_edge=None, video_longest_edge=None)
 
 
 def original_middle_indices(num_frames, vlen):
@@ -45,14 +52,6 @@ def test_sample_frame_indices_properties(total, wanted):
     assert indices == original_middle_indices(wanted, total)
 
 
-def test_frame_count_for_fps():
-    assert frame_count_for_fps(60, 30.0, 2.0, 512) == 4
-    assert frame_count_for_fps(61, 30.0, 2.0, 512) == 5
-    assert frame_count_for_fps(36000, 30.0, 1.0, 512) == 512
-    with pytest.raises(ValueError, match="frame rate"):
-        frame_count_for_fps(60, None, 1.0, 512)
-
-
 # -- resizing -------------------------------------------------------------------------------------
 
 
@@ -67,13 +66,12 @@ def test_frame_count_for_fps():
         ((2000, 100), (640, 256)),
     ],
 )
-def test_resize_within_edges(size, expected):
-    assert resize_within_edges(PIL.Image.new("RGB", size), 256, 640).size == expected
+def test_edges_size(size, expected):
+    assert edges_size(*size, 256, 640) == expected
 
 
-def test_resize_within_edges_disabled_keeps_the_image():
-    image = PIL.Image.new("RGB", (1280, 720))
-    assert resize_within_edges(image, None, None) is image
+def test_edges_size_disabled_keeps_the_size():
+    assert edges_size(1280, 720, None, None) == (1280, 720)
 
 
 # -- decoding real files ----------------------------------------------------------------------------
@@ -92,37 +90,39 @@ CODECS = [
 @pytest.mark.parametrize("codec, extension", CODECS)
 def test_load_video_samples_the_middle_frames(tmp_path, codec, extension):
     path = write_video(tmp_path / f"clip.{extension}", num_frames=30, width=96, height=64, fps=15, codec=codec)
-    video = load_video(path, num_frames=8, **NO_RESIZE)
+    video = load_video(path, NO_RESIZE, num_frames=8)
     expected = sample_frame_indices(30, 8)
     assert [frame_index_of(frame) for frame in video.frames] == expected
     assert video.frame_indices == expected
     assert video.timestamps == pytest.approx([index / 15 for index in expected], abs=1e-3)
     assert video.source_frame_count == 30
     assert video.source_fps == pytest.approx(15)
-    assert all(frame.size == (96, 64) for frame in video.frames)
+    assert video.frames.shape == (8, 64, 96, 3) and video.frames.dtype == np.uint8
 
 
 def test_load_video_shorter_than_num_frames_gives_every_frame(tmp_path):
     path = write_video(tmp_path / "short.mp4", num_frames=6)
-    video = load_video(path, num_frames=128, **NO_RESIZE)
+    video = load_video(path, NO_RESIZE, num_frames=128)
     assert [frame_index_of(frame) for frame in video.frames] == list(range(6))
 
 
-def test_load_video_by_fps_with_cap(tmp_path):
+def test_load_video_by_fps_takes_the_frame_on_screen_mid_interval(tmp_path):
     path = write_video(tmp_path / "two_seconds.mp4", num_frames=50, fps=25)
-    video = load_video(path, fps=2.0, **NO_RESIZE)
-    assert video.frame_indices == sample_frame_indices(50, 4) == [5, 18, 30, 43]
-    assert video.timestamps == pytest.approx([0.2, 0.72, 1.2, 1.72], abs=1e-3)
-    capped = load_video(path, fps=10.0, max_frames=6, **NO_RESIZE)
-    assert capped.frame_indices == sample_frame_indices(50, 6)
+    video = load_video(path, NO_RESIZE, fps=2.0)  # intervals of 0.5 s, middles at 0.25, 0.75, 1.25, 1.75 s
+    assert video.frame_indices == [6, 18, 31, 43]
+    assert video.timestamps == pytest.approx([0.24, 0.72, 1.24, 1.72], abs=1e-3)
+    assert [frame_index_of(frame) for frame in video.frames] == video.frame_indices
+    with pytest.warns(UserWarning, match="gives 20 frames, above max_frames=6: sampling 6"):
+        capped = load_video(path, NO_RESIZE, fps=10.0, max_frames=6)  # middles of six intervals of 1/3 s
+    assert capped.frame_indices == [4, 12, 20, 29, 37, 45]
 
 
 def test_load_video_resizes_frames_as_decoded(tmp_path):
     path = write_video(tmp_path / "wide.mp4", num_frames=4, width=1280, height=720)
     video = load_video(path, num_frames=4)
-    assert [frame.size for frame in video.frames] == [(640, 360)] * 4
+    assert video.frames.shape == (4, 360, 640, 3)
     path = write_video(tmp_path / "tiny.mp4", num_frames=4, width=64, height=48)
-    assert load_video(path, num_frames=2).frames[0].size == (256, 256)
+    assert load_video(path, num_frames=2).frames.shape == (2, 256, 256, 3)
 
 
 def test_load_video_accepts_path_objects_and_file_urls(tmp_path):
@@ -149,10 +149,10 @@ def test_progress_bar_only_when_asked(tmp_path, capsys):
 )
 def test_load_video_property(tmp_path_factory, num_frames, width, height, fps, wanted):
     path = write_video(tmp_path_factory.mktemp("prop") / "clip.mp4", num_frames, width, height, fps)
-    video = load_video(path, num_frames=wanted, **NO_RESIZE)
+    video = load_video(path, NO_RESIZE, num_frames=wanted)
     expected = sample_frame_indices(num_frames, wanted)
     assert [frame_index_of(frame) for frame in video.frames] == expected
-    assert all(frame.size == (width, height) for frame in video.frames)
+    assert video.frames.shape[1:] == (height, width, 3)
     assert video.timestamps == pytest.approx([index / fps for index in expected], abs=2e-3)
 
 
@@ -203,7 +203,8 @@ def test_truncated_file_with_index_samples_what_is_there(tmp_path):
     data = full.read_bytes()
     path = tmp_path / "truncated.mp4"
     path.write_bytes(data[: len(data) // 2])
-    video = load_video(path, num_frames=8, **NO_RESIZE)
+    with pytest.warns(UserWarning, match="declares 40 frames but .* could be decoded"):
+        video = load_video(path, NO_RESIZE, num_frames=8)
     assert 0 < video.source_frame_count < 40
     assert video.frame_indices == sample_frame_indices(video.source_frame_count, 8)
     assert [frame_index_of(frame) for frame in video.frames] == video.frame_indices
@@ -214,7 +215,7 @@ def test_corrupt_bytes_in_the_middle(tmp_path):
     data[len(data) // 3: len(data) // 3 + 400] = b"\xff" * 400
     path = tmp_path / "damaged.mkv"
     path.write_bytes(bytes(data))
-    video = load_video(path, num_frames=8, **NO_RESIZE)
+    video = load_video(path, NO_RESIZE, num_frames=8)
     assert 0 < len(video.frames) <= 8
 
 
@@ -245,9 +246,7 @@ def test_to_video_frames_from_arrays_and_lists():
         [PIL.Image.fromarray(frame) for frame in frames_thwc],
         (as_tchw_float, {"fps": 2.0, "frames_indices": [0, 2, 4, 6]}),
     ):
-        frames = to_video_frames(video).frames
-        assert len(frames) == 4
-        np.testing.assert_array_equal(np.stack([np.asarray(frame) for frame in frames]), frames_thwc)
+        np.testing.assert_array_equal(to_video_frames(video).frames, frames_thwc)
 
 
 def test_to_video_frames_keeps_qwen_vl_utils_metadata():
@@ -271,3 +270,146 @@ def test_to_video_frames_rejects_bad_shapes():
         to_video_frames(np.zeros((4, 0, 28, 3), dtype=np.uint8))
     with pytest.raises(TypeError, match="as a video"):
         to_video_frames(42)
+
+
+# -- URLs that do not answer -------------------------------------------------------------------------
+
+
+class SilentServer:
+    """A local TCP server that accepts connections and, after sending `prefix` (if any), never answers."""
+
+    def __init__(self, prefix: bytes = b""):
+        self.socket = socket.socket()
+        self.socket.bind(("127.0.0.1", 0))
+        self.socket.listen(8)
+        self.prefix, self.connections = prefix, []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while True:
+            try:
+                connection, _ = self.socket.accept()
+            except OSError:
+                return
+            self.connections.append(connection)
+            if self.prefix:
+                connection.sendall(self.prefix)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.socket.getsockname()[1]}/clip.mp4"
+
+    def close(self):
+        for connection in self.connections:
+            connection.close()
+        self.socket.close()
+
+
+@pytest.mark.parametrize("stage", ["connect", "read"])
+def test_a_url_that_never_answers_times_out(tmp_path, stage):
+    prefix = b""
+    if stage == "read":  # headers and the first half of a real file, then silence
+        data = write_video(tmp_path / "clip.mp4", num_frames=40, container_options={"movflags": "faststart"}).read_bytes()
+        prefix = (f"HTTP/1.1 200 OK\r\nContent-Type: video/mp4\r\nContent-Length: {len(data)}\r\n\r\n".encode()
+                  + data[: len(data) // 2])
+    server = SilentServer(prefix)
+    started = time.monotonic()
+    try:
+        with pytest.raises(TimeoutError, match="timed out after 1.0 s"):
+            load_video(server.url, video_timeout=1.0)
+    finally:
+        server.close()
+    assert time.monotonic() - started < 8
+
+
+def test_default_timeout_is_at_most_ten_seconds():
+    assert 0 < VideoSampling().video_timeout <= 10
+
+
+# -- rotation, variable frame rate, caps ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("rotation", [90, -90, 180])
+def test_rotation_of_the_display_matrix_is_applied(tmp_path, rotation):
+    source = np.zeros((32, 64, 3), dtype=np.uint8)
+    source[:16, :32] = 255  # top-left quarter white
+    path = write_frames(tmp_path / "rotated.mp4", [source] * 4, codec="libx264", rotation=rotation)
+    video = load_video(path, NO_RESIZE, num_frames=2)
+    expected = np.rot90(source, rotation // 90)  # counter-clockwise quarter turns
+    assert video.frames.shape[1:] == expected.shape
+    np.testing.assert_allclose(video.frames[0].astype(float), expected.astype(float), atol=3)
+
+
+def test_fps_sampling_of_a_variable_frame_rate_file_goes_by_time(tmp_path):
+    times = [0.0, 0.1, 0.15, 0.2, 1.0, 1.05, 1.9, 2.0, 2.5, 3.9]  # 4 s, frames bunched unevenly
+    path = write_video(tmp_path / "vfr.mp4", num_frames=10, frame_times=times)
+    video = load_video(path, NO_RESIZE, fps=1.0)  # middles at 0.5, 1.5, 2.5, 3.5 s
+    # on screen then: the frame shown at 0.2 s, at 1.05 s, at 2.5 s (and again at 3.5 s: not repeated)
+    assert video.frame_indices == [3, 5, 8]
+    assert video.timestamps == pytest.approx([0.2, 1.05, 2.5], abs=1e-3)
+    assert [frame_index_of(frame) for frame in video.frames] == [3, 5, 8]
+    by_index = sample_frame_indices(10, 4)
+    assert by_index != video.frame_indices  # counting frames would have sampled the bunched start twice
+
+
+def test_num_frames_above_max_frames_is_capped_with_a_warning(tmp_path):
+    path = write_video(tmp_path / "clip.mp4", num_frames=30)
+    with pytest.warns(UserWarning, match="num_frames=20, above max_frames=5"):
+        video = load_video(path, NO_RESIZE, num_frames=20, max_frames=5)
+    assert video.frame_indices == sample_frame_indices(30, 5)
+
+
+@pytest.mark.parametrize("options", [{"num_frames": -1}, {"num_frames": 0}, {"fps": float("nan")},
+                                     {"fps": float("inf")}, {"fps": 0}, {"fps": -1}, {"video_timeout": float("nan")}])
+def test_bad_sampling_values_are_refused_in_one_line(tmp_path, options):
+    path = write_video(tmp_path / "clip.mp4", num_frames=4)
+    with pytest.raises(ValueError, match="is not (a )?valid") as error:
+        load_video(path, **options)
+    assert "\n" not in str(error.value) and next(iter(options)) in str(error.value)
+
+
+# -- sizes ---------------------------------------------------------------------------------------------
+
+
+def test_extreme_aspect_ratio_never_gives_a_zero_side():
+    assert edges_size(4000, 1, None, 640) == (640, 1)
+    assert edges_size(1, 4000, None, 640) == (1, 640)
+    assert edges_size(4000, 16, 256, 640) == (640, 256)
+
+
+def test_extreme_aspect_ratio_video_gets_a_clear_error(tmp_path):
+    from vamba_hf.tiny import build_tiny_processor
+
+    path = write_video(tmp_path / "wide.mkv", num_frames=4, width=4000, height=16, codec="ffv1")
+    processor = build_tiny_processor(video_shortest_edge=None)
+    with pytest.raises(ValueError, match=r"640x2 image or frame has an aspect ratio of 320.*at most 200"):
+        processor(text="<|vision_start|><|vision_end|>", videos=str(path), num_frames=2)
+    inputs = build_tiny_processor()(text="<|vision_start|><|vision_end|>", videos=str(path), num_frames=2)
+    assert inputs["video_grid_thw"].tolist() == [[1, 18, 46]]  # 640x256 (the original's edges) -> 644x252
+
+
+def test_memory_follows_the_output_size(tmp_path):
+    """40 frames of 1920x1920 sampled down to 64 px: the peak stays near a few source frames, not forty."""
+    path = write_video(tmp_path / "big.mkv", num_frames=40, width=1920, height=1920, codec="ffv1")
+    script = (
+        "import resource, sys\n"
+        "from vamba_hf.video_vamba import VideoSampling, load_video\n"
+        "import numpy, av\n"
+        "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        f"video = load_video({str(path)!r}, VideoSampling(num_frames=40, video_longest_edge=64, video_shortest_edge=None))\n"
+        "assert video.frames.shape == (40, 64, 64, 3), video.frames.shape\n"
+        "print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,
+                            env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    grown_mb = float(result.stdout.strip().splitlines()[-1])
+    source_frame_mb = 1920 * 1920 * 3 / 2 ** 20  # 10.5 MB of RGB
+    assert grown_mb < 16 * source_frame_mb, grown_mb  # all forty at source size would be 420 MB
+
+
+def test_truncated_file_warns_that_frames_are_missing(tmp_path):
+    full = write_video(tmp_path / "full.mp4", num_frames=40, container_options={"movflags": "faststart"})
+    path = tmp_path / "cut.mp4"
+    path.write_bytes(full.read_bytes()[: full.stat().st_size * 2 // 3])
+    with pytest.warns(UserWarning, match=r"declares 40 frames but \d+ could be decoded"):
+        load_video(path, NO_RESIZE, fps=5.0)

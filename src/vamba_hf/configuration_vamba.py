@@ -3,14 +3,33 @@
 Reads both our own `config.json` (`model_type: "vamba"`) and the official checkpoint's
 (`model_type: "qwen2_vl"` with `vision_mamba_mixer_config`, nested configs saved as diffs, either
 `rope_scaling` spelling).
+
+Every Vamba field is checked for type and range at construction; a bad value raises `VambaConfigError` (a
+`ValueError`) naming the field, the value and what it must be. Keys that are not Vamba's are kept as
+attributes and saved, as `PretrainedConfig` does, unless they are a near-miss of a Vamba key (a misspelling),
+which is an error naming the intended key.
 """
 
+import difflib
 import math
+from collections import namedtuple
 
-from transformers import PretrainedConfig
+from transformers import GenerationConfig, PretrainedConfig
+from transformers.activations import ACT2FN
 
-# Keys every PretrainedConfig may carry in a saved file; they are never "unknown".
-_GENERIC_KEYS = frozenset(PretrainedConfig().to_dict()) | {
+
+class VambaConfigError(ValueError):
+    """A config key or value that Vamba cannot use; the message names the field, the value and the fix."""
+
+
+# Transformers 4.x `PretrainedConfig` keys that 5.x no longer has: configs saved by 4.x still carry them.
+_TRANSFORMERS_4_KEYS = {
+    "add_cross_attention", "cross_attention_hidden_size", "decoder_start_token_id", "finetuning_task", "is_decoder",
+    "prefix", "pruned_heads", "sep_token_id", "task_specific_params", "tf_legacy_loss", "tie_encoder_decoder",
+    "tokenizer_class", "torchscript", "use_bfloat16",
+}
+# Keys that any PretrainedConfig accepts or writes: never a misspelling of a Vamba key, never a Vamba field.
+_GENERIC_KEYS = frozenset(PretrainedConfig().to_dict()) | frozenset(GenerationConfig().to_dict()) | {
     "model_type",
     "transformers_version",
     "_name_or_path",
@@ -19,12 +38,17 @@ _GENERIC_KEYS = frozenset(PretrainedConfig().to_dict()) | {
     "auto_map",
     "torch_dtype",
     "dtype",
+    "num_labels",
     "attn_implementation",
+    "experts_implementation",
     "_attn_implementation_autoset",
     "output_attentions",
     "_commit_hash",
     "_from_model_config",
-}
+} | _TRANSFORMERS_4_KEYS
+# How close (difflib ratio) an unknown key must be to a Vamba key to count as its misspelling.
+_NEAR_MISS_CUTOFF = 0.8
+_MAX_VALUE_REPR = 80
 
 
 # Where the Auto classes find Vamba's remote code; both names of the vision-to-text Auto class are listed
@@ -38,20 +62,133 @@ AUTO_MAP = {
 }
 
 
-def _reject_unknown(kind: str, given: dict, known) -> None:
-    unknown = sorted(set(given) - set(known) - _GENERIC_KEYS)
-    if unknown:
-        raise ValueError(
-            f"Unknown key(s) in the {kind}: {unknown}. Known keys: {sorted(known)}. "
-            f"Remove them from config.json, or check for a misspelling."
-        )
+def _short_repr(value) -> str:
+    text = repr(value)
+    return text if len(text) <= _MAX_VALUE_REPR else text[: _MAX_VALUE_REPR - 3] + "..."
+
+
+def _invalid(name: str, value, requirement: str) -> VambaConfigError:
+    return VambaConfigError(f"{name}={_short_repr(value)} is invalid: set it to {requirement}.")
+
+
+# -- value rules ---------------------------------------------------------------------------------------------
+
+Rule = namedtuple("Rule", ["requirement", "check"])
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _is_token_id(value) -> bool:
+    return _is_int(value) and value >= 0
+
+
+POSITIVE_INT = Rule("an integer >= 1", lambda v: _is_int(v) and v >= 1)
+NON_NEGATIVE_INT = Rule("an integer >= 0", lambda v: _is_int(v) and v >= 0)
+POSITIVE_NUMBER = Rule("a finite number > 0", lambda v: _is_number(v) and v > 0)
+NON_NEGATIVE_NUMBER = Rule("a finite number >= 0", lambda v: _is_number(v) and v >= 0)
+PROBABILITY = Rule("a number from 0 to 1", lambda v: _is_number(v) and 0 <= v <= 1)
+BOOLEAN = Rule("true or false", lambda v: isinstance(v, bool))
+TOKEN_ID = Rule("a token id (an integer >= 0)", _is_token_id)
+OPTIONAL_TOKEN_ID = Rule("null or a token id (an integer >= 0)", lambda v: v is None or _is_token_id(v))
+OPTIONAL_TOKEN_IDS = Rule(
+    "null, a token id (an integer >= 0) or a non-empty list of token ids",
+    lambda v: v is None or _is_token_id(v) or (isinstance(v, (list, tuple)) and bool(v) and all(map(_is_token_id, v))),
+)
+ACTIVATION = Rule('the name of an activation function transformers knows (e.g. "silu", "quick_gelu")',
+                  lambda v: isinstance(v, str) and v in ACT2FN)
+
+
+def _check_rules(prefix: str, config, rules: dict) -> None:
+    for name, rule in rules.items():
+        value = getattr(config, name)
+        if not rule.check(value):
+            raise _invalid(prefix + name, value, rule.requirement)
+
+
+def _number_pair(name: str, value, requirement: str) -> tuple:
+    """Two floats from config JSON, where each may be a number, a string such as "inf", or transformers 5's
+    {"__float__": "Infinity"}."""
+    if not isinstance(value, (list, tuple)) or len(value) != 2:
+        raise _invalid(name, value, requirement)
+    try:
+        pair = tuple(_json_float(x) for x in value)
+    except (TypeError, ValueError):
+        raise _invalid(name, value, requirement) from None
+    if any(math.isnan(x) for x in pair):
+        raise _invalid(name, value, requirement)
+    return pair
+
+
+def _json_float(value) -> float:
+    if isinstance(value, dict) and set(value) == {"__float__"}:
+        value = value["__float__"]
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise TypeError(value)
+    return float(value)
+
+
+# -- keys ----------------------------------------------------------------------------------------------------
+
+
+def _check_key_types(kind: str, given: dict) -> None:
+    not_strings = [key for key in given if not isinstance(key, str)]
+    if not_strings:
+        raise VambaConfigError(f"The {kind} has non-string key(s) {_short_repr(not_strings)}: config keys are names.")
+
+
+def _check_keys(kind: str, given: dict, known) -> None:
+    """Raise for unknown keys that look like a misspelling of a known one; other unknown keys are left to
+    `PretrainedConfig`, which keeps them as attributes."""
+    _check_key_types(kind, given)
+    misspelled = {}
+    for key in sorted(set(given) - set(known) - _GENERIC_KEYS):
+        close = difflib.get_close_matches(key, list(known), n=1, cutoff=_NEAR_MISS_CUTOFF)
+        if close:
+            misspelled[key] = close[0]
+    if misspelled:
+        meant = ", ".join(repr(name) for name in misspelled.values())
+        raise VambaConfigError(f"Unknown key(s) in the {kind}: {sorted(misspelled)}; did you mean {meant}? Fix the "
+                               f"spelling in config.json.")
+
+
+def _check_generic_values(kind: str, given: dict) -> None:
+    """The standard PretrainedConfig keys whose bad values transformers would only trip over deep inside."""
+    import torch
+
+    for key in ("dtype", "torch_dtype"):
+        value = given.get(key)
+        if value is not None and not isinstance(value, torch.dtype):
+            if not (isinstance(value, str) and isinstance(getattr(torch, value, None), torch.dtype)):
+                raise _invalid(f"{kind}.{key}", value, 'null or a torch dtype name such as "bfloat16"')
+    architectures = given.get("architectures")
+    if architectures is not None and not (
+        isinstance(architectures, list) and all(isinstance(name, str) for name in architectures)
+    ):
+        raise _invalid(f"{kind}.architectures", architectures, 'null or a list of class names')
+    for key in ("id2label", "label2id", "auto_map"):
+        if given.get(key) is not None and not isinstance(given[key], dict):
+            raise _invalid(f"{kind}.{key}", given[key], "null or a JSON object")
+    if "num_labels" in given and not NON_NEGATIVE_INT.check(given["num_labels"]):
+        raise _invalid(f"{kind}.num_labels", given["num_labels"], NON_NEGATIVE_INT.requirement)
+
+
+# -- sub-configs ---------------------------------------------------------------------------------------------
 
 
 class _FieldsConfig(PretrainedConfig):
-    """A sub-config made of a fixed set of fields (`_fields`); unknown keys are an error, and it saves only those."""
+    """A sub-config made of a fixed set of fields (`_fields`, saved, and `_init_fields`, initialisation-only
+    settings), each checked by its rule in `_rules`. Unknown keys are kept and saved like `PretrainedConfig`'s
+    extra attributes, unless they look like a misspelling of a field."""
 
     _fields = {}
     _init_fields = {}
+    _rules = {}
     _aliases = {}  # other spellings found in saved configs -> our field
 
     def __init__(self, **kwargs):
@@ -59,20 +196,24 @@ class _FieldsConfig(PretrainedConfig):
             if alias in kwargs:
                 value = kwargs.pop(alias)
                 if name in kwargs and kwargs[name] != value:
-                    raise ValueError(f"{self.base_config_key} gives {alias}={value!r} and {name}={kwargs[name]!r}; "
-                                     f"they name the same setting and must agree.")
+                    raise VambaConfigError(f"{self.base_config_key} gives {alias}={value!r} and {name}="
+                                           f"{kwargs[name]!r}; they name the same setting and must agree: keep one.")
                 kwargs[name] = value
         known = {**self._fields, **self._init_fields}
-        _reject_unknown(self.base_config_key, kwargs, known)
+        _check_keys(self.base_config_key, kwargs, known)
+        _check_generic_values(self.base_config_key, kwargs)
         values = {name: kwargs.pop(name, default) for name, default in known.items()}
         kwargs.pop("model_type", None)
         super().__init__(**kwargs)
         for name, value in values.items():
             setattr(self, name, value)
+        _check_rules(f"{self.base_config_key}.", self, self._rules)
 
     def to_dict(self):
-        fields = {name: getattr(self, name) for name in self._fields}
-        return {"model_type": self.model_type, "transformers_version": self.transformers_version, **fields}
+        output = super().to_dict()
+        known = {**self._fields, **self._init_fields}
+        kept = {key: value for key, value in output.items() if key in known or key not in _GENERIC_KEYS}
+        return {"model_type": self.model_type, "transformers_version": output.get("transformers_version"), **kept}
 
 
 class VambaVisionConfig(_FieldsConfig):
@@ -92,23 +233,35 @@ class VambaVisionConfig(_FieldsConfig):
         in_channels=3,
         hidden_act="quick_gelu",
     )
+    _rules = dict(
+        depth=POSITIVE_INT,
+        embed_dim=POSITIVE_INT,
+        hidden_size=POSITIVE_INT,
+        num_heads=POSITIVE_INT,
+        mlp_ratio=POSITIVE_NUMBER,
+        patch_size=POSITIVE_INT,
+        spatial_merge_size=POSITIVE_INT,
+        temporal_patch_size=POSITIVE_INT,
+        in_channels=POSITIVE_INT,
+        hidden_act=ACTIVATION,
+    )
     # Qwen2-VL's Hub configs write these (transformers <= 4.44 kept them as extra attributes).
     _aliases = {"in_chans": "in_channels", "spatial_patch_size": "patch_size"}
 
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
         if self.embed_dim % self.num_heads:
-            raise ValueError(
+            raise VambaConfigError(
                 f"vision_config.embed_dim ({self.embed_dim}) must be divisible by vision_config.num_heads "
-                f"({self.num_heads})."
+                f"({self.num_heads}): change one of them."
             )
-
-
-def _json_float(value) -> float:
-    """A float from config JSON: a number, a string such as "inf", or transformers 5's {"__float__": "Infinity"}."""
-    if isinstance(value, dict) and set(value) == {"__float__"}:
-        value = value["__float__"]
-    return float(value)
+        if (self.embed_dim // self.num_heads) % 4:
+            raise VambaConfigError(
+                f"vision_config head size embed_dim / num_heads = {self.embed_dim // self.num_heads} must be a "
+                f"multiple of 4 (the 2-D rotary splits it into row and column halves): change embed_dim or num_heads."
+            )
+        if int(self.embed_dim * self.mlp_ratio) < 1:
+            raise _invalid("vision_config.mlp_ratio", self.mlp_ratio, "a ratio giving an MLP width of at least 1")
 
 
 class VambaMambaConfig(_FieldsConfig):
@@ -138,22 +291,57 @@ class VambaMambaConfig(_FieldsConfig):
     )
     # Initialisation-only settings of Mamba-2; accepted so that configs written by mamba-ssm load.
     _init_fields = dict(A_init_range=(1.0, 16.0), dt_min=0.001, dt_max=0.1, dt_init_floor=1e-4, d_ssm=None)
+    _rules = dict(
+        enable=BOOLEAN,
+        hidden_dim=POSITIVE_INT,
+        d_state=POSITIVE_INT,
+        d_conv=POSITIVE_INT,
+        expand=POSITIVE_INT,
+        headdim=POSITIVE_INT,
+        ngroups=POSITIVE_INT,
+        chunk_size=POSITIVE_INT,
+        rmsnorm=BOOLEAN,
+        norm_before_gate=BOOLEAN,
+        D_has_hdim=BOOLEAN,
+        bias=BOOLEAN,
+        conv_bias=BOOLEAN,
+        residual_in_fp32=BOOLEAN,
+        use_mem_eff_path=BOOLEAN,
+        dt_min=POSITIVE_NUMBER,
+        dt_max=POSITIVE_NUMBER,
+        dt_init_floor=NON_NEGATIVE_NUMBER,
+        d_ssm=Rule("null or an integer >= 1", lambda v: v is None or (_is_int(v) and v >= 1)),
+    )
 
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
-        self.dt_limit = tuple(_json_float(x) for x in self.dt_limit)
+        prefix = "vision_mamba_mixer_config."
+        self.dt_limit = _number_pair(prefix + "dt_limit", self.dt_limit, '[low, high] with 0 <= low <= high (high '
+                                                                          'may be "inf")')
+        if not 0 <= self.dt_limit[0] <= self.dt_limit[1]:
+            raise _invalid(prefix + "dt_limit", list(self.dt_limit), '[low, high] with 0 <= low <= high')
+        self.A_init_range = _number_pair(prefix + "A_init_range", self.A_init_range, "[low, high] with 0 < low <= "
+                                                                                      "high, both finite")
+        low, high = self.A_init_range
+        if not (0 < low <= high and math.isfinite(high)):
+            raise _invalid(prefix + "A_init_range", list(self.A_init_range), "[low, high] with 0 < low <= high")
+        if self.dt_min > self.dt_max:
+            raise VambaConfigError(f"{prefix}dt_min ({self.dt_min}) must not exceed {prefix}dt_max ({self.dt_max}).")
         if self.d_ssm not in (None, self.d_inner):
-            raise ValueError(f"vision_mamba_mixer_config.d_ssm={self.d_ssm} is not supported; it must equal "
-                             f"expand * hidden_dim ({self.d_inner}) or be null.")
+            raise VambaConfigError(f"{prefix}d_ssm={self.d_ssm} is not supported; it must equal expand * hidden_dim "
+                                   f"({self.d_inner}) or be null.")
         if self.d_inner % self.headdim:
-            raise ValueError(
+            raise VambaConfigError(
                 f"Mamba-2 head count is inconsistent: expand * hidden_dim = {self.d_inner} is not divisible by "
-                f"headdim = {self.headdim}."
+                f"headdim = {self.headdim}; change {prefix}headdim."
             )
         if self.nheads % self.ngroups:
-            raise ValueError(f"Mamba-2 nheads ({self.nheads}) must be divisible by ngroups ({self.ngroups}).")
-        if not self.rmsnorm or self.norm_type != "rmsnorm":
-            raise ValueError("Only the gated RMSNorm Mamba-2 variant (rmsnorm: true, norm_type: rmsnorm) is supported.")
+            raise VambaConfigError(f"Mamba-2 nheads ({self.nheads}) must be divisible by {prefix}ngroups "
+                                   f"({self.ngroups}).")
+        if self.rmsnorm is not True or self.norm_type != "rmsnorm":
+            raise VambaConfigError(f"{prefix}rmsnorm={self.rmsnorm!r}, norm_type={_short_repr(self.norm_type)}: only "
+                                   f"the gated RMSNorm Mamba-2 variant (rmsnorm: true, norm_type: \"rmsnorm\") is "
+                                   f"supported.")
 
     @property
     def d_inner(self) -> int:
@@ -165,7 +353,14 @@ class VambaMambaConfig(_FieldsConfig):
 
     def to_dict(self):
         # JSON has no infinity: transformers 4 writes a bare `Infinity`, 5 an object only 5 reads. "inf" loads in both.
-        return {**super().to_dict(), "dt_limit": [x if math.isfinite(x) else str(x) for x in self.dt_limit]}
+        return {
+            **super().to_dict(),
+            "dt_limit": [x if math.isfinite(x) else str(x) for x in self.dt_limit],
+            "A_init_range": list(self.A_init_range),
+        }
+
+
+# -- the model config ----------------------------------------------------------------------------------------
 
 
 class VambaConfig(PretrainedConfig):
@@ -187,6 +382,9 @@ class VambaConfig(PretrainedConfig):
       (same result; it removes the per-kernel launch cost that dominates a decoding step at batch 1).
     - `cross_kv_cache_dtype`: how the cache keeps each layer's cross-attention K/V for decoding: null (the model's
       dtype) or "float8_e4m3fn" (half the memory, one scale per token and head; BENCHMARKS.md gives the accuracy cost).
+
+    `attn_implementation` (and a later `config._attn_implementation = ...`) applies to the vision tower and the
+    mixer sub-configs too, or per sub-config when given as a dict keyed by "" / "vision_config" / ...
     """
 
     model_type = "vamba"
@@ -225,39 +423,122 @@ class VambaConfig(PretrainedConfig):
         eos_token_id=None,
         pad_token_id=None,
     )
+    _rules = dict(
+        vocab_size=POSITIVE_INT,
+        hidden_size=POSITIVE_INT,
+        intermediate_size=POSITIVE_INT,
+        num_hidden_layers=POSITIVE_INT,
+        num_attention_heads=POSITIVE_INT,
+        num_key_value_heads=POSITIVE_INT,
+        hidden_act=ACTIVATION,
+        max_position_embeddings=POSITIVE_INT,
+        initializer_range=NON_NEGATIVE_NUMBER,
+        rms_norm_eps=POSITIVE_NUMBER,
+        use_cache=BOOLEAN,
+        rope_theta=POSITIVE_NUMBER,
+        attention_dropout=PROBABILITY,
+        use_alpha_balancing=BOOLEAN,
+        cross_attn_use_position_embeddings=BOOLEAN,
+        cross_attn_use_layer_norm=BOOLEAN,
+        distill_coeff=NON_NEGATIVE_NUMBER,
+        vision_start_token_id=TOKEN_ID,
+        vision_end_token_id=TOKEN_ID,
+        image_token_id=TOKEN_ID,
+        video_token_id=TOKEN_ID,
+        mamba_max_tokens=POSITIVE_INT,
+        vision_max_frames=POSITIVE_INT,
+        decode_with_cuda_graph=BOOLEAN,
+        tie_word_embeddings=BOOLEAN,
+        bos_token_id=OPTIONAL_TOKEN_ID,
+        eos_token_id=OPTIONAL_TOKEN_IDS,
+        pad_token_id=OPTIONAL_TOKEN_ID,
+    )
+    _cross_kv_cache_dtypes = (None, "bfloat16", "float16", "float32", "float8_e4m3fn")
     # Qwen2 fields the official checkpoint carries that do not change Vamba's function.
     _ignored_fields = ("sliding_window", "use_sliding_window", "max_window_layers", "layer_types", "rope_parameters",
                        "text_config")
 
     def __init__(self, vision_config=None, vision_mamba_mixer_config=None, **kwargs):
-        rope = kwargs.pop("rope_scaling", None) or kwargs.pop("rope_parameters", None) or {}
-        if "mrope_section" in rope:
-            kwargs.setdefault("mrope_section", rope["mrope_section"])
-        if "rope_theta" in rope:
-            kwargs.setdefault("rope_theta", rope["rope_theta"])
-        _reject_unknown("Vamba config", kwargs, {**self._text_fields, **dict.fromkeys(self._ignored_fields)})
+        self._refuse_other_architectures(kwargs.get("model_type"), vision_mamba_mixer_config)
+        self._take_rope_settings(kwargs)
+        _check_keys("Vamba config", kwargs, self._known_keys())
+        self._refuse_misplaced_keys(kwargs)
+        _check_generic_values("config", kwargs)
         for name in self._ignored_fields:
             kwargs.pop(name, None)
         values = {name: kwargs.pop(name, default) for name, default in self._text_fields.items()}
         kwargs.pop("model_type", None)
+        # Applied once the sub-configs exist, so that the setter reaches them.
+        attn_implementation = kwargs.pop("attn_implementation", None)
         kwargs["auto_map"] = {**AUTO_MAP, **(kwargs.get("auto_map") or {})}
         super().__init__(**kwargs)
         # Set after the base class, which has its own defaults for some of these (e.g. tie_word_embeddings).
         for name, value in values.items():
             setattr(self, name, value)
-        self.mrope_section = [int(x) for x in self.mrope_section]
-        self.vision_config = self._sub_config(VambaVisionConfig, vision_config)
-        self.vision_mamba_mixer_config = self._sub_config(VambaMambaConfig, vision_mamba_mixer_config)
+        self.vision_config = self._sub_config("vision_config", VambaVisionConfig, vision_config)
+        self.vision_mamba_mixer_config = self._sub_config("vision_mamba_mixer_config", VambaMambaConfig,
+                                                          vision_mamba_mixer_config)
+        if attn_implementation is not None:
+            self._attn_implementation = attn_implementation
         self._validate()
 
+    def __setattr__(self, key, value):
+        super().__setattr__(key, value)
+        # A model resolves its attention implementation onto this attribute directly (not through the recursive
+        # setter); sub-configs with no choice of their own follow it, as their modules are not separate models.
+        if key == "_attn_implementation_internal":
+            for sub_key in self.sub_configs:
+                sub_config = self.__dict__.get(sub_key)
+                if sub_config is not None and sub_config._attn_implementation is None:
+                    sub_config._attn_implementation_internal = value
+
     @staticmethod
-    def _sub_config(cls, value):
+    def _refuse_other_architectures(model_type, vision_mamba_mixer_config) -> None:
+        """A saved config names its architecture: ours, or the official release's qwen2_vl with a Mamba mixer."""
+        if model_type == "qwen2_vl" and vision_mamba_mixer_config is None:
+            raise VambaConfigError("This is a plain Qwen2-VL config (model_type 'qwen2_vl' without "
+                                   "'vision_mamba_mixer_config'), not Vamba: load it with transformers' "
+                                   "Qwen2VLForConditionalGeneration.")
+        if model_type not in (None, "vamba", "qwen2_vl"):
+            raise VambaConfigError(f"model_type={_short_repr(model_type)}: this is not a Vamba config (model_type "
+                                   f"'vamba', or the official release's 'qwen2_vl' with 'vision_mamba_mixer_config').")
+
+    @classmethod
+    def _known_keys(cls) -> set:
+        return {*cls._text_fields, *cls.sub_configs, *cls._ignored_fields, "rope_scaling"}
+
+    @staticmethod
+    def _take_rope_settings(kwargs: dict) -> None:
+        """Read `mrope_section` / `rope_theta` from either spelling of the rotary settings (popped from kwargs)."""
+        for key in ("rope_scaling", "rope_parameters"):
+            rope = kwargs.pop(key, None)
+            if rope is None:
+                continue
+            if not isinstance(rope, dict):
+                raise _invalid(key, rope, 'a JSON object such as {"type": "mrope", "mrope_section": [16, 24, 24]}')
+            for name in ("mrope_section", "rope_theta"):
+                if name in rope:
+                    kwargs.setdefault(name, rope[name])
+
+    def _refuse_misplaced_keys(self, kwargs: dict) -> None:
+        for sub_key, sub_class in self.sub_configs.items():
+            sub_only = {*sub_class._fields, *sub_class._init_fields} - set(self._text_fields) - _GENERIC_KEYS
+            misplaced = sorted(set(kwargs) & sub_only)
+            if misplaced:
+                raise VambaConfigError(f"{misplaced}: {sub_key} setting(s) given at the top level of the Vamba "
+                                       f"config; move them into {sub_key}.")
+
+    @staticmethod
+    def _sub_config(key: str, cls, value):
         if value is None:
             return cls()
         if isinstance(value, cls):
             return value
         if isinstance(value, PretrainedConfig):
             value = value.to_diff_dict()
+        if not isinstance(value, dict):
+            raise _invalid(key, value, f"a JSON object of {key} settings (or null for the defaults)")
+        _check_key_types(key, value)
         return cls(**value)
 
     @property
@@ -265,36 +546,61 @@ class VambaConfig(PretrainedConfig):
         return self.hidden_size // self.num_attention_heads
 
     def _validate(self):
+        _check_rules("", self, self._rules)
+        self._validate_mrope_section()
+        # The embedding pads with pad_token_id, and prompts mark the visual input with the vision start/end tokens.
+        for name in ("pad_token_id", "vision_start_token_id", "vision_end_token_id"):
+            value = getattr(self, name)
+            if value is not None and value >= self.vocab_size:
+                raise _invalid(name, value, f"a token id below vocab_size ({self.vocab_size})")
         if self.hidden_size % self.num_attention_heads:
-            raise ValueError(
+            raise VambaConfigError(
                 f"hidden_size ({self.hidden_size}) must be divisible by num_attention_heads "
-                f"({self.num_attention_heads})."
+                f"({self.num_attention_heads}): change one of them."
             )
         if self.num_attention_heads % self.num_key_value_heads:
-            raise ValueError(
+            raise VambaConfigError(
                 f"num_attention_heads ({self.num_attention_heads}) must be a multiple of num_key_value_heads "
-                f"({self.num_key_value_heads})."
+                f"({self.num_key_value_heads}): change one of them."
             )
-        if len(self.mrope_section) != 3 or sum(self.mrope_section) != self.head_dim // 2:
-            raise ValueError(
+        if self.head_dim % 2 or sum(self.mrope_section) != self.head_dim // 2:
+            raise VambaConfigError(
                 f"mrope_section {self.mrope_section} must have three entries summing to head_dim/2 = "
-                f"{self.head_dim // 2} (head_dim = hidden_size / num_attention_heads)."
+                f"{self.head_dim / 2:g} (head_dim = hidden_size / num_attention_heads, which must be even)."
             )
         if self.vision_config.hidden_size != self.hidden_size:
-            raise ValueError(
+            raise VambaConfigError(
                 f"vision_config.hidden_size ({self.vision_config.hidden_size}) must equal the text hidden_size "
                 f"({self.hidden_size}): the vision tower's output is the visual stream."
             )
         if self.vision_mamba_mixer_config.hidden_dim != self.hidden_size:
-            raise ValueError(
+            raise VambaConfigError(
                 f"vision_mamba_mixer_config.hidden_dim ({self.vision_mamba_mixer_config.hidden_dim}) must equal "
                 f"hidden_size ({self.hidden_size})."
             )
-        if self.mamba_max_tokens < 1 or self.vision_max_frames < 1:
-            raise ValueError("mamba_max_tokens and vision_max_frames must be positive.")
-        if self.cross_kv_cache_dtype not in (None, "bfloat16", "float16", "float32", "float8_e4m3fn"):
-            raise ValueError(f"cross_kv_cache_dtype={self.cross_kv_cache_dtype!r}: use null (the model's dtype), "
-                             f"\"bfloat16\", \"float16\", \"float32\" or \"float8_e4m3fn\".")
+        if self.cross_kv_cache_dtype not in self._cross_kv_cache_dtypes:
+            raise VambaConfigError(f"cross_kv_cache_dtype={_short_repr(self.cross_kv_cache_dtype)}: use null (the "
+                                   f"model's dtype), \"bfloat16\", \"float16\", \"float32\" or \"float8_e4m3fn\".")
+
+    def _validate_mrope_section(self):
+        section = self.mrope_section
+        if not (isinstance(section, (list, tuple)) and len(section) == 3 and all(map(NON_NEGATIVE_INT.check, section))):
+            raise _invalid("mrope_section", section, "three integers >= 0 summing to head_dim/2, e.g. [16, 24, 24]")
+        self.mrope_section = list(section)
+
+    @classmethod
+    def from_dict(cls, config_dict, **kwargs):
+        if not isinstance(config_dict, dict):
+            raise VambaConfigError(f"A Vamba config is an object of settings, not a {type(config_dict).__name__}.")
+        return super().from_dict(config_dict, **kwargs)
+
+    @classmethod
+    def _dict_from_json_file(cls, json_file):
+        config_dict = super()._dict_from_json_file(json_file)
+        if not isinstance(config_dict, dict):
+            raise VambaConfigError(f"{json_file} holds a JSON {type(config_dict).__name__}, not an object of config "
+                                   f"settings.")
+        return config_dict
 
     def to_dict(self):
         output = super().to_dict()

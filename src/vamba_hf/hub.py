@@ -1,32 +1,69 @@
-"""Uploading a converted folder to the Hugging Face Hub (`vamba-hf push`)."""
+"""Uploading a converted folder to the Hugging Face Hub (`vamba-hf push`).
 
-import json
+Everything is checked before the first request: the folder (a Vamba config that maps only to our remote code,
+the remote-code files, weights whose headers match the config), the repo id, the token and offline mode. The
+local folder is never written: the model card, with the repo id put into its usage snippets, is uploaded from
+memory. Hub and network failures raise `VambaUserError` with a one-line message.
+"""
+
 from pathlib import Path
 from typing import Callable, Optional
 
-from .card import set_card_repo_id
-from .convert import REMOTE_CODE_FILES, SINGLE_WEIGHTS, WEIGHTS_INDEX
+from .card import REPO_ID_PLACEHOLDER
+from .convert import (REMOTE_CODE_FILES, ConversionError, check_tensors, expected_shapes, find_weight_files,
+                      is_hub_repo_id, load_source_config, read_checkpoint_tensors, read_json_object)
+from .errors import VambaUserError, hub_error_message
+
+CARD_FILE = "README.md"
 
 
-class NotConvertedError(ValueError):
-    """The folder is not the output of `vamba-hf convert`."""
+class NotConvertedError(VambaUserError):
+    """The folder is not the output of `vamba-hf convert` (or no longer a complete one)."""
 
 
-def check_converted_folder(folder: Path) -> None:
-    """Refuse folders the Hub could not serve: no Vamba config with `auto_map`, no remote code, or no weights."""
+def _check_auto_map(config_path: Path, auto_map) -> None:
+    """Every Auto class must point at a module of our remote code, in this repo (no `other/repo--` prefix)."""
+    ours = {name.removesuffix(".py") for name in REMOTE_CODE_FILES}
+    foreign = sorted(
+        f"{auto_class}: {target}" for auto_class, target in (auto_map or {}).items()
+        if not (isinstance(target, str) and "--" not in target and target.split(".")[0] in ours)
+    )
+    if not auto_map or foreign:
+        raise NotConvertedError(f"{config_path} maps the Auto classes to code that is not vamba-hf's "
+                                f"({'; '.join(foreign) or 'no auto_map'}); convert the checkpoint again.")
+
+
+def check_converted_folder(folder: Path) -> list:
+    """Refuse folders the Hub could not serve: no Vamba config mapping to our remote code, no remote code, or
+    weights that are missing or do not match the config. Returns the weight files."""
+    if not folder.is_dir():
+        what = "is a file, not a folder" if folder.exists() else "does not exist"
+        raise NotConvertedError(f"{folder} {what}: give the folder written by vamba-hf convert.")
     config_path = folder / "config.json"
     if not config_path.is_file():
         raise NotConvertedError(f"{folder} has no config.json; convert the checkpoint first: vamba-hf convert SRC "
                                 f"{folder}")
-    config = json.loads(config_path.read_text(encoding="utf-8"))
-    if config.get("model_type") != "vamba" or "auto_map" not in config:
+    raw = read_json_object(config_path)
+    if raw.get("model_type") != "vamba" or "auto_map" not in raw:
         raise NotConvertedError(f"{config_path} is not a converted Vamba config (model_type "
-                                f"{config.get('model_type')!r}); run vamba-hf convert on it first.")
+                                f"{raw.get('model_type')!r}); run vamba-hf convert on it first.")
+    _check_auto_map(config_path, raw["auto_map"])
     missing = [name for name in REMOTE_CODE_FILES if not (folder / name).is_file()]
     if missing:
         raise NotConvertedError(f"{folder} lacks the remote-code file(s) {', '.join(missing)}; convert again.")
-    if not ((folder / SINGLE_WEIGHTS).is_file() or (folder / WEIGHTS_INDEX).is_file()):
-        raise NotConvertedError(f"{folder} has no {SINGLE_WEIGHTS} or {WEIGHTS_INDEX}.")
+    config = load_source_config(folder)
+    try:
+        files, weight_map = find_weight_files(folder)
+        check_tensors(read_checkpoint_tensors(folder, files, weight_map), expected_shapes(config))
+    except ConversionError as error:
+        raise NotConvertedError(f"{error} (in {folder}; convert again)") from None
+    return files
+
+
+def check_repo_id(repo_id) -> None:
+    if not is_hub_repo_id(repo_id):
+        raise VambaUserError(f"{repo_id!r} is not a Hub repo id: use namespace/name with letters, digits, '-', '_' "
+                             f"and '.', e.g. your-name/Vamba-Qwen2-VL-7B-hf.")
 
 
 def files_to_upload(folder: Path) -> list:
@@ -37,6 +74,34 @@ def files_to_upload(folder: Path) -> list:
         if path.is_file() and not any(part.startswith(".") for part in relative.parts):
             files.append((relative.as_posix(), path.stat().st_size))
     return files
+
+
+def card_for_upload(folder: Path, repo_id: str) -> Optional[bytes]:
+    """The model card with `repo_id` in its usage snippets (in memory; the file is left as it is), or None when
+    the card does not hold the placeholder."""
+    path = folder / CARD_FILE
+    if not path.is_file():
+        return None
+    text = path.read_text(encoding="utf-8")
+    if REPO_ID_PLACEHOLDER not in text:
+        return None
+    return text.replace(REPO_ID_PLACEHOLDER, repo_id).encode("utf-8")
+
+
+def _token_or_fail(token: Optional[str]) -> str:
+    import huggingface_hub
+
+    token = token or huggingface_hub.get_token()
+    if not token:
+        raise VambaUserError("No Hugging Face token: log in with `hf auth login`, set HF_TOKEN, or pass --token.")
+    return token
+
+
+def _refuse_offline_mode() -> None:
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        raise VambaUserError("HF_HUB_OFFLINE is set, so nothing can be uploaded; unset it and push again.")
 
 
 def push_folder(
@@ -50,32 +115,51 @@ def push_folder(
     dry_run: bool = False,
     log: Callable[[str], None] = print,
 ) -> list:
-    """Upload a converted folder to the model repo `repo_id` (created if needed), first writing `repo_id` into the
-    model card's usage snippets if they still hold the placeholder. Returns the uploaded files as (path, size);
-    with `dry_run`, only lists them and touches neither the folder nor the network."""
+    """Upload a converted folder to the model repo `repo_id` (created if needed) in one commit, with `repo_id`
+    written into the uploaded model card's usage snippets if they hold the placeholder (the local card is left as
+    it is). Returns the uploaded files as (path, size); with `dry_run`, only lists them and touches neither the
+    folder nor the network. Raises `VambaUserError` (one line) for a bad folder, repo id, token or network."""
     folder = Path(folder)
+    check_repo_id(repo_id)
     check_converted_folder(folder)
     files = files_to_upload(folder)
+    if not dry_run:
+        _refuse_offline_mode()
+        token = _token_or_fail(token)
     total = sum(size for _, size in files)
     verb = "Would upload" if dry_run else "Uploading"
     log(f"{verb} {len(files)} file(s), {total / 2**30:.2f} GiB, from {folder} to https://huggingface.co/{repo_id}:")
     for name, size in files:
         log(f"  {name}  ({size:,} bytes)")
+    card = card_for_upload(folder, repo_id)
+    if card is not None:
+        log(f"{CARD_FILE}: the uploaded card's usage snippets name {repo_id} (the local file is unchanged).")
     if dry_run:
         return files
-    from huggingface_hub import HfApi
-
-    if set_card_repo_id(folder, repo_id):
-        log(f"README.md: usage snippets now name {repo_id}.")
-    api = HfApi(token=token)
-    api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
-    commit = api.upload_folder(
-        repo_id=repo_id,
-        folder_path=folder,
-        repo_type="model",
-        revision=revision,
-        commit_message=commit_message or "Upload Vamba (converted with vamba-hf)",
-        ignore_patterns=[".*", "**/.*"],
-    )
+    commit = _upload(folder, files, card, repo_id, private=private, revision=revision, token=token,
+                     commit_message=commit_message or "Upload Vamba (converted with vamba-hf)")
     log(f"Done: {getattr(commit, 'commit_url', commit)}")
     return files
+
+
+def _upload(folder: Path, files: list, card: Optional[bytes], repo_id: str, *, private: bool,
+            revision: Optional[str], token: str, commit_message: str):
+    import huggingface_hub
+
+    operations = [
+        huggingface_hub.CommitOperationAdd(path_in_repo=name,
+                                           path_or_fileobj=card if name == CARD_FILE and card else str(folder / name))
+        for name, _ in files
+    ]
+    api = huggingface_hub.HfApi(token=token)
+    try:
+        api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
+        if revision is not None:
+            api.create_branch(repo_id, branch=revision, repo_type="model", exist_ok=True)
+        return api.create_commit(repo_id=repo_id, operations=operations, commit_message=commit_message,
+                                 revision=revision, repo_type="model")
+    except Exception as error:
+        message = hub_error_message(error, f"Uploading to {repo_id} failed")
+        if message is None:
+            raise
+        raise VambaUserError(message) from None

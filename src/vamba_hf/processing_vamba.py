@@ -4,48 +4,59 @@ Vamba's prompts carry `<|vision_start|><|vision_end|>` where the image or video 
 `<|image_pad|>`/`<|video_pad|>` tokens: the visual patches go to the model's vision tower
 separately (`pixel_values` + `image_grid_thw` or `pixel_values_videos` + `video_grid_thw`).
 
-This file is also served as Hub remote code, so it imports only transformers, torch, numpy, PIL
-and the standard library at top level; PyAV and tqdm are optional.
+Call keyword arguments follow transformers' typed processing kwargs: flat (`max_length=...`, `num_frames=...`) or
+per modality (`text_kwargs`, `images_kwargs`, `videos_kwargs`, `common_kwargs`), merged with the tokenizer's init
+defaults by `ProcessorMixin._merge_kwargs`. The video sampling options are `VideoSampling`'s fields.
+
+This file is also served as Hub remote code (with `video_vamba.py`), so it imports only transformers, torch, numpy,
+PIL, jinja2 and the standard library at top level.
 """
 
 import math
-import os
-from dataclasses import dataclass
+import typing
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, fields
 
+import jinja2
+import jinja2.ext
+import jinja2.meta
+import jinja2.nodes
 import numpy as np
 import PIL.Image
 import torch
 import transformers
 from transformers.feature_extraction_utils import BatchFeature
-from transformers.processing_utils import ProcessorMixin
+from transformers.processing_utils import ImagesKwargs, ProcessingKwargs, ProcessorMixin, TextKwargs, VideosKwargs
+from transformers.utils.chat_template_utils import render_jinja_template
 
-try:
-    import av
-except ImportError:
-    av = None
+from .video_vamba import (
+    FrameResize,
+    VideoFrames,
+    VideoSampling,
+    frame_array,
+    is_single_frame,
+    load_image,
+    load_video,
+    resize_frame,
+    to_video_frames,
+)
 
-try:
-    from tqdm.auto import tqdm
-except ImportError:
-    tqdm = None
-
+__all__ = ["VAMBA_CHAT_TEMPLATE", "VambaProcessor", "VideoFrames", "VideoSampling", "default_image_processor",
+           "load_video"]
 
 VISION_PLACEHOLDER = "<|vision_start|><|vision_end|>"
 VISION_START = "<|vision_start|>"
 VISUAL_PAD_TOKENS = ("<|image_pad|>", "<|video_pad|>")
 
-# ChatML with the default system prompt of the original release; every image or video item
-# becomes one `<|vision_start|><|vision_end|>` pair, text items are copied verbatim.
+# ChatML with the default system prompt of the original release; every image or video item becomes one
+# `<|vision_start|><|vision_end|>` pair, text items are copied verbatim. Assistant turns (their text and
+# `<|im_end|>`) are `generation` blocks, for `return_assistant_tokens_mask`.
 VAMBA_CHAT_TEMPLATE = (
-    "{%- for message in messages -%}"
-    "{%- if loop.first and message['role'] != 'system' -%}"
-    "{{ '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}"
-    "{%- endif -%}"
-    "{{ '<|im_start|>' + message['role'] + '\\n' }}"
-    "{%- if message['content'] is string -%}"
-    "{{ message['content'] }}"
+    "{%- macro render_content(content) -%}"
+    "{%- if content is string -%}"
+    "{{ content }}"
     "{%- else -%}"
-    "{%- for item in message['content'] -%}"
+    "{%- for item in content -%}"
     "{%- if item['type'] in ['image', 'video'] -%}"
     "{{ '<|vision_start|><|vision_end|>' }}"
     "{%- elif item['type'] == 'text' -%}"
@@ -53,23 +64,53 @@ VAMBA_CHAT_TEMPLATE = (
     "{%- endif -%}"
     "{%- endfor -%}"
     "{%- endif -%}"
-    "{{ '<|im_end|>\\n' }}"
+    "{%- endmacro -%}"
+    "{%- for message in messages -%}"
+    "{%- if loop.first and message['role'] != 'system' -%}"
+    "{{ '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}"
+    "{%- endif -%}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' }}"
+    "{%- if message['role'] == 'assistant' -%}"
+    "{%- generation -%}"
+    "{{ render_content(message['content']) + '<|im_end|>' }}"
+    "{%- endgeneration -%}"
+    "{%- else -%}"
+    "{{ render_content(message['content']) + '<|im_end|>' }}"
+    "{%- endif -%}"
+    "{{ '\\n' }}"
     "{%- endfor -%}"
     "{%- if add_generation_prompt -%}"
     "{{ '<|im_start|>assistant\\n' }}"
     "{%- endif -%}"
 )
 
-DEFAULT_NUM_FRAMES = 128
-DEFAULT_MAX_FRAMES = 512
-DEFAULT_VIDEO_LONGEST_EDGE = 640
-DEFAULT_VIDEO_SHORTEST_EDGE = 256
-# A progress bar is shown (when `progress` is left to None) for decodes at least this long.
-PROGRESS_BAR_MIN_FRAMES = 1000
-# Consecutive undecodable packets after which a stream is treated as ended.
-MAX_CONSECUTIVE_DECODE_ERRORS = 64
-# Frames handed to the image processor at once; bounds the float32 working copy of a long video.
-FRAMES_PER_CHUNK = 16
+# Temporal patch groups normalised at once: bounds the working set of one step.
+GROUPS_PER_STEP = 4
+MAX_ASPECT_RATIO = 200  # Qwen2-VL's vision tower
+CONTENT_TYPES = ("text", "image", "video")
+MODALITY_KWARGS = {"text_kwargs": "text", "images_kwargs": "images", "videos_kwargs": "videos"}
+
+
+class VambaImagesKwargs(ImagesKwargs, total=False):
+    min_pixels: int
+    max_pixels: int
+
+
+# The video options: the sampling ones, then the pixel budget, where to normalise, and what to return.
+VambaVideosKwargs = typing.TypedDict(
+    "VambaVideosKwargs",
+    {**{field.name: field.type for field in fields(VideoSampling)}, "min_pixels": int, "max_pixels": int,
+     "device": typing.Optional[typing.Union[str, torch.device]], "return_metadata": bool,
+     "return_tensors": VideosKwargs.__annotations__.get("return_tensors", typing.Optional[str])},
+    total=False,
+)
+
+
+class VambaProcessorKwargs(ProcessingKwargs, total=False):
+    text_kwargs: TextKwargs
+    images_kwargs: VambaImagesKwargs
+    videos_kwargs: VambaVideosKwargs
+    _defaults = {"text_kwargs": {"padding": True}, "videos_kwargs": {"return_metadata": False}}
 
 
 def default_image_processor(**kwargs):
@@ -81,366 +122,132 @@ def default_image_processor(**kwargs):
     return image_processor_class(**kwargs)
 
 
-# ----------------------------------------------------------------------------------------------
-# Frame sampling and video decoding
-
-
-@dataclass
-class VideoFrames:
-    """Frames of one video (PIL images or HxWx3 uint8 arrays, all the same size) and where they came from."""
-
-    frames: list
-    timestamps: list = None  # seconds from the start of the stream, one per frame, when known
-    frame_indices: list = None  # indices of the frames in the decoded stream, when known
-    source_fps: float = None
-    source_frame_count: int = None
-
-    def metadata(self) -> dict:
-        return {
-            "timestamps": self.timestamps,
-            "frame_indices": self.frame_indices,
-            "source_fps": self.source_fps,
-            "source_frame_count": self.source_frame_count,
-            "num_frames": len(self.frames),
-        }
-
-
-def sample_frame_indices(total_frames: int, num_frames: int) -> list:
-    """The middle frame of each of `num_frames` equal intervals of the video (the original release's sampling).
-
-    A video shorter than `num_frames` gives each of its frames once (the original repeated the last one).
-    """
-    if total_frames < 1 or num_frames < 1:
-        return []
-    count = min(num_frames, total_frames)
-    bounds = np.linspace(0, total_frames, count + 1).astype(int)
-    return [int(start + end - 1) // 2 for start, end in zip(bounds[:-1], bounds[1:])]
-
-
-def frame_count_for_fps(total_frames: int, source_fps: float, sample_fps: float, max_frames: int) -> int:
-    """How many frames to sample at `sample_fps` from a video, capped at `max_frames`."""
-    if not source_fps or source_fps <= 0:
-        raise ValueError("sampling by fps needs the video's frame rate, which this video does not report; pass num_frames instead")
-    duration = total_frames / source_fps
-    return max(1, min(max_frames, math.ceil(duration * sample_fps)))
-
-
-def resize_within_edges(image: PIL.Image.Image, shortest_edge, longest_edge) -> PIL.Image.Image:
-    """The original release's frame resize: longest edge at most `longest_edge` (aspect kept), then each edge at least `shortest_edge`."""
-    if shortest_edge is None and longest_edge is None:
-        return image
-    width, height = image.size
-    aspect_ratio = width / height
-    if longest_edge is not None:
-        if width >= height and width > longest_edge:
-            width, height = longest_edge, int(longest_edge / aspect_ratio)
-        elif height > width and height > longest_edge:
-            width, height = int(longest_edge * aspect_ratio), longest_edge
-    if shortest_edge is not None:
-        width, height = max(width, shortest_edge), max(height, shortest_edge)
-    if (width, height) == image.size:
-        return image
-    return image.resize((width, height), resample=PIL.Image.BICUBIC)
-
-
-def _is_url(source: str) -> bool:
-    return "://" in source and not source.startswith("file://")
-
-
-def _local_path(source) -> str:
-    source = os.fspath(source)
-    return source[len("file://"):] if source.startswith("file://") else source
-
-
-def _check_readable_file(path: str, kind: str) -> None:
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{kind} file not found: {path!r}. Check the path (relative paths start from {os.getcwd()!r}).")
-    if os.path.isdir(path):
-        raise ValueError(f"{path!r} is a folder, not a {kind} file. Give the path of the {kind} file itself.")
-    if os.path.getsize(path) == 0:
-        raise ValueError(f"{kind} file {path!r} is empty (0 bytes). Re-download or re-export it.")
-
-
-def _open_video(path: str):
-    if av is None:
-        raise ImportError("decoding video files needs PyAV: `pip install av` (or pass the frames yourself)")
-    try:
-        container = av.open(path, timeout=30.0) if _is_url(path) else av.open(path)
-    except av.error.FFmpegError as error:
-        raise ValueError(
-            f"cannot read {path!r} as a video ({error}). The file is not a video, or it is truncated or corrupt; "
-            "check that it plays, or re-encode it (e.g. `ffmpeg -i in -c:v libx264 out.mp4`)."
-        ) from None
-    if not container.streams.video:
-        container.close()
-        raise ValueError(f"{path!r} has no video stream (an audio-only or data file?). Give a video file.")
-    return container
-
-
-def _count_packets(path: str) -> int:
-    """Frames in the first video stream, counted without decoding (one packet per frame)."""
-    with _open_video(path) as container:
-        count = 0
-        try:
-            for packet in container.demux(container.streams.video[0]):
-                if packet.size:
-                    count += 1
-        except av.error.FFmpegError:
-            pass
-        return count
-
-
-def _probe_video(path: str) -> tuple:
-    """(frame count, frame rate) of the first video stream: the declared count, or else the packet count."""
-    with _open_video(path) as container:
-        stream = container.streams.video[0]
-        declared = stream.frames
-        source_fps = float(stream.average_rate) if stream.average_rate else None
-    return (declared if declared > 0 else _count_packets(path)), source_fps
-
-
-def _stream_start_seconds(stream) -> float:
-    if stream.start_time is None or stream.time_base is None:
-        return 0.0
-    return float(stream.start_time * stream.time_base)
-
-
-def _iter_decoded_frames(container, stream):
-    """Decoded frames of `stream`, in order; undecodable packets are skipped, a broken container ends the stream."""
-    consecutive_errors = 0
-    try:
-        for packet in container.demux(stream):
-            try:
-                frames = packet.decode()
-            except av.error.FFmpegError:
-                consecutive_errors += 1
-                if consecutive_errors > MAX_CONSECUTIVE_DECODE_ERRORS:
-                    return
-                continue
-            consecutive_errors = 0
-            yield from frames
-    except av.error.FFmpegError:
-        return
-
-
-def _progress_bar(total: int, progress, description: str):
-    show = progress if progress is not None else total >= PROGRESS_BAR_MIN_FRAMES
-    if not show or tqdm is None:
-        return None
-    return tqdm(total=total, unit="frame", desc=description, leave=False)
-
-
-def _decode_sampled_frames(path, wanted_indices, shortest_edge, longest_edge, progress, frame_count_hint):
-    """One sequential pass: keeps (and resizes at once) only the frames at `wanted_indices`.
-
-    Returns the kept frames, their timestamps and indices, the stream's frame rate and the number
-    of frames decoded in all.
-    """
-    wanted = sorted(set(wanted_indices))
-    frames, timestamps, indices = [], [], []
-    decoded = 0
-    with _open_video(path) as container:
-        stream = container.streams.video[0]
-        stream.thread_type = "AUTO"
-        source_fps = float(stream.average_rate) if stream.average_rate else None
-        start_seconds = _stream_start_seconds(stream)
-        bar = _progress_bar(frame_count_hint, progress, f"decoding {os.path.basename(path)}")
-        try:
-            for frame in _iter_decoded_frames(container, stream):
-                if len(indices) < len(wanted) and decoded == wanted[len(indices)]:
-                    frames.append(resize_within_edges(frame.to_image(), shortest_edge, longest_edge))
-                    if frame.time is not None:
-                        timestamps.append(float(frame.time) - start_seconds)
-                    elif source_fps:
-                        timestamps.append(decoded / source_fps)
-                    indices.append(decoded)
-                decoded += 1
-                if bar is not None:
-                    bar.update(1)
-        finally:
-            if bar is not None:
-                bar.close()
-    if len(timestamps) != len(frames):
-        timestamps = None
-    return frames, timestamps, indices, source_fps, decoded
-
-
-def _plan_indices(frame_count, num_frames, fps, max_frames, source_fps) -> list:
-    if fps is not None:
-        num_frames = frame_count_for_fps(frame_count, source_fps, fps, max_frames)
-    return sample_frame_indices(frame_count, min(num_frames, max_frames))
-
-
-def load_video(
-    source,
-    num_frames: int = DEFAULT_NUM_FRAMES,
-    fps: float = None,
-    max_frames: int = DEFAULT_MAX_FRAMES,
-    shortest_edge: int = DEFAULT_VIDEO_SHORTEST_EDGE,
-    longest_edge: int = DEFAULT_VIDEO_LONGEST_EDGE,
-    progress: bool = None,
-) -> VideoFrames:
-    """Decode a video file with PyAV and sample frames from it.
-
-    By count (default): `num_frames` frames, the middle one of each of `num_frames` equal intervals.
-    By rate: `fps` frames per second of video (the middle frame of each 1/fps interval), at most
-    `max_frames`. Frames are decoded sequentially and only the sampled ones are kept, resized as
-    they come so the longest edge is at most `longest_edge` and each edge at least `shortest_edge`
-    (either None to skip). `progress`: a tqdm bar; None shows one for long videos only.
-
-    Returns a `VideoFrames` with PIL frames, their timestamps (seconds) and frame indices.
-    """
-    path = os.fspath(source)
-    if not _is_url(path):
-        path = _local_path(path)
-        _check_readable_file(path, "video")
-    frame_count, source_fps = _probe_video(path)
-    if frame_count == 0:
-        raise ValueError(
-            f"no frame of video {path!r} could be read: its video stream is empty, or the file is truncated or "
-            "corrupt. Check that it plays, or re-encode it."
-        )
-    wanted = _plan_indices(frame_count, num_frames, fps, max_frames, source_fps)
-    frames, timestamps, indices, source_fps, decoded = _decode_sampled_frames(
-        path, wanted, shortest_edge, longest_edge, progress, frame_count
-    )
-    if decoded == 0:
-        raise ValueError(f"no frame of {path!r} could be decoded: the video stream is empty or corrupt. Re-encode the video.")
-    if decoded != frame_count:
-        # The declared count was wrong (e.g. a truncated file): sample again over the frames that exist.
-        wanted = _plan_indices(decoded, num_frames, fps, max_frames, source_fps)
-        frames, timestamps, indices, source_fps, _ = _decode_sampled_frames(
-            path, wanted, shortest_edge, longest_edge, progress, decoded
-        )
-    return VideoFrames(
-        frames=frames,
-        timestamps=timestamps,
-        frame_indices=indices,
-        source_fps=source_fps,
-        source_frame_count=decoded,
-    )
+def smart_size(height: int, width: int, factor: int, min_pixels: int, max_pixels: int) -> tuple:
+    """Qwen2-VL's resize target: (height, width), multiples of `factor`, area within [min_pixels, max_pixels]."""
+    if max(height, width) / min(height, width) > MAX_ASPECT_RATIO:
+        raise ValueError(f"a {width}x{height} image or frame has an aspect ratio of "
+                         f"{max(height, width) / min(height, width):.0f}; Qwen2-VL's vision tower takes at most "
+                         f"{MAX_ASPECT_RATIO}. Crop or pad it first.")
+    h_bar, w_bar = round(height / factor) * factor, round(width / factor) * factor
+    if h_bar * w_bar > max_pixels:
+        beta = math.sqrt(height * width / max_pixels)
+        h_bar = max(factor, math.floor(height / beta / factor) * factor)
+        w_bar = max(factor, math.floor(width / beta / factor) * factor)
+    elif h_bar * w_bar < min_pixels:
+        beta = math.sqrt(min_pixels / (height * width))
+        h_bar, w_bar = math.ceil(height * beta / factor) * factor, math.ceil(width * beta / factor) * factor
+    return h_bar, w_bar
 
 
 # ----------------------------------------------------------------------------------------------
-# Turning what users have (paths, PIL images, arrays, tensors, qwen_vl_utils output) into frames
+# Video patches: uint8 frames to Qwen2-VL's flattened video patches, with vectorised torch ops
 
 
-def _to_numpy(array) -> np.ndarray:
-    if isinstance(array, torch.Tensor):
-        array = array.detach().cpu()
-        if array.dtype == torch.bfloat16:
-            array = array.float()
-        return array.numpy()
-    return np.asarray(array)
+@dataclass(frozen=True)
+class PatchLayout:
+    """The image processor's settings that turn frames into patches, with the call's pixel budget."""
+
+    patch_size: int
+    merge_size: int
+    temporal_patch_size: int
+    min_pixels: int
+    max_pixels: int
+    resample: int
+    do_resize: bool
+    do_rescale: bool
+    rescale_factor: float
+    do_normalize: bool
+    mean: tuple
+    std: tuple
+
+    @classmethod
+    def of(cls, image_processor, min_pixels=None, max_pixels=None) -> "PatchLayout":
+        size = dict(image_processor.size)
+        mean, std = image_processor.image_mean, image_processor.image_std
+        return cls(
+            image_processor.patch_size, image_processor.merge_size, image_processor.temporal_patch_size,
+            size["shortest_edge"] if min_pixels is None else min_pixels,
+            size["longest_edge"] if max_pixels is None else max_pixels,
+            int(image_processor.resample), bool(image_processor.do_resize), bool(image_processor.do_rescale),
+            float(image_processor.rescale_factor), bool(image_processor.do_normalize),
+            tuple(mean) if isinstance(mean, (list, tuple)) else (mean,) * 3,
+            tuple(std) if isinstance(std, (list, tuple)) else (std,) * 3,
+        )
+
+    def frame_size(self, width: int, height: int) -> tuple:
+        """(width, height) a frame is resized to before patching."""
+        if not self.do_resize:
+            return width, height
+        factor = self.patch_size * self.merge_size
+        new_height, new_width = smart_size(height, width, factor, self.min_pixels, self.max_pixels)
+        return new_width, new_height
+
+    def reference_values(self) -> np.ndarray:
+        """(3, 256): each channel's output for each byte, computed with transformers' own NumPy operations."""
+        values = np.arange(256, dtype=np.float64)
+        values = (values * self.rescale_factor).astype(np.float32) if self.do_rescale else values.astype(np.float32)
+        values = np.broadcast_to(values, (3, 256))
+        if self.do_normalize:
+            mean = np.array(self.mean, dtype=np.float32)[:, None]
+            std = np.array(self.std, dtype=np.float32)[:, None]
+            values = (values - mean) / std
+        return np.ascontiguousarray(values)
+
+    def rescale_by_division(self) -> bool:
+        """Whether float32 `x / (1 / rescale_factor)` gives transformers' float64 rescale exactly for every byte
+        (true for 1/255); then the fast float32 path reproduces its pixels bit for bit."""
+        divisor = np.float32(1 / self.rescale_factor)
+        values = np.arange(256, dtype=np.float32)
+        return bool(np.array_equal(values / divisor, (np.arange(256, dtype=np.float64) * self.rescale_factor)
+                                   .astype(np.float32)))
 
 
-def _to_uint8(array: np.ndarray) -> np.ndarray:
-    if array.dtype == np.uint8:
-        return array
-    if np.issubdtype(array.dtype, np.floating) and array.size and float(array.max()) <= 1.0:
-        array = array * 255.0
-    return np.clip(np.round(array), 0, 255).astype(np.uint8)
-
-
-def _channels_last(array: np.ndarray, what: str) -> np.ndarray:
-    """(..., H, W, C) from (..., H, W, C) or (..., C, H, W), with C in 1, 3 or 4; RGB out."""
-    if array.shape[-1] not in (1, 3, 4):
-        if array.shape[-3] not in (1, 3, 4):
-            raise ValueError(f"{what} of shape {tuple(array.shape)}: expected channels (1, 3 or 4) first or last")
-        array = np.moveaxis(array, -3, -1)
-    if array.shape[-1] == 1:
-        array = np.repeat(array, 3, axis=-1)
-    return array[..., :3]
-
-
-def _check_image_size(width: int, height: int, what: str) -> None:
-    if width == 0 or height == 0:
-        raise ValueError(f"{what} has zero size ({width}x{height}); give a non-empty image.")
-
-
-def _image_from_array(array, what: str) -> np.ndarray:
-    array = _to_numpy(array)
-    if array.ndim == 2:
-        array = array[..., None]
-    if array.ndim != 3:
-        raise ValueError(f"{what} must be a 2-D or 3-D array (H, W[, C]) or (C, H, W), got shape {tuple(array.shape)}")
-    array = _channels_last(array, what)
-    _check_image_size(array.shape[1], array.shape[0], what)
-    return np.ascontiguousarray(_to_uint8(array))
-
-
-def _open_image_file(path: str) -> PIL.Image.Image:
-    _check_readable_file(path, "image")
-    try:
-        with PIL.Image.open(path) as image:
-            return image.convert("RGB")
-    except (PIL.UnidentifiedImageError, OSError) as error:
-        raise ValueError(f"cannot read {path!r} as an image ({error}). Check that the file is a complete PNG/JPEG/... image.") from None
-
-
-def load_image(source):
-    """An RGB image (PIL image, or HxWx3 uint8 array for array input) from a path, URL, PIL image, array or tensor."""
-    if isinstance(source, PIL.Image.Image):
-        _check_image_size(*source.size, "image")
-        return source.convert("RGB")
-    if isinstance(source, (str, os.PathLike)):
-        location = os.fspath(source)
-        if _is_url(location) or location.startswith("data:"):
-            from transformers.image_utils import load_image as load_image_from_url
-
-            image = load_image_from_url(location, timeout=30.0)
+def _normalize_(patches: torch.Tensor, layout: PatchLayout, exact_division: bool) -> None:
+    """In place on (rows, 3, tp*p*p) float32 patches holding byte values."""
+    if layout.do_rescale:
+        if exact_division:
+            patches.div_(float(np.float32(1 / layout.rescale_factor)))
         else:
-            image = _open_image_file(_local_path(location))
-        _check_image_size(*image.size, f"image {location!r}")
-        return image.convert("RGB")
-    if isinstance(source, (np.ndarray, torch.Tensor)):
-        return _image_from_array(source, "image")
-    raise TypeError(f"cannot use a {type(source).__name__} as an image: give a path, URL, PIL image, array or tensor")
+            patches.copy_(patches.double().mul_(layout.rescale_factor))
+    if layout.do_normalize:
+        shape = (1, 3, 1)
+        patches.sub_(torch.tensor(layout.mean, dtype=torch.float32, device=patches.device).view(shape))
+        patches.div_(torch.tensor(layout.std, dtype=torch.float32, device=patches.device).view(shape))
 
 
-def _frames_from_array(array) -> list:
-    array = _to_numpy(array)
-    if array.ndim != 4:
-        raise ValueError(f"a video array must have 4 dimensions (T, H, W, C) or (T, C, H, W), got shape {tuple(array.shape)}")
-    array = _channels_last(array, "video")
-    _check_image_size(array.shape[2], array.shape[1], "video frame")
-    return list(_to_uint8(array))
+def resize_frames(frames: np.ndarray, size: tuple, resample: int) -> np.ndarray:
+    """(T, H, W, 3) uint8 frames resized to `size` (width, height) with PIL, in threads."""
+    if (frames.shape[2], frames.shape[1]) == tuple(size):
+        return frames
+    output = np.empty((len(frames), size[1], size[0], 3), dtype=np.uint8)
+
+    def resize_one(index):
+        output[index] = resize_frame(frames[index], size, resample)
+
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        list(pool.map(resize_one, range(len(frames))))
+    return output
 
 
-def _is_single_frame(item) -> bool:
-    return isinstance(item, PIL.Image.Image) or (isinstance(item, (np.ndarray, torch.Tensor)) and item.ndim in (2, 3))
-
-
-def _timestamps_from_qwen_metadata(metadata: dict, num_frames: int):
-    indices = metadata.get("frames_indices")
-    fps = metadata.get("fps")
-    if indices is None or not fps or len(indices) != num_frames:
-        return None, None
-    indices = [int(index) for index in _to_numpy(indices).reshape(-1)]
-    return [index / float(fps) for index in indices], indices
-
-
-def to_video_frames(video, **load_options) -> VideoFrames:
-    """A `VideoFrames` from a path/URL (decoded with `load_video(**load_options)`), a `VideoFrames`, a
-    (T,H,W,C)/(T,C,H,W) array or tensor, a list of frames (PIL images, arrays, or image paths), or a
-    `qwen_vl_utils` `(video_tensor, metadata)` pair."""
-    if isinstance(video, VideoFrames):
-        return video
-    if isinstance(video, (str, os.PathLike)):
-        return load_video(video, **load_options)
-    if isinstance(video, tuple) and len(video) == 2 and isinstance(video[1], dict):
-        frames = _frames_from_array(video[0])
-        timestamps, indices = _timestamps_from_qwen_metadata(video[1], len(frames))
-        return VideoFrames(frames=frames, timestamps=timestamps, frame_indices=indices, source_fps=video[1].get("fps"))
-    if isinstance(video, (np.ndarray, torch.Tensor)):
-        return VideoFrames(frames=_frames_from_array(video))
-    if isinstance(video, (list, tuple)):
-        return VideoFrames(frames=[load_image(frame) for frame in video])
-    raise TypeError(f"cannot use a {type(video).__name__} as a video: give a path, frames array/tensor, list of frames or VideoFrames")
-
-
-def _frame_size(frame) -> tuple:
-    return frame.size if isinstance(frame, PIL.Image.Image) else (frame.shape[1], frame.shape[0])
+def video_patches_into(output: torch.Tensor, frames: np.ndarray, layout: PatchLayout) -> tuple:
+    """Writes the flattened patches `(t*h*w, C*tp*P*P)` of (T, H, W, 3) uint8 frames (T a multiple of tp, H and W
+    of P*merge) into `output`, rows (t, h/m, w/m, m, m), features (C, tp, P, P) as Qwen2-VL lays them out.
+    Returns the grid (t, h, w)."""
+    tp, patch, merge = layout.temporal_patch_size, layout.patch_size, layout.merge_size
+    count, height, width, _ = frames.shape
+    t, grid_h, grid_w = count // tp, height // patch, width // patch
+    pixels = torch.from_numpy(frames).to(output.device)
+    exact_division = layout.rescale_by_division()
+    rows_per_group = grid_h * grid_w
+    for first in range(0, t, GROUPS_PER_STEP):
+        groups = min(GROUPS_PER_STEP, t - first)
+        chunk = pixels[first * tp:(first + groups) * tp].view(
+            groups, tp, grid_h // merge, merge, patch, grid_w // merge, merge, patch, 3)
+        target = output[first * rows_per_group:(first + groups) * rows_per_group]
+        target.view(groups, grid_h // merge, grid_w // merge, merge, merge, 3, tp, patch, patch).copy_(
+            chunk.permute(0, 2, 5, 3, 6, 8, 1, 4, 7))
+        _normalize_(target.view(-1, 3, tp * patch * patch), layout, exact_division)
+    return t, grid_h, grid_w
 
 
 def _even_length(video: VideoFrames, temporal_patch_size: int) -> VideoFrames:
@@ -450,16 +257,114 @@ def _even_length(video: VideoFrames, temporal_patch_size: int) -> VideoFrames:
             f"a video needs at least {temporal_patch_size} frames, this one has {len(video.frames)}. "
             "Give a longer video, sample more frames, or pass a single frame as an image."
         )
-    keep = len(video.frames) - len(video.frames) % temporal_patch_size
-    if keep == len(video.frames):
-        return video
-    return VideoFrames(
-        frames=video.frames[:keep],
-        timestamps=None if video.timestamps is None else video.timestamps[:keep],
-        frame_indices=None if video.frame_indices is None else video.frame_indices[:keep],
-        source_fps=video.source_fps,
-        source_frame_count=video.source_frame_count,
-    )
+    return video.first(len(video.frames) - len(video.frames) % temporal_patch_size)
+
+
+# ----------------------------------------------------------------------------------------------
+# Conversations
+
+
+def _type_name(value) -> str:
+    return "None" if value is None else type(value).__name__
+
+
+def _check_item(item, path: str) -> None:
+    if not isinstance(item, dict):
+        raise TypeError(f"{path} is a {_type_name(item)}; a content item is a dict such as "
+                        "{'type': 'text', 'text': '...'} or {'type': 'video', 'video': 'clip.mp4'}.")
+    kind = item.get("type")
+    if kind not in CONTENT_TYPES:
+        hint = f" (did you mean {kind.lower()!r}?)" if isinstance(kind, str) and kind.lower() in CONTENT_TYPES else ""
+        raise ValueError(f"{path}[\"type\"] is {kind!r}{hint}; Vamba reads items of type "
+                         f"{', '.join(map(repr, CONTENT_TYPES))}.")
+    if kind == "text" and not isinstance(item.get("text"), str):
+        raise TypeError(f"{path}[\"text\"] is {_type_name(item.get('text'))}; a text item needs a string.")
+    if kind != "text" and all(item.get(key) is None for key in (kind, "path", "url")):
+        raise ValueError(f"{path} has no `{kind}`, `path` or `url`: say which {kind} it is.")
+
+
+def _check_message(message, path: str) -> None:
+    if not isinstance(message, dict):
+        raise TypeError(f"{path} is a {_type_name(message)}; a message is a dict with \"role\" and \"content\".")
+    role = message.get("role")
+    if not isinstance(role, str) or not role:
+        raise TypeError(f"{path}[\"role\"] is {role!r}; give a role string such as 'user' or 'assistant'.")
+    content = message.get("content")
+    if isinstance(content, str):
+        return
+    if not isinstance(content, list):
+        raise TypeError(f"{path}[\"content\"] is a {_type_name(content)}; give a string or a list of items.")
+    for index, item in enumerate(content):
+        _check_item(item, f"{path}[\"content\"][{index}]")
+
+
+def _check_conversation(messages, path: str) -> None:
+    if not isinstance(messages, list):
+        raise TypeError(f"{path} is a {_type_name(messages)}; a conversation is a list of messages (dicts).")
+    if not messages:
+        raise ValueError(f"{path} is empty; give at least one message.")
+    for index, message in enumerate(messages):
+        _check_message(message, f"{path}[{index}]")
+
+
+def validated_conversations(conversation) -> tuple:
+    """(list of conversations, whether a batch was given), after checking every message and item; errors name
+    the path of what is wrong, e.g. `conversation[0]["content"][1]`."""
+    if isinstance(conversation, tuple):
+        conversation = list(conversation)
+    if not isinstance(conversation, list) or not conversation:
+        _check_conversation(conversation, "conversation")
+    if isinstance(conversation[0], (list, tuple)):
+        conversations = [list(messages) if isinstance(messages, tuple) else messages for messages in conversation]
+        for index, messages in enumerate(conversations):
+            _check_conversation(messages, f"conversation[{index}]")
+        return conversations, True
+    _check_conversation(conversation, "conversation")
+    return [conversation], False
+
+
+def _visual_items(messages: list) -> list:
+    return [item for message in messages if isinstance(message["content"], list)
+            for item in message["content"] if item["type"] in ("image", "video")]
+
+
+def _item_source(item: dict):
+    kind = item["type"]
+    return next(item[key] for key in (kind, "path", "url") if item.get(key) is not None)
+
+
+@dataclass(frozen=True)
+class _VideoItem:
+    """A video named by a chat-template item, with the sampling options the item sets."""
+
+    source: object
+    options: dict
+
+
+class _GenerationBlocks(jinja2.ext.Extension):
+    """Parses `{% generation %}...{% endgeneration %}` (rendered by transformers), to read a template's variables."""
+
+    tags = {"generation"}
+
+    def parse(self, parser):
+        lineno = next(parser.stream).lineno
+        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+        return jinja2.nodes.Scope(body, lineno=lineno)
+
+
+def template_variables(template: str) -> set:
+    return jinja2.meta.find_undeclared_variables(jinja2.Environment(extensions=[_GenerationBlocks]).parse(template))
+
+
+def _assistant_masks(offsets, attention_mask, spans: list) -> np.ndarray:
+    """1 for each token whose text starts inside one of its row's generation spans (character ranges)."""
+    offsets, attention_mask = np.asarray(offsets), np.asarray(attention_mask)
+    starts, ends = offsets[..., 0], offsets[..., 1]
+    masks = np.zeros(attention_mask.shape, dtype=np.int64)
+    for row, row_spans in enumerate(spans):
+        for first, last in row_spans:
+            masks[row] |= (starts[row] >= first) & (starts[row] < last) & (ends[row] > starts[row])
+    return masks * (attention_mask != 0)
 
 
 def _as_list(value) -> list:
@@ -472,7 +377,7 @@ def _as_video_list(videos) -> list:
     """A list of videos; a list of single frames (PIL images or 2-D/3-D arrays) is one video."""
     if videos is None:
         return []
-    if isinstance(videos, list) and videos and not _is_single_frame(videos[0]):
+    if isinstance(videos, list) and videos and not is_single_frame(videos[0]):
         return videos
     return [videos]
 
@@ -482,34 +387,23 @@ def _as_video_list(videos) -> list:
 
 
 class VambaProcessor(ProcessorMixin):
-    r"""Vamba's processor: Qwen2-VL's image processor (also used on video frames), a Qwen2 tokenizer and the
-    Vamba chat template.
+    r"""Vamba's processor: Qwen2-VL's image processor (its settings also patch video frames), a Qwen2 tokenizer and
+    the Vamba chat template.
 
-    Video sampling defaults (`num_frames`, `fps`, `max_frames`, `video_shortest_edge`,
-    `video_longest_edge`) are saved with the processor and can be overridden per call or per
-    message item. After each call, `last_video_metadata` lists each video's sampled timestamps and
+    `video_sampling`: the default `VideoSampling` (or a dict of its options; extra keyword arguments set single
+    options), saved with the processor. A call, a chat template call or a video item overrides any of them.
+    With `return_metadata=True`, a call's output holds `video_metadata`: each video's sampled timestamps and
     frame indices.
     """
 
     attributes = ["image_processor", "tokenizer"]
+    valid_processor_kwargs = VambaProcessorKwargs
 
-    def __init__(
-        self,
-        image_processor=None,
-        tokenizer=None,
-        chat_template=None,
-        num_frames: int = DEFAULT_NUM_FRAMES,
-        fps: float = None,
-        max_frames: int = DEFAULT_MAX_FRAMES,
-        video_shortest_edge: int = DEFAULT_VIDEO_SHORTEST_EDGE,
-        video_longest_edge: int = DEFAULT_VIDEO_LONGEST_EDGE,
-    ):
-        self.num_frames = num_frames
-        self.fps = fps
-        self.max_frames = max_frames
-        self.video_shortest_edge = video_shortest_edge
-        self.video_longest_edge = video_longest_edge
-        self.last_video_metadata = []
+    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, video_sampling=None,
+                 **sampling_options):
+        if isinstance(video_sampling, dict):
+            video_sampling = VideoSampling(**video_sampling)
+        self.video_sampling = (video_sampling or VideoSampling()).with_options(**sampling_options)
         chat_template = chat_template or VAMBA_CHAT_TEMPLATE
         if tokenizer is not None:
             tokenizer.chat_template = chat_template
@@ -522,48 +416,93 @@ class VambaProcessor(ProcessorMixin):
         kwargs.setdefault("trust_remote_code", False)
         return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
 
+    def to_dict(self, *args, **kwargs) -> dict:
+        output = super().to_dict(*args, **kwargs)
+        output["video_sampling"] = self.video_sampling.to_dict()
+        return output
+
     @property
     def model_input_names(self):
         return ["input_ids", "attention_mask", "pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw"]
 
+    # -- keyword arguments ----------------------------------------------------------------------
+
+    def _valid_keys(self) -> dict:
+        """Per modality, the keyword names a call may use."""
+        annotations = VambaProcessorKwargs.__annotations__
+        keys = {modality: set(annotations[modality].__annotations__) for modality in MODALITY_KWARGS}
+        image_processor_kwargs = getattr(self.image_processor, "valid_kwargs", None)
+        keys["images_kwargs"] |= set(getattr(image_processor_kwargs, "__annotations__", {}))
+        if "common_kwargs" in annotations:  # transformers 4.x: return_tensors is a common kwarg
+            keys = {modality: names | set(annotations["common_kwargs"].__annotations__)
+                    for modality, names in keys.items()}
+        return keys
+
+    def _check_call_kwargs(self, kwargs: dict) -> None:
+        valid = self._valid_keys()
+        flat_keys = set().union(*valid.values()) | {
+            key for key, value in VambaProcessorKwargs.__annotations__.items()
+            if key not in MODALITY_KWARGS and not typing.is_typeddict(value)}
+        for key, value in kwargs.items():
+            if key in MODALITY_KWARGS or key == "common_kwargs":
+                if not isinstance(value, dict):
+                    raise TypeError(f"{key} must be a dict of options, got a {_type_name(value)}.")
+                allowed = flat_keys if key == "common_kwargs" else valid[key]
+                unknown = sorted(set(value) - allowed)
+                if unknown:
+                    raise TypeError(f"{key} has unknown option(s) {', '.join(unknown)} for VambaProcessor; its "
+                                    f"options are: {', '.join(sorted(allowed))}.")
+            elif key not in flat_keys:
+                raise TypeError(f"VambaProcessor got an unknown keyword argument {key!r}. Video sampling options: "
+                                f"{', '.join(VideoSampling.option_names())}; tokenizer, image and video options as "
+                                "in transformers' TextKwargs, ImagesKwargs and VideosKwargs.")
+
+    def _merged_kwargs(self, kwargs: dict) -> dict:
+        self._check_call_kwargs(kwargs)
+        merged = self._merge_kwargs(VambaProcessorKwargs, tokenizer_init_kwargs=self.tokenizer.init_kwargs, **kwargs)
+        for key in ("return_mm_token_type_ids", "return_text_replacement_offsets"):
+            if merged["text_kwargs"].pop(key, None) or merged.get(key):
+                raise ValueError(f"{key}=True is not supported: Vamba prompts hold no image or video pad tokens.")
+        return merged
+
     # -- plain call ---------------------------------------------------------------------------
 
-    def __call__(
-        self,
-        images=None,
-        text=None,
-        videos=None,
-        return_tensors=None,
-        padding=True,
-        num_frames: int = None,
-        fps: float = None,
-        max_frames: int = None,
-        progress: bool = None,
-        min_pixels: int = None,
-        max_pixels: int = None,
-    ) -> BatchFeature:
+    def __call__(self, images=None, text=None, videos=None, audio=None, **kwargs) -> BatchFeature:
         """Tokenize `text` (one prompt or a list; each with at most one `<|vision_start|><|vision_end|>`) and
         process the images or videos that fill its placeholders, in order.
 
-        Returns `input_ids`, `attention_mask` (left-padded) and `pixel_values` + `image_grid_thw` or
-        `pixel_values_videos` + `video_grid_thw` when there are images or videos.
+        Returns `input_ids`, `attention_mask` (padded on the tokenizer's `padding_side`) and `pixel_values` +
+        `image_grid_thw` or `pixel_values_videos` + `video_grid_thw` when there are images or videos; with
+        `return_metadata=True` also `video_metadata`. Keyword arguments: see the module docstring.
         """
+        if audio is not None:
+            raise ValueError("Vamba reads no audio: leave `audio` out.")
         if text is None:
-            raise ValueError("text is required: the prompt, with `<|vision_start|><|vision_end|>` where the image or video goes")
+            raise ValueError("text is required: the prompt, with `<|vision_start|><|vision_end|>` where the image or "
+                             "video goes")
         texts = [text] if isinstance(text, str) else list(text)
+        if not all(isinstance(prompt, str) for prompt in texts):
+            raise TypeError("text must be a string or a list of strings.")
         image_list, video_list = _as_list(images), _as_video_list(videos)
         self._check_placeholders(texts, len(image_list), len(video_list))
+        options = self._merged_kwargs(kwargs)
+        text_kwargs = options["text_kwargs"]
+        return_tensors = text_kwargs.pop("return_tensors", None)
 
-        encoding = self.tokenizer(texts, padding=padding, padding_side="left")
-        data = {"input_ids": encoding["input_ids"], "attention_mask": encoding["attention_mask"]}
-        size = self._size_kwargs(min_pixels, max_pixels)
+        data = dict(self.tokenizer(texts, **text_kwargs))
+        self._check_placeholders_kept(texts, data["input_ids"])
         if image_list:
-            data.update(self._process_images(image_list, size))
-        self.last_video_metadata = []
+            data.update(self._process_images(image_list, options["images_kwargs"]))
+        metadata = None
         if video_list:
-            load_options = self._video_load_options(num_frames=num_frames, fps=fps, max_frames=max_frames, progress=progress)
-            data.update(self._process_videos(video_list, load_options, size))
-        return BatchFeature(data=data, tensor_type=return_tensors)
+            pixel_values_videos, video_grid_thw, metadata = self._process_videos(video_list, options["videos_kwargs"])
+            if return_tensors != "pt":
+                pixel_values_videos = pixel_values_videos.cpu().numpy()
+            data.update(pixel_values_videos=pixel_values_videos, video_grid_thw=video_grid_thw)
+        output = BatchFeature(data=data, tensor_type=return_tensors)
+        if options["videos_kwargs"].get("return_metadata"):
+            output["video_metadata"] = metadata or []
+        return output
 
     @staticmethod
     def _check_placeholders(texts: list, num_images: int, num_videos: int) -> None:
@@ -595,77 +534,54 @@ class VambaProcessor(ProcessorMixin):
                 "with processor.apply_chat_template."
             )
 
-    def _size_kwargs(self, min_pixels, max_pixels) -> dict:
-        """Image-processor kwargs for a per-call pixel budget (both bounds, the unset one from its config)."""
-        if min_pixels is None and max_pixels is None:
-            return {}
-        size = dict(self.image_processor.size)
-        if min_pixels is not None:
-            size["shortest_edge"] = min_pixels
-        if max_pixels is not None:
-            size["longest_edge"] = max_pixels
-        return {"size": size}
+    def _check_placeholders_kept(self, texts: list, input_ids) -> None:
+        vision_start_id = self.tokenizer.convert_tokens_to_ids(VISION_START)
+        for index, (prompt, ids) in enumerate(zip(texts, input_ids)):
+            if prompt.count(VISION_START) != list(ids).count(vision_start_id):
+                raise ValueError(f"prompt {index} lost its `{VISION_PLACEHOLDER}` to truncation; raise max_length "
+                                 "or turn truncation off.")
 
-    def _process_images(self, images: list, size: dict) -> dict:
-        images = [load_image(image) for image in images]
-        output = self.image_processor(images=images, return_tensors="np", **size)
+    def _process_images(self, images: list, images_kwargs: dict) -> dict:
+        images = [frame_array(image, "image") for image in images]
+        options = {key: value for key, value in images_kwargs.items() if key != "return_tensors"}
+        min_pixels, max_pixels = options.pop("min_pixels", None), options.pop("max_pixels", None)
+        if min_pixels is not None or max_pixels is not None:
+            size = dict(options.get("size") or self.image_processor.size)
+            size["shortest_edge"] = size["shortest_edge"] if min_pixels is None else min_pixels
+            size["longest_edge"] = size["longest_edge"] if max_pixels is None else max_pixels
+            options["size"] = size
+        output = self.image_processor(images=images, return_tensors="np", **options)
         return {"pixel_values": output["pixel_values"], "image_grid_thw": output["image_grid_thw"]}
 
     # -- videos ---------------------------------------------------------------------------------
 
-    def _video_load_options(self, num_frames=None, fps=None, max_frames=None, progress=None) -> dict:
-        return {
-            "num_frames": self.num_frames if num_frames is None else num_frames,
-            "fps": self.fps if fps is None else fps,
-            "max_frames": self.max_frames if max_frames is None else max_frames,
-            "shortest_edge": self.video_shortest_edge,
-            "longest_edge": self.video_longest_edge,
-            "progress": progress,
-        }
-
-    def _process_videos(self, videos: list, load_options: dict, size: dict) -> dict:
-        temporal_patch_size = self.image_processor.temporal_patch_size
-        patches, grids = [], []
-        for video in videos:
-            frames = _even_length(to_video_frames(video, **load_options), temporal_patch_size)
-            video_patches, grid = self._video_patches(frames.frames, size)
-            patches.append(video_patches)
-            grids.append(grid)
-            self.last_video_metadata.append(frames.metadata())
-        return {"pixel_values_videos": np.concatenate(patches), "video_grid_thw": np.array(grids, dtype=np.int64)}
-
-    def _video_patches(self, frames: list, size: dict) -> tuple:
-        """Flattened patches `(t*h*w, C*tp*P*P)` and grid `(t, h, w)` of one video.
-
-        Each frame goes through the image processor (resize, rescale, normalize, patchify) as an
-        image, which repeats it over the temporal patch; consecutive frames are then interleaved on
-        the temporal axis, giving the layout of Qwen2-VL's video processing.
-        """
-        first_size = _frame_size(frames[0])
-        if any(_frame_size(frame) != first_size for frame in frames):
-            raise ValueError("all frames of a video must have the same size; resize them to one size first")
-        temporal_patch_size = self.image_processor.temporal_patch_size
-        output, grid = None, None
-        for start in range(0, len(frames), FRAMES_PER_CHUNK):
-            chunk = frames[start:start + FRAMES_PER_CHUNK]
-            processed = self.image_processor(images=chunk, return_tensors="np", **size)
-            _, grid_h, grid_w = (int(n) for n in processed["image_grid_thw"][0])
-            if output is None:
-                grid = (len(frames) // temporal_patch_size, grid_h, grid_w)
-                output = np.empty((grid[0] * grid_h * grid_w, processed["pixel_values"].shape[1]), dtype=np.float32)
-            rows = self._interleave_frames(processed["pixel_values"], len(chunk), temporal_patch_size)
-            first_row = start // temporal_patch_size * grid_h * grid_w
-            output[first_row:first_row + len(rows)] = rows
-        return output, grid
+    def _process_videos(self, videos: list, videos_kwargs: dict) -> tuple:
+        """(pixel_values_videos as a float32 tensor, video_grid_thw, per-video metadata)."""
+        sampling = self.video_sampling.with_changes(
+            **{name: videos_kwargs.get(name) for name in VideoSampling.option_names()})
+        layout = PatchLayout.of(self.image_processor, videos_kwargs.get("min_pixels"), videos_kwargs.get("max_pixels"))
+        resize = FrameResize(sampling.video_shortest_edge, sampling.video_longest_edge, layout.frame_size,
+                             layout.resample)
+        loaded = [_even_length(self._load_video(video, sampling, resize), layout.temporal_patch_size)
+                  for video in videos]
+        frames = [resize_frames(video.frames, layout.frame_size(*video.frames.shape[2:0:-1]), layout.resample)
+                  for video in loaded]
+        rows = [len(array) // layout.temporal_patch_size * (array.shape[1] // layout.patch_size)
+                * (array.shape[2] // layout.patch_size) for array in frames]
+        patch_dim = 3 * layout.temporal_patch_size * layout.patch_size ** 2
+        device = videos_kwargs.get("device") or "cpu"
+        output = torch.empty((sum(rows), patch_dim), dtype=torch.float32, device=device)
+        grids, first = [], 0
+        for array, count in zip(frames, rows):
+            grids.append(video_patches_into(output[first:first + count], array, layout))
+            first += count
+        return output, np.array(grids, dtype=np.int64), [video.metadata() for video in loaded]
 
     @staticmethod
-    def _interleave_frames(pixel_values: np.ndarray, num_frames: int, temporal_patch_size: int) -> np.ndarray:
-        """Per-frame image patches `(F*hw, C*tp*P*P)`, each frame repeated over tp, to video patches `(F/tp*hw, C*tp*P*P)`."""
-        patch_dim = pixel_values.shape[1]
-        per_frame = pixel_values.reshape(num_frames, -1, 3, temporal_patch_size, patch_dim // (3 * temporal_patch_size))
-        single = per_frame[:, :, :, 0, :]  # (F, hw, C, P*P): the frame once
-        groups = single.reshape(num_frames // temporal_patch_size, temporal_patch_size, *single.shape[1:])
-        return groups.transpose(0, 2, 3, 1, 4).reshape(-1, patch_dim)
+    def _load_video(video, sampling: VideoSampling, resize: FrameResize) -> VideoFrames:
+        if isinstance(video, _VideoItem):
+            return to_video_frames(video.source, sampling.with_changes(**video.options), resize)
+        return to_video_frames(video, sampling, resize)
 
     # -- chat template -----------------------------------------------------------------------
 
@@ -673,95 +589,82 @@ class VambaProcessor(ProcessorMixin):
         self,
         conversation,
         chat_template: str = None,
+        tools: list = None,
+        documents: list = None,
         add_generation_prompt: bool = False,
+        continue_final_message: bool = False,
+        return_assistant_tokens_mask: bool = False,
         tokenize: bool = False,
-        return_dict: bool = False,
         return_tensors=None,
-        padding=True,
-        num_frames: int = None,
-        fps: float = None,
-        max_frames: int = None,
-        progress: bool = None,
-        min_pixels: int = None,
-        max_pixels: int = None,
-        **template_kwargs,
+        return_dict: bool = False,
+        processor_kwargs: dict = None,
+        **kwargs,
     ):
         """Render one conversation (a list of messages) or a batch of them with the Vamba template.
 
         Messages use transformers' multimodal format: content items `{"type": "text", "text": ...}`,
         `{"type": "image", "image"|"path"|"url": ...}` and `{"type": "video", "video"|"path"|"url": ...}`
-        (a video item may also set `num_frames`, `fps`, `max_frames`). At most one image or video
-        per conversation.
+        (a video item may also set any `VideoSampling` option, e.g. `num_frames`). At most one image or video
+        per conversation. A malformed conversation raises a ValueError/TypeError naming the path of what is wrong.
 
-        With `tokenize=False`, the prompt string(s). With `tokenize=True, return_dict=True`, a
-        BatchFeature ready for `model.generate(**inputs)`; `tokenize=True` alone gives `input_ids`.
+        With `tokenize=False`, the prompt string(s). With `tokenize=True, return_dict=True`, a BatchFeature ready
+        for `model.generate(**inputs)` (`assistant_masks` too with `return_assistant_tokens_mask=True`);
+        `tokenize=True` alone gives `input_ids`. Processor options go in `processor_kwargs` or as keyword
+        arguments; other keyword arguments are variables of the template.
         """
-        conversations, batched = self._as_conversations(conversation)
+        conversations, batched = validated_conversations(conversation)
         template = chat_template or self.chat_template
-        prompts = [
-            self.tokenizer.apply_chat_template(
-                messages, chat_template=template, add_generation_prompt=add_generation_prompt, tokenize=False, **template_kwargs
-            )
-            for messages in conversations
-        ]
+        processor_kwargs, template_kwargs = self._split_template_kwargs(template, dict(processor_kwargs or {}), kwargs)
+        if return_assistant_tokens_mask and not (tokenize and return_dict):
+            raise ValueError("return_assistant_tokens_mask=True needs tokenize=True and return_dict=True.")
+        if return_assistant_tokens_mask and continue_final_message:
+            raise ValueError("continue_final_message is not compatible with return_assistant_tokens_mask.")
+        prompts, generation_spans = render_jinja_template(
+            conversations=conversations, tools=tools, documents=documents, chat_template=template,
+            return_assistant_tokens_mask=return_assistant_tokens_mask, continue_final_message=continue_final_message,
+            add_generation_prompt=add_generation_prompt, **self.tokenizer.special_tokens_map, **template_kwargs,
+        )
         if not tokenize:
             return prompts if batched else prompts[0]
 
-        call_options = self._video_load_options(num_frames=num_frames, fps=fps, max_frames=max_frames, progress=progress)
+        images, videos = self._visual_inputs(conversations)
+        if return_assistant_tokens_mask:
+            processor_kwargs["return_offsets_mapping"] = True
+        inputs = self(text=prompts, images=images or None, videos=videos or None,
+                      **({"return_tensors": return_tensors} if return_tensors is not None else {}), **processor_kwargs)
+        if not return_dict:
+            return inputs["input_ids"]
+        if return_assistant_tokens_mask:
+            masks = _assistant_masks(inputs.pop("offset_mapping"), inputs["attention_mask"], generation_spans)
+            inputs["assistant_masks"] = torch.from_numpy(masks) if isinstance(inputs["input_ids"], torch.Tensor) else (
+                masks if isinstance(inputs["input_ids"], np.ndarray) else masks.tolist())
+        return inputs
+
+    def _split_template_kwargs(self, template: str, processor_kwargs: dict, kwargs: dict) -> tuple:
+        """(processor kwargs, template variables): a keyword is a processor option, or a variable the template
+        reads; anything else is refused."""
+        variables = template_variables(template)
+        template_kwargs = {key: value for key, value in kwargs.items() if key in variables}
+        processor_kwargs.update({key: value for key, value in kwargs.items() if key not in variables})
+        self._check_call_kwargs(processor_kwargs)
+        return processor_kwargs, template_kwargs
+
+    @staticmethod
+    def _visual_inputs(conversations: list) -> tuple:
         images, videos = [], []
         for index, messages in enumerate(conversations):
-            item = self._visual_item(messages, index)
-            if item is None:
-                continue
-            if item["type"] == "image":
-                images.append(self._item_source(item, "image", index))
-            else:
-                videos.append(self._load_video_item(item, index, call_options))
-        inputs = self(
-            text=prompts,
-            images=images or None,
-            videos=videos or None,
-            return_tensors=return_tensors,
-            padding=padding,
-            min_pixels=min_pixels,
-            max_pixels=max_pixels,
-        )
-        return inputs if return_dict else inputs["input_ids"]
-
-    @staticmethod
-    def _as_conversations(conversation) -> tuple:
-        """(list of conversations, whether a batch was given)."""
-        if conversation and isinstance(conversation[0], dict):
-            return [list(conversation)], False
-        return [list(messages) for messages in conversation], True
-
-    @staticmethod
-    def _visual_item(messages: list, index: int):
-        items = [
-            item
-            for message in messages
-            if not isinstance(message.get("content"), str)
-            for item in message.get("content") or []
-            if item.get("type") in ("image", "video")
-        ]
-        if len(items) > 1:
-            raise ValueError(
-                f"conversation {index} has {len(items)} images/videos; Vamba takes at most one per conversation. "
-                "Split it into separate conversations."
-            )
-        return items[0] if items else None
-
-    @staticmethod
-    def _item_source(item: dict, kind: str, index: int):
-        for key in (kind, "path", "url"):
-            if item.get(key) is not None:
-                return item[key]
-        raise ValueError(f"the {kind} item of conversation {index} has no `{kind}`, `path` or `url`: {item!r}")
-
-    def _load_video_item(self, item: dict, index: int, call_options: dict) -> VideoFrames:
-        options = dict(call_options)
-        options.update({key: item[key] for key in ("num_frames", "fps", "max_frames") if item.get(key) is not None})
-        return to_video_frames(self._item_source(item, "video", index), **options)
+            items = _visual_items(messages)
+            if len(items) > 1:
+                raise ValueError(
+                    f"conversation {index} has {len(items)} images/videos; Vamba takes at most one per conversation. "
+                    "Split it into separate conversations."
+                )
+            if items and items[0]["type"] == "image":
+                images.append(_item_source(items[0]))
+            elif items:
+                options = {key: items[0][key] for key in VideoSampling.option_names() if key in items[0]}
+                videos.append(_VideoItem(_item_source(items[0]), options))
+        return images, videos
 
 
 VambaProcessor.register_for_auto_class("AutoProcessor")

@@ -1,0 +1,1 @@
+src/vamba_hf/cache_vamba.py

@@ -1,0 +1,1 @@
+src/vamba_hf/decoder_vamba.py

@@ -1,0 +1,1 @@
+src/vamba_hf/layers_vamba.py

@@ -1,0 +1,236 @@
+"""The cache and the decoding step.
+
+One cache object: the text's self-attention K/V (a transformers `DynamicCache`) plus a `CrossStore` with every
+layer's cross-attention K/V (optionally float8 with per-token scales) and the masks that go with them, computed once
+at prefill. Decoding touches no visual state but these. `DecodeGraph` runs one decoding step over static buffers,
+captured as a CUDA graph.
+"""
+
+from dataclasses import dataclass, field
+from typing import Callable, Optional, Protocol
+
+import torch
+from transformers.cache_utils import DynamicCache
+
+from .layers_vamba import attention_mask_for
+
+
+class LayerCache(Protocol):
+    """What a decoder layer reads and writes while it runs: its self-attention K/V and the cross store."""
+
+    cross: "CrossStore"
+
+    def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append this step's K/V (b, kv_heads, T, d) to layer `layer_idx`; return all of them."""
+
+
+def quantize_per_token(x: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(b, h, n, d) -> x in `dtype` (a float8 type) and the scale (b, h, n, 1), in x's dtype, that restores it. One
+    scale per token and head: a scale shared along the tokens lets one outlier token flush all others to zero."""
+    amax = x.abs().amax(dim=-1, keepdim=True).float().clamp(min=1e-12)
+    scale = (amax / torch.finfo(dtype).max).to(x.dtype)
+    return (x / scale).to(dtype), scale
+
+
+@dataclass
+class CrossStore:
+    """Each layer's cross-attention K/V for decoding, with the masks that belong to them: `keep` (b, 1, n) bool, the
+    visual tokens each row may read (None: all), and `has_visual` (b, 1, 1) bool, the rows that have any (None:
+    all)."""
+
+    kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    scales: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # only for 8-bit K/V
+    keep: Optional[torch.Tensor] = None
+    has_visual: Optional[torch.Tensor] = None
+    _masks: dict = field(default_factory=dict, repr=False)  # `keep` in each attention implementation's format
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.kv
+
+    def store(self, layer_idx: int, key: torch.Tensor, value: torch.Tensor, storage: Optional[str] = None):
+        """Keep one layer's K/V in `storage` (a torch dtype name; None keeps them as they are). A float8 storage keeps
+        one scale per (row, head, token)."""
+        dtype = key.dtype if storage is None else getattr(torch, storage)
+        if dtype.itemsize >= key.dtype.itemsize:
+            self.kv[layer_idx] = (key.to(dtype), value.to(dtype))
+            self.scales.pop(layer_idx, None)
+            return
+        (key, key_scale), (value, value_scale) = quantize_per_token(key, dtype), quantize_per_token(value, dtype)
+        self.kv[layer_idx] = (key, value)
+        self.scales[layer_idx] = (key_scale, value_scale)
+
+    def read(self, layer_idx: int) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+        kv, scales = self.kv.get(layer_idx), self.scales.get(layer_idx)
+        if kv is None or scales is None:
+            return kv
+        return tuple(x.to(scale.dtype) * scale for x, scale in zip(kv, scales))
+
+    def set_masks(self, keep: Optional[torch.Tensor], has_visual: Optional[torch.Tensor]):
+        self.keep, self.has_visual, self._masks = keep, has_visual, {}
+
+    def mask(self, implementation: str, dtype: torch.dtype) -> Optional[torch.Tensor]:
+        """`keep` as the cross-attention mask of `implementation`, formatted once per store."""
+        if self.keep is None:
+            return None
+        if (implementation, dtype) not in self._masks:
+            self._masks[implementation, dtype] = attention_mask_for(self.keep, implementation, dtype)
+        return self._masks[implementation, dtype]
+
+    def map_rows(self, fn: Callable[[torch.Tensor], torch.Tensor], in_place: bool = False):
+        """Apply a row operation to every tensor; `in_place` keeps their addresses (a captured graph reads them)."""
+        if in_place:
+            tensors = [*(t for kv in (*self.kv.values(), *self.scales.values()) for t in kv), *self._masks.values()]
+            for t in tensors + [t for t in (self.keep, self.has_visual) if t is not None]:
+                t.copy_(fn(t))
+            return
+        self.kv = {i: (fn(k), fn(v)) for i, (k, v) in self.kv.items()}
+        self.scales = {i: (fn(k), fn(v)) for i, (k, v) in self.scales.items()}
+        self.set_masks(None if self.keep is None else fn(self.keep),
+                       None if self.has_visual is None else fn(self.has_visual))
+
+
+class VambaCache(DynamicCache):
+    """Self-attention K/V per layer (DynamicCache) and the `cross` store. While a `DecodeGraph` runs the decoding
+    steps, its static buffers hold the self-attention K/V; `release_decode_graph` hands them back."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.cross = CrossStore()
+        self.decode_graph: Optional["DecodeGraph"] = None
+
+    @property
+    def has_visual(self) -> bool:
+        return not self.cross.is_empty
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        """Tokens held in self-attention, wherever they are stored (the layers, or the decode graph's buffers)."""
+        return self.decode_graph.length if self.decode_graph is not None else super().get_seq_length(layer_idx)
+
+    def decode_graph_for(self, step: Callable, batch_size: int) -> "DecodeGraph":
+        if self.decode_graph is not None and not self.decode_graph.fits(batch_size):
+            self.release_decode_graph()
+        if self.decode_graph is None:
+            self.decode_graph = DecodeGraph(step, self, batch_size)
+        return self.decode_graph
+
+    def release_decode_graph(self):
+        """Back to the plain cache (before any step the graph does not cover: a prompt, a crop, a new batch)."""
+        if self.decode_graph is not None:
+            self.decode_graph.release(self)
+            self.decode_graph = None
+
+    def _map_rows(self, fn: Callable[[torch.Tensor], torch.Tensor], keeps_batch_size: bool):
+        """A row operation (beam reorder, selection, repetition) on every tensor with a batch dimension. A graph's
+        buffers are reordered in place (the graph reads their addresses); a new batch size releases the graph."""
+        if self.decode_graph is not None and not keeps_batch_size:
+            self.release_decode_graph()
+        if self.decode_graph is not None:
+            self.decode_graph.map_rows_in_place(fn)
+            self.cross.map_rows(fn, in_place=True)
+            return
+        for layer in self.layers:
+            if getattr(layer, "keys", None) is not None and layer.keys.numel():
+                layer.keys, layer.values = fn(layer.keys), fn(layer.values)
+        self.cross.map_rows(fn)
+
+    def reorder_cache(self, beam_idx: torch.LongTensor):
+        self._map_rows(lambda t: t.index_select(0, beam_idx.to(t.device)), keeps_batch_size=True)
+
+    def batch_repeat_interleave(self, repeats: int):
+        self._map_rows(lambda t: t.repeat_interleave(repeats, dim=0), keeps_batch_size=False)
+
+    def batch_select_indices(self, indices: torch.Tensor):
+        self._map_rows(lambda t: t[indices], keeps_batch_size=False)
+
+    def crop(self, max_length: int):
+        self.release_decode_graph()
+        super().crop(max_length)
+
+
+class DecodeGraph:
+    """One decoding step of the text stream (one new token per row) captured as a CUDA graph and replayed at every
+    step. Eagerly, a step is ~60 small kernels per layer whose launches cost the CPU more time than their work
+    costs the GPU (BENCHMARKS.md); replayed, the GPU runs them back to back.
+
+    `step(input_ids, position_ids, self_mask, kv)` is the model's decoding step; `kv` (a `StaticStepKV`) stands in
+    for the cache: the layers' `update` writes the step's self-attention K/V into preallocated buffers at the step's
+    position (static shapes, as a graph needs), and `cross` is the cache's cross store. `release` hands the K/V back
+    to the cache. The cache owns its graph and the graph keeps no reference to the cache, so a finished generation's
+    memory (the cross K/V above all) is freed as soon as its cache is dropped. Off CUDA the same static step runs
+    eagerly."""
+
+    headroom = 256  # decoding positions allocated beyond the prompt; the graph is rebuilt larger when they run out
+
+    def __init__(self, step: Callable, cache: VambaCache, batch_size: int):
+        self.step_fn = step
+        self.length = DynamicCache.get_seq_length(cache)
+        self.capacity = -(-(self.length + self.headroom) // self.headroom) * self.headroom
+        self.keys, self.values = [], []
+        for layer in cache.layers:
+            for stored, buffers in ((layer.keys, self.keys), (layer.values, self.values)):
+                buffer = stored.new_zeros(*stored.shape[:2], self.capacity, stored.shape[-1])
+                buffer[:, :, : self.length] = stored
+                buffers.append(buffer)
+        device = self.keys[0].device
+        self.input_ids = torch.zeros(batch_size, 1, dtype=torch.long, device=device)
+        self.positions = torch.zeros(batch_size, 1, dtype=torch.long, device=device)
+        self.keep = torch.zeros(batch_size, self.capacity, dtype=torch.bool, device=device)
+        self.index = torch.zeros(1, dtype=torch.long, device=device)
+        self.graph, self.logits = None, None
+
+    def fits(self, batch_size: int) -> bool:
+        return self.input_ids.shape[0] == batch_size and self.length < self.capacity
+
+    def step(self, cache: VambaCache, input_ids, position_ids, attention_mask) -> torch.Tensor:
+        """The next-token logits (b, 1, vocab) of `input_ids` (b, 1); `attention_mask` (b, length + 1) or None."""
+        self.input_ids.copy_(input_ids)
+        self.positions.copy_(position_ids)
+        if attention_mask is None:
+            self.keep[:, : self.length + 1] = True
+        else:
+            self.keep[:, : attention_mask.shape[1]].copy_(attention_mask.bool())
+        self.index.fill_(self.length)
+        if self.input_ids.is_cuda:
+            if self.graph is None:
+                self._capture(cache)
+            self.graph.replay()
+        else:
+            self.logits = self._run(cache)
+        self.length += 1
+        return self.logits.clone()  # the graph overwrites its output at the next replay
+
+    def _run(self, cache: VambaCache) -> torch.Tensor:
+        return self.step_fn(self.input_ids, self.positions, self.keep[:, None, None, :], StaticStepKV(self, cache.cross))
+
+    def _capture(self, cache: VambaCache):
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up off the capture: allocator and kernel selection settle first
+            self._run(cache)
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.logits = self._run(cache)
+
+    def map_rows_in_place(self, fn: Callable[[torch.Tensor], torch.Tensor]):
+        for buffer in (*self.keys, *self.values, self.keep):  # in place: the graph reads these addresses
+            buffer.copy_(fn(buffer))
+
+    def release(self, cache: VambaCache):
+        for layer, key, value in zip(cache.layers, self.keys, self.values):
+            layer.keys, layer.values = key[:, :, : self.length].clone(), value[:, :, : self.length].clone()
+
+
+@dataclass
+class StaticStepKV:
+    """The cache as the decoder layers see it during a DecodeGraph step (a `LayerCache`)."""
+
+    graph: DecodeGraph
+    cross: CrossStore
+
+    def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int):
+        keys, values = self.graph.keys[layer_idx], self.graph.values[layer_idx]
+        keys.index_copy_(2, self.graph.index, key)
+        values.index_copy_(2, self.graph.index, value)
+        return keys, values

@@ -1,0 +1,242 @@
+"""The decoder layer and the text model.
+
+Each layer: causal self-attention over the text, cross-attention from the text to the visual stream (the states that
+enter the layer), the MLP on the text, and Mamba-2 on the visual stream. `VambaTextModel.forward` holds the one loop
+over the layers that prefill, eager decoding and the CUDA-graph step all run.
+"""
+
+from dataclasses import dataclass, fields
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.modeling_layers import GradientCheckpointingLayer
+
+from .cache_vamba import LayerCache
+from .configuration_vamba import VambaConfig
+from .layers_vamba import VambaRMSNorm, VambaTextMLP, apply_rotary, attention_interface, sdpa_backends
+from .mamba2_vamba import VambaVisionMixer
+
+Rotary = tuple[torch.Tensor, torch.Tensor]
+
+
+class MultimodalRotary(nn.Module):
+    """M-RoPE of Qwen2-VL: the rotary frequencies are split in (t, h, w) sections, each turned by its own
+    position row. Text tokens carry the same index in all three rows."""
+
+    def __init__(self, config: VambaConfig):
+        super().__init__()
+        self.head_dim, self.theta, self.sections = config.head_dim, config.rope_theta, list(config.mrope_section)
+
+    def forward(self, positions: torch.Tensor) -> Rotary:
+        """positions (b, l) for text or (3, b, l) for (t, h, w) -> cos, sin of shape (b, 1, l, head_dim)."""
+        device = positions.device
+        exponents = torch.arange(0, self.head_dim, 2, dtype=torch.float, device=device) / self.head_dim
+        inv_freq = 1.0 / (self.theta**exponents)
+        if positions.dim() == 2:
+            angles = positions[..., None].float() * inv_freq
+        else:
+            per_section = positions[..., None].float() * inv_freq  # (3, b, l, head_dim/2)
+            angles = torch.cat([part[i] for i, part in enumerate(per_section.split(self.sections, dim=-1))], dim=-1)
+        angles = torch.cat([angles, angles], dim=-1)[:, None]
+        return angles.cos(), angles.sin()
+
+
+@dataclass
+class CrossAttentionInputs:
+    """What every layer's cross-attention needs besides its own weights (the same for all layers)."""
+
+    mask: Optional[torch.Tensor] = None  # in the attention implementation's format; None attends everywhere
+    # (b, 1, 1) bool, or (b, T, 1) for packed rows: when some rows (segments) of the batch have no visual input
+    has_visual: Optional[torch.Tensor] = None
+    text_rotary: Optional[Rotary] = None
+    visual_rotary: Optional[Rotary] = None
+    seq_idx: Optional[torch.Tensor] = None  # packed rows: which video each visual token belongs to
+    padded: bool = False
+
+    def to(self, device) -> "CrossAttentionInputs":
+        """Moved by accelerate's hooks when the layers of a `device_map` sit on several devices."""
+
+        def move(value):
+            if isinstance(value, torch.Tensor):
+                return value.to(device)
+            return tuple(move(v) for v in value) if isinstance(value, tuple) else value
+
+        return CrossAttentionInputs(**{f.name: move(getattr(self, f.name)) for f in fields(self)})
+
+    def implementation(self, configured: str) -> str:
+        # flash-attn's varlen path cannot mask keys of another length than the queries: SDPA handles padding.
+        return "sdpa" if self.padded and configured.startswith("flash") else configured
+
+
+class VambaAttention(nn.Module):
+    """GQA attention; `is_cross` selects text->visual cross-attention (no causal mask) over self-attention."""
+
+    def __init__(self, config: VambaConfig, layer_idx: int, is_cross: bool):
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.head_dim = config.head_dim
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.num_key_value_groups = self.num_heads // self.num_kv_heads
+        self.scaling = self.head_dim**-0.5
+        self.is_causal = not is_cross
+        self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=True)
+        self.k_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=True)
+        self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=True)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=False)
+
+    def _heads(self, x: torch.Tensor, proj: nn.Linear) -> torch.Tensor:
+        return proj(x).view(*x.shape[:2], -1, self.head_dim).transpose(1, 2)
+
+    def queries(self, x: torch.Tensor, rotary: Optional[Rotary] = None) -> torch.Tensor:
+        q = self._heads(x, self.q_proj)
+        return q if rotary is None else apply_rotary(q, *rotary)
+
+    def keys_values(self, x: torch.Tensor, rotary: Optional[Rotary] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        k, v = self._heads(x, self.k_proj), self._heads(x, self.v_proj)
+        return (k if rotary is None else apply_rotary(k, *rotary)), v
+
+    def attend(self, q, k, v, mask, implementation: str) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """The projected output (b, T, hidden) and, for "eager", the attention weights (b, heads, T, keys)."""
+        dropout = self.config.attention_dropout if self.training else 0.0
+        weights = None
+        # A per-query mask (packed rows) cannot follow the folded queries of cross_sdpa.
+        if not self.is_causal and implementation == "sdpa" and (mask is None or mask.shape[-2] == 1):
+            out = self.cross_sdpa(q, k, v, mask, dropout)
+        else:
+            # flash-attn takes a (b, k) padding mask together with its own causal flag; the others take one or the other.
+            causal = self.is_causal and q.shape[2] > 1 and (mask is None or implementation.startswith("flash"))
+            with sdpa_backends():
+                out, weights = attention_interface(implementation)(
+                    self, q, k, v, mask, scaling=self.scaling, dropout=dropout, is_causal=causal
+                )
+        return self.o_proj(out.reshape(*out.shape[:2], -1)), weights
+
+    def cross_sdpa(self, q, k, v, mask, dropout: float) -> torch.Tensor:
+        """Cross-attention through one SDPA call on the stored K/V heads, never repeated to num_heads (which would
+        move num_key_value_groups times the visual K/V bytes, at every decoding step). With no causal mask, the
+        query heads that share a K/V head are just more queries: (b, h, T, d) -> (b, h_kv, groups*T, d).
+        Returns (b, T, h, d)."""
+        batch, heads, length, dim = q.shape
+        folded = q.reshape(batch, self.num_kv_heads, self.num_key_value_groups * length, dim)
+        with sdpa_backends():
+            out = F.scaled_dot_product_attention(folded, k, v, attn_mask=mask, dropout_p=dropout, scale=self.scaling)
+        return out.reshape(batch, heads, length, dim).transpose(1, 2)
+
+
+class VambaDecoderLayer(GradientCheckpointingLayer):
+    def __init__(self, config: VambaConfig, layer_idx: int):
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.input_layernorm = VambaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.self_attn = VambaAttention(config, layer_idx, is_cross=False)
+        self.cross_attn = VambaAttention(config, layer_idx, is_cross=True)
+        if config.use_alpha_balancing:
+            self.alpha = nn.Parameter(torch.empty(1))
+        self.post_attention_layernorm = VambaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.mlp = VambaTextMLP(config)
+        if config.vision_mamba_mixer_config.enable:
+            self.vision_mixer = VambaVisionMixer(config)
+
+    def forward(self, text: torch.Tensor, visual: Optional[torch.Tensor], text_rotary: Rotary,
+                self_mask: Optional[torch.Tensor], cross: CrossAttentionInputs, cache: Optional[LayerCache] = None,
+                update_visual: bool = True, implementation: str = "sdpa"):
+        """-> (text, visual, self-attention weights, cross-attention weights), a tuple as activation checkpointing
+        needs. `update_visual` False skips the Mamba-2 block (the last layer's output would be read by no one);
+        `implementation` is the attention implementation of this call ("eager" also returns the weights)."""
+        x = self.input_layernorm(text)
+        q = self.self_attn.queries(x, text_rotary)
+        k, v = self.self_attn.keys_values(x, text_rotary)
+        if cache is not None:
+            k, v = cache.update(k, v, self.layer_idx)
+        attended, self_weights = self.self_attn.attend(q, k, v, self_mask, implementation)
+
+        if visual is not None and self.config.cross_attn_use_layer_norm:
+            visual = self.input_layernorm(visual)
+        attended, cross_weights = self.read_visual(x, attended, visual, cross, cache, implementation)
+        text = text + attended
+
+        if not update_visual:
+            visual = None
+        elif visual is not None and self.config.vision_mamba_mixer_config.enable:
+            # Without autograd the stream (the model's own copy) is updated in place; never in training, where a
+            # reentrant checkpoint runs this forward without grad and must keep its saved input.
+            in_place = not torch.is_grad_enabled() and not self.training
+            visual = self.vision_mixer(visual, cross.seq_idx, in_place=in_place)
+        text = text + self.mlp(self.post_attention_layernorm(text))
+        return text, visual, self_weights, cross_weights
+
+    def read_visual(self, x, attended, visual, cross: CrossAttentionInputs, cache: Optional[LayerCache],
+                    implementation: str):
+        """Mix the cross-attention read of the visual stream into the self-attention output `attended`."""
+        cross_kv = self.cross_kv(visual, cross, cache)
+        if cross_kv is None:
+            return attended, None
+        q = self.cross_attn.queries(x, cross.text_rotary)
+        read, weights = self.cross_attn.attend(q, *cross_kv, cross.mask, cross.implementation(implementation))
+        if self.config.use_alpha_balancing:
+            alpha = self.alpha.clamp(0, 1).to(read.dtype)
+            mixed = alpha * attended + (1 - alpha) * read
+        else:
+            mixed = attended + read
+        # Rows without visual input take the text-only path, exactly as when they run alone.
+        return (mixed if cross.has_visual is None else torch.where(cross.has_visual, mixed, attended)), weights
+
+    def cross_kv(self, visual, cross: CrossAttentionInputs, cache: Optional[LayerCache]):
+        """This layer's cross-attention keys/values: projected from the visual stream entering the layer (and kept
+        in the cache for decoding), or read from the cache while decoding."""
+        if visual is None:
+            return None if cache is None else cache.cross.read(self.layer_idx)
+        cross_kv = self.cross_attn.keys_values(visual, cross.visual_rotary)
+        if cache is not None:
+            cache.cross.store(self.layer_idx, *cross_kv, self.config.cross_kv_cache_dtype)
+        return cross_kv
+
+
+@dataclass
+class TextModelOutput:
+    last_hidden_state: torch.Tensor
+    hidden_states: Optional[tuple[torch.Tensor, ...]] = None
+    attentions: Optional[tuple[torch.Tensor, ...]] = None
+    cross_attentions: Optional[tuple[Optional[torch.Tensor], ...]] = None
+
+
+class VambaTextModel(nn.Module):
+    """Token embedding, the decoder layers, and the final norm (checkpoint prefix `model.`)."""
+
+    def __init__(self, config: VambaConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
+        self.layers = nn.ModuleList([VambaDecoderLayer(config, i) for i in range(config.num_hidden_layers)])
+        self.norm = VambaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+
+    def forward(self, text: torch.Tensor, visual: Optional[torch.Tensor], text_rotary: Rotary,
+                self_mask: Optional[torch.Tensor], cross: CrossAttentionInputs, cache: Optional[LayerCache],
+                implementation: str, output_hidden_states: bool = False,
+                output_attentions: bool = False) -> TextModelOutput:
+        """Run the text embeddings `text` (b, T, hidden) and the visual stream through every layer."""
+        hidden_states, attentions, cross_attentions = [], [], []
+        last = len(self.layers) - 1
+        for i, layer in enumerate(self.layers):
+            if output_hidden_states:
+                hidden_states.append(text)
+            text, visual, self_weights, cross_weights = layer(
+                text, visual, text_rotary, self_mask, cross, cache=cache, update_visual=i < last,
+                implementation=implementation,
+            )
+            if output_attentions:
+                attentions.append(self_weights)
+                cross_attentions.append(cross_weights)
+        text = self.norm(text)
+        if output_hidden_states:
+            hidden_states.append(text)
+        return TextModelOutput(
+            last_hidden_state=text,
+            hidden_states=tuple(hidden_states) if output_hidden_states else None,
+            attentions=tuple(attentions) if output_attentions else None,
+            cross_attentions=tuple(cross_attentions) if output_attentions else None,
+        )

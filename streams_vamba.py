@@ -1,0 +1,1 @@
+src/vamba_hf/streams_vamba.py

@@ -1,0 +1,170 @@
+"""Every benchmark script's `--tiny` mode on CPU: it runs, writes one JSON line per measurement into a result file
+named `<script>-<YYYYMMDD>-<commit>.jsonl`, stops cleanly on `--budget-s`, and its tuning code leaves the model as
+it found it."""
+
+import datetime
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import GOLDEN_CASES, GOLDEN_DIR
+
+REPO = Path(__file__).resolve().parents[1]
+BENCHMARKS = REPO / "benchmarks"
+SCRIPTS = ("bench_end_to_end.py", "bench_multi_gpu.py", "bench_vamba.py", "check_kernels.py")
+
+
+def run_script(script: str, out: Path, *args: str, expect_rc: int = 0) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")]))
+    result = subprocess.run([sys.executable, str(BENCHMARKS / script), "--out", str(out), *args], env=env,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == expect_rc, result.stderr[-3000:]
+    return result
+
+
+def records(out: Path, script: str) -> list[dict]:
+    files = sorted(out.glob("*.jsonl"))
+    assert len(files) == 1, files
+    stem = Path(script).stem
+    match = re.fullmatch(rf"{stem}-(\d{{8}})-([0-9a-f]{{4,40}}|nogit)\.jsonl", files[0].name)
+    assert match, files[0].name
+    assert match.group(1) == f"{datetime.date.today():%Y%m%d}"
+    lines = files[0].read_text().splitlines()
+    parsed = [json.loads(line) for line in lines]
+    assert "environment" in parsed[0] and parsed[-1].get("done") is True
+    return parsed
+
+
+def test_no_workplace_paths_in_the_scripts():
+    for path in list(BENCHMARKS.glob("*.py")) + [BENCHMARKS / "README.md"]:
+        assert "/work/" not in path.read_text(), f"{path.name} names a path of this workplace"
+
+
+def test_end_to_end_tiny(tmp_path):
+    out, work = tmp_path / "out", tmp_path / "work"
+    run_script("bench_end_to_end.py", out, "--tiny", "--work", str(work), "--frames", "8", "--stages")
+    rows = records(out, "bench_end_to_end.py")
+    video = next(r for r in rows if "video" in r)
+    assert video["reused"] is False and Path(video["video"]).is_file()
+    ours = next(r for r in rows if r.get("model") == "vamba" and "frames" in r)
+    for key in ("decode_s", "preprocess_s", "vision_s", "text_prefill_s", "first_token_s", "answer_s",
+                "decode_ms_per_token", "rss_decode_peak_gib", "rss_preprocess_peak_gib"):
+        assert math.isfinite(ours[key]), key
+    assert ours["frames"] == 8 and ours["video_grid_thw"][0][0] == 4 and ours["new_tokens"] == 4
+    assert ours["file_to_first_token_s"] == pytest.approx(ours["decode_s"] + ours["preprocess_s"] +
+                                                          ours["first_token_s"], abs=1e-3)
+    beams = next(r for r in rows if r.get("extra") == "beams and return sequences")
+    assert all("s" in beams[name] for name in ("greedy", "4 beams", "4 return sequences (sampled)"))
+    batches = [r for r in rows if r.get("extra") == "batch vs singles"]
+    assert [r["label"] for r in batches] == ["tiny", "smaller config fp32"]
+    for batch in batches:  # fp32 on CPU: a batch must give each row the ids it gets alone
+        assert batch["videos"] == 4 and batch["ids_equal_per_row"] == [True] * 4
+    qwen = [r for r in rows if r.get("model") == "qwen2-vl"]
+    assert qwen, "no Qwen2-VL line"
+    if "skipped" in qwen[0]:
+        assert "torchvision" in qwen[0]["skipped"].lower()
+    else:
+        assert qwen[0]["video_grid_thw"] == ours["video_grid_thw"]
+        assert math.isfinite(qwen[0]["first_token_s"])
+
+    # A second run reuses the file; with no budget it measures nothing and still ends cleanly.
+    again = tmp_path / "again"
+    run_script("bench_end_to_end.py", again, "--tiny", "--work", str(work), "--frames", "8", "--budget-s", "0")
+    rows = records(again, "bench_end_to_end.py")
+    assert next(r for r in rows if "video" in r)["reused"] is True
+    assert not [r for r in rows if "decode_s" in r or "extra" in r and "skipped" not in r]
+    assert {"vamba", "qwen2-vl"} <= {r["model"] for r in rows if r.get("skipped") == "budget spent" and "model" in r}
+
+
+def test_bench_vamba_tiny(tmp_path):
+    run_script("bench_vamba.py", tmp_path, "--tiny", "--frames", "4", "--checks-frames", "4",
+               "--sections", "sweep,baseline")
+    rows = records(tmp_path, "bench_vamba.py")
+    sweep = [r for r in rows if r.get("model") == "vamba" and "prefill_s" in r]
+    assert [r["frames"] for r in sweep] == [4] and sweep[0]["decode_ms"] > 0 and sweep[0]["cross_kv_gib"] > 0
+    graph = next(r for r in rows if r.get("check") == "decode graph")
+    assert graph["graph_vs_eager_logits"] == 0.0  # on CPU both runs are eager
+    assert next(r for r in rows if r.get("check") == "float8 cross K/V")["greedy_agreement"] >= 0
+    assert [r["frames"] for r in rows if r.get("model") == "qwen2-vl" and "prefill_s" in r] == [4, 8]
+    assert list(tmp_path.glob("*.table.md"))
+
+
+def test_tuning_restores_what_it_changes(tmp_path):
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        import bench_utils
+        import bench_vamba
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    from vamba_hf import modeling_vamba
+
+    setup = bench_vamba.tiny_setup({})
+    model = bench_vamba.build(setup)
+
+    def settings():
+        mixers = [m for m in model.modules() if isinstance(m, modeling_vamba.Mamba2)]
+        return {"config": model.config.to_dict(), "max_tokens": [m.max_tokens for m in mixers],
+                "chunk_size": [m.config.chunk_size for m in mixers], "use_kernels": [m.use_kernels for m in mixers],
+                "vision_max_frames": model.visual.max_frames, "sdpa_backends": modeling_vamba.sdpa_backends}
+
+    before = settings()
+    sink = bench_utils.ResultSink(tmp_path, "bench_vamba.py")
+    bench_vamba.tune(model, setup, True, sink)
+    bench_vamba.decode_graph_check(model, setup, 4, 2, sink)
+    bench_vamba.float8_cache(model, setup, 4, 2, sink)
+    sink.close()
+    assert settings() == before
+    tuned = [json.loads(line) for line in sink.path.read_text().splitlines()]
+    assert {r["tune"] for r in tuned if "tune" in r} == {"cross-attention", "mamba segment", "mamba chunk_size",
+                                                         "vision attention backends", "vision_max_frames"}
+
+
+def test_check_kernels_tiny(tmp_path):
+    golden = (GOLDEN_DIR / GOLDEN_CASES[0] / "config.json").is_file()
+    run_script("check_kernels.py", tmp_path, "--tiny", *(["--golden", str(GOLDEN_DIR)] if golden else []))
+    rows = records(tmp_path, "check_kernels.py")
+    if golden:
+        checked = {(r["case"], r["dtype"]) for r in rows if r.get("check") == "golden"}
+        assert checked == {(case, dtype) for case in GOLDEN_CASES for dtype in ("float32", "bfloat16")}
+        # On CPU both sides run the PyTorch path: the toggle must change nothing else.
+        assert all(r["kernel_vs_torch_logits"] == 0.0 for r in rows if r.get("check") == "golden")
+    else:
+        assert {r["check"] for r in rows if r.get("skipped") == "no --golden DIR given"} == {"golden", "decode-graph"}
+    layer = next(r for r in rows if r.get("check") == "tiny layer")
+    assert layer["kernel_vs_torch_logits"] == 0.0
+    segments = [r for r in rows if r.get("check") == "segments"]
+    assert [r["frames"] for r in segments] == [4, 8]
+    for record in segments:
+        assert record["segment_tokens"][0] < record["visual_tokens"] <= record["segment_tokens"][1]
+        assert record["finite"] and record["relative"] <= 1e-6
+
+
+def test_check_kernels_rejects_a_folder_without_fixtures(tmp_path):
+    result = run_script("check_kernels.py", tmp_path / "out", "--tiny", "--golden", str(tmp_path), expect_rc=2)
+    assert "--golden" in result.stderr and "config.json" in result.stderr
+
+
+def test_multi_gpu_tiny(tmp_path):
+    run_script("bench_multi_gpu.py", tmp_path, "--tiny", "--frames", "8")
+    rows = records(tmp_path, "bench_multi_gpu.py")
+    maps = [r for r in rows if "device_map_layers" in r]
+    assert {(r["config"], r["placement"]) for r in maps} == {
+        (config, placement) for config in ("tiny", "4 layers") for placement in ("balanced", "max-memory")}
+    comparisons = [r for r in rows if "tokens_equal_single_gpu" in r]
+    assert len(comparisons) == 4 and all(r["tokens_equal_single_gpu"] for r in comparisons)
+    runs = [r for r in rows if "first_token_s" in r]
+    assert len(runs) == 6 and all(r["cross_kv_on_layer_device"] and r["new_tokens"] == 4 for r in runs)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() >= 2, reason="this machine has the GPUs asked for")
+def test_multi_gpu_without_the_gpus_says_so_in_one_line(tmp_path):
+    result = run_script("bench_multi_gpu.py", tmp_path, "--gpus", "2", expect_rc=2)
+    assert len(result.stderr.strip().splitlines()) == 1 and "--gpus 2" in result.stderr
+    assert not list(tmp_path.glob("*.jsonl"))

@@ -1,0 +1,87 @@
+"""Malformed conversations get our ValueError/TypeError naming the path of what is wrong; a fuzz of shapes."""
+
+import re
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from vamba_hf.tiny import build_tiny_processor
+
+PROCESSOR = build_tiny_processor()
+FRAMES = np.zeros((2, 28, 28, 3), dtype=np.uint8)
+
+
+def user(content):
+    return {"role": "user", "content": content}
+
+
+@pytest.mark.parametrize("conversation, error, message", [
+    (None, TypeError, r"^conversation is a None"),
+    ("hello", TypeError, r"^conversation is a str"),
+    ([], ValueError, r"^conversation is empty"),
+    ({"role": "user", "content": "hi"}, TypeError, r"^conversation is a dict"),
+    ([None], TypeError, r"^conversation\[0\] is a None"),
+    (["hello"], TypeError, r"^conversation\[0\] is a str"),
+    ([{"content": "hi"}], TypeError, r"^conversation\[0\]\[\"role\"\] is None"),
+    ([{"role": 3, "content": "hi"}], TypeError, r"^conversation\[0\]\[\"role\"\] is 3"),
+    ([{"role": "user"}], TypeError, r"^conversation\[0\]\[\"content\"\] is a None"),
+    ([user({"type": "text", "text": "hi"})], TypeError, r"^conversation\[0\]\[\"content\"\] is a dict"),
+    ([user(["hi", "there"])], TypeError, r"^conversation\[0\]\[\"content\"\]\[0\] is a str"),
+    ([user([{"type": "text", "text": "a"}, {"text": "b"}])], ValueError,
+     r"^conversation\[0\]\[\"content\"\]\[1\]\[\"type\"\] is None"),
+    ([user([{"type": "Video", "video": "a.mp4"}])], ValueError, r"\[\"type\"\] is 'Video' \(did you mean 'video'\?\)"),
+    ([user([{"type": "audio", "audio": "a.wav"}])], ValueError, r"\[\"type\"\] is 'audio'; Vamba reads items"),
+    ([user([{"type": "text", "text": None}])], TypeError, r"^conversation\[0\]\[\"content\"\]\[0\]\[\"text\"\] is None"),
+    ([user([{"type": "video"}])], ValueError, r"^conversation\[0\]\[\"content\"\]\[0\] has no `video`, `path` or `url`"),
+    ([[user("ok")], [user("ok"), 7]], TypeError, r"^conversation\[1\]\[1\] is a int"),
+    ([[user("ok")], []], ValueError, r"^conversation\[1\] is empty"),
+])
+def test_malformed_conversations_name_the_path(conversation, error, message):
+    for tokenize in (False, True):
+        with pytest.raises(error, match=message):
+            PROCESSOR.apply_chat_template(conversation, tokenize=tokenize, return_dict=tokenize)
+
+
+def test_well_formed_conversations_still_render():
+    conversation = [user([{"type": "video", "video": FRAMES}, {"type": "text", "text": "Q"}]),
+                    {"role": "assistant", "content": [{"type": "text", "text": "A"}]}]
+    assert PROCESSOR.apply_chat_template(conversation).endswith("<|vision_end|>Q<|im_end|>\n<|im_start|>assistant\n"
+                                                                "A<|im_end|>\n")
+    assert PROCESSOR.apply_chat_template((user("hi"),)) == PROCESSOR.apply_chat_template([user("hi")])
+
+
+LEAVES = st.one_of(st.none(), st.text(max_size=4), st.integers(-2, 2), st.booleans(),
+                   st.sampled_from(["text", "image", "video", "Video", "audio", "user", "assistant", "system"]))
+ITEM = st.one_of(
+    LEAVES,
+    st.fixed_dictionaries({"type": st.sampled_from(["text", "Text"]), "text": st.one_of(st.text(max_size=4), LEAVES)}),
+    st.fixed_dictionaries({"type": st.just("video"), "video": st.just(FRAMES)}),
+    st.dictionaries(st.sampled_from(["type", "text", "video", "image", "path"]), LEAVES, max_size=3),
+)
+MESSAGE = st.one_of(
+    LEAVES,
+    st.fixed_dictionaries({"role": st.one_of(st.sampled_from(["user", "assistant"]), LEAVES),
+                           "content": st.one_of(st.text(max_size=4), st.lists(ITEM, max_size=3), ITEM)}),
+    st.dictionaries(st.sampled_from(["role", "content", "name"]), LEAVES, max_size=3),
+)
+CONVERSATION = st.one_of(LEAVES, MESSAGE, st.lists(MESSAGE, max_size=3), st.lists(st.lists(MESSAGE, max_size=2),
+                                                                                    max_size=2))
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(conversation=CONVERSATION, tokenize=st.booleans())
+def test_fuzzed_conversations_render_or_raise_our_errors(conversation, tokenize):
+    try:
+        output = PROCESSOR.apply_chat_template(conversation, tokenize=tokenize, return_dict=tokenize,
+                                               add_generation_prompt=True)
+    except (ValueError, TypeError) as error:
+        assert re.match(r"^(conversation|got \d|prompt \d|a video needs|conversation \d)", str(error)), str(error)
+        assert "\n" not in str(error)
+        return
+    if tokenize:
+        assert output["input_ids"] and len(output["input_ids"]) == (len(conversation) if isinstance(conversation[0], list)
+                                                                  else 1)
+    else:
+        assert isinstance(output, (str, list))

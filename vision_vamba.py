@@ -1,0 +1,1 @@
+src/vamba_hf/vision_vamba.py
