@@ -60,8 +60,8 @@ def test_a_file_given_as_the_model_folder(tmp_path, hub_home):
 @pytest.mark.parametrize("model", ["missing", "some-namespace/missing-model"])
 def test_a_hub_id_without_network_fails_fast_in_one_line(model, tmp_path, hub_home):
     finished, elapsed = run_cli("generate", "--model", model, "--max-new-tokens", "2", cwd=tmp_path, **hub_home)
-    assert_one_line_error(finished, f"--model {model}:", "not in the Hub cache", "cannot be reached",
-                          CLOSED_ENDPOINT)
+    assert_one_line_error(finished, f"--model {model}: not a local folder nor in the Hub cache",
+                          f"could not reach the Hub at {CLOSED_ENDPOINT} ([Errno 111] Connection refused)")
     assert elapsed < TIME_LIMIT_S, f"took {elapsed:.1f} s"
 
 
@@ -76,7 +76,7 @@ def test_convert_of_a_missing_folder_a_file_or_a_hub_id_without_network(tmp_path
     (tmp_path / "model.safetensors").write_bytes(b"weights")
     for source, fragment in (("./missing", "SOURCE ./missing: no such local folder"),
                              ("model.safetensors", "SOURCE model.safetensors: this is a file, not a folder"),
-                             ("some-namespace/missing", "cannot be reached")):
+                             ("some-namespace/missing", "could not reach the Hub")):
         finished, elapsed = run_cli("convert", source, str(tmp_path / "out"), cwd=tmp_path, **hub_home)
         assert_one_line_error(finished, fragment)
         assert elapsed < TIME_LIMIT_S
@@ -162,8 +162,9 @@ def test_import_is_lazy_and_first_use_registers_the_auto_classes():
 
 
 @pytest.mark.parametrize("hub_error, fragment", [
-    ("RepositoryNotFoundError", "no model repo 'me/nothing-here' on the Hub"),
-    ("GatedRepoError", "the Hub repo is gated"),
+    ("RepositoryNotFoundError", "me/nothing-here: not a local folder nor in the Hub cache, and looking it up on the "
+                                "Hub failed: repository not found"),
+    ("GatedRepoError", "looking it up on the Hub failed: the repository is gated"),
 ])
 def test_what_the_hub_answers_about_a_repo_is_one_line(hub_error, fragment, monkeypatch):
     import huggingface_hub.errors

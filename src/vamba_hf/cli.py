@@ -18,8 +18,6 @@ DEBUG_VARIABLE = "VAMBA_HF_DEBUG"
 # What a user's input can cause (a bad path, a checkpoint that does not match, a missing package, a bad video):
 # reported in one line. Anything else is a bug in vamba-hf and says so.
 USER_ERRORS = (ValueError, TypeError, OSError, ImportError)
-# A network failure talking to the Hub is the machine's, not a bug: huggingface_hub's HTTP clients raise these.
-NETWORK_ERROR_MODULES = ("httpx", "httpx2", "requests", "urllib3")
 EXIT_USER_ERROR = 2
 EXIT_INTERNAL_ERROR = 1
 
@@ -236,8 +234,13 @@ def one_line(error: BaseException) -> str:
     return "; ".join(lines) or type(error).__name__
 
 
-def is_user_error(error: BaseException) -> bool:
-    return isinstance(error, USER_ERRORS) or type(error).__module__.split(".")[0] in NETWORK_ERROR_MODULES
+def user_error_message(error: BaseException):
+    """One line for an error the user's input or machine caused (a Hub or network error included), None for a bug."""
+    if isinstance(error, USER_ERRORS):
+        return one_line(error)
+    from .errors import hub_error_message
+
+    return hub_error_message(error, "Talking to the Hugging Face Hub failed")
 
 
 def debug_requested(args) -> bool:
@@ -255,8 +258,9 @@ def main(argv=None) -> int:
         if debug_requested(args):
             traceback.print_exc()
         hint = "" if debug_requested(args) else f" (--debug or {DEBUG_VARIABLE}=1 shows the traceback)"
-        if is_user_error(error):
-            _stderr(f"vamba-hf: error: {one_line(error)}")
+        message = user_error_message(error)
+        if message is not None:
+            _stderr(f"vamba-hf: error: {message}")
             return EXIT_USER_ERROR
         _stderr(f"vamba-hf: internal error: {type(error).__name__}: {one_line(error)}; this is a bug in vamba-hf, "
                 f"please report it{hint}")

@@ -12,7 +12,6 @@ from typing import Optional
 
 HUB_TIMEOUT_S = 10
 HUB_NAME = re.compile(r"^[\w.-]+(/[\w.-]+)?$")
-_SYSTEM_ERROR = re.compile(r"\[Errno -?\d+\] [^'\"()\]]+")
 
 
 def looks_like_a_path(name: str) -> bool:
@@ -30,37 +29,24 @@ def cached_snapshot(repo_id: str) -> Optional[str]:
         return None
 
 
-def network_reason(error: Exception) -> str:
-    """The operating system's reason ("[Errno 111] Connection refused") when the HTTP client's message holds one
-    (requests nests it in several layers of retries), else the message's first line."""
-    text = str(error)
-    system_reason = _SYSTEM_ERROR.search(text)
-    if system_reason:
-        return system_reason.group(0)
-    return next(iter(text.splitlines()), "")[:200] or type(error).__name__
-
-
 def check_hub_repo(repo_id: str, option: str) -> None:
     """One request with a short timeout: the repo exists and can be read, or a one-line `ValueError` says why not.
     `option` names what the user typed it as (e.g. "--model")."""
     from huggingface_hub import HfApi, constants
-    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+
+    from .errors import hub_error_message
 
     if constants.HF_HUB_OFFLINE:
         raise ValueError(f"{option} {repo_id}: no local folder of that name, and the Hub repo is not in the local "
                          f"cache while HF_HUB_OFFLINE is set. Download it first or unset HF_HUB_OFFLINE.")
     try:
         HfApi().model_info(repo_id, timeout=HUB_TIMEOUT_S)
-    except GatedRepoError as error:
-        raise ValueError(f"{option} {repo_id}: the Hub repo is gated; accept its terms on the Hub and log in "
-                         f"(`hf auth login` or HF_TOKEN).") from error
-    except RepositoryNotFoundError as error:
-        raise ValueError(f"{option} {repo_id}: no local folder of that name, and no model repo {repo_id!r} on the "
-                         f"Hub (if it is private, log in with `hf auth login` or set HF_TOKEN).") from error
-    except Exception as error:  # connection refused, timeout, HTTP error: the Hub cannot be used
-        raise ValueError(f"{option} {repo_id}: not a local folder and not in the Hub cache, and the Hub at "
-                         f"{constants.ENDPOINT} cannot be reached ({network_reason(error)}). Check the network, or give "
-                         f"a local folder.") from error
+    except Exception as error:
+        message = hub_error_message(error, f"{option} {repo_id}: not a local folder nor in the Hub cache, and "
+                                           f"looking it up on the Hub failed")
+        if message is None:
+            raise
+        raise ValueError(message) from error
 
 
 def check_local_name(name: str, option: str, what: str) -> Optional[Path]:
