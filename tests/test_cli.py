@@ -61,23 +61,18 @@ def test_convert_reports_a_bad_source(tmp_path, capsys):
 
 
 def test_convert_downloads_a_repo_id(golden_dir, tmp_path, monkeypatch):
-    """Not in the Hub cache: one quick look-up (the repo exists), then the download; the card names the repo."""
-    from huggingface_hub.errors import LocalEntryNotFoundError
-
+    """No local folder of that name: the Hub repo is downloaded, and the card names it as the source."""
     source = make_source(golden_dir / "image", tmp_path / "cache" / "snapshot")
-    requested, looked_up = [], []
+    requested = []
 
-    def fake_snapshot_download(repo_id, allow_patterns=None, local_files_only=False):
-        if local_files_only:
-            raise LocalEntryNotFoundError("not in the cache")
+    def fake_snapshot_download(repo_id, allow_patterns=None):
         requested.append(repo_id)
         return str(source)
 
     monkeypatch.setattr("huggingface_hub.snapshot_download", fake_snapshot_download)
-    monkeypatch.setattr("huggingface_hub.HfApi.model_info", lambda api, repo_id, timeout: looked_up.append(repo_id))
     monkeypatch.chdir(tmp_path)
     assert cli.main(["convert", "TIGER-Lab/Vamba-Qwen2-VL-7B", str(tmp_path / "hub")]) == 0
-    assert requested == looked_up == ["TIGER-Lab/Vamba-Qwen2-VL-7B"] and (tmp_path / "hub" / "config.json").is_file()
+    assert requested == ["TIGER-Lab/Vamba-Qwen2-VL-7B"] and (tmp_path / "hub" / "config.json").is_file()
     card = ModelCard.load(tmp_path / "hub" / "README.md")
     assert card.data.base_model == "TIGER-Lab/Vamba-Qwen2-VL-7B"
     assert "the weights of [`TIGER-Lab/Vamba-Qwen2-VL-7B`]" in card.text

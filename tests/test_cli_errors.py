@@ -74,11 +74,14 @@ def test_a_hub_id_offline_says_so(tmp_path, hub_home):
 
 def test_convert_of_a_missing_folder_a_file_or_a_hub_id_without_network(tmp_path, hub_home):
     (tmp_path / "model.safetensors").write_bytes(b"weights")
-    for source, fragment in (("./missing", "SOURCE ./missing: no such local folder"),
-                             ("model.safetensors", "SOURCE model.safetensors: this is a file, not a folder"),
-                             ("some-namespace/missing", "could not reach the Hub")):
+    for source, fragment in (("./missing", "Source folder ./missing does not exist"),
+                             ("model.safetensors", "model.safetensors is a file, not a folder"),
+                             ("some-namespace/missing", f"the Hub ({CLOSED_ENDPOINT}) could not be reached")):
         finished, elapsed = run_cli("convert", source, str(tmp_path / "out"), cwd=tmp_path, **hub_home)
-        assert_one_line_error(finished, fragment)
+        assert finished.returncode == 2 and "Traceback" not in finished.stderr, finished.stderr
+        errors = [line for line in finished.stderr.splitlines() if line.startswith("vamba-hf: error: ")]
+        assert len(errors) == 1 and errors[0] == finished.stderr.strip().splitlines()[-1], finished.stderr
+        assert fragment in errors[0], errors[0]
         assert elapsed < TIME_LIMIT_S
     assert not (tmp_path / "out").exists()
 

@@ -117,9 +117,9 @@ class SourceFacts:
 
 
 def _repo_id_of(folder: Path, name: str) -> Optional[str]:
-    from .sources import looks_like_a_path
+    from .convert import is_hub_repo_id
 
-    if not Path(name).exists() and not looks_like_a_path(name):
+    if not Path(name).exists() and is_hub_repo_id(name):
         return name  # downloaded from the Hub under this id
     match = _HUB_CACHE_FOLDER.search(folder.resolve().as_posix())
     return f"{match['namespace']}/{match['name']}" if match else None

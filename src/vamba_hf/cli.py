@@ -11,7 +11,6 @@ import os
 import sys
 import time
 import traceback
-from pathlib import Path
 
 DEFAULT_PROMPTS = {"video": "Describe this video.", "image": "Describe this image.", None: "Hello! Who are you?"}
 DEBUG_VARIABLE = "VAMBA_HF_DEBUG"
@@ -58,24 +57,11 @@ def positive_rate(text: str) -> float:
 # -- convert ---------------------------------------------------------------------------------------------------
 
 
-def _source_folder(source: str) -> Path:
-    """The official checkpoint's folder: SOURCE itself, or its download when SOURCE is a Hub repo id."""
-    from .convert import download_source
-    from .sources import cached_snapshot, check_hub_repo, check_local_name
-
-    folder = check_local_name(source, "SOURCE", "the official checkpoint's folder")
-    if folder is not None:
-        return folder
-    if cached_snapshot(source) is None:
-        check_hub_repo(source, "SOURCE")
-    return download_source(source, log=_stderr)
-
-
 def run_convert(args) -> int:
     from .card import read_source_facts
-    from .convert import convert_checkpoint
+    from .convert import convert_checkpoint, resolve_source
 
-    folder = _source_folder(args.source)
+    folder = resolve_source(args.source, log=_stderr)
     facts = read_source_facts(folder, args.source)
     result = convert_checkpoint(
         folder, args.destination, force=args.force, base_model=args.base_model or facts.repo_id,
