@@ -194,8 +194,9 @@ def expected_answer(demo_cache, video, frames: int) -> str:
     from space_app import MAX_NEW_TOKENS
     from vamba_hf.inference import build_messages, load_model_and_processor, new_text, prepare_inputs, printable
 
-    os.environ["VAMBA_HF_CACHE"] = str(demo_cache)
-    loaded = load_model_and_processor(None, device="cpu")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("VAMBA_HF_CACHE", str(demo_cache))
+        loaded = load_model_and_processor(None, device="cpu")
     inputs = prepare_inputs(loaded.processor, build_messages("What moves?", video=str(video)), loaded.model.device,
                             num_frames=frames)
     with torch.inference_mode():
