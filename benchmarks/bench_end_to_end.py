@@ -11,8 +11,9 @@ vocabulary with the real Qwen2-VL special tokens), shared by both models; nothin
 Per frame count and model, one JSON line with:
   decode_s          the frames sampled and decoded from the file (ours: `vamba_hf.load_video`; Qwen2-VL:
                     `transformers.video_utils.load_video(..., backend="pyav")`), peak host RSS during it
-  preprocess_s      decoded frames -> model inputs through the processor's public call (what `apply_chat_template`
-                    runs after loading); for Qwen2-VL also with `device="cuda"` (its fast video processor)
+  preprocess_s      decoded frames -> model inputs on the GPU through the processor's public call (what
+                    `apply_chat_template` runs after loading); for Qwen2-VL also with `device="cuda"` (its fast video
+                    processor working on the GPU: preprocess_on_gpu_s)
   vision_s          the vision tower on the processed pixels
   text_prefill_s    first token minus vision tower
   first_token_s     pixels -> first logits, cache kept
@@ -43,6 +44,7 @@ from bench_utils import (  # noqa: E402
     PeakRss,
     ResultSink,
     add_common_arguments,
+    failure,
     frame_counts,
     gpu_peaks_gib,
     median,
@@ -349,13 +351,13 @@ def measure_model(runner, path: Path, counts: list[int], args, sink, budget: Bud
                                                     record["first_token_s"], 4)
             if isinstance(runner, Ours) and "video" not in kept and frames >= frames_for_extras(args):
                 kept["video"] = video
-        except torch.OutOfMemoryError:
-            record["oom"] = True
+        except Exception as error:
+            record.update(failure(error))
         finally:
             inputs = video = None
             free_memory(runner.device)
         sink.log(record)
-        if record.get("oom"):
+        if "oom" in record or "error" in record:  # larger counts would fail the same way
             break
     return kept
 
@@ -458,7 +460,10 @@ def extras(ours: Ours, path: Path, kept: dict, args, sink, budget: Budget) -> No
         if budget.spent():
             sink.log({"extra": name, "skipped": "budget spent"})
             continue
-        step()
+        try:
+            step()
+        except Exception as error:
+            sink.log({"extra": name, **failure(error)})
 
 
 def fp32_batch(ours: Ours, video, args, sink) -> None:

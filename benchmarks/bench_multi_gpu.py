@@ -10,9 +10,9 @@ block, a vision block stays whole), then `accelerate.dispatch_model` places the 
   balanced    `max_memory` from `accelerate.utils.get_balanced_memory` (what `device_map="auto"` does)
   max-memory  a `max_memory` that gives GPU 0 `--gpu0-share` of the weights (the rest spread over the others), so
               the split is uneven on purpose
-Per placement and frame count, one JSON line: the map's layer split, first_token_s, answer_s for `--new-tokens`
-greedy tokens, decode_ms_per_token, per-GPU peak GiB, whether every layer's cross K/V lives on that layer's device,
-and whether the tokens equal the one-GPU run's (done for frame counts up to `--single-gpu-max-frames`, which one
+Per placement and frame count, one JSON line: the map's layer split, first_token_s (the prefill),
+decode_ms_per_token over `--new-tokens` - 1 greedy steps from its cache, per-GPU peak GiB, whether every layer's
+cross K/V lives on that layer's device, and whether the tokens equal the one-GPU run's (done for frame counts up to `--single-gpu-max-frames`, which one
 GPU holds). Then the same comparison in fp32 on a smaller config (`--fp32-layers` layers) at `--fp32-frames`,
 where bf16 rounding cannot change the tokens between the two kernel schedules. `--tiny` runs the whole path on CPU
 at tiny sizes, every "GPU" being the CPU.
@@ -31,6 +31,7 @@ from bench_utils import (  # noqa: E402
     ResultSink,
     add_common_arguments,
     cross_kv_of,
+    failure,
     frame_counts,
     gpu_peaks_gib,
     output_cache,
@@ -121,18 +122,38 @@ def cross_kv_on_layer_devices(model, cache) -> bool:
                for i, (key, value) in cross_kv_of(cache).items())
 
 
+def greedy_steps(model, cache, token, steps: int):
+    """`steps` greedy decoding steps from `cache` (the prefill's), one token each; returns the tokens."""
+    tokens = []
+    for _ in range(steps):
+        logits = model(input_ids=token, past_key_values=cache, use_cache=True).logits[:, -1]
+        token = logits.argmax(-1, keepdim=True).to(token.device)
+        tokens.append(token)
+    return tokens
+
+
 def run_once(model, inputs, new_tokens: int, device) -> dict:
+    """One prefill (the first token) and `new_tokens - 1` greedy steps from its cache: what `generate` does, without
+    paying for a second prefill at these lengths."""
     with torch.inference_mode():
         reset_gpu_peaks()
         out, first = timed(lambda: model(**inputs, use_cache=True, logits_to_keep=1), device)
-        on_devices = cross_kv_on_layer_devices(model, output_cache(out))
+        cache = output_cache(out)
+        on_devices = cross_kv_on_layer_devices(model, cache)
+        token = out.logits[:, -1].argmax(-1, keepdim=True).to(inputs["input_ids"].device)
         del out
-        sequences, answer = timed(lambda: model.generate(**inputs, max_new_tokens=new_tokens,
-                                                         min_new_tokens=new_tokens, do_sample=False), device)
-    tokens = sequences[0, inputs["input_ids"].shape[1]:].tolist()
-    return {"first_token_s": round(first, 4), "answer_s": round(answer, 4), "new_tokens": len(tokens),
-            "decode_ms_per_token": round((answer - first) / max(len(tokens) - 1, 1) * 1e3, 3),
-            "peak_gib_per_gpu": gpu_peaks_gib(), "cross_kv_on_layer_device": on_devices, "tokens": tokens}
+        steps, decode_s = timed(lambda: greedy_steps(model, cache, token, new_tokens - 1), device)
+    tokens = torch.cat([token, *steps], dim=1)[0].tolist()
+    return {"first_token_s": round(first, 4), "decode_ms_per_token": round(decode_s / max(new_tokens - 1, 1) * 1e3, 3),
+            "new_tokens": len(tokens), "peak_gib_per_gpu": gpu_peaks_gib(), "cross_kv_on_layer_device": on_devices,
+            "tokens": tokens}
+
+
+def warm_up(model, config, args, input_device, dtype) -> None:
+    """A short video through prefill and a few steps: Triton autotuning, compilation and the CUDA graph's first
+    capture happen here, not in a timed run."""
+    inputs = video_inputs(config, 16, args.tiny, input_device, dtype)
+    run_once(model, inputs, 3, "cpu")
 
 
 def measure(model, config, frames: int, args, input_device, device, dtype, sink, label: dict):
@@ -140,11 +161,9 @@ def measure(model, config, frames: int, args, input_device, device, dtype, sink,
     record = {**label, "frames": frames}
     try:
         inputs = video_inputs(config, frames, args.tiny, input_device, dtype)
-        with torch.inference_mode():
-            model.generate(**inputs, max_new_tokens=2, do_sample=False)  # warm-up
         record.update(run_once(model, inputs, args.new_tokens, device))
-    except torch.OutOfMemoryError:
-        record["oom"] = True
+    except Exception as error:
+        record.update(failure(error))
     sink.log(record)
     return record
 
@@ -176,6 +195,7 @@ def compare(single: dict, multi: dict) -> dict:
 def sweep_placements(config, counts, args, devices, dtype, sink, budget, label) -> None:
     """One GPU first for the counts it holds, then each placement over `devices`; tokens compared."""
     model = build(config, devices[0], dtype)
+    warm_up(model, config, args, devices[0], dtype)
     singles = {}
     for frames in counts:
         if frames <= args.single_gpu_max_frames and not budget.spent():
@@ -188,7 +208,13 @@ def sweep_placements(config, counts, args, devices, dtype, sink, budget, label) 
             sink.log({**label, "placement": placement, "skipped": f"the map puts modules on {off_gpu}, not only "
                       "on the GPUs", "device_map": {name: str(d) for name, d in device_map.items()}})
             continue
-        dispatch(model, device_map, devices)
+        try:
+            dispatch(model, device_map, devices)
+        except Exception as error:
+            sink.log({**label, "placement": placement, "dispatch": "failed", **failure(error)})
+            model = undispatch(model, devices[0])
+            continue
+        warm_up(model, config, args, devices[0], dtype)
         sink.log({**label, "placement": placement, "device_map_layers": layer_split(device_map, config),
                   "device_map": {name: str(index) for name, index in device_map.items()}})
         for frames in counts:

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -187,8 +188,13 @@ def frame_counts(text: str) -> list[int]:
     return counts
 
 
-def is_oom(error: BaseException) -> bool:
-    return isinstance(error, torch.OutOfMemoryError)
+def failure(error: Exception) -> dict:
+    """What a record says of a measurement that raised: `oom`, or the error's first line (its traceback goes to
+    stderr), so that an unattended run reports it and goes on to what does not depend on it."""
+    if isinstance(error, torch.OutOfMemoryError):
+        return {"oom": True}
+    traceback.print_exception(error)
+    return {"error": f"{type(error).__name__}: {error}".splitlines()[0][:500]}
 
 
 def environment() -> dict:

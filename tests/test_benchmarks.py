@@ -168,3 +168,17 @@ def test_multi_gpu_without_the_gpus_says_so_in_one_line(tmp_path):
     result = run_script("bench_multi_gpu.py", tmp_path, "--gpus", "2", expect_rc=2)
     assert len(result.stderr.strip().splitlines()) == 1 and "--gpus 2" in result.stderr
     assert not list(tmp_path.glob("*.jsonl"))
+
+
+def test_a_failed_measurement_is_reported_not_raised(capsys):
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        import bench_utils
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    assert bench_utils.failure(torch.OutOfMemoryError("CUDA out of memory")) == {"oom": True}
+    try:
+        raise ValueError("bad shape\nsecond line")
+    except ValueError as error:
+        assert bench_utils.failure(error) == {"error": "ValueError: bad shape"}
+    assert "Traceback" in capsys.readouterr().err

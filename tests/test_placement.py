@@ -7,14 +7,11 @@ import warnings
 
 import pytest
 import torch
+from accelerate import dispatch_model, infer_auto_device_map, init_empty_weights
 
-accelerate = pytest.importorskip("accelerate")
-
-from accelerate import dispatch_model, infer_auto_device_map, init_empty_weights  # noqa: E402
-
-from vamba_hf import VambaConfig, VambaForConditionalGeneration  # noqa: E402
-from vamba_hf.demo import demo_config  # noqa: E402
-from vamba_hf.tiny import build_tiny_tokenizer, special_token_ids  # noqa: E402
+from vamba_hf import VambaConfig, VambaForConditionalGeneration
+from vamba_hf.demo import demo_config
+from vamba_hf.tiny import build_tiny_tokenizer, special_token_ids
 
 
 def meta_model(config) -> VambaForConditionalGeneration:
