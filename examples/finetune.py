@@ -227,7 +227,7 @@ def train(args) -> Trainer:
     if args.lora:
         model = add_lora(model, args.lora_rank)
     examples = read_examples(args.data, args.video_dir)
-    num_frames = args.num_frames or processor.num_frames
+    num_frames = args.num_frames or processor.video_sampling.num_frames
     training_args = TrainingArguments(
         output_dir=str(args.output_dir),
         per_device_train_batch_size=args.batch_size,

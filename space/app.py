@@ -32,7 +32,7 @@ DEMO_WARNING = ("**Demo model:** no checkpoint is configured (set `VAMBA_MODEL` 
 
 def load(model_name):
     loaded = load_model_and_processor(model_name)
-    return loaded, loaded.processor.num_frames
+    return loaded, loaded.processor.video_sampling.num_frames
 
 
 def frames_cap() -> int:

@@ -2,6 +2,7 @@
 embedded demo model, from a video and from an image)."""
 
 import json
+from pathlib import Path
 
 import pytest
 from convert_helpers import make_source
@@ -60,23 +61,18 @@ def test_convert_reports_a_bad_source(tmp_path, capsys):
 
 
 def test_convert_downloads_a_repo_id(golden_dir, tmp_path, monkeypatch):
-    """Not in the Hub cache: one quick look-up (the repo exists), then the download; the card names the repo."""
-    from huggingface_hub.errors import LocalEntryNotFoundError
-
+    """No local folder of that name: the Hub repo is downloaded, and the card names it as the source."""
     source = make_source(golden_dir / "image", tmp_path / "cache" / "snapshot")
-    requested, looked_up = [], []
+    requested = []
 
-    def fake_snapshot_download(repo_id, allow_patterns=None, local_files_only=False):
-        if local_files_only:
-            raise LocalEntryNotFoundError("not in the cache")
+    def fake_snapshot_download(repo_id, allow_patterns=None):
         requested.append(repo_id)
         return str(source)
 
     monkeypatch.setattr("huggingface_hub.snapshot_download", fake_snapshot_download)
-    monkeypatch.setattr("huggingface_hub.HfApi.model_info", lambda api, repo_id, timeout: looked_up.append(repo_id))
     monkeypatch.chdir(tmp_path)
     assert cli.main(["convert", "TIGER-Lab/Vamba-Qwen2-VL-7B", str(tmp_path / "hub")]) == 0
-    assert requested == looked_up == ["TIGER-Lab/Vamba-Qwen2-VL-7B"] and (tmp_path / "hub" / "config.json").is_file()
+    assert requested == ["TIGER-Lab/Vamba-Qwen2-VL-7B"] and (tmp_path / "hub" / "config.json").is_file()
     card = ModelCard.load(tmp_path / "hub" / "README.md")
     assert card.data.base_model == "TIGER-Lab/Vamba-Qwen2-VL-7B"
     assert "the weights of [`TIGER-Lab/Vamba-Qwen2-VL-7B`]" in card.text
@@ -94,8 +90,8 @@ class RecordingHfApi:
     def create_repo(self, repo_id, **options):
         self.calls.append(("create_repo", repo_id, options))
 
-    def upload_folder(self, **options):
-        self.calls.append(("upload_folder", options["repo_id"], options))
+    def create_commit(self, **options):
+        self.calls.append(("create_commit", options["repo_id"], options))
         return "https://huggingface.co/me/vamba/commit/0"
 
 
@@ -110,15 +106,18 @@ def test_push_dry_run_lists_files_and_uploads_nothing(converted, capsys, monkeyp
     assert REPO_ID_PLACEHOLDER in (converted / "README.md").read_text()
 
 
-def test_push_uploads_the_folder(converted, monkeypatch):
+def test_push_uploads_the_folder_with_the_repo_id_in_the_uploaded_card(converted, monkeypatch):
     RecordingHfApi.calls = []
     monkeypatch.setattr("huggingface_hub.HfApi", RecordingHfApi)
-    assert cli.main(["push", str(converted), "me/vamba", "--private"]) == 0
-    (create, repo_id, options), (upload, upload_repo, upload_options) = RecordingHfApi.calls
+    assert cli.main(["push", str(converted), "me/vamba", "--private", "--token", "hf_test"]) == 0
+    (create, repo_id, options), (commit, commit_repo, commit_options) = RecordingHfApi.calls
     assert (create, repo_id, options["private"], options["exist_ok"]) == ("create_repo", "me/vamba", True, True)
-    assert (upload, upload_repo, upload_options["folder_path"]) == ("upload_folder", "me/vamba", converted)
-    card = (converted / "README.md").read_text()
+    assert (commit, commit_repo) == ("create_commit", "me/vamba")
+    uploaded = {operation.path_in_repo: operation.path_or_fileobj for operation in commit_options["operations"]}
+    card = uploaded["README.md"]
+    card = card.decode() if isinstance(card, bytes) else Path(card).read_text()
     assert 'model_id = "me/vamba"' in card and REPO_ID_PLACEHOLDER not in card
+    assert REPO_ID_PLACEHOLDER in (converted / "README.md").read_text()  # the local folder is left as it was
 
 
 def test_push_reports_a_network_error_in_one_line(converted, monkeypatch, capsys):
@@ -130,8 +129,22 @@ def test_push_reports_a_network_error_in_one_line(converted, monkeypatch, capsys
             raise connect_error("[Errno 111] Connection refused")
 
     monkeypatch.setattr("huggingface_hub.HfApi", UnreachableHub)
-    assert cli.main(["push", str(converted), "me/vamba"]) == 2
-    assert capsys.readouterr().err.strip().splitlines()[-1] == "vamba-hf: error: [Errno 111] Connection refused"
+    assert cli.main(["push", str(converted), "me/vamba", "--token", "hf_test"]) == 2
+    (line,) = [line for line in capsys.readouterr().err.splitlines() if line.startswith("vamba-hf:")]
+    assert line.startswith("vamba-hf: error: Uploading to me/vamba failed: could not reach the Hub")
+    assert "[Errno 111] Connection refused" in line
+
+
+def test_a_network_error_outside_convert_and_push_is_one_line(monkeypatch, capsys):
+    connect_error = type("ConnectError", (Exception,), {"__module__": "httpx"})
+
+    def unreachable(name, option):
+        raise connect_error("[Errno 111] Connection refused")
+
+    monkeypatch.setattr("vamba_hf.sources.resolve_model_source", unreachable)
+    assert cli.main(["generate", "--model", "me/vamba"]) == 2
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert line.startswith("vamba-hf: error: Talking to the Hugging Face Hub failed: could not reach the Hub")
 
 
 def test_an_unexpected_error_is_one_line_and_called_a_bug(demo_cache, demo_video, monkeypatch, capsys):

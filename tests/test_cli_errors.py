@@ -60,8 +60,8 @@ def test_a_file_given_as_the_model_folder(tmp_path, hub_home):
 @pytest.mark.parametrize("model", ["missing", "some-namespace/missing-model"])
 def test_a_hub_id_without_network_fails_fast_in_one_line(model, tmp_path, hub_home):
     finished, elapsed = run_cli("generate", "--model", model, "--max-new-tokens", "2", cwd=tmp_path, **hub_home)
-    assert_one_line_error(finished, f"--model {model}:", "not in the Hub cache", "cannot be reached",
-                          CLOSED_ENDPOINT)
+    assert_one_line_error(finished, f"--model {model}: not a local folder nor in the Hub cache",
+                          f"could not reach the Hub at {CLOSED_ENDPOINT} ([Errno 111] Connection refused)")
     assert elapsed < TIME_LIMIT_S, f"took {elapsed:.1f} s"
 
 
@@ -72,11 +72,16 @@ def test_a_hub_id_offline_says_so(tmp_path, hub_home):
     assert elapsed < TIME_LIMIT_S
 
 
-def test_convert_of_a_missing_folder_or_a_hub_id_without_network(tmp_path, hub_home):
-    for source, fragment in (("./missing", "SOURCE ./missing: no such local folder"),
-                             ("some-namespace/missing", "cannot be reached")):
+def test_convert_of_a_missing_folder_a_file_or_a_hub_id_without_network(tmp_path, hub_home):
+    (tmp_path / "model.safetensors").write_bytes(b"weights")
+    for source, fragment in (("./missing", "Source folder ./missing does not exist"),
+                             ("model.safetensors", "model.safetensors is a file, not a folder"),
+                             ("some-namespace/missing", f"the Hub ({CLOSED_ENDPOINT}) could not be reached")):
         finished, elapsed = run_cli("convert", source, str(tmp_path / "out"), cwd=tmp_path, **hub_home)
-        assert_one_line_error(finished, fragment)
+        assert finished.returncode == 2 and "Traceback" not in finished.stderr, finished.stderr
+        errors = [line for line in finished.stderr.splitlines() if line.startswith("vamba-hf: error: ")]
+        assert len(errors) == 1 and errors[0] == finished.stderr.strip().splitlines()[-1], finished.stderr
+        assert fragment in errors[0], errors[0]
         assert elapsed < TIME_LIMIT_S
     assert not (tmp_path / "out").exists()
 
@@ -157,3 +162,29 @@ def test_import_is_lazy_and_first_use_registers_the_auto_classes():
     finished = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=120)
     assert finished.stdout.split("\n")[:2] == ["after import False", "after use True"], finished.stderr
 
+
+
+@pytest.mark.parametrize("hub_error, fragment", [
+    ("RepositoryNotFoundError", "me/nothing-here: not a local folder nor in the Hub cache, and looking it up on the "
+                                "Hub failed: repository not found"),
+    ("GatedRepoError", "looking it up on the Hub failed: the repository is gated"),
+])
+def test_what_the_hub_answers_about_a_repo_is_one_line(hub_error, fragment, monkeypatch):
+    import huggingface_hub.errors
+
+    from vamba_hf import sources
+
+    error_class = getattr(huggingface_hub.errors, hub_error)
+
+    def answer(api, repo_id, timeout):
+        assert timeout <= sources.HUB_TIMEOUT_S
+        error = error_class.__new__(error_class)  # constructors differ across huggingface_hub versions
+        Exception.__init__(error, "404 Client Error")
+        raise error
+
+    monkeypatch.setattr("huggingface_hub.HfApi.model_info", answer)
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(sources, "cached_snapshot", lambda repo_id: None)
+    with pytest.raises(ValueError, match=fragment) as raised:
+        sources.resolve_model_source("me/nothing-here")
+    assert "\n" not in str(raised.value)

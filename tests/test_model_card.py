@@ -3,6 +3,7 @@ license, what it loads), Hub metadata of a video model, and snippets that need n
 line. The slow test builds a fresh virtual environment from that install line and runs the snippet in it (set
 VAMBA_HF_SLOW=1; it downloads packages)."""
 
+import ast
 import importlib.metadata
 import json
 import os
@@ -124,9 +125,21 @@ def test_every_import_of_the_snippets_and_the_remote_code_is_in_the_install_line
     words = shlex.split(install_line(card))
     assert words[:2] == ["pip", "install"]
     sources = {f"snippet {index}": block for index, block in enumerate(code_blocks(card.text, "python"))}
-    sources.update({name: (converted / name).read_text() for name in REMOTE_CODE_FILES})
+    sources.update({path.name: path.read_text() for path in converted.glob("*.py")})
+    assert set(REMOTE_CODE_FILES) <= set(sources)
     missing = missing_imports(sources, words[2:])
     assert not missing, f"imported but not installed by `{install_line(card)}`: {missing}"
+
+
+def test_every_module_the_remote_code_imports_is_in_the_folder(converted):
+    """transformers' remote-code loader reads each relative import from the folder itself."""
+    wanted = {}
+    for path in converted.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level == 1 and node.module:
+                wanted.setdefault(f"{node.module}.py", []).append(path.name)
+    missing = {name: importers for name, importers in wanted.items() if not (converted / name).is_file()}
+    assert not missing, f"the converted folder lacks remote-code modules (module: imported by): {missing}"
 
 
 def test_the_import_check_can_fail():

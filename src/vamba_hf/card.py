@@ -117,9 +117,9 @@ class SourceFacts:
 
 
 def _repo_id_of(folder: Path, name: str) -> Optional[str]:
-    from .sources import looks_like_a_path
+    from .convert import is_hub_repo_id
 
-    if not Path(name).exists() and not looks_like_a_path(name):
+    if not Path(name).exists() and is_hub_repo_id(name):
         return name  # downloaded from the Hub under this id
     match = _HUB_CACHE_FOLDER.search(folder.resolve().as_posix())
     return f"{match['namespace']}/{match['name']}" if match else None
@@ -187,14 +187,16 @@ def _about_this_folder(config, base_model: Optional[str], license: Optional[str]
              "for the processor (tokenizer, image processor, chat template)" if has_processor else
              "`AutoModelForImageTextToText` (and `AutoModelForVision2Seq` on 4.x) for the model only: there is no "
              "tokenizer or processor")
+    from .convert import REMOTE_CODE_FILES
+
+    remote_code = ", ".join(f"`{name}`" for name in REMOTE_CODE_FILES)
     mamba = config.vision_mamba_mixer_config
     parameters = parameter_count(config)
     return f"""\
 ## This repository
 
 - **Source:** {source}, **unchanged**, with a `transformers` configuration and remote code
-  (`configuration_vamba.py`, `modeling_vamba.py`, `processing_vamba.py`) written by the `vamba-hf` converter.
-  Load it with `trust_remote_code=True`.
+  ({remote_code}) written by the `vamba-hf` converter. Load it with `trust_remote_code=True`.
 - **Size:** {human_count(parameters)} parameters ({parameters:,}): {config.num_hidden_layers} decoder layers, \
 hidden size {config.hidden_size}, vocabulary {config.vocab_size}; vision tower depth {config.vision_config.depth}, \
 hidden size {config.vision_config.embed_dim}; Mamba-2 d_state {mamba.d_state}, head dim {mamba.headdim}.

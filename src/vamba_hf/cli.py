@@ -11,15 +11,12 @@ import os
 import sys
 import time
 import traceback
-from pathlib import Path
 
 DEFAULT_PROMPTS = {"video": "Describe this video.", "image": "Describe this image.", None: "Hello! Who are you?"}
 DEBUG_VARIABLE = "VAMBA_HF_DEBUG"
 # What a user's input can cause (a bad path, a checkpoint that does not match, a missing package, a bad video):
 # reported in one line. Anything else is a bug in vamba-hf and says so.
 USER_ERRORS = (ValueError, TypeError, OSError, ImportError)
-# A network failure talking to the Hub is the machine's, not a bug: huggingface_hub's HTTP clients raise these.
-NETWORK_ERROR_MODULES = ("httpx", "httpx2", "requests", "urllib3")
 EXIT_USER_ERROR = 2
 EXIT_INTERNAL_ERROR = 1
 
@@ -60,24 +57,11 @@ def positive_rate(text: str) -> float:
 # -- convert ---------------------------------------------------------------------------------------------------
 
 
-def _source_folder(source: str) -> Path:
-    """The official checkpoint's folder: SOURCE itself, or its download when SOURCE is a Hub repo id."""
-    from .convert import download_source
-    from .sources import cached_snapshot, check_hub_repo, check_local_name
-
-    folder = check_local_name(source, "SOURCE", "the official checkpoint's folder")
-    if folder is not None:
-        return folder
-    if cached_snapshot(source) is None:
-        check_hub_repo(source, "SOURCE")
-    return download_source(source, log=_stderr)
-
-
 def run_convert(args) -> int:
     from .card import read_source_facts
-    from .convert import convert_checkpoint
+    from .convert import convert_checkpoint, resolve_source
 
-    folder = _source_folder(args.source)
+    folder = resolve_source(args.source, log=_stderr)
     facts = read_source_facts(folder, args.source)
     result = convert_checkpoint(
         folder, args.destination, force=args.force, base_model=args.base_model or facts.repo_id,
@@ -128,12 +112,16 @@ def printable_streamer(tokenizer):
 
 def run_generate(args) -> int:
     from .demo import demo_notice
-    from .inference import build_messages, load_model_and_processor, prepare_inputs
+    from .sources import resolve_model_source
 
     started = time.perf_counter()
+    # Before torch is imported: a wrong --model is reported within a second or two.
+    location = None if args.model is None else resolve_model_source(args.model, option="--model")
+    from .inference import build_messages, load_model_and_processor, prepare_inputs
+
     if args.model is None:
         _stderr(demo_notice())
-    loaded = load_model_and_processor(args.model, dtype=args.dtype, device=args.device)
+    loaded = load_model_and_processor(args.model, dtype=args.dtype, device=args.device, location=location)
     model, processor = loaded.model, loaded.processor
     kind = "video" if args.video else "image" if args.image else None
     prompt = args.prompt or DEFAULT_PROMPTS[kind]
@@ -232,8 +220,13 @@ def one_line(error: BaseException) -> str:
     return "; ".join(lines) or type(error).__name__
 
 
-def is_user_error(error: BaseException) -> bool:
-    return isinstance(error, USER_ERRORS) or type(error).__module__.split(".")[0] in NETWORK_ERROR_MODULES
+def user_error_message(error: BaseException):
+    """One line for an error the user's input or machine caused (a Hub or network error included), None for a bug."""
+    if isinstance(error, USER_ERRORS):
+        return one_line(error)
+    from .errors import hub_error_message
+
+    return hub_error_message(error, "Talking to the Hugging Face Hub failed")
 
 
 def debug_requested(args) -> bool:
@@ -251,8 +244,9 @@ def main(argv=None) -> int:
         if debug_requested(args):
             traceback.print_exc()
         hint = "" if debug_requested(args) else f" (--debug or {DEBUG_VARIABLE}=1 shows the traceback)"
-        if is_user_error(error):
-            _stderr(f"vamba-hf: error: {one_line(error)}")
+        message = user_error_message(error)
+        if message is not None:
+            _stderr(f"vamba-hf: error: {message}")
             return EXIT_USER_ERROR
         _stderr(f"vamba-hf: internal error: {type(error).__name__}: {one_line(error)}; this is a bug in vamba-hf, "
                 f"please report it{hint}")

@@ -14,7 +14,7 @@ from pathlib import Path
 
 DEMO_SEED = 0
 # Bump when the demo model's files would change, so stale cache folders are not reused.
-DEMO_FORMAT_VERSION = 1
+DEMO_FORMAT_VERSION = 2
 DEMO_NOTICE = (
     "Using the embedded DEMO model: a tiny Vamba with RANDOM weights (seed {seed}), built locally, nothing "
     "downloaded. Its answer is gibberish; it only shows the decode -> process -> generate path working. "

@@ -79,8 +79,10 @@ def printable(text: str) -> str:
     return "".join(c if c.isprintable() or c in "\n\t" else repr(c)[1:-1] for c in text)
 
 
-def load_model_and_processor(model: Optional[str] = None, dtype: str = "auto", device: str = "auto") -> LoadedModel:
-    """Model and processor from a converted folder / Hub repo id, or the embedded demo model when `model` is None."""
+def load_model_and_processor(model: Optional[str] = None, dtype: str = "auto", device: str = "auto",
+                             location: Optional[str] = None) -> LoadedModel:
+    """Model and processor from a converted folder / Hub repo id, or the embedded demo model when `model` is None.
+    `location`: where `sources.resolve_model_source` found `model`, when the caller already asked it."""
     from .convert import quiet_transformers
     from .demo import build_demo_model_dir
     from .sources import resolve_model_source
@@ -88,7 +90,8 @@ def load_model_and_processor(model: Optional[str] = None, dtype: str = "auto", d
 
     is_demo = model is None
     source = str(build_demo_model_dir()) if is_demo else str(model)
-    location = source if is_demo else resolve_model_source(source, option="--model")
+    if location is None:
+        location = source if is_demo else resolve_model_source(source, option="--model")
     if Path(location).is_dir():
         check_model_folder(location, source)
     target = resolve_device(device)

@@ -33,24 +33,20 @@ def check_hub_repo(repo_id: str, option: str) -> None:
     """One request with a short timeout: the repo exists and can be read, or a one-line `ValueError` says why not.
     `option` names what the user typed it as (e.g. "--model")."""
     from huggingface_hub import HfApi, constants
-    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+
+    from .errors import hub_error_message
 
     if constants.HF_HUB_OFFLINE:
         raise ValueError(f"{option} {repo_id}: no local folder of that name, and the Hub repo is not in the local "
                          f"cache while HF_HUB_OFFLINE is set. Download it first or unset HF_HUB_OFFLINE.")
     try:
         HfApi().model_info(repo_id, timeout=HUB_TIMEOUT_S)
-    except GatedRepoError as error:
-        raise ValueError(f"{option} {repo_id}: the Hub repo is gated; accept its terms on the Hub and log in "
-                         f"(`hf auth login` or HF_TOKEN).") from error
-    except RepositoryNotFoundError as error:
-        raise ValueError(f"{option} {repo_id}: no local folder of that name, and no model repo {repo_id!r} on the "
-                         f"Hub (if it is private, log in with `hf auth login` or set HF_TOKEN).") from error
-    except Exception as error:  # connection refused, timeout, HTTP error: the Hub cannot be used
-        reason = next(iter(str(error).splitlines()), "") or type(error).__name__
-        raise ValueError(f"{option} {repo_id}: not a local folder and not in the Hub cache, and the Hub at "
-                         f"{constants.ENDPOINT} cannot be reached ({reason}). Check the network, or give a local "
-                         f"folder.") from error
+    except Exception as error:
+        message = hub_error_message(error, f"{option} {repo_id}: not a local folder nor in the Hub cache, and "
+                                           f"looking it up on the Hub failed")
+        if message is None:
+            raise
+        raise ValueError(message) from error
 
 
 def check_local_name(name: str, option: str, what: str) -> Optional[Path]:
