@@ -36,12 +36,17 @@ def quantize_per_token(x: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tenso
 class CrossStore:
     """Each layer's cross-attention K/V for decoding, with the masks that belong to them: `keep` (b, 1, n) bool, the
     visual tokens each row may read (None: all), and `has_visual` (b, 1, 1) bool, the rows that have any (None:
-    all)."""
+    all).
+
+    With `rows` (b,) set, the K/V hold one entry per distinct video and row i reads entry `rows[i]`: several
+    questions about one video, and the beams of one prompt, share one copy. Row operations (beam reorder,
+    repetition) then move the row index and the masks, never the K/V."""
 
     kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     scales: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # only for 8-bit K/V
     keep: Optional[torch.Tensor] = None
     has_visual: Optional[torch.Tensor] = None
+    rows: Optional[torch.Tensor] = None
     _masks: dict = field(default_factory=dict, repr=False)  # `keep` in each attention implementation's format
 
     @property
@@ -51,20 +56,33 @@ class CrossStore:
     def store(self, layer_idx: int, key: torch.Tensor, value: torch.Tensor, storage: Optional[str] = None):
         """Keep one layer's K/V in `storage` (a torch dtype name; None keeps them as they are). A float8 storage keeps
         one scale per (row, head, token)."""
-        dtype = key.dtype if storage is None else getattr(torch, storage)
-        if dtype.itemsize >= key.dtype.itemsize:
-            self.kv[layer_idx] = (key.to(dtype), value.to(dtype))
+        kv, scales = stored_kv(key, value, storage)
+        self.kv[layer_idx] = kv
+        if scales is None:
             self.scales.pop(layer_idx, None)
-            return
-        (key, key_scale), (value, value_scale) = quantize_per_token(key, dtype), quantize_per_token(value, dtype)
-        self.kv[layer_idx] = (key, value)
-        self.scales[layer_idx] = (key_scale, value_scale)
+        else:
+            self.scales[layer_idx] = scales
+
+    def share(self, kv: dict, scales: dict, rows: torch.Tensor, keep: Optional[torch.Tensor],
+              has_visual: Optional[torch.Tensor]):
+        """Read K/V kept elsewhere (a video state's): one entry per distinct video, row i reading entry rows[i].
+        The tensors are referenced, not copied."""
+        self.kv, self.scales, self.rows = dict(kv), dict(scales), rows
+        self.set_masks(keep, has_visual)
 
     def read(self, layer_idx: int) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
         kv, scales = self.kv.get(layer_idx), self.scales.get(layer_idx)
-        if kv is None or scales is None:
+        if kv is not None and scales is not None:
+            kv = tuple(x.to(scale.dtype) * scale for x, scale in zip(kv, scales))
+        if kv is None or self.rows is None:
             return kv
-        return tuple(x.to(scale.dtype) * scale for x, scale in zip(kv, scales))
+        return tuple(self._per_row(x) for x in kv)
+
+    def _per_row(self, x: torch.Tensor) -> torch.Tensor:
+        """Entry rows[i] of x at row i: a view when all rows read one entry, else gathered for this step only."""
+        if x.shape[0] == 1:
+            return x.expand(self.rows.shape[0], *x.shape[1:])
+        return x.index_select(0, self.rows)
 
     def set_masks(self, keep: Optional[torch.Tensor], has_visual: Optional[torch.Tensor]):
         self.keep, self.has_visual, self._masks = keep, has_visual, {}
@@ -78,16 +96,32 @@ class CrossStore:
         return self._masks[implementation, dtype]
 
     def map_rows(self, fn: Callable[[torch.Tensor], torch.Tensor], in_place: bool = False):
-        """Apply a row operation to every tensor; `in_place` keeps their addresses (a captured graph reads them)."""
+        """Apply a row operation to every tensor with a row dimension (the row index instead of shared K/V);
+        `in_place` keeps their addresses (a captured graph reads them)."""
         if in_place:
-            tensors = [*(t for kv in (*self.kv.values(), *self.scales.values()) for t in kv), *self._masks.values()]
-            for t in tensors + [t for t in (self.keep, self.has_visual) if t is not None]:
+            per_row = [self.rows] if self.rows is not None else [
+                t for kv in (*self.kv.values(), *self.scales.values()) for t in kv]
+            masks = [t for t in (self.keep, self.has_visual, *self._masks.values()) if t is not None]
+            for t in per_row + masks:
                 t.copy_(fn(t))
             return
-        self.kv = {i: (fn(k), fn(v)) for i, (k, v) in self.kv.items()}
-        self.scales = {i: (fn(k), fn(v)) for i, (k, v) in self.scales.items()}
+        if self.rows is not None:
+            self.rows = fn(self.rows)
+        else:
+            self.kv = {i: (fn(k), fn(v)) for i, (k, v) in self.kv.items()}
+            self.scales = {i: (fn(k), fn(v)) for i, (k, v) in self.scales.items()}
         self.set_masks(None if self.keep is None else fn(self.keep),
                        None if self.has_visual is None else fn(self.has_visual))
+
+
+def stored_kv(key: torch.Tensor, value: torch.Tensor, storage: Optional[str]):
+    """(key, value) in `storage` (a torch dtype name; None: as they are) and, for a narrower float8 storage, their
+    per-token scales (else None)."""
+    dtype = key.dtype if storage is None else getattr(torch, storage)
+    if dtype.itemsize >= key.dtype.itemsize:
+        return (key.to(dtype), value.to(dtype)), None
+    (key, key_scale), (value, value_scale) = quantize_per_token(key, dtype), quantize_per_token(value, dtype)
+    return (key, value), (key_scale, value_scale)
 
 
 class VambaCache(DynamicCache):
