@@ -84,6 +84,7 @@ class VideoState:
     grid_thw: torch.Tensor
     length: int
     model_fingerprint: str
+    dtype: torch.dtype  # the model's compute dtype when it encoded the video, which reads the K/V
     sampling: list = field(default_factory=list)
     # Internal (beams over pixels): the entry each row of a batch reads, -1 for rows without visual input.
     row_entries: Optional[torch.Tensor] = None
@@ -95,11 +96,6 @@ class VideoState:
     @property
     def device(self) -> torch.device:
         return self.keys[0].buffer.device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        """The dtype the K/V are read in (the model's compute dtype)."""
-        return (self.key_scales[0] if self.key_scales else self.keys[0]).buffer.dtype
 
     def cross_kv(self) -> tuple[dict, dict]:
         """{layer: (key, value)} and {layer: (key scale, value scale)} as the cache's cross store keeps them."""
@@ -158,7 +154,8 @@ class VideoState:
             raise ValueError("This state belongs to one generate call (beams over several videos); encode each video "
                              "with model.encode_video to save it.")
         metadata = {"format": "vamba-video-state", "format_version": str(STATE_FORMAT_VERSION), "kind": self.kind,
-                    "model_fingerprint": self.model_fingerprint, "sampling": json.dumps(self.sampling)}
+                    "model_fingerprint": self.model_fingerprint,
+                    "dtype": str(self.dtype).removeprefix("torch."), "sampling": json.dumps(self.sampling)}
         save_file({name: t.contiguous() for name, t in self.tensors().items()}, str(path), metadata=metadata)
 
 
@@ -172,11 +169,19 @@ def model_fingerprint(model) -> str:
     described = {name: getattr(config, name) for name in STATE_CONFIG_FIELDS}
     described["vision_config"] = config.vision_config.to_dict()
     described["vision_mamba_mixer_config"] = config.vision_mamba_mixer_config.to_dict()
-    digest = hashlib.sha256(json.dumps(described, sort_keys=True, default=str).encode())
+    described = json.dumps(described, sort_keys=True, default=str)
     cross = model.model.layers[0].cross_attn
-    for param in (cross.k_proj.weight, cross.k_proj.bias, cross.v_proj.weight, cross.v_proj.bias):
+    weights = (cross.k_proj.weight, cross.k_proj.bias, cross.v_proj.weight, cross.v_proj.bias)
+    # Hashing the weights is kept on the model while they are unchanged (same storage, no in-place update since).
+    key = (described, *((param.data_ptr(), param._version, str(param.device)) for param in weights))
+    cached = getattr(model, "_video_state_fingerprint", None)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    digest = hashlib.sha256(described.encode())
+    for param in weights:
         digest.update(param.detach().float().cpu().contiguous().numpy().tobytes())
-    return digest.hexdigest()[:32]
+    model._video_state_fingerprint = (key, digest.hexdigest()[:32])
+    return model._video_state_fingerprint[1]
 
 
 def load_video_state(path, model, device=None) -> VideoState:
@@ -214,7 +219,8 @@ def _state_from_tensors(tensors: dict, metadata: dict, num_layers: int) -> Video
         kind=metadata["kind"], keys=keys, values=group("value"), key_scales=group("key_scale"),
         value_scales=group("value_scale"), keep=Growable.of(tensors["keep"]) if "keep" in tensors else None,
         carries=carries, grid_thw=tensors["grid_thw"], length=keys[0].filled,
-        model_fingerprint=metadata["model_fingerprint"], sampling=json.loads(metadata["sampling"]),
+        model_fingerprint=metadata["model_fingerprint"], dtype=getattr(torch, metadata["dtype"]),
+        sampling=json.loads(metadata["sampling"]),
     )
 
 
@@ -282,7 +288,7 @@ def encode_visual_state(model, kind: str, pixels: Optional[torch.Tensor], grid_t
         value_scales=_growables(scales, 1), keep=None if stream.keep is None else Growable.of(stream.keep),
         carries=carries, grid_thw=grid_thw.detach().cpu().clone() if grid_thw is not None else
         torch.tensor([[0, 0, 0]] * stream.states.shape[0]), length=stream.states.shape[1],
-        model_fingerprint=model_fingerprint(model), sampling=[_sampling_record(sampling)],
+        model_fingerprint=model_fingerprint(model), dtype=dtype, sampling=[_sampling_record(sampling)],
     )
 
 
@@ -357,6 +363,9 @@ def check_state_for(model, state: VideoState, dtype: torch.dtype, device: torch.
     if len(state.keys) != model.config.num_hidden_layers:
         raise ValueError(f"video_state holds {len(state.keys)} layers, the model has "
                          f"{model.config.num_hidden_layers}: it was encoded by another model.")
+    if state.model_fingerprint != model_fingerprint(model):
+        raise ValueError("video_state was encoded by another model (its config or cross-attention weights differ): "
+                         "encode the video again with this model.")
     if state.device != device:
         raise ValueError(f"video_state is on {state.device}, the model runs on {device}: pass state.to({str(device)!r}).")
     if state.dtype != dtype:
