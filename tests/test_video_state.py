@@ -2,6 +2,14 @@
 the longer video, one state serves many questions without copying its K/V, beams encode each video once, and a
 saved state loads back into the model that made it only."""
 
+import os
+import pty
+import select
+import subprocess
+import sys
+import time
+from pathlib import Path
+
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -11,6 +19,7 @@ from helpers import golden_inputs, left_pad, load_golden, prompt, tiny_model, vi
 from vamba_hf.modeling_vamba import CACHE_NAME, VambaForConditionalGeneration
 from vamba_hf.video_state_vamba import VideoState, load_video_state
 
+REPO = Path(__file__).resolve().parents[1]
 GREEDY = dict(max_new_tokens=8, do_sample=False, output_scores=True, return_dict_in_generate=True, min_new_tokens=8)
 ROPE_AND_NORM = dict(cross_attn_use_position_embeddings=True, cross_attn_use_layer_norm=True)
 
@@ -318,3 +327,67 @@ def test_to_moves_a_copy():
     back = state.to("cpu")
     assert_states_equal(back, state, 0, 0)
     assert state.nbytes() == sum(t.numel() * t.element_size() for t in state.tensors().values()) > 0
+
+
+
+# -- vamba-hf chat in a terminal -----------------------------------------------------------------------------------
+
+CHAT_PROMPT = b"> "
+
+
+def chat_in_a_terminal(args: list, questions: list, timeout: float = 180.0):
+    """Run `vamba-hf chat` with stdin and stdout on a pseudo-terminal, typing each question once the prompt shows,
+    then Ctrl-D; returns (what the terminal showed, stderr, exit code)."""
+    controller, terminal = pty.openpty()
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")]))
+    process = subprocess.Popen([sys.executable, "-m", "vamba_hf.cli", "chat", *args], stdin=terminal,
+                               stdout=terminal, stderr=subprocess.PIPE, env=env, close_fds=True)
+    os.close(terminal)
+    shown, to_type, deadline = b"", [q.encode() + b"\n" for q in questions] + [b"\x04"], time.monotonic() + timeout
+    try:
+        while process.poll() is None and time.monotonic() < deadline:
+            ready, _, _ = select.select([controller], [], [], 0.2)
+            if ready:
+                try:
+                    shown += os.read(controller, 4096)
+                except OSError:  # the child closed the terminal
+                    break
+            if to_type and shown.count(CHAT_PROMPT) > len(questions) + 1 - len(to_type):
+                os.write(controller, to_type.pop(0))
+        stderr = process.communicate(timeout=max(1.0, deadline - time.monotonic()))[1].decode()
+    finally:
+        if process.poll() is None:
+            process.kill()
+        os.close(controller)
+    return shown.decode(errors="replace"), stderr, process.returncode
+
+
+def test_chat_answers_two_questions_from_one_encode(tmp_path):
+    from vamba_hf.demo import write_demo_video
+
+    video = write_demo_video(tmp_path / "clip.mp4")
+    state_path = tmp_path / "clip.state"
+    shown, stderr, code = chat_in_a_terminal(["--video", str(video), "--max-new-tokens", "6", "--save-state",
+                                              str(state_path)], ["What happens?", "And at the end?"])
+    assert code == 0, stderr
+    assert stderr.count("Encoded the video once") == 1
+    assert stderr.count("new tokens in") == 2 and stderr.count("from the encoded video") == 2
+    assert shown.count("> ") == 3 and state_path.is_file()
+    assert "Traceback" not in stderr
+
+    shown, stderr, code = chat_in_a_terminal(["--state", str(state_path), "--max-new-tokens", "6"], ["Again?"])
+    assert code == 0, stderr
+    assert "Encoded the video once" not in stderr and "nothing encoded" in stderr
+    assert stderr.count("new tokens in") == 1
+
+
+def test_chat_errors_are_one_line(tmp_path):
+    for args, expected in ((["--video", str(tmp_path / "missing.mp4")], "--video"),
+                           ([], "chat needs --video"),
+                           (["--state", str(tmp_path / "missing.state")], "--state")):
+        result = subprocess.run([sys.executable, "-m", "vamba_hf.cli", "chat", *args], capture_output=True, text=True,
+                                input="", timeout=300, env=dict(os.environ, PYTHONPATH=str(REPO / "src")))
+        assert result.returncode == 2, result.stderr
+        errors = [line for line in result.stderr.splitlines() if line.startswith("vamba-hf: error:")]
+        assert len(errors) == 1 and expected in errors[0], result.stderr
+        assert "Traceback" not in result.stderr
