@@ -330,6 +330,30 @@ def test_to_moves_a_copy():
 
 
 
+
+def test_a_stream_extended_chunk_by_chunk_equals_the_whole_video_processed_at_once():
+    import importlib.util
+
+    from vamba_hf.chat import video_pixels as processed
+    from vamba_hf.demo import demo_frames
+    from vamba_hf.inference import load_model_and_processor
+
+    spec = importlib.util.spec_from_file_location("streaming_video", REPO / "examples" / "streaming_video.py")
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    loaded = load_model_and_processor(None, dtype="float32", device="cpu")
+    model, processor = loaded.model, loaded.processor
+    frames = list(demo_frames(24))
+    state = None
+    for pixels, grid, _ in example.generator_rounds(processor, iter(frames), 8, model.device):
+        state = model.encode_video(pixels, grid) if state is None else model.extend_video(state, pixels, grid)
+    pixels, grid, _ = processed(processor, frames, model.device, num_frames=len(frames), progress=False)
+    whole = model.encode_video(pixels, grid)
+    assert state.grid_thw.tolist() == grid.tolist() == [[12, *grid[0, 1:].tolist()]]
+    assert_states_equal(state, whole, rtol=1e-5, atol=1e-5)  # float32, chunk boundaries moved
+    torch.testing.assert_close(question_logits(model, state), question_logits(model, whole), rtol=1e-5, atol=1e-5)
+
+
 # -- vamba-hf chat in a terminal -----------------------------------------------------------------------------------
 
 CHAT_PROMPT = b"> "
