@@ -415,3 +415,23 @@ def test_chat_errors_are_one_line(tmp_path):
         errors = [line for line in result.stderr.splitlines() if line.startswith("vamba-hf: error:")]
         assert len(errors) == 1 and expected in errors[0], result.stderr
         assert "Traceback" not in result.stderr
+
+
+def test_reserved_room_is_filled_in_place_and_growth_keeps_older_states():
+    model = tiny64()
+    pixels, grid = tiny_video(2, seed=1)
+    state = model.encode_video(pixels, grid, reserve_frames=4)  # 2 temporal steps of 4 tokens each
+    buffer = state.keys[0].buffer
+    assert buffer.shape[2] == state.length + 8
+    grown = model.extend_video(state, *tiny_video(1, seed=2))
+    assert grown.keys[0].buffer.data_ptr() == buffer.data_ptr()  # written in place
+    grown = model.extend_video(grown, *tiny_video(1, seed=3))
+    assert grown.keys[0].buffer.data_ptr() == buffer.data_ptr() and grown.length == state.length + 8
+    beyond = model.extend_video(grown, *tiny_video(1, seed=4))
+    assert beyond.keys[0].buffer.data_ptr() != buffer.data_ptr()  # no room left: a larger buffer
+    parts = [tiny_video(2, seed=1)[0]] + [tiny_video(1, seed=seed)[0] for seed in (2, 3, 4)]
+    whole = model.encode_video(torch.cat(parts), torch.tensor([[5, 4, 4]]))
+    # The splits (8, 12, 16 tokens) are not all chunk boundaries (8 tokens): float32 scan sums regroup.
+    assert_states_equal(beyond, whole, rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="reserve_frames=-1"):
+        model.encode_video(pixels, grid, reserve_frames=-1)

@@ -219,12 +219,13 @@ class VambaModel(VambaPreTrainedModel):
 
     # -- a video encoded once: video_state_vamba -----------------------------------------------------------------
 
-    def encode_video(self, pixel_values_videos: torch.Tensor, video_grid_thw: torch.Tensor,
-                     sampling=None) -> VideoState:
+    def encode_video(self, pixel_values_videos: torch.Tensor, video_grid_thw: torch.Tensor, sampling=None,
+                     reserve_frames: int = 0) -> VideoState:
         """Encode one video once (vision tower, every Mamba-2 block, every layer's cross-attention K/V) for any
         number of questions: `generate(**text_inputs, video_state=state)`. `sampling`: how its frames were taken
-        (the processor's `video_metadata` entry or a `VideoSampling`), kept with the state."""
-        return encode_visual_state(self, "video", pixel_values_videos, video_grid_thw, sampling)
+        (the processor's `video_metadata` entry or a `VideoSampling`), kept with the state. `reserve_frames`: room
+        to extend it by that many frames without reallocating its K/V."""
+        return encode_visual_state(self, "video", pixel_values_videos, video_grid_thw, sampling, reserve_frames)
 
     def encode_image(self, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor) -> VideoState:
         """`encode_video` for one image."""

@@ -41,22 +41,31 @@ class Growable:
     filled: int
 
     @classmethod
-    def of(cls, tensor: torch.Tensor) -> "Growable":
-        return cls(tensor, tensor.shape[TOKEN_DIM])
+    def of(cls, tensor: torch.Tensor, room: int = 0) -> "Growable":
+        """`tensor`, with room for `room` more tokens."""
+        if room == 0:
+            return cls(tensor, tensor.shape[TOKEN_DIM])
+        shape = list(tensor.shape)
+        shape[TOKEN_DIM] += room
+        buffer = tensor.new_empty(shape)
+        buffer.narrow(TOKEN_DIM, 0, tensor.shape[TOKEN_DIM]).copy_(tensor)
+        return cls(buffer, tensor.shape[TOKEN_DIM])
 
     def view(self, length: int) -> torch.Tensor:
         return self.buffer.narrow(TOKEN_DIM, 0, length)
 
     def appended(self, length: int, new: torch.Tensor) -> "Growable":
         """This buffer with `new` written after its first `length` tokens: in place when there is room and nothing
-        was written there yet, else in a new buffer twice the size (amortised cost: the new tokens)."""
+        was written there yet, else in a new buffer half as large again (amortised cost: the new tokens). A new
+        buffer holds the old one's copy while it is made: reserve room at encoding for a video that fills most of
+        the device (`encode_video(reserve_frames=...)`)."""
         total = length + new.shape[TOKEN_DIM]
         if self.filled == length and total <= self.buffer.shape[TOKEN_DIM]:
             self.buffer.narrow(TOKEN_DIM, length, new.shape[TOKEN_DIM]).copy_(new)
             self.filled = total
             return self
         shape = list(self.buffer.shape)
-        shape[TOKEN_DIM] = 2 * total
+        shape[TOKEN_DIM] = total + max(new.shape[TOKEN_DIM], total // 2)
         buffer = self.buffer.new_empty(shape)
         buffer.narrow(TOKEN_DIM, 0, length).copy_(self.view(length))
         buffer.narrow(TOKEN_DIM, length, new.shape[TOKEN_DIM]).copy_(new)
@@ -250,8 +259,8 @@ def _run_visual_layers(model, visual: torch.Tensor, rotary, carries: list) -> tu
         if config.cross_attn_use_layer_norm:
             visual = layer.input_layernorm(visual)
         layer_kv, layer_scales = stored_kv(*layer.cross_attn.keys_values(visual, rotary), config.cross_kv_cache_dtype)
-        kv.append(layer_kv)
-        scales.append(layer_scales)
+        kv.append(list(layer_kv))
+        scales.append(None if layer_scales is None else list(layer_scales))
         carry = None
         if i < len(layers) - 1 and config.vision_mamba_mixer_config.enable:
             visual, carry = layer.vision_mixer.continue_stream(visual, carries[i])
@@ -259,37 +268,50 @@ def _run_visual_layers(model, visual: torch.Tensor, rotary, carries: list) -> tu
     return kv, scales, carries_out
 
 
-def _growables(per_layer: list, which: int) -> Optional[list]:
+def _growables(per_layer: list, which: int, room: int) -> Optional[list]:
     if per_layer[0] is None:
         return None
-    return [Growable.of(pair[which]) for pair in per_layer]
+    grown = []
+    for pair in per_layer:  # one layer at a time: a copy into a larger buffer frees the tensor it came from
+        grown.append(Growable.of(pair[which], room))
+        pair[which] = None
+    return grown
 
 
 @torch.no_grad()
 def encode_visual_state(model, kind: str, pixels: Optional[torch.Tensor], grid_thw: Optional[torch.Tensor],
-                        sampling=None, items: Optional[list] = None) -> VideoState:
-    """The state of the images or videos `pixels` (the processor's rows) with grid `grid_thw` (one row each), or of
-    vision-tower outputs `items`; several items make one entry each (padded at the end, as a batch is)."""
-    if items is None:
-        check_visual_pixels(model.config, kind, pixels, grid_thw)
-        items = model.encode_visual(pixels, grid_thw)
+                        sampling=None, reserve_frames: int = 0) -> VideoState:
+    """The state of the images or videos `pixels` (the processor's rows) with grid `grid_thw` (one row each);
+    several make one entry each (padded at the end, as a batch is). `reserve_frames`: room for that many more
+    frames of the same size, so that extending by them never reallocates."""
+    check_visual_pixels(model.config, kind, pixels, grid_thw)
+    room = _reserved_tokens(model, grid_thw, reserve_frames)
+    items = model.encode_visual(pixels, grid_thw)
     dtype, device = model.model.embed_tokens.weight.dtype, items[0].device
     stream = PaddedRows(model.config).visual_stream(items, None, len(items), dtype, device)
     items.clear()
     rotary = None
     if model.config.cross_attn_use_position_embeddings:
-        if grid_thw is None:
-            raise ValueError("cross_attn_use_position_embeddings needs the visual grid: pass pixels with their "
-                             "grid_thw rather than visual_embeds.")
         rotary = model.rotary(stream.positions(grid_thw, model.config.vision_config.spatial_merge_size))
     kv, scales, carries = _run_visual_layers(model, stream.states, rotary, [None] * model.config.num_hidden_layers)
     return VideoState(
-        kind=kind, keys=_growables(kv, 0), values=_growables(kv, 1), key_scales=_growables(scales, 0),
-        value_scales=_growables(scales, 1), keep=None if stream.keep is None else Growable.of(stream.keep),
-        carries=carries, grid_thw=grid_thw.detach().cpu().clone() if grid_thw is not None else
-        torch.tensor([[0, 0, 0]] * stream.states.shape[0]), length=stream.states.shape[1],
+        kind=kind, keys=_growables(kv, 0, room), values=_growables(kv, 1, room),
+        key_scales=_growables(scales, 0, room), value_scales=_growables(scales, 1, room),
+        keep=None if stream.keep is None else Growable.of(stream.keep), carries=carries,
+        grid_thw=grid_thw.detach().cpu().clone(), length=stream.states.shape[1],
         model_fingerprint=model_fingerprint(model), dtype=dtype, sampling=[_sampling_record(sampling)],
     )
+
+
+def _reserved_tokens(model, grid_thw: torch.Tensor, reserve_frames: int) -> int:
+    if not isinstance(reserve_frames, int) or reserve_frames < 0:
+        raise ValueError(f"reserve_frames={reserve_frames!r} is not valid: give a count of frames, 0 or more.")
+    if reserve_frames and grid_thw.shape[0] != 1:
+        raise ValueError("reserve_frames is room to extend one video: encode one video at a time.")
+    temporal = model.config.vision_config.temporal_patch_size
+    merge = model.config.vision_config.spatial_merge_size
+    _, h, w = grid_thw[0].tolist()
+    return -(-reserve_frames // temporal) * (h // merge) * (w // merge)
 
 
 def _sampling_record(sampling) -> dict:
