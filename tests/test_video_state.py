@@ -187,7 +187,7 @@ def test_a_state_extended_two_ways_keeps_both():
 def test_extend_refuses_other_frame_sizes_and_images():
     model = tiny64()
     state = model.encode_video(*tiny_video(2))
-    with pytest.raises(ValueError, match="4x4 patches but the state's are 4x4|8x4 patches but the state's are 4x4"):
+    with pytest.raises(ValueError, match="8x4 patches but the state's are 4x4"):
         model.extend_video(state, *tiny_video(2, h=8))
     image_state = model.encode_image(*video_pixels(1, 4, 4))
     with pytest.raises(ValueError, match="state is of an image"):
@@ -435,3 +435,20 @@ def test_reserved_room_is_filled_in_place_and_growth_keeps_older_states():
     assert_states_equal(beyond, whole, rtol=1e-6, atol=1e-6)
     with pytest.raises(ValueError, match="reserve_frames=-1"):
         model.encode_video(pixels, grid, reserve_frames=-1)
+
+
+def test_beams_over_pixels_with_a_text_only_row():
+    model = tiny64(**ROPE_AND_NORM)
+    pixels, grid = tiny_video(3, seed=7)
+    ids, mask = left_pad([prompt(4, 3, seed=1, visual=False), prompt(3, 4, seed=2)])
+    settings = dict(max_new_tokens=5, num_beams=2, num_return_sequences=2, do_sample=False,
+                    return_dict_in_generate=True, output_scores=True)
+    shared = model.generate(input_ids=ids, attention_mask=mask, pixel_values_videos=pixels, video_grid_thw=grid,
+                            **settings)
+    pads = int((mask[0] == 0).sum())
+    alone = [model.generate(input_ids=ids[:1, pads:], **settings),  # the text-only row without its padding
+             model.generate(input_ids=ids[1:], pixel_values_videos=pixels, video_grid_thw=grid, **settings)]
+    assert torch.equal(shared.sequences[2:], alone[1].sequences)
+    assert torch.equal(shared.sequences[:2, pads:], alone[0].sequences)
+    torch.testing.assert_close(shared.sequences_scores, torch.cat([a.sequences_scores for a in alone]), rtol=1e-10,
+                               atol=1e-10)

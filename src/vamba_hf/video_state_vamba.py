@@ -138,8 +138,8 @@ class VideoState:
         return sum(t.numel() * t.element_size() for t in self.tensors().values())
 
     def to(self, device) -> "VideoState":
-        """The state on `device` (a copy there; this state is unchanged). CPU memory between questions, the GPU
-        while answering."""
+        """The state on `device` (this state is unchanged): CPU memory between questions, the GPU while
+        answering."""
 
         def move(grown):
             return None if grown is None else Growable.of(grown.view(self.length).to(device))
