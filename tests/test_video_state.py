@@ -194,6 +194,10 @@ def test_extend_refuses_other_frame_sizes_and_images():
         model.extend_video(image_state, *tiny_video(2))
     with pytest.raises(TypeError, match="VideoState"):
         model.extend_video({"keys": []}, *tiny_video(2))
+    with pytest.raises(ValueError, match="encoded by another model"):
+        tiny64(cross_attn_use_layer_norm=True).extend_video(state, *tiny_video(2))
+    with pytest.raises(ValueError, match=r"state.to\('cpu'\)"):
+        model.extend_video(state.to("meta"), *tiny_video(2))
 
 
 # -- several questions on one state --------------------------------------------------------------------------------

@@ -353,8 +353,8 @@ def extend_visual_state(model, state: VideoState, pixels: torch.Tensor, grid_thw
     `state` itself stays valid."""
     check_visual_pixels(model.config, "video", pixels, grid_thw)
     check_extensible(state, grid_thw)
-    if state.model_fingerprint != model_fingerprint(model):
-        raise ValueError("This video state was encoded by another model: extend it with the model that made it.")
+    weight = model.model.embed_tokens.weight
+    check_state_for(model, state, weight.dtype, weight.device)
     (visual,) = model.encode_visual(pixels, grid_thw)
     visual = visual.to(model.model.embed_tokens.weight.dtype)[None]
     rotary = _visual_rotary(model, grid_thw[0], int(state.grid_thw[0, 0]), visual.device)
