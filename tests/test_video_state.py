@@ -456,3 +456,33 @@ def test_beams_over_pixels_with_a_text_only_row():
     assert torch.equal(shared.sequences[:2, pads:], alone[0].sequences)
     torch.testing.assert_close(shared.sequences_scores, torch.cat([a.sequences_scores for a in alone]), rtol=1e-10,
                                atol=1e-10)
+
+
+@pytest.mark.parametrize("source,beams", [("state", 1), ("state", 3), ("two videos", 3)])
+def test_the_static_decoding_step_reads_shared_kv(monkeypatch, source, beams):
+    """The step a CUDA graph captures (run eagerly on the CPU here) reads shared K/V through the row index,
+    reordered in place between steps; it answers as the plain cache does."""
+    from vamba_hf.cache_vamba import DecodeGraph
+
+    steps = []
+    original = DecodeGraph.step
+    monkeypatch.setattr(VambaForConditionalGeneration, "static_decode_step_off_cuda", True)
+    monkeypatch.setattr(DecodeGraph, "step", lambda self, *a: steps.append(1) or original(self, *a))
+    model = tiny64(**ROPE_AND_NORM)
+    ids, mask = left_pad([prompt(3, 5, seed=1), prompt(6, 2, seed=2)])
+    if source == "state":
+        visual = {"video_state": model.encode_video(*tiny_video(3))}
+    else:
+        videos = [tiny_video(3, seed=seed) for seed in (1, 2)]
+        visual = {"pixel_values_videos": torch.cat([v[0] for v in videos]),
+                  "video_grid_thw": torch.cat([v[1] for v in videos])}
+    settings = dict(input_ids=ids, attention_mask=mask, max_new_tokens=5, num_beams=beams, do_sample=False,
+                    output_scores=True, return_dict_in_generate=True, **visual)
+    results = []
+    for with_graph in (False, True):
+        model.config.decode_with_cuda_graph = with_graph
+        results.append(model.generate(**settings))
+    assert steps  # the static step ran
+    assert_same_generation(results[1], results[0], rtol=1e-12, atol=1e-12)
+    if beams > 1:
+        torch.testing.assert_close(results[1].sequences_scores, results[0].sequences_scores, rtol=1e-12, atol=1e-12)
