@@ -7,8 +7,8 @@ One JSON line per measurement:
   question   at each of --frames: `full_prefill_s`, the first token of a question from the pixels (vision tower,
              every Mamba-2 block, the prompt); `encode_s`, `model.encode_video`; `second_question_first_token_ms`,
              the first token of another question from the state (the median of --repeats) and how far its logits
-             are from the full prefill's (`logits_relative_diff`); the state's `state_gib` in memory, and for frame counts up to --save-max-frames its size on disk (`file_gib`) and
-             the seconds to save and load it.
+             are from the full prefill's (`logits_relative_diff`); the state's `state_gib` in memory, and for
+             frame counts up to --save-max-frames its size on disk (`file_gib`) and the seconds to save and load it.
   extend     at each of --history-frames and --extend-frames: `extend_ms`, the median of --repeats chained
              `model.extend_video` calls adding that many frames to a state of that history (room reserved at
              encoding, so none reallocates), and `first_token_ms` of a question after them.
@@ -164,7 +164,8 @@ def parse_args():
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--save-max-frames", type=int, default=1024,
                         help="save and load the state for frame counts up to this (the file of 4096 frames is 35 GB)")
-    parser.add_argument("--work", type=Path, default=None, help="folder for the saved states (default: a temporary one)")
+    parser.add_argument("--work", type=Path, default=None,
+                        help="folder for the saved states (default: a temporary one)")
     args = parser.parse_args()
     if args.repeats < 1:
         parser.error(f"--repeats {args.repeats}: give 1 or more")

@@ -176,7 +176,8 @@ def _chat_state(args, model, processor):
         if args.video is not None and encoded_from and os.path.basename(encoded_from) != os.path.basename(args.video):
             raise ValueError(f"--state {args.state} holds {encoded_from}, not --video {args.video}: drop --video, or "
                              f"encode {args.video} without --state.")
-        _stderr(f"Loaded the video state {args.state}: {state.length} visual tokens (no video decoded, nothing encoded)")
+        _stderr(f"Loaded the video state {args.state}: {state.length} visual tokens (no video decoded, nothing "
+                f"encoded)")
     else:
         if not os.path.isfile(args.video):
             raise ValueError(f"--video {args.video}: no such file.")

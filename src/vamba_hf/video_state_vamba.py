@@ -389,7 +389,8 @@ def check_state_for(model, state: VideoState, dtype: torch.dtype, device: torch.
         raise ValueError("video_state was encoded by another model (its config or cross-attention weights differ): "
                          "encode the video again with this model.")
     if state.device != device:
-        raise ValueError(f"video_state is on {state.device}, the model runs on {device}: pass state.to({str(device)!r}).")
+        raise ValueError(f"video_state is on {state.device}, the model runs on {device}: pass "
+                         f"state.to({str(device)!r}).")
     if state.dtype != dtype:
         raise ValueError(f"video_state was encoded in {state.dtype}, the model runs in {dtype}: encode it with the "
                          f"model in {dtype}.")
@@ -404,7 +405,8 @@ def rows_reading_state(state: VideoState, input_ids: Optional[torch.Tensor], bat
     else:
         per_row = (input_ids == vision_start_token_id).sum(-1)
         if int(per_row.max()) > 1:
-            raise ValueError("A prompt holds more than one <|vision_start|>: Vamba reads one image or video per prompt.")
+            raise ValueError("A prompt holds more than one <|vision_start|>: Vamba reads one image or video per "
+                             "prompt.")
         placed = per_row == 1
     if state.row_entries is None:
         if not bool(placed.any()):
