@@ -486,3 +486,15 @@ def test_the_static_decoding_step_reads_shared_kv(monkeypatch, source, beams):
     assert_same_generation(results[1], results[0], rtol=1e-12, atol=1e-12)
     if beams > 1:
         torch.testing.assert_close(results[1].sequences_scores, results[0].sequences_scores, rtol=1e-12, atol=1e-12)
+
+
+def test_beams_over_pixels_from_inputs_embeds():
+    model = tiny64()
+    pixels, grid = tiny_video(3, seed=3)
+    ids = prompt(4, 3)[None]
+    settings = dict(max_new_tokens=4, num_beams=3, do_sample=False, output_scores=True, return_dict_in_generate=True)
+    from_embeds = model.generate(inputs_embeds=model.get_input_embeddings()(ids), pixel_values_videos=pixels,
+                                 video_grid_thw=grid, **settings)
+    from_ids = model.generate(input_ids=ids, pixel_values_videos=pixels, video_grid_thw=grid, **settings)
+    assert torch.equal(from_embeds.sequences, from_ids.sequences[:, ids.shape[1]:])
+    torch.testing.assert_close(from_embeds.sequences_scores, from_ids.sequences_scores, rtol=1e-10, atol=1e-10)

@@ -627,15 +627,15 @@ class VambaForConditionalGeneration(VambaModel, GenerationMixin):
             pixels, grid = model_kwargs.get(pixels_name), model_kwargs.get(grid_name)
             if pixels is None or grid is None or model_kwargs.get("visual_embeds") is not None:
                 continue
-            if input_ids is None or input_ids.shape[1] == 0:
-                raise ValueError("Beams over pixels need the prompt's input_ids (their placeholders say which row "
-                                 "reads which image or video).")
-            rows = PaddedRows(self.config).place(input_ids, input_ids.shape[0], grid.shape[0])
+            # Prompts given as inputs_embeds come with an empty input_ids: one visual input per row, in order.
+            ids = input_ids if input_ids is not None and input_ids.shape[1] else None
+            batch_size = (input_ids if input_ids is not None else model_kwargs["inputs_embeds"]).shape[0]
+            rows = PaddedRows(self.config).place(ids, batch_size, grid.shape[0])
             model_kwargs.pop(pixels_name), model_kwargs.pop(grid_name)
             state = encode_visual_state(self, kind, pixels, grid)
-            entries = torch.full((input_ids.shape[0],), -1, dtype=torch.long)
+            entries = torch.full((batch_size,), -1, dtype=torch.long)
             entries[rows] = torch.arange(len(rows))
-            return replace(state, row_entries=entries.to(input_ids.device))
+            return replace(state, row_entries=entries.to(pixels.device))
         return None
 
 
