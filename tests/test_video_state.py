@@ -256,6 +256,7 @@ def test_beams_over_pixels_encode_each_video_once_and_equal_per_beam_encoding():
     torch.testing.assert_close(shared.sequences_scores, per_beam.sequences_scores, rtol=1e-10, atol=1e-10)
     cache = getattr(shared, CACHE_NAME)
     assert all(key.shape[0] == 2 for key, _ in cache.cross.kv.values())
+    assert cache.cross.row_group == 3  # each video's beams read its K/V together, none gathered per row
 
 
 def test_beams_over_one_state_reorder_rows_not_kv():

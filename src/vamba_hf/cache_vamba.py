@@ -40,13 +40,15 @@ class CrossStore:
 
     With `rows` (b,) set, the K/V hold one entry per distinct video and row i reads entry `rows[i]`: several
     questions about one video, and the beams of one prompt, share one copy. Row operations (beam reorder,
-    repetition) then move the row index and the masks, never the K/V."""
+    repetition) then move the row index and the masks, never the K/V. `row_group` g > 1: rows i*g .. i*g+g-1 read
+    entry i (the beams of several videos), which cross-attention reads by folding each group's queries together."""
 
     kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     scales: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # only for 8-bit K/V
     keep: Optional[torch.Tensor] = None
     has_visual: Optional[torch.Tensor] = None
     rows: Optional[torch.Tensor] = None
+    row_group: int = 1
     _masks: dict = field(default_factory=dict, repr=False)  # `keep` in each attention implementation's format
 
     @property
@@ -67,14 +69,33 @@ class CrossStore:
               has_visual: Optional[torch.Tensor]):
         """Read K/V kept elsewhere (a video state's): one entry per distinct video, row i reading entry rows[i].
         The tensors are referenced, not copied."""
-        self.kv, self.scales, self.rows = dict(kv), dict(scales), rows
+        self.kv, self.scales = dict(kv), dict(scales)
         self.set_masks(keep, has_visual)
+        self._set_rows(rows)
 
-    def read(self, layer_idx: int) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+    def _set_rows(self, rows: torch.Tensor):
+        self.rows, self.row_group = rows, self._group_of(rows)
+
+    def _group_of(self, rows: torch.Tensor) -> int:
+        """g when rows i*g .. i*g+g-1 read entry i and share their masks (every row reads a video), else 1."""
+        entries = next(iter(self.kv.values()))[0].shape[0] if self.kv else 1
+        if entries == 1 or self.has_visual is not None or rows.numel() % entries:
+            return 1
+        group = rows.numel() // entries
+        grouped = torch.arange(entries).repeat_interleave(group)
+        return group if torch.equal(rows.cpu(), grouped) else 1
+
+    def keeps_row_groups(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> bool:
+        """Whether the row operation `fn` leaves `row_group` as it is (a captured step folds the rows by it)."""
+        return self.rows is None or self.row_group == 1 or self._group_of(fn(self.rows)) == self.row_group
+
+    def read(self, layer_idx: int, per_entry: bool = False) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+        """A layer's K/V for each row (b, ...), or with `per_entry` as stored, one per entry (rows grouped by
+        `row_group`)."""
         kv, scales = self.kv.get(layer_idx), self.scales.get(layer_idx)
         if kv is not None and scales is not None:
             kv = tuple(x.to(scale.dtype) * scale for x, scale in zip(kv, scales))
-        if kv is None or self.rows is None:
+        if kv is None or self.rows is None or per_entry:
             return kv
         return tuple(self._per_row(x) for x in kv)
 
@@ -105,13 +126,13 @@ class CrossStore:
             for t in per_row + masks:
                 t.copy_(fn(t))
             return
-        if self.rows is not None:
-            self.rows = fn(self.rows)
-        else:
+        if self.rows is None:
             self.kv = {i: (fn(k), fn(v)) for i, (k, v) in self.kv.items()}
             self.scales = {i: (fn(k), fn(v)) for i, (k, v) in self.scales.items()}
         self.set_masks(None if self.keep is None else fn(self.keep),
                        None if self.has_visual is None else fn(self.has_visual))
+        if self.rows is not None:
+            self._set_rows(fn(self.rows))
 
 
 def stored_kv(key: torch.Tensor, value: torch.Tensor, storage: Optional[str]):
@@ -157,7 +178,7 @@ class VambaCache(DynamicCache):
     def _map_rows(self, fn: Callable[[torch.Tensor], torch.Tensor], keeps_batch_size: bool):
         """A row operation (beam reorder, selection, repetition) on every tensor with a batch dimension. A graph's
         buffers are reordered in place (the graph reads their addresses); a new batch size releases the graph."""
-        if self.decode_graph is not None and not keeps_batch_size:
+        if self.decode_graph is not None and not (keeps_batch_size and self.cross.keeps_row_groups(fn)):
             self.release_decode_graph()
         if self.decode_graph is not None:
             self.decode_graph.map_rows_in_place(fn)
