@@ -59,6 +59,7 @@ class CrossStore:
         """Keep one layer's K/V in `storage` (a torch dtype name; None keeps them as they are). A float8 storage keeps
         one scale per (row, head, token)."""
         kv, scales = stored_kv(key, value, storage)
+        self.rows, self.row_group = None, 1  # K/V of the prefill's rows, one per row
         self.kv[layer_idx] = kv
         if scales is None:
             self.scales.pop(layer_idx, None)
