@@ -22,7 +22,9 @@ from .card import write_model_card
 
 SINGLE_WEIGHTS = "model.safetensors"
 WEIGHTS_INDEX = "model.safetensors.index.json"
-REMOTE_CODE_FILES = ("configuration_vamba.py", "modeling_vamba.py", "processing_vamba.py")
+# The Hub folder's remote code: every module of the package that the modeling, configuration and processing files
+# import (relatively), so that a converted folder loads where vamba_hf is not installed.
+REMOTE_CODE_FILES = tuple(sorted(path.name for path in Path(__file__).resolve().parent.glob("*_vamba.py")))
 IMAGE_PROCESSOR_FILE = "preprocessor_config.json"
 # transformers 5 saves the image processor's settings inside this file instead.
 PROCESSOR_FILE = "processor_config.json"
