@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from .card import write_model_card
-from .errors import VambaUserError, hub_error_message
+from .errors import VambaUserError, hub_error_message, is_network_error
 
 SINGLE_WEIGHTS = "model.safetensors"
 WEIGHTS_INDEX = "model.safetensors.index.json"
@@ -447,26 +447,53 @@ def local_source_folder(source) -> Optional[Path]:
     return None
 
 
+def _download_failure(repo_id: str, error: Exception) -> Optional[ConversionError]:
+    message = hub_error_message(error, f"Downloading {repo_id} from the Hugging Face Hub failed")
+    if message is None:
+        return None
+    return ConversionError(f"{message} (Or download the checkpoint elsewhere and convert the local folder.)")
+
+
+def _hub_is_reachable(repo_id: str) -> bool:
+    """Whether the Hub answers about `repo_id` within HF_HUB_ETAG_TIMEOUT seconds (snapshot_download's own first
+    request has no timeout, so an unanswering network would hang it). A missing, gated or forbidden repo raises."""
+    from huggingface_hub import HfApi, constants
+
+    try:
+        HfApi().model_info(repo_id, timeout=constants.HF_HUB_ETAG_TIMEOUT)
+    except Exception as error:
+        if is_network_error(error):
+            return False
+        failure = _download_failure(repo_id, error)
+        if failure is None:
+            raise
+        raise failure from None
+    return True
+
+
 def download_source(repo_id: str, log: Callable[[str], None] = print) -> Path:
     """The official checkpoint's files from the Hub (config, weights, tokenizer, processor), in the Hub cache; an
-    existing local path of that name is returned as it is, never taken for a repo id.
+    existing local path of that name is returned as it is, never taken for a repo id. When the Hub cannot be
+    reached (or HF_HUB_OFFLINE is set), only the local cache is used.
 
     Converting from the cache hard-links the weights, so no second copy of them is made.
     """
     local = local_source_folder(repo_id)
     if local is not None:
         return local
-    from huggingface_hub import snapshot_download
+    from huggingface_hub import constants, snapshot_download
 
-    log(f"No local folder {repo_id}: downloading it from the Hugging Face Hub (or reusing the local cache)...")
+    cache_only = constants.HF_HUB_OFFLINE or not _hub_is_reachable(repo_id)
+    log(f"No local folder {repo_id}: " + ("looking for it in the local Hub cache (the Hub cannot be reached)..."
+                                          if cache_only else "downloading it from the Hugging Face Hub..."))
+    options = {"local_files_only": True} if cache_only else {}
     try:
-        return Path(snapshot_download(repo_id, allow_patterns=HUB_DOWNLOAD_PATTERNS))
+        return Path(snapshot_download(repo_id, allow_patterns=HUB_DOWNLOAD_PATTERNS, **options))
     except Exception as error:
-        message = hub_error_message(error, f"Downloading {repo_id} from the Hugging Face Hub failed")
-        if message is None:
+        failure = _download_failure(repo_id, error)
+        if failure is None:
             raise
-        raise ConversionError(f"{message} (Or download the checkpoint elsewhere and convert the local folder.)") \
-            from None
+        raise failure from None
 
 
 def resolve_source(source, log: Callable[[str], None] = print) -> Path:
