@@ -267,8 +267,9 @@ _VALUES = st.one_of(
     st.lists(st.integers(-1, 30), max_size=4), st.lists(st.sampled_from([0.0, "inf", 1, "x"]), max_size=3),
     st.dictionaries(st.text(max_size=3), st.integers(), max_size=2),
 )
-_TOP_KEYS = [*VambaConfig._text_fields, "head_dim", "rope_scaling", "torch_dtype", "vision_config", "vision_mamba_mixer_config",
-             "my_extra", "hiden_size", "num_labels", "architectures", "id2label", "model_type", "dtype"]
+_TOP_KEYS = [*VambaConfig._text_fields, "head_dim", "rope_scaling", "torch_dtype", "vision_config",
+             "vision_mamba_mixer_config", "my_extra", "hiden_size", "num_labels", "architectures", "id2label",
+             "model_type", "dtype"]
 _VISION_KEYS = ["depth", "embed_dim", "hidden_size", "num_heads", "mlp_ratio", "patch_size", "spatial_merge_size",
                 "temporal_patch_size", "in_channels", "hidden_act", "in_chans", "extra_note"]
 _MIXER_KEYS = ["enable", "hidden_dim", "d_state", "d_conv", "expand", "headdim", "ngroups", "chunk_size", "rmsnorm",

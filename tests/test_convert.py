@@ -724,7 +724,8 @@ def test_integer_weights_are_refused(video_short_source, tmp_path):
         tensors["lm_head.weight"] = tensors["lm_head.weight"].to(torch.int8)
 
     rewrite_weights(video_short_source, int8_head)
-    with pytest.raises(ConversionError, match=r"not floating point .*: lm_head\.weight: I8\.$") as error:
+    with pytest.raises(ConversionError, match=r"tensors not stored as floating point F16, BF16, F32, F64 \(1\): "
+                                              r"lm_head\.weight: I8\.$") as error:
         convert_quietly(video_short_source, tmp_path / "hub")
     assert_one_line(error.value)
 
@@ -833,7 +834,11 @@ def test_push_refuses_a_bad_revision_before_anything(converted, recording_api, r
     (lambda f: (f / "model.safetensors").unlink(), "has neither model.safetensors"),
     (lambda f: (f / "modeling_vamba.py").unlink(), "lacks the remote-code file"),
     (lambda f: edit_json(f / "config.json", lambda c: c["auto_map"].update(AutoModel=HOSTILE)),
-     "maps the Auto classes to code that is not vamba-hf's"),
+     r"config\.json points the Auto classes at code that is not vamba-hf's \(AutoModel: attacker/repo--"),
+    (lambda f: edit_json(f / "tokenizer_config.json", lambda c: c.update(auto_map={"AutoTokenizer": [HOSTILE, None]})),
+     r"tokenizer_config\.json points the Auto classes at code that is not vamba-hf's"),
+    (lambda f: edit_json(f / "config.json", lambda c: c.update(custom_pipelines={"x": {"impl": HOSTILE}})),
+     r"config\.json points the Auto classes at code that is not vamba-hf's \(custom_pipelines"),
     (lambda f: edit_json(f / "config.json", lambda c: c.update(num_hidden_layers=2)), "missing tensors|unexpected"),
     (lambda f: edit_json(f / "config.json", lambda c: c.update(vocab_size=0)), "vocab_size=0 is invalid"),
     (lambda f: (f / "config.json").write_text("[]"), "holds a JSON list"),

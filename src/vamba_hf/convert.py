@@ -316,7 +316,7 @@ def check_tensors(found: dict, expected: dict) -> None:
         _listing(title, names)
         for title, names in (("missing tensors", missing), ("unexpected tensors", unexpected),
                              ("tensors with a wrong shape", wrong_shape),
-                             (f"tensors that are not floating point ({', '.join(FLOAT_DTYPES)})", not_float))
+                             (f"tensors not stored as floating point {', '.join(FLOAT_DTYPES)}", not_float))
         if names
     ]
     if problems:
