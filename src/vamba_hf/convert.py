@@ -277,11 +277,6 @@ def read_checkpoint_tensors(source: Path, files: list, weight_map: Optional[dict
     return tensors
 
 
-def read_checkpoint_shapes(source: Path, files: list, weight_map: Optional[dict]) -> dict:
-    """Tensor name -> shape over all weight files (see `read_checkpoint_tensors`)."""
-    return {name: info.shape for name, info in read_checkpoint_tensors(source, files, weight_map).items()}
-
-
 def expected_shapes(config) -> dict:
     """Tensor name -> shape that `VambaForConditionalGeneration(config)` loads (built on the meta device)."""
     import torch
@@ -300,9 +295,9 @@ def _listing(title: str, names: list) -> str:
 
 
 def check_tensors(found: dict, expected: dict) -> None:
-    """Raise a `ConversionError` naming every missing, unexpected, wrongly shaped and non-floating-point tensor.
-    `found` maps names to TensorInfo (or to shapes, when only the shapes are known)."""
-    shapes = {name: info.shape if isinstance(info, TensorInfo) else tuple(info) for name, info in found.items()}
+    """Raise a `ConversionError` naming every missing, unexpected, wrongly shaped and non-floating-point tensor
+    of `found` (name -> TensorInfo) against `expected` (name -> shape)."""
+    shapes = {name: info.shape for name, info in found.items()}
     missing = sorted(set(expected) - set(shapes))
     unexpected = sorted(set(shapes) - set(expected))
     wrong_shape = [
@@ -310,8 +305,7 @@ def check_tensors(found: dict, expected: dict) -> None:
         for name in sorted(set(shapes) & set(expected))
         if shapes[name] != expected[name]
     ]
-    not_float = [f"{name}: {info.dtype}" for name, info in sorted(found.items())
-                 if isinstance(info, TensorInfo) and info.dtype not in FLOAT_DTYPES]
+    not_float = [f"{name}: {info.dtype}" for name, info in sorted(found.items()) if info.dtype not in FLOAT_DTYPES]
     problems = [
         _listing(title, names)
         for title, names in (("missing tensors", missing), ("unexpected tensors", unexpected),
@@ -499,7 +493,8 @@ def download_source(repo_id: str, log: Callable[[str], None] = print) -> Path:
 def resolve_source(source, log: Callable[[str], None] = print) -> Path:
     """The checkpoint folder `source` names: a local folder, or a Hub repo id (namespace/name) downloaded into the
     Hub cache when no such local path exists."""
-    return local_source_folder(source) or download_source(str(source), log)
+    local = local_source_folder(source)
+    return local if local is not None else download_source(str(source), log)
 
 
 # -- the destination -------------------------------------------------------------------------------------------
