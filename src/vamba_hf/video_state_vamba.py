@@ -80,7 +80,8 @@ class VideoState:
     per entry, in patches) and how its frames were sampled (`sampling`, one dict per encode/extend call).
 
     Pass it to `model.generate(**text_inputs, video_state=state)` (or forward): every prompt row with a
-    <|vision_start|><|vision_end|> placeholder reads it, and none of them copies its K/V. `model.extend_video` adds
+    <|vision_start|><|vision_end|> placeholder reads it, and none of them copies its K/V (`vamba_hf.chat.
+    question_inputs` tokenizes such a prompt from a question). `model.extend_video` adds
     frames; `save` / `load_video_state` keep it on disk; `to` moves it."""
 
     kind: str  # "video" or "image"
