@@ -26,9 +26,11 @@ def gray_frames(num_frames, width, height):
     return [np.full((height, width, 3), frame_level(index), dtype=np.uint8) for index in range(num_frames)]
 
 
-def write_frames(path, frames, fps=10, codec="mpeg4", container_options=None, rotation=None, frame_times=None):
+def write_frames(path, frames, fps=10, codec="mpeg4", container_options=None, rotation=None, frame_times=None,
+                 codec_options=None):
     """Encodes HxWx3 uint8 `frames`. `rotation`: degrees counter-clockwise in the display matrix. `frame_times`:
-    seconds, one per frame, for a variable-frame-rate file (millisecond time base)."""
+    seconds, one per frame, for a variable-frame-rate file (millisecond time base). `codec_options`: the
+    encoder's options (e.g. libx264's {"g": "6"})."""
     height, width = frames[0].shape[:2]
     with av.open(str(path), "w", options=container_options or {}) as container:
         stream = container.add_stream(codec, rate=Fraction(fps).limit_denominator(1000))
@@ -37,6 +39,8 @@ def write_frames(path, frames, fps=10, codec="mpeg4", container_options=None, ro
         if codec in ("mpeg4", "mjpeg", "mpeg2video"):
             stream.options = {"qscale": "2"}
             stream.codec_context.qmax = 2
+        if codec_options is not None:
+            stream.options = codec_options
         if rotation is not None:
             stream.set_display_rotation(rotation)
         if frame_times is not None:

@@ -6,7 +6,9 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import replace
 
+import av
 import numpy as np
 import PIL.Image
 import pytest
@@ -14,6 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from media_helpers import frame_index_of, write_audio_only, write_empty_video, write_frames, write_video
 
+from vamba_hf import video_vamba
 from vamba_hf.video_vamba import (
     FrameBuffer,
     VideoFrames,
@@ -361,7 +364,8 @@ def test_num_frames_above_max_frames_is_capped_with_a_warning(tmp_path):
 
 
 @pytest.mark.parametrize("options", [{"num_frames": -1}, {"num_frames": 0}, {"fps": float("nan")},
-                                     {"fps": float("inf")}, {"fps": 0}, {"fps": -1}, {"video_timeout": float("nan")}])
+                                     {"fps": float("inf")}, {"fps": 0}, {"fps": -1}, {"video_timeout": float("nan")},
+                                     {"decoder": "fast"}, {"decode_workers": 0}, {"decode_workers": 1.5}])
 def test_bad_sampling_values_are_refused_in_one_line(tmp_path, options):
     path = write_video(tmp_path / "clip.mp4", num_frames=4)
     with pytest.raises(ValueError, match="is not (a )?valid") as error:
@@ -459,3 +463,183 @@ def test_start_time_with_sampling_by_count(tmp_path):
     assert video.timestamps[0] >= 2.0 and (video.start_time, video.end_time) == (2.0, pytest.approx(4.0))
     with pytest.raises(ValueError, match="after start_time=5"):
         load_video(path, NO_RESIZE, num_frames=4, start_time=5.0)
+
+
+# -- seeking and parallel decoding give the frames of one pass ---------------------------------------------
+
+
+def moving_frames(num_frames, width=64, height=48):
+    """A moving gradient over fixed noise: libx264 codes it with B-frames, and every pixel matters."""
+    rows, columns = np.mgrid[0:height, 0:width]
+    noise = np.random.default_rng(0).integers(0, 24, (height, width, 3), dtype=np.uint8)
+    return [np.stack([(3 * columns + 2 * index) % 256, (4 * rows + index) % 256, (columns + rows + 3 * index) % 256],
+                     axis=-1).astype(np.uint8) // 2 + np.roll(noise, index, axis=1) for index in range(num_frames)]
+
+
+def write_x264(path, num_frames=60, gop=6, frame_times=None, rotation=None, container_options=None):
+    """libx264 at 10 fps with a keyframe every `gop` frames and B-frames."""
+    return write_frames(path, moving_frames(num_frames), codec="libx264", container_options=container_options,
+                        rotation=rotation, frame_times=frame_times,
+                        codec_options={"g": str(gop), "keyint_min": str(gop), "bf": "2"})
+
+
+def packets_of(path):
+    with av.open(str(path)) as container:
+        return [(packet.pts, packet.is_keyframe) for packet in container.demux(container.streams.video[0])
+                if packet.size]
+
+
+def no_pass(*args, **kwargs):
+    raise AssertionError("decoded in one pass, not by seeking")
+
+
+def load_by_seeking(path, sampling, **options):
+    """`load_video(decoder="seek")`, failing if the frames come from one pass instead."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(video_vamba, "_decode_plan", no_pass)
+        return load_video(path, sampling, decoder="seek", **options)
+
+
+def one_pass(path, sampling):
+    return load_video(path, sampling, decoder="sequential")
+
+
+def assert_same_video(seeking, sequential):
+    assert seeking.frame_indices == sequential.frame_indices
+    assert seeking.timestamps == sequential.timestamps
+    assert (seeking.source_fps, seeking.source_frame_count, seeking.end_time) == \
+        (sequential.source_fps, sequential.source_frame_count, sequential.end_time)
+    assert len(seeking.frames) == len(sequential.frames)
+    for seeking_frame, sequential_frame in zip(seeking.frames, sequential.frames):
+        assert seeking_frame.shape == sequential_frame.shape
+        assert np.array_equal(seeking_frame, sequential_frame)
+
+
+def test_test_file_has_b_frames_and_gops(tmp_path):
+    packets = packets_of(write_x264(tmp_path / "gops.mp4"))
+    pts = [value for value, _ in packets]
+    assert pts != sorted(pts)  # B-frames: decode order differs from presentation order
+    assert sum(keyframe for _, keyframe in packets) == 10
+
+
+SAMPLINGS = [
+    dict(num_frames=4),  # sparse: one sample in some GOPs, none in others
+    dict(num_frames=60),  # every frame, the first GOP's and the last one included
+    dict(num_frames=23),
+    dict(fps=0.7),
+    dict(fps=3.0),
+    dict(num_frames=5, start_time=2.35),
+    dict(fps=2.0, start_time=3.0),
+]
+
+
+@pytest.mark.parametrize("workers", [1, 3])
+@pytest.mark.parametrize("options", SAMPLINGS)
+def test_seeking_gives_the_frames_of_one_pass(tmp_path, options, workers):
+    path = write_x264(tmp_path / "gops.mp4")
+    sampling = NO_RESIZE.with_options(**options)
+    expected = one_pass(path, sampling)
+    assert_same_video(load_by_seeking(path, sampling, decode_workers=workers), expected)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_seeking_a_resized_rotated_file(tmp_path, workers):
+    path = write_x264(tmp_path / "rotated.mp4", rotation=90)
+    sampling = VideoSampling(num_frames=7, video_shortest_edge=100, video_longest_edge=None)
+    expected = one_pass(path, sampling)
+    assert expected.frames[0].shape == (100, 100, 3) and not np.array_equal(expected.frames[0], expected.frames[1])
+    assert_same_video(load_by_seeking(path, sampling, decode_workers=workers), expected)
+
+
+@pytest.mark.parametrize("extension", ["mp4", "mkv"])
+@pytest.mark.parametrize("options", [dict(num_frames=9), dict(fps=1.0), dict(fps=4.0, start_time=3.1)])
+def test_seeking_a_variable_frame_rate_file_not_starting_at_zero(tmp_path, extension, options):
+    times = [2.0 + 0.37 * index + 0.2 * (index % 3 == 0) for index in range(40)]  # uneven steps, first at 2 s
+    path = write_x264(tmp_path / f"vfr.{extension}", num_frames=40, frame_times=times)
+    sampling = NO_RESIZE.with_options(**options)
+    expected = one_pass(path, sampling)
+    assert_same_video(load_by_seeking(path, sampling, decode_workers=2), expected)
+
+
+def test_the_last_frame_and_the_first_gop(tmp_path):
+    path = write_x264(tmp_path / "gops.mp4")
+    video = load_by_seeking(path, NO_RESIZE, num_frames=60, decode_workers=4)
+    assert video.frame_indices == list(range(60))
+    assert_same_video(video, one_pass(path, NO_RESIZE.with_options(num_frames=60)))
+    sparse = load_by_seeking(path, NO_RESIZE, fps=0.05)  # one sample, at 3 s of 6 s
+    assert sparse.frame_indices == [30]
+
+
+def test_auto_seeks_when_frames_are_sparse_and_decodes_dense_ones_in_one_pass(tmp_path, monkeypatch):
+    path = write_x264(tmp_path / "gops.mp4")
+    seeking = []
+    decode = video_vamba._SeekingDecoder.decode
+    monkeypatch.setattr(video_vamba._SeekingDecoder, "decode",
+                        lambda self, *args: seeking.append(True) or decode(self, *args))
+    load_video(path, NO_RESIZE, num_frames=30, decode_workers=1)  # every other frame: every GOP, one pass
+    assert not seeking
+    load_video(path, NO_RESIZE, num_frames=3, decode_workers=1)  # 3 GOPs of 10, only up to their samples
+    assert len(seeking) == 1
+    load_video(path, NO_RESIZE, num_frames=30, decode_workers=2)  # dense, but two threads
+    assert len(seeking) == 2
+    load_video(path, NO_RESIZE, num_frames=3, decode_workers=1, decoder="sequential")
+    assert len(seeking) == 2
+
+
+def test_a_file_without_a_packet_index_decodes_in_one_pass(tmp_path, monkeypatch):
+    path = write_x264(tmp_path / "program_stream.mpg")  # MPEG-PS: most packets carry no timestamp
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        assert video_vamba._packet_index(container, stream, video_vamba._stream_facts(stream)) is None
+    expected = one_pass(path, NO_RESIZE.with_options(num_frames=5))
+    monkeypatch.setattr(video_vamba._SeekingDecoder, "decode", lambda *args: pytest.fail("seeked"))
+    assert_same_video(load_video(path, NO_RESIZE, num_frames=5, decoder="seek"), expected)
+
+
+def test_an_index_that_does_not_match_the_frames_falls_back_to_one_pass(tmp_path, monkeypatch):
+    path = write_x264(tmp_path / "gops.mp4")
+    expected = one_pass(path, NO_RESIZE.with_options(num_frames=5))
+    packet_index = video_vamba._packet_index
+
+    def shifted(*args):  # every packet one frame later than the frames decoded
+        index = packet_index(*args)
+        return replace(index, times=[time + 0.1 for time in index.times])
+
+    passes = []
+    decode_plan = video_vamba._decode_plan
+    monkeypatch.setattr(video_vamba, "_packet_index", shifted)
+    monkeypatch.setattr(video_vamba, "_decode_plan", lambda *args: passes.append(True) or decode_plan(*args))
+    assert_same_video(load_video(path, NO_RESIZE, num_frames=5, decoder="seek"), expected)
+    assert passes == [True]
+
+
+def test_odd_keyframe_flags_still_give_the_frames_of_one_pass(tmp_path, monkeypatch):
+    path = write_x264(tmp_path / "gops.mp4")
+    expected = one_pass(path, NO_RESIZE.with_options(num_frames=7))
+    packet_index = video_vamba._packet_index
+
+    def every_packet_a_keyframe(*args):  # seeking to a non-keyframe lands on the keyframe before it
+        index = packet_index(*args)
+        return replace(index, keyframes=list(range(len(index.times))))
+
+    monkeypatch.setattr(video_vamba, "_packet_index", every_packet_a_keyframe)
+    assert_same_video(load_by_seeking(path, NO_RESIZE, num_frames=7, decode_workers=2), expected)
+
+
+def test_a_truncated_file_decodes_in_one_pass(tmp_path):
+    full = write_x264(tmp_path / "full.mp4", container_options={"movflags": "faststart"})
+    path = tmp_path / "truncated.mp4"
+    path.write_bytes(full.read_bytes()[: full.stat().st_size * 2 // 3])
+    with pytest.warns(UserWarning, match="declares 60 frames but"):
+        expected = one_pass(path, NO_RESIZE.with_options(num_frames=6))
+    with pytest.warns(UserWarning, match="declares 60 frames but"):
+        video = load_video(path, NO_RESIZE, num_frames=6, decoder="seek", decode_workers=2)
+    assert_same_video(video, expected)
+
+
+def test_default_decode_workers_follow_the_cpu_count(monkeypatch):
+    monkeypatch.setattr(os, "cpu_count", lambda: 16)
+    assert VideoSampling().worker_count() == 8
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    assert VideoSampling().worker_count() == 2
+    assert VideoSampling(decode_workers=5).worker_count() == 5

@@ -3,9 +3,12 @@
 Served as Hub remote code beside `processing_vamba.py`, so it imports only numpy, PIL, torch, transformers and the
 standard library at top level; PyAV and tqdm are imported where they are used.
 
-A video file is opened once. Frames are decoded in order; only the sampled ones are converted to RGB, rotated as
-the display matrix says and resized (PIL bicubic, the original release's resize) in worker threads while decoding
-goes on, straight into one uint8 array of the output size.
+A video file is opened once per decoding thread. Which frames are sampled is decided from the stream's packet index
+(or, without one, frame by frame as the stream decodes). Local files with a sound keyframe index decode only the
+groups of pictures (GOPs) that hold a sampled frame: each worker thread opens its own container on the file, seeks
+to the keyframe at or before its samples and decodes forward to them; other sources decode in order from the start.
+Both give the same frames, bit for bit. Only the sampled frames are converted to RGB, rotated as the display matrix
+says and resized (PIL bicubic, the original release's resize), straight into one uint8 array of the output size.
 """
 
 import bisect
@@ -13,6 +16,7 @@ import collections
 import math
 import mmap
 import os
+import threading
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -29,6 +33,10 @@ PROGRESS_BAR_MIN_FRAMES = 1000
 MAX_CONSECUTIVE_DECODE_ERRORS = 64
 # Timestamps closer than this (seconds) count as equal: container time bases round.
 TIME_TOLERANCE = 1e-6
+DECODERS = ("auto", "sequential", "seek")
+MAX_DEFAULT_DECODE_WORKERS = 8
+# "auto" seeks when that decodes at most this share of the frames one pass from the start would.
+SEEK_WORTH_IT = 0.8
 
 
 def _check_count(name: str, value, optional: bool = False) -> None:
@@ -61,6 +69,11 @@ class VideoSampling:
     - `start_time`: seconds from the start of the stream; earlier frames are left out (the time a previous call on a
       growing file ended). Timestamps and frame indices stay those of the whole stream.
     - `progress`: a tqdm progress bar; None shows one for long videos only.
+    - `decoder`: "auto" seeks to the GOPs that hold sampled frames when the file's keyframe index allows it and that
+      decodes fewer frames (or uses more threads) than one pass from the start; "sequential" always decodes from the
+      start in one pass; "seek" seeks whenever the index allows it. All give the same frames.
+    - `decode_workers`: threads (each with its own container open on the file) that decode GOPs in parallel when
+      seeking; None uses min(8, CPU count).
     """
 
     num_frames: int = 128
@@ -71,6 +84,8 @@ class VideoSampling:
     video_timeout: float = 10.0
     start_time: float = 0.0
     progress: Optional[bool] = None
+    decoder: str = "auto"
+    decode_workers: Optional[int] = None
 
     def __post_init__(self):
         _check_count("num_frames", self.num_frames)
@@ -82,6 +97,12 @@ class VideoSampling:
         _check_seconds("start_time", self.start_time, allow_zero=True)
         if self.progress is not None and not isinstance(self.progress, bool):
             raise ValueError(f"progress={self.progress!r} is not valid: give True, False or None.")
+        if self.decoder not in DECODERS:
+            raise ValueError(f"decoder={self.decoder!r} is not valid: give one of {', '.join(DECODERS)}.")
+        _check_count("decode_workers", self.decode_workers, optional=True)
+
+    def worker_count(self) -> int:
+        return self.decode_workers or min(MAX_DEFAULT_DECODE_WORKERS, os.cpu_count() or 1)
 
     @classmethod
     def option_names(cls) -> tuple:
@@ -569,6 +590,11 @@ class FrameBuffer:
             self.released = end
 
 
+def _convert_into(buffer: FrameBuffer, resize: FrameResize, frame, row: int) -> None:
+    output = buffer.array[row]
+    output[...] = resize.apply(_display_image(frame), output.shape[1::-1])
+
+
 class _FrameWriter:
     """Converts kept frames (RGB, rotation, resize) in worker threads, all to the size of the first."""
 
@@ -590,8 +616,7 @@ class _FrameWriter:
         self.indices.append(index)
 
     def _convert(self, frame, row: int) -> None:
-        output = self.buffer.array[row]
-        output[...] = self.resize.apply(_display_image(frame), output.shape[1::-1])
+        _convert_into(self.buffer, self.resize, frame, row)
 
     def finish(self):
         """(the kept frames, the buffer holding them), or (None, None) when nothing was kept."""
@@ -638,6 +663,197 @@ def _index_at(packet_times: list, time: float) -> int:
     return bisect.bisect_left(packet_times, time - TIME_TOLERANCE)
 
 
+# ----------------------------------------------------------------------------------------------
+# Seeking: decoding only the GOPs that hold sampled frames, in parallel
+
+
+class _IndexMismatch(Exception):
+    """A decoded frame is not the one the packet index announced: the video is decoded in one pass instead."""
+
+
+@dataclass
+class _PacketIndex:
+    """Every packet of a video stream in presentation order, read by a demux pass without decoding."""
+
+    times: list  # seconds from the stream's start
+    pts: list  # in the stream's time base
+    keyframes: list  # positions in `times` of the keyframes, ascending
+
+    def gop_of(self, position: int) -> int:
+        return bisect.bisect_right(self.keyframes, position) - 1
+
+
+def _packet_index(container, stream, facts: _StreamFacts) -> Optional[_PacketIndex]:
+    """The packet index, or None when it cannot be trusted to seek by (a packet without a timestamp, an empty or
+    corrupt packet, two packets at one time, a first frame that is no keyframe, a demuxing error). The container is
+    rewound after."""
+    av = _import_av()
+    packets = []
+    try:
+        for packet in container.demux(stream):
+            if packet.pts is None and not packet.size:  # the demuxer's end-of-stream packet
+                continue
+            if packet.pts is None or not packet.size or packet.is_corrupt:
+                return None
+            packets.append((packet.pts, packet.is_keyframe))
+    except av.error.FFmpegError:
+        return None
+    finally:
+        if packets:
+            container.seek(0)
+    packets.sort()
+    pts = [value for value, _ in packets]
+    keyframes = [position for position, (_, keyframe) in enumerate(packets) if keyframe]
+    if not keyframes or keyframes[0] != 0 or len(set(pts)) != len(pts):
+        return None
+    time_base = stream.time_base
+    return _PacketIndex([float(value * time_base) - facts.start for value in pts], pts, keyframes)
+
+
+@dataclass
+class _GopSamples:
+    """The sampled frames of one GOP: decoding starts at its keyframe and stops at its last sample."""
+
+    keyframe: int  # position of the keyframe
+    rows: dict  # position of a sampled frame -> its row in the output
+
+    @property
+    def last(self) -> int:
+        return max(self.rows)
+
+    @property
+    def cost(self) -> int:
+        """Frames decoded for this GOP."""
+        return self.last - self.keyframe + 1
+
+
+def _planned_frames(plan, index: _PacketIndex, start_time: float) -> list:
+    """(position, time) of the frames `plan` keeps from a stream whose frames are the packets of `index`."""
+    kept = []
+    for position, time in enumerate(index.times):
+        if time >= start_time - TIME_TOLERANCE:
+            kept += plan.offer(position, time, None)
+    return [(position, time) for position, time, _ in kept + plan.finish()]
+
+
+def _gop_samples(index: _PacketIndex, positions: list) -> list:
+    gops = {}
+    for row, position in enumerate(positions):
+        keyframe = index.keyframes[index.gop_of(position)]
+        gops.setdefault(keyframe, _GopSamples(keyframe, {})).rows[position] = row
+    return [gops[keyframe] for keyframe in sorted(gops)]
+
+
+def _split_for_workers(gops: list, workers: int) -> list:
+    """Consecutive runs of GOPs, one per worker, of about equal decoding cost."""
+    total = sum(gop.cost for gop in gops)
+    runs, current, done = [], [], 0
+    for gop in gops:
+        current.append(gop)
+        done += gop.cost
+        if done * workers >= total * (len(runs) + 1) and len(runs) < workers - 1:
+            runs.append(current)
+            current = []
+    return runs + [current] if current else runs
+
+
+# A worker decodes on through a gap of at most this many unsampled frames rather than seek over it.
+MAX_GAP_DECODED = 16
+
+
+class _RowWriter:
+    """Converts frames into given rows of one `FrameBuffer`, from several threads. The buffer takes the size of the
+    first frame written; a frame of another display size raises `_IndexMismatch` (one pass resizes every frame to
+    the size of the first sampled one, which a worker cannot know)."""
+
+    def __init__(self, capacity: int, resize: FrameResize):
+        self.capacity, self.resize = capacity, resize
+        self.lock = threading.Lock()
+        self.buffer, self.display_size = None, None
+        self.times = [None] * capacity
+
+    def write(self, row: int, time: float, frame) -> None:
+        self.times[row] = time
+        with self.lock:
+            if self.buffer is None:
+                self.display_size = _display_size(frame)
+                self.buffer = FrameBuffer(self.capacity, *self.resize.output_size(*self.display_size))
+        if _display_size(frame) != self.display_size:
+            raise _IndexMismatch()
+        _convert_into(self.buffer, self.resize, frame, row)
+
+
+class _SeekingDecoder:
+    """Decodes the sampled GOPs of a local file in worker threads, each with its own container open on the file.
+    Every decoded frame is checked against the packet index (its position and time), so the frames are those one
+    pass from the start gives, or `_IndexMismatch` is raised."""
+
+    def __init__(self, location: str, facts: _StreamFacts, index: _PacketIndex, resize: FrameResize, bar):
+        self.location, self.facts, self.index, self.resize, self.bar = location, facts, index, resize, bar
+        self.stop = threading.Event()
+
+    def decode(self, gops: list, capacity: int, workers: int) -> _RowWriter:
+        """The writer holding the decoded frames and their times."""
+        writer = _RowWriter(capacity, self.resize)
+        runs = _split_for_workers(gops, workers)
+        codec_threads = max(1, (os.cpu_count() or 1) // len(runs))
+        with ThreadPoolExecutor(max_workers=len(runs)) as pool:
+            futures = [pool.submit(self._decode_run, run, writer, codec_threads) for run in runs]
+            try:
+                for future in futures:
+                    future.result()
+            finally:
+                self.stop.set()
+        return writer
+
+    def _decode_run(self, gops: list, writer: _RowWriter, codec_threads: int) -> None:
+        try:
+            self._decode_gops(gops, writer, codec_threads)
+        except _import_av().error.FFmpegError:
+            raise _IndexMismatch() from None
+
+    def _decode_gops(self, gops: list, writer: _RowWriter, codec_threads: int) -> None:
+        with _open_container(self.location, timeout=None) as container:
+            stream = container.streams.video[0]
+            stream.thread_type = "AUTO"
+            stream.thread_count = codec_threads
+            frames, expected = None, None
+            for gop in gops:
+                if frames is None or gop.keyframe - expected > MAX_GAP_DECODED:
+                    container.seek(self.index.pts[gop.keyframe], stream=stream, backward=True)
+                    frames, expected = _decoded_frames(container, stream), gop.keyframe
+                expected = self._decode_gop(frames, expected, gop, writer)
+
+    def _decode_gop(self, frames, expected: int, gop: _GopSamples, writer: _RowWriter) -> int:
+        """Decodes from position `expected` through the GOP's last sample; returns the next position."""
+        for frame in frames:
+            if self.stop.is_set():
+                raise _IndexMismatch()
+            position, time = self._position_of(frame)
+            if position < expected:  # decoded before the keyframe sought (an earlier keyframe, open-GOP frames)
+                continue
+            if position != expected:
+                raise _IndexMismatch()
+            if self.bar is not None:
+                self.bar.update(1)
+            if position in gop.rows:
+                writer.write(gop.rows[position], time, frame)
+            if position == gop.last:
+                return position + 1
+            expected += 1
+        raise _IndexMismatch()
+
+    def _position_of(self, frame) -> tuple:
+        """(position in the index, time) of a decoded frame."""
+        if frame.time is None:
+            raise _IndexMismatch()
+        time = float(frame.time) - self.facts.start
+        position = _index_at(self.index.times, time)
+        if position >= len(self.index.times) or abs(self.index.times[position] - time) > TIME_TOLERANCE:
+            raise _IndexMismatch()
+        return position, time
+
+
 class _VideoSampler:
     """Plans and decodes the sampled frames of one open container."""
 
@@ -648,8 +864,14 @@ class _VideoSampler:
         self.facts = _stream_facts(self.stream)
         needs_packet_times = sampling.start_time > 0 or not self.facts.declared_frames or (
             sampling.fps is not None and self.facts.duration is None)
+        self.index = None
+        if sampling.decoder != "sequential" and not is_url(location):
+            self.index = _packet_index(container, self.stream, self.facts)
         if needs_packet_times:
-            self.facts.packet_times = _demux_packet_times(container, self.stream, self.facts)
+            self.facts.packet_times = self.index.times if self.index else _demux_packet_times(
+                container, self.stream, self.facts)
+        if self.index and self.facts.packet_times is None and self.facts.declared_frames != len(self.index.times):
+            self.index = None  # one pass numbers frames as decoded, which the index cannot foresee here
 
     def frames_after_start(self) -> int:
         if self.facts.packet_times is None:
@@ -675,8 +897,39 @@ class _VideoSampler:
         return end
 
     def _decode(self, plan) -> tuple:
-        return _decode_plan(self.container, self.stream, self.facts, plan, self.sampling, self.resize,
-                            f"decoding {os.path.basename(self.location)}")
+        description = f"decoding {os.path.basename(self.location)}"
+        if self.index is not None:
+            decoded = self._decode_by_seeking(plan, description)
+            if decoded is not None:
+                return decoded
+            plan = self.plan(self.frames_after_start())
+        return _decode_plan(self.container, self.stream, self.facts, plan, self.sampling, self.resize, description)
+
+    def _decode_by_seeking(self, plan, description: str) -> Optional[tuple]:
+        """As `_decode_plan`, decoding only the GOPs with sampled frames; None when seeking does not pay (decoder
+        "auto") or a decoded frame does not match the packet index."""
+        kept = _planned_frames(plan, self.index, self.sampling.start_time)
+        if not kept:
+            return None
+        gops = _gop_samples(self.index, [position for position, _ in kept])
+        workers = min(self.sampling.worker_count(), len(gops))
+        if self.sampling.decoder == "auto" and workers == 1 and not self._seeking_pays(gops):
+            return None
+        bar = _progress_bar(sum(gop.cost for gop in gops), self.sampling.progress, description)
+        try:
+            writer = _SeekingDecoder(self.location, self.facts, self.index, self.resize, bar).decode(
+                gops, len(kept), workers)
+        except _IndexMismatch:
+            return None
+        finally:
+            if bar is not None:
+                bar.close()
+        frames = list(writer.buffer.array[: len(kept)])
+        return frames, writer.times, [position for position, _ in kept], self.frames_after_start(), writer.buffer
+
+    def _seeking_pays(self, gops: list) -> bool:
+        one_pass = gops[-1].last + 1 - _index_at(self.index.times, self.sampling.start_time)
+        return sum(gop.cost for gop in gops) <= SEEK_WORTH_IT * one_pass
 
     def sample(self) -> VideoFrames:
         available = self.frames_after_start()
