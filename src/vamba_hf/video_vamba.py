@@ -590,6 +590,10 @@ class FrameBuffer:
             self.released = end
 
 
+def _conversion_workers() -> int:
+    return min(4, os.cpu_count() or 1)
+
+
 def _convert_into(buffer: FrameBuffer, resize: FrameResize, frame, row: int) -> None:
     output = buffer.array[row]
     output[...] = resize.apply(_display_image(frame), output.shape[1::-1])
@@ -633,7 +637,7 @@ class _FrameWriter:
 def _decode_plan(container, stream, facts: _StreamFacts, plan, sampling: VideoSampling, resize: FrameResize,
                  description: str) -> tuple:
     """One pass over the stream: (frames kept by `plan`, their times and indices, frames decoded)."""
-    writer = _FrameWriter(plan.capacity, resize, workers=min(4, os.cpu_count() or 1))
+    writer = _FrameWriter(plan.capacity, resize, workers=_conversion_workers())
     bar = _progress_bar(facts.declared_frames or len(facts.packet_times or []), sampling.progress, description)
     decoded = 0
     if sampling.start_time > 0:
@@ -762,25 +766,41 @@ MAX_GAP_DECODED = 16
 
 
 class _RowWriter:
-    """Converts frames into given rows of one `FrameBuffer`, from several threads. The buffer takes the size of the
-    first frame written; a frame of another display size raises `_IndexMismatch` (one pass resizes every frame to
-    the size of the first sampled one, which a worker cannot know)."""
+    """Converts frames into given rows of one `FrameBuffer` in conversion threads, taking frames from several
+    decoding threads. The buffer takes the size of the first frame written; a frame of another display size raises
+    `_IndexMismatch` (one pass resizes every frame to the size of the first sampled one, which a worker cannot
+    know)."""
 
-    def __init__(self, capacity: int, resize: FrameResize):
+    def __init__(self, capacity: int, resize: FrameResize, workers: int):
         self.capacity, self.resize = capacity, resize
         self.lock = threading.Lock()
         self.buffer, self.display_size = None, None
         self.times = [None] * capacity
+        self.pool = ThreadPoolExecutor(max_workers=workers)
+        # Decoded frames waiting for a conversion thread hold source-size pixels: at most two per thread.
+        self.free_slots = threading.BoundedSemaphore(2 * workers)
+        self.pending = []
 
     def write(self, row: int, time: float, frame) -> None:
-        self.times[row] = time
         with self.lock:
             if self.buffer is None:
                 self.display_size = _display_size(frame)
                 self.buffer = FrameBuffer(self.capacity, *self.resize.output_size(*self.display_size))
         if _display_size(frame) != self.display_size:
             raise _IndexMismatch()
-        _convert_into(self.buffer, self.resize, frame, row)
+        self.times[row] = time
+        self.free_slots.acquire()
+        future = self.pool.submit(_convert_into, self.buffer, self.resize, frame, row)
+        future.add_done_callback(lambda _: self.free_slots.release())
+        with self.lock:
+            self.pending.append(future)
+
+    def finish(self) -> None:
+        try:
+            for future in self.pending:
+                future.result()
+        finally:
+            self.pool.shutdown()
 
 
 class _SeekingDecoder:
@@ -794,16 +814,19 @@ class _SeekingDecoder:
 
     def decode(self, gops: list, capacity: int, workers: int) -> _RowWriter:
         """The writer holding the decoded frames and their times."""
-        writer = _RowWriter(capacity, self.resize)
+        writer = _RowWriter(capacity, self.resize, workers=_conversion_workers())
         runs = _split_for_workers(gops, workers)
         codec_threads = max(1, (os.cpu_count() or 1) // len(runs))
-        with ThreadPoolExecutor(max_workers=len(runs)) as pool:
-            futures = [pool.submit(self._decode_run, run, writer, codec_threads) for run in runs]
-            try:
-                for future in futures:
-                    future.result()
-            finally:
-                self.stop.set()
+        try:
+            with ThreadPoolExecutor(max_workers=len(runs)) as pool:
+                futures = [pool.submit(self._decode_run, run, writer, codec_threads) for run in runs]
+                try:
+                    for future in futures:
+                        future.result()
+                finally:
+                    self.stop.set()
+        finally:
+            writer.finish()
         return writer
 
     def _decode_run(self, gops: list, writer: _RowWriter, codec_threads: int) -> None:
