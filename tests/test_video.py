@@ -643,3 +643,20 @@ def test_default_decode_workers_follow_the_cpu_count(monkeypatch):
     monkeypatch.setattr(os, "cpu_count", lambda: 2)
     assert VideoSampling().worker_count() == 2
     assert VideoSampling(decode_workers=5).worker_count() == 5
+
+
+def test_the_index_of_an_mp4_without_b_frames_comes_from_its_sample_table(tmp_path, monkeypatch):
+    path = write_frames(tmp_path / "no_b_frames.mp4", moving_frames(60), codec="libx264",
+                        codec_options={"g": "6", "keyint_min": "6", "bf": "0"})
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        facts = video_vamba._stream_facts(stream)
+        from_entries = video_vamba._index_from_entries(stream, facts)
+        assert from_entries is not None and len(from_entries.keyframes) == 10
+        assert from_entries == video_vamba._index_from_demuxing(container, stream, facts)
+    with av.open(str(write_x264(tmp_path / "b_frames.mp4"))) as container:  # decoding times are not display times
+        stream = container.streams.video[0]
+        assert video_vamba._index_from_entries(stream, video_vamba._stream_facts(stream)) is None
+    expected = one_pass(path, NO_RESIZE.with_options(num_frames=7))
+    monkeypatch.setattr(video_vamba, "_index_from_demuxing", lambda *args: pytest.fail("demuxed"))
+    assert_same_video(load_by_seeking(path, NO_RESIZE, num_frames=7, decode_workers=2), expected)

@@ -688,9 +688,42 @@ class _PacketIndex:
 
 
 def _packet_index(container, stream, facts: _StreamFacts) -> Optional[_PacketIndex]:
-    """The packet index, or None when it cannot be trusted to seek by (a packet without a timestamp, an empty or
-    corrupt packet, two packets at one time, a first frame that is no keyframe, a demuxing error). The container is
-    rewound after."""
+    """The packet index, from the container's own index when that gives every frame's presentation time, else from
+    a demux pass; None when it cannot be trusted to seek by."""
+    return _index_from_entries(stream, facts) or _index_from_demuxing(container, stream, facts)
+
+
+def _index_from_entries(stream, facts: _StreamFacts) -> Optional[_PacketIndex]:
+    """The container's index (e.g. an MP4's sample table), read without touching the packets. Its timestamps are
+    decoding times, which are presentation times only without B-frames; None otherwise, or when the index does not
+    list every frame (Matroska's cues list keyframes only)."""
+    entries = getattr(stream, "index_entries", None)
+    if entries is None or getattr(stream.codec_context, "has_b_frames", True) or not facts.declared_frames:
+        return None
+    if len(entries) != facts.declared_frames:
+        return None
+    entries = list(entries)
+    if any(entry.is_discard for entry in entries):
+        return None
+    return _index_of([(entry.timestamp, entry.is_keyframe) for entry in entries], stream, facts, presorted=True)
+
+
+def _index_of(packets: list, stream, facts: _StreamFacts, presorted: bool = False) -> Optional[_PacketIndex]:
+    """The index of (pts, is keyframe) pairs; None for two packets at one time, or a first frame that is no
+    keyframe. `presorted` pairs must already be in strictly increasing time."""
+    pts = [value for value, _ in packets]
+    if presorted and any(later <= earlier for earlier, later in zip(pts, pts[1:])):
+        return None
+    keyframes = [position for position, (_, keyframe) in enumerate(packets) if keyframe]
+    if not keyframes or keyframes[0] != 0 or len(set(pts)) != len(pts):
+        return None
+    time_base = stream.time_base
+    return _PacketIndex([float(value * time_base) - facts.start for value in pts], pts, keyframes)
+
+
+def _index_from_demuxing(container, stream, facts: _StreamFacts) -> Optional[_PacketIndex]:
+    """The index from a demux pass, or None on a packet without a timestamp, an empty or corrupt packet, or a
+    demuxing error. The container is rewound after."""
     av = _import_av()
     packets = []
     try:
@@ -705,13 +738,7 @@ def _packet_index(container, stream, facts: _StreamFacts) -> Optional[_PacketInd
     finally:
         if packets:
             container.seek(0)
-    packets.sort()
-    pts = [value for value, _ in packets]
-    keyframes = [position for position, (_, keyframe) in enumerate(packets) if keyframe]
-    if not keyframes or keyframes[0] != 0 or len(set(pts)) != len(pts):
-        return None
-    time_base = stream.time_base
-    return _PacketIndex([float(value * time_base) - facts.start for value in pts], pts, keyframes)
+    return _index_of(sorted(packets), stream, facts)
 
 
 @dataclass
