@@ -5,6 +5,8 @@ They are owned here rather than imported from transformers' model files (whose p
 releases); names and parameter shapes are Qwen2's, so the official checkpoint loads unchanged.
 """
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -135,23 +137,36 @@ def compile_unavailable(error: BaseException) -> bool:
 
 class FusedOnCuda:
     """`fn` compiled (torch.compile) for tensors on `device_type` (CUDA), so that a chain of elementwise ops makes one
-    pass over memory instead of one each; eager on other devices, or for good when compiling is unavailable."""
+    pass over memory instead of one each; eager on other devices, or for good when compiling is unavailable.
 
-    def __init__(self, fn, device_type: str = "cuda"):
-        self.fn, self.device_type = fn, device_type
+    `dynamic` is torch.compile's. `eager` is what runs instead of the compiled `fn` (default `fn` itself), and
+    `inference_only` compiles only while autograd is off: training keeps the eager path, whose saved tensors
+    activation checkpointing and FSDP rely on."""
+
+    def __init__(self, fn, device_type: str = "cuda", dynamic: Optional[bool] = True, eager=None,
+                 inference_only: bool = False):
+        self.fn, self.device_type, self.dynamic = fn, device_type, dynamic
+        self.eager = fn if eager is None else eager
+        self.inference_only = inference_only
         self.compiled, self.failed = None, False
 
-    def __call__(self, x: torch.Tensor, *args):
+    def compiles(self, x: torch.Tensor) -> bool:
+        """Whether a call with `x` first runs the compiled `fn`."""
         if x.device.type != self.device_type or self.failed:
-            return self.fn(x, *args)
+            return False
+        return not (self.inference_only and torch.is_grad_enabled())
+
+    def __call__(self, x: torch.Tensor, *args):
+        if not self.compiles(x):
+            return self.eager(x, *args)
         try:
             if self.compiled is None:
                 # Raises at once where this Python or platform has no torch.compile.
-                self.compiled = torch.compile(self.fn, dynamic=True)
+                self.compiled = torch.compile(self.fn, dynamic=self.dynamic)
             return self.compiled(x, *args)
         except Exception as error:
             if self.compiled is not None and not compile_unavailable(error):
                 raise
             self.failed = True
             logger.warning(f"Vamba: torch.compile is unavailable ({type(error).__name__}: {error}); running eager.")
-        return self.fn(x, *args)
+        return self.eager(x, *args)
