@@ -442,6 +442,16 @@ def test_round_trip_through_auto_processor(tmp_path):
         torch.testing.assert_close(got[key], expected[key], rtol=0, atol=0)
 
 
+def test_from_pretrained_takes_sampling_options(tmp_path):
+    build_tiny_processor(num_frames=32, max_frames=64).save_pretrained(tmp_path)
+    loaded = VambaProcessor.from_pretrained(tmp_path, num_frames=8, video_longest_edge=None)
+    assert loaded.video_sampling == VideoSampling(num_frames=8, max_frames=64, video_longest_edge=None)
+    auto = transformers.AutoProcessor.from_pretrained(tmp_path, trust_remote_code=True, fps=2.0)
+    assert auto.video_sampling.to_dict() == VideoSampling(num_frames=32, max_frames=64, fps=2.0).to_dict()
+    with pytest.raises(ValueError, match="num_frames=0 is not"):
+        VambaProcessor.from_pretrained(tmp_path, num_frames=0)
+
+
 def test_saved_processor_runs_as_remote_code_without_the_package(tmp_path):
     folder = tmp_path / "saved"
     build_tiny_processor(num_frames=4).save_pretrained(folder)

@@ -416,7 +416,11 @@ class VambaProcessor(ProcessorMixin):
         # The tokenizer and image processor are stock transformers classes: loading them never needs the folder's
         # remote code, so do not stop to ask about it (the model's config.json beside them declares some).
         kwargs.setdefault("trust_remote_code", False)
-        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        # transformers passes a saved processor only the keywords its __init__ names; apply sampling options here.
+        sampling_options = {name: kwargs.pop(name) for name in VideoSampling.option_names() if name in kwargs}
+        processor = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        processor.video_sampling = processor.video_sampling.with_options(**sampling_options)
+        return processor
 
     def to_dict(self, *args, **kwargs) -> dict:
         output = super().to_dict(*args, **kwargs)
