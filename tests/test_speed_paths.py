@@ -180,22 +180,29 @@ def test_block_regions_trace_into_one_graph_shared_by_every_block(region):
     assert counter.frame_count == 1
 
 
+def compile_for_cpu(monkeypatch, passes) -> list[dict]:
+    """Make the FusedOnCuda passes (module, name) compile for CPU tensors as they do on CUDA, with aot_eager (the
+    graphs Inductor would get, without a compiler). Returns the torch.compile keyword arguments, one per compile."""
+    calls = []
+    for module, name in passes:
+        fused = getattr(module, name)
+        monkeypatch.setattr(module, name, layers.FusedOnCuda(fused.fn, "cpu", fused.dynamic, fused.eager,
+                                                             fused.inference_only))
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: calls.append(kw) or
+                        real_compile(fn, backend="aot_eager", **kw))
+    torch._dynamo.reset()
+    return calls
+
+
 def test_compiled_regions_run_at_inference_only_and_equal_eager(monkeypatch):
     """The tower with its regions "compiled" for CPU tensors (aot_eager), against the same tower eagerly."""
     model = tower(max_frames=2, depth=2)
     pixels, grid = video_pixels(5, 4, 6)
     with torch.no_grad():
         expected = model(pixels, grid)[0]
-    compiled_calls = []
-    for name in ("compiled_attention_inputs", "compiled_block_output"):
-        region = getattr(vision, name)
-        fused = layers.FusedOnCuda(region.fn, device_type="cpu", dynamic=False, eager=region.eager,
-                                   inference_only=True)
-        monkeypatch.setattr(vision, name, fused)
-    real_compile = torch.compile
-    monkeypatch.setattr(torch, "compile", lambda fn, **kw: compiled_calls.append(kw) or
-                        real_compile(fn, backend="aot_eager", **kw))
-    torch._dynamo.reset()
+    compiled_calls = compile_for_cpu(monkeypatch, [(vision, "compiled_attention_inputs"),
+                                                  (vision, "compiled_block_output")])
     with torch.no_grad():
         ours = model(pixels, grid)[0]
     assert compiled_calls == [dict(dynamic=False)] * 2
@@ -203,6 +210,28 @@ def test_compiled_regions_run_at_inference_only_and_equal_eager(monkeypatch):
     assert not vision.compiled_attention_inputs.compiles(pixels)  # autograd on: training runs eagerly
     with torch.no_grad():
         assert vision.compiled_attention_inputs.compiles(pixels)
+
+
+@pytest.mark.parametrize("static_step", [False, True], ids=["plain-cache", "static-step"])
+def test_fused_decoder_passes_generate_as_eager(monkeypatch, static_step):
+    """The decoder's RMSNorm and text rotary "compiled" for CPU tensors as on CUDA, in the prefill and in the
+    decoding steps (the static step is what DecodeGraph captures), against the eager model; and eager in training."""
+    from vamba_hf import decoder_vamba as decoder
+
+    monkeypatch.setattr(VambaForConditionalGeneration, "static_decode_step_off_cuda", static_step)
+    model = tiny_model()
+    pixels, grid = video_pixels(4, 4, 6)
+    kwargs = dict(input_ids=prompt(2, 5)[None], pixel_values_videos=pixels, video_grid_thw=grid, max_new_tokens=5,
+                  do_sample=False, eos_token_id=None, return_dict_in_generate=True, output_scores=True)
+    with torch.no_grad():
+        expected = model.generate(**kwargs)
+    calls = compile_for_cpu(monkeypatch, [(layers, "fused_rms_norm"), (decoder, "fused_text_rotary")])
+    with torch.no_grad():
+        ours = model.generate(**kwargs)
+    assert calls == [dict(dynamic=None)] * 2
+    assert torch.equal(ours.sequences, expected.sequences)
+    assert relative_error(torch.stack(ours.scores), torch.stack(expected.scores)) <= 1e-6
+    assert not layers.fused_rms_norm.compiles(pixels) and not decoder.fused_text_rotary.compiles(pixels)
 
 
 # -- several videos at once --------------------------------------------------------------------------------------

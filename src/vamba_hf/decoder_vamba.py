@@ -15,7 +15,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 
 from .cache_vamba import LayerCache
 from .configuration_vamba import VambaConfig
-from .layers_vamba import VambaRMSNorm, VambaTextMLP, apply_rotary, attention_interface, sdpa_backends
+from .layers_vamba import VambaRMSNorm, VambaTextMLP, attention_interface, fused_text_rotary, sdpa_backends
 from .mamba2_vamba import VambaVisionMixer
 
 Rotary = tuple[torch.Tensor, torch.Tensor]
@@ -93,11 +93,11 @@ class VambaAttention(nn.Module):
 
     def queries(self, x: torch.Tensor, rotary: Optional[Rotary] = None) -> torch.Tensor:
         q = self._heads(x, self.q_proj)
-        return q if rotary is None else apply_rotary(q, *rotary)
+        return q if rotary is None else fused_text_rotary(q, *rotary)
 
     def keys_values(self, x: torch.Tensor, rotary: Optional[Rotary] = None) -> tuple[torch.Tensor, torch.Tensor]:
         k, v = self._heads(x, self.k_proj), self._heads(x, self.v_proj)
-        return (k if rotary is None else apply_rotary(k, *rotary)), v
+        return (k if rotary is None else fused_text_rotary(k, *rotary)), v
 
     def attend(self, q, k, v, mask, implementation: str) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """The projected output (b, T, hidden) and, for "eager", the attention weights (b, heads, T, keys)."""

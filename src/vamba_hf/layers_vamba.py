@@ -18,6 +18,15 @@ from transformers.utils import logging
 logger = logging.get_logger(__name__)
 
 
+def rms_norm(hidden_states: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Qwen2's RMSNorm, in fp32: weight * x / sqrt(mean(x^2) + eps)."""
+    input_dtype = hidden_states.dtype
+    hidden_states = hidden_states.to(torch.float32)
+    variance = hidden_states.pow(2).mean(-1, keepdim=True)
+    hidden_states = hidden_states * torch.rsqrt(variance + eps)
+    return weight * hidden_states.to(input_dtype)
+
+
 class VambaRMSNorm(nn.Module):
     """RMSNorm computed in fp32 (Qwen2's): weight * x / sqrt(mean(x^2) + eps)."""
 
@@ -27,11 +36,7 @@ class VambaRMSNorm(nn.Module):
         self.variance_epsilon = eps
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        input_dtype = hidden_states.dtype
-        hidden_states = hidden_states.to(torch.float32)
-        variance = hidden_states.pow(2).mean(-1, keepdim=True)
-        hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
-        return self.weight * hidden_states.to(input_dtype)
+        return fused_rms_norm(hidden_states, self.weight, self.variance_epsilon)
 
     def extra_repr(self) -> str:
         return f"{tuple(self.weight.shape)}, eps={self.variance_epsilon}"
@@ -170,3 +175,10 @@ class FusedOnCuda:
             self.failed = True
             logger.warning(f"Vamba: torch.compile is unavailable ({type(error).__name__}: {error}); running eager.")
         return self.eager(x, *args)
+
+
+# At inference on CUDA, the decoder's RMSNorms and its text rotary run as one kernel each instead of six to eight:
+# a decoding step is a chain of small kernels whose count, not their bytes, sets its time (BENCHMARKS.md). Shapes
+# start static (the hidden and head sizes stay so) and turn dynamic where they vary (the text length).
+fused_rms_norm = FusedOnCuda(rms_norm, dynamic=None, inference_only=True)
+fused_text_rotary = FusedOnCuda(apply_rotary, dynamic=None, inference_only=True)
