@@ -213,8 +213,8 @@ class Ours:
     def decode(self, path: Path, frames: int):
         from vamba_hf import load_video
 
-        return load_video(path, num_frames=frames, max_frames=frames, shortest_edge=self.processor.video_shortest_edge,
-                          longest_edge=self.processor.video_longest_edge, progress=False)
+        sampling = self.processor.video_sampling.with_options(num_frames=frames, max_frames=frames, progress=False)
+        return load_video(path, sampling)
 
     def preprocess(self, videos: list, device=None):
         prompt = self.processor.apply_chat_template(conversation("video"), add_generation_prompt=True)

@@ -162,8 +162,8 @@ def output_cache(outputs):
 
 def cross_kv_of(cache) -> dict:
     """{layer index: (key, value)} of the cross-attention K/V a Vamba cache holds, through the attribute the cache
-    exposes for it today (`VambaCache.cross_kv`)."""
-    return cache.cross_kv
+    exposes for it today (`VambaCache.cross.kv`)."""
+    return cache.cross.kv
 
 
 def median(values: list[float]) -> float:

@@ -50,7 +50,8 @@ from bench_utils import (  # noqa: E402
 )
 
 from vamba_hf import VambaConfig, VambaForConditionalGeneration  # noqa: E402
-from vamba_hf.modeling_vamba import kernels_unavailable_reason, quantize_per_token  # noqa: E402
+from vamba_hf.cache_vamba import quantize_per_token  # noqa: E402
+from vamba_hf.mamba2_vamba import kernels_unavailable_reason  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 # The 7B prompt: Qwen2's special-token ids (im_start, vision_start/end, im_end) around 20 text tokens.
@@ -340,13 +341,13 @@ def tune_mamba(model, setup: Setup, tokens: int, sink) -> None:
 
 
 def tune_vision(model, setup: Setup, frames: int, sink) -> None:
-    from vamba_hf import modeling_vamba
+    from vamba_hf import vision_vamba
 
     _, pixels, grid = video_inputs(setup, frames)
     device = setup.device
     with torch.inference_mode():
-        for name, backends in (("no cudnn", modeling_vamba.sdpa_backends), ("torch default", contextlib.nullcontext)):
-            with attributes_set(modeling_vamba, sdpa_backends=backends):
+        for name, backends in (("no cudnn", vision_vamba.sdpa_backends), ("torch default", contextlib.nullcontext)):
+            with attributes_set(vision_vamba, sdpa_backends=backends):
                 model.encode_visual(pixels, grid)
                 times = [timed(lambda: model.encode_visual(pixels, grid), device)[1] for _ in range(3)]
             sink.log({"tune": "vision attention backends", "frames": frames, "backends": name,

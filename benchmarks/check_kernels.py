@@ -31,7 +31,7 @@ from bench_utils import (  # noqa: E402
 )
 
 from vamba_hf import VambaConfig, VambaForConditionalGeneration  # noqa: E402
-from vamba_hf.modeling_vamba import Mamba2, kernels_unavailable_reason  # noqa: E402
+from vamba_hf.mamba2_vamba import Mamba2, kernels_unavailable_reason  # noqa: E402
 
 GOLDEN_CASES = ("video_short", "video_long", "image")
 TOKENS_PER_STEP = 13 * 23  # 640x360 frames: a 26x46 patch grid, merged 2x2, per temporal step of 2 frames

@@ -136,8 +136,8 @@ def test_cross_kv_of_each_layer_lives_on_that_layers_device(tiny_model_and_input
     with torch.inference_mode():
         out = dispatched(**inputs, use_cache=True)
     cache = getattr(out, "cache", None) or out.past_key_values  # the field is `cache` from transformers 5.24 on
-    # `VambaCache.cross_kv` ({layer index: (key, value)}) is how the cache exposes its cross K/V today.
-    cross_kv = cache.cross_kv
+    # `VambaCache.cross.kv` ({layer index: (key, value)}) is how the cache exposes its cross K/V today.
+    cross_kv = cache.cross.kv
     assert sorted(cross_kv) == list(range(model.config.num_hidden_layers))
     for index, (key, value) in cross_kv.items():
         layer_device = next(dispatched.model.layers[index].parameters()).device

@@ -29,7 +29,9 @@ from .errors import VambaUserError, hub_error_message
 
 SINGLE_WEIGHTS = "model.safetensors"
 WEIGHTS_INDEX = "model.safetensors.index.json"
-REMOTE_CODE_FILES = ("configuration_vamba.py", "modeling_vamba.py", "processing_vamba.py")
+# The remote code: every `*_vamba.py` module of the package (each imports the others relatively), the same files
+# the repository root links to.
+REMOTE_CODE_FILES = tuple(sorted(path.name for path in Path(__file__).resolve().parent.glob("*_vamba.py")))
 IMAGE_PROCESSOR_FILE = "preprocessor_config.json"
 # transformers 5 saves the image processor's settings inside this file instead.
 PROCESSOR_FILE = "processor_config.json"
@@ -47,7 +49,7 @@ HUB_FILES = frozenset({"config.json", "generation_config.json", "README.md", SIN
 # Config keys that make transformers fetch or run code named by the folder; a converted folder has only ours.
 REMOTE_CODE_KEYS = ("auto_map", "custom_pipelines")
 PICKLE_WEIGHT_PATTERNS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
-HUB_DOWNLOAD_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.jinja"]
+HUB_DOWNLOAD_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.jinja", "README.md"]  # the card: its license
 IM_END_TOKEN = "<|im_end|>"
 
 # Bytes per element of each safetensors dtype; Vamba's weights are the floating-point ones.
