@@ -214,7 +214,7 @@ def test_compiled_regions_run_at_inference_only_and_equal_eager(monkeypatch):
 
 @pytest.mark.parametrize("static_step", [False, True], ids=["plain-cache", "static-step"])
 def test_fused_decoder_passes_generate_as_eager(monkeypatch, static_step):
-    """The decoder's RMSNorm and text rotary "compiled" for CPU tensors as on CUDA, in the prefill and in the
+    """The decoder's RMSNorm, text rotary and alpha balance "compiled" for CPU tensors as on CUDA, in the prefill and in the
     decoding steps (the static step is what DecodeGraph captures), against the eager model; and eager in training."""
     from vamba_hf import decoder_vamba as decoder
 
@@ -225,10 +225,11 @@ def test_fused_decoder_passes_generate_as_eager(monkeypatch, static_step):
                   do_sample=False, eos_token_id=None, return_dict_in_generate=True, output_scores=True)
     with torch.no_grad():
         expected = model.generate(**kwargs)
-    calls = compile_for_cpu(monkeypatch, [(layers, "fused_rms_norm"), (decoder, "fused_text_rotary")])
+    calls = compile_for_cpu(monkeypatch, [(layers, "fused_rms_norm"), (decoder, "fused_text_rotary"),
+                                          (decoder, "fused_alpha_balance")])
     with torch.no_grad():
         ours = model.generate(**kwargs)
-    assert calls == [dict(dynamic=None)] * 2
+    assert calls == [dict(dynamic=None)] * 3
     assert torch.equal(ours.sequences, expected.sequences)
     assert relative_error(torch.stack(ours.scores), torch.stack(expected.scores)) <= 1e-6
     assert not layers.fused_rms_norm.compiles(pixels) and not decoder.fused_text_rotary.compiles(pixels)
