@@ -235,6 +235,15 @@ def test_fused_decoder_passes_generate_as_eager(monkeypatch, static_step):
     assert not layers.fused_rms_norm.compiles(pixels) and not decoder.fused_text_rotary.compiles(pixels)
 
 
+def test_fused_pass_under_an_outer_compile_is_traced_as_its_function(monkeypatch):
+    fused = layers.FusedOnCuda(layers.rms_norm, "cpu", dynamic=None, inference_only=True)
+    monkeypatch.setattr(torch, "compile", lambda *a, **kw: pytest.fail("compiled again inside a traced model"))
+    outer = torch._dynamo.optimize("eager", nopython=True)(lambda x, w: fused(x, w, 1e-6) * 2)
+    x, weight = torch.randn(2, 8), torch.rand(8)
+    with torch.no_grad():
+        assert torch.equal(outer(x, weight), layers.rms_norm(x, weight, 1e-6) * 2)
+
+
 # -- several videos at once --------------------------------------------------------------------------------------
 
 

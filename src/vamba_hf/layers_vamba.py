@@ -156,8 +156,9 @@ class FusedOnCuda:
         self.compiled, self.failed = None, False
 
     def compiles(self, x: torch.Tensor) -> bool:
-        """Whether a call with `x` first runs the compiled `fn`."""
-        if x.device.type != self.device_type or self.failed:
+        """Whether a call with `x` first runs the compiled `fn`. Not while an outer torch.compile traces the model:
+        it fuses `fn` itself."""
+        if x.device.type != self.device_type or self.failed or torch.compiler.is_compiling():
             return False
         return not (self.inference_only and torch.is_grad_enabled())
 
