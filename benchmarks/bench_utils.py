@@ -21,6 +21,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def git_short_hash() -> str:
+    # A copy of the working tree on another machine can carry a stale .git: the caller then names the commit.
+    if os.environ.get("VAMBA_BENCH_COMMIT"):
+        return os.environ["VAMBA_BENCH_COMMIT"]
     try:
         result = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
                                 text=True, timeout=10)

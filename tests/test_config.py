@@ -128,6 +128,15 @@ def test_a_near_miss_of_a_vamba_key_names_the_intended_key(settings_, meant):
     assert str(error.value).startswith(f"Unknown key(s) in the {meant}")
 
 
+@pytest.mark.parametrize("key", ["__class__", "to_dict", "sub_configs", "save_pretrained", "_validate"])
+def test_keys_that_would_replace_the_config_s_own_attributes_are_refused(key):
+    with pytest.raises(VambaConfigError, match=rf"^Key\(s\) \['{key}'\] in the Vamba config would replace the "
+                                               r"config class's own attribute\(s\)"):
+        tiny(**{key: 1})
+    with pytest.raises(VambaConfigError, match=r"in the vision_config would replace"):
+        tiny(vision_config={key: 1})
+
+
 def test_a_mixer_key_at_the_top_level_is_sent_where_it_belongs():
     with pytest.raises(VambaConfigError, match=r"\['d_state'\]: vision_mamba_mixer_config setting\(s\) given at the "
                                                r"top level .* move them into vision_mamba_mixer_config"):
@@ -267,8 +276,9 @@ _VALUES = st.one_of(
     st.lists(st.integers(-1, 30), max_size=4), st.lists(st.sampled_from([0.0, "inf", 1, "x"]), max_size=3),
     st.dictionaries(st.text(max_size=3), st.integers(), max_size=2),
 )
-_TOP_KEYS = [*VambaConfig._text_fields, "head_dim", "rope_scaling", "torch_dtype", "vision_config", "vision_mamba_mixer_config",
-             "my_extra", "hiden_size", "num_labels", "architectures", "id2label", "model_type", "dtype"]
+_TOP_KEYS = [*VambaConfig._text_fields, "head_dim", "rope_scaling", "torch_dtype", "vision_config",
+             "vision_mamba_mixer_config", "my_extra", "hiden_size", "num_labels", "architectures", "id2label",
+             "model_type", "dtype", "to_dict", "__class__", "sub_configs"]
 _VISION_KEYS = ["depth", "embed_dim", "hidden_size", "num_heads", "mlp_ratio", "patch_size", "spatial_merge_size",
                 "temporal_patch_size", "in_channels", "hidden_act", "in_chans", "extra_note"]
 _MIXER_KEYS = ["enable", "hidden_dim", "d_state", "d_conv", "expand", "headdim", "ngroups", "chunk_size", "rmsnorm",

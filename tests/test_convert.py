@@ -568,6 +568,41 @@ def test_an_existing_local_path_is_never_taken_for_a_repo_id(golden_dir, tmp_pat
     assert result.num_tensors == 121
 
 
+@pytest.mark.parametrize("reachable", [True, False])
+def test_a_repo_id_is_downloaded_or_taken_from_the_cache(golden_dir, tmp_path, monkeypatch, reachable):
+    snapshot = make_source(golden_dir / "image", tmp_path / "cache" / "snapshot")
+    requests = []
+
+    def model_info(self, repo_id, timeout=None):
+        requests.append(("model_info", repo_id, timeout))
+        if not reachable:
+            raise ConnectionError("[Errno -2] Name or service not known")
+
+    def snapshot_download(repo_id, allow_patterns, **options):
+        requests.append(("snapshot_download", repo_id, options))
+        return str(snapshot)
+
+    monkeypatch.setattr("huggingface_hub.HfApi.model_info", model_info)
+    monkeypatch.setattr("huggingface_hub.snapshot_download", snapshot_download)
+    monkeypatch.chdir(tmp_path)
+    result = convert_quietly("TIGER-Lab/Vamba-Qwen2-VL-7B", tmp_path / "hub")
+    assert result.num_tensors == 121
+    (_, info_repo, timeout), (_, download_repo, options) = requests
+    assert info_repo == download_repo == "TIGER-Lab/Vamba-Qwen2-VL-7B" and 0 < timeout <= 10
+    assert options == ({} if reachable else {"local_files_only": True})
+
+
+def test_a_missing_repo_is_named_in_one_line(tmp_path, monkeypatch, local_hub):
+    local_hub(404, error_code="RepoNotFound")
+    monkeypatch.setattr("huggingface_hub.snapshot_download", None)  # never reached
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConversionError, match=r"^Downloading me/nothing-here from the Hugging Face Hub failed: "
+                                              r"repository not found, or this token has no access") as error:
+        convert_quietly("me/nothing-here", tmp_path / "hub")
+    assert_one_line(error.value)
+    assert not (tmp_path / "hub").exists()
+
+
 def _run_python(code, env_updates, timeout=120):
     import subprocess
     import sys
@@ -591,20 +626,29 @@ except VambaUserError as error:
 """
 
 
-@pytest.mark.parametrize("offline", [False, True])
-def test_a_repo_id_without_network_fails_fast_in_one_line(tmp_path, offline):
-    env = {"HF_HOME": str(tmp_path / "hf-home"), "HF_ENDPOINT": "http://127.0.0.1:9"}  # nothing leaves the machine
-    if offline:
-        env["HF_HUB_OFFLINE"] = "1"
-    result = _run_python(_CONVERT_FROM_THE_HUB.replace('"hub"', repr(str(tmp_path / "hub"))), env)
+@pytest.mark.parametrize("network", ["refused", "unanswering", "offline"])
+def test_a_repo_id_without_network_fails_fast_in_one_line(tmp_path, network):
+    import socket
+
+    with socket.socket() as silent:  # accepts connections, never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        endpoint = f"http://127.0.0.1:{silent.getsockname()[1]}" if network == "unanswering" else "http://127.0.0.1:9"
+        env = {"HF_HOME": str(tmp_path / "hf-home"), "HF_ENDPOINT": endpoint}  # nothing leaves the machine
+        if network == "offline":
+            env["HF_HUB_OFFLINE"] = "1"
+        if network == "unanswering":
+            env["HF_HUB_ETAG_TIMEOUT"] = "1"
+        result = _run_python(_CONVERT_FROM_THE_HUB.replace('"hub"', repr(str(tmp_path / "hub"))), env)
     lines = result.stdout.splitlines()
     assert len(lines) == 2, (result.stdout, result.stderr)
     seconds, message = float(lines[0]), lines[1]
-    assert seconds < 10
+    assert seconds < 8
     assert message.startswith("Downloading someone/some-vamba from the Hugging Face Hub failed: ")
-    assert ("HF_HUB_OFFLINE is set" in message) == offline
-    if not offline:
-        assert "http://127.0.0.1:9" in message and "check the network connection" in message
+    if network == "offline":
+        assert "HF_HUB_OFFLINE is set" in message
+    else:
+        assert f"the Hub ({endpoint}) could not be reached and the files are not in the local cache" in message
     assert not (tmp_path / "hub").exists()
 
 
@@ -680,7 +724,8 @@ def test_integer_weights_are_refused(video_short_source, tmp_path):
         tensors["lm_head.weight"] = tensors["lm_head.weight"].to(torch.int8)
 
     rewrite_weights(video_short_source, int8_head)
-    with pytest.raises(ConversionError, match=r"not floating point .*: lm_head\.weight: I8\.$") as error:
+    with pytest.raises(ConversionError, match=r"tensors not stored as floating point F16, BF16, F32, F64 \(1\): "
+                                              r"lm_head\.weight: I8\.$") as error:
         convert_quietly(video_short_source, tmp_path / "hub")
     assert_one_line(error.value)
 
@@ -789,7 +834,11 @@ def test_push_refuses_a_bad_revision_before_anything(converted, recording_api, r
     (lambda f: (f / "model.safetensors").unlink(), "has neither model.safetensors"),
     (lambda f: (f / "modeling_vamba.py").unlink(), "lacks the remote-code file"),
     (lambda f: edit_json(f / "config.json", lambda c: c["auto_map"].update(AutoModel=HOSTILE)),
-     "maps the Auto classes to code that is not vamba-hf's"),
+     r"config\.json points the Auto classes at code that is not vamba-hf's \(AutoModel: attacker/repo--"),
+    (lambda f: edit_json(f / "tokenizer_config.json", lambda c: c.update(auto_map={"AutoTokenizer": [HOSTILE, None]})),
+     r"tokenizer_config\.json points the Auto classes at code that is not vamba-hf's"),
+    (lambda f: edit_json(f / "config.json", lambda c: c.update(custom_pipelines={"x": {"impl": HOSTILE}})),
+     r"config\.json points the Auto classes at code that is not vamba-hf's \(custom_pipelines"),
     (lambda f: edit_json(f / "config.json", lambda c: c.update(num_hidden_layers=2)), "missing tensors|unexpected"),
     (lambda f: edit_json(f / "config.json", lambda c: c.update(vocab_size=0)), "vocab_size=0 is invalid"),
     (lambda f: (f / "config.json").write_text("[]"), "holds a JSON list"),
@@ -841,46 +890,60 @@ def test_push_to_an_unreachable_hub_fails_in_one_line_and_leaves_the_folder(conv
 
 
 @pytest.fixture
-def refusing_hub(monkeypatch):
-    """A local HTTP server that answers every request with 401, as the Hub does for a bad token."""
+def local_hub(monkeypatch):
+    """Starts a local HTTP server that answers every request with one status (and X-Error-Code), as the Hub does
+    for a bad token or a missing repo, and points huggingface_hub at it. Returns its address."""
     import threading
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
     from huggingface_hub import constants
 
-    class Refuse(BaseHTTPRequestHandler):
-        def _refuse(self):
-            self.rfile.read(int(self.headers.get("Content-Length") or 0))
-            body = b'{"error": "Invalid credentials in Authorization header"}'
-            self.send_response(401)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
+    servers = []
 
-        do_GET = do_POST = do_PUT = do_HEAD = _refuse
+    def start(status, error_code=None):
+        class Answer(BaseHTTPRequestHandler):
+            def _answer(self):
+                self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                body = b'{"error": "refused by the test server"}'
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                if error_code:
+                    self.send_header("X-Error-Code", error_code)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
 
-        def log_message(self, *args):
-            pass
+            do_GET = do_POST = do_PUT = do_HEAD = _answer
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Refuse)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    endpoint = f"http://127.0.0.1:{server.server_address[1]}"
-    monkeypatch.setenv("HF_ENDPOINT", endpoint)
-    monkeypatch.setattr(constants, "ENDPOINT", endpoint)
-    yield endpoint
-    server.shutdown()
-    server.server_close()
+            def log_message(self, *args):
+                pass
+
+        server = ThreadingHTTPServer(("127.0.0.1", 0), Answer)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        servers.append(server)
+        endpoint = f"http://127.0.0.1:{server.server_address[1]}"
+        monkeypatch.setenv("HF_ENDPOINT", endpoint)
+        monkeypatch.setattr(constants, "ENDPOINT", endpoint)
+        return endpoint
+
+    yield start
+    for server in servers:
+        server.shutdown()
+        server.server_close()
 
 
-def test_push_with_a_refused_token_fails_in_one_line(converted, refusing_hub):
+@pytest.mark.parametrize("status, error_code, message", [
+    (401, None, "the Hub refused the token (HTTP 401); log in again (`hf auth login`)"),
+    (403, None, "this token may not write there (HTTP 403); use a token with write access."),
+    (404, "RepoNotFound", "repository not found, or this token has no access to it"),
+])
+def test_push_refused_by_the_hub_fails_in_one_line(converted, local_hub, status, error_code, message):
     from vamba_hf.hub import push_folder
 
+    local_hub(status, error_code)
     before = tree_snapshot(converted)
-    with pytest.raises(VambaUserError, match=r"^Uploading to me/vamba failed: ") as error:
+    with pytest.raises(VambaUserError) as error:
         push_folder(converted, "me/vamba", token="hf_bad", log=lambda m: None)
     assert_one_line(error.value)
-    assert "401" in str(error.value) or "repository not found" in str(error.value)
-    assert "hf auth login" in str(error.value)
+    assert str(error.value).startswith(f"Uploading to me/vamba failed: {message}")
     assert tree_snapshot(converted) == before

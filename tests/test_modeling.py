@@ -468,3 +468,39 @@ def test_qwen2_vl_vision_key_spellings_are_accepted():
     assert config.vision_config.in_channels == 3 and config.vision_config.patch_size == 14
     with pytest.raises(ValueError, match="spatial_patch_size=16 and patch_size=14"):
         tiny_config(vision_config=dict(hidden_size=64, spatial_patch_size=16, patch_size=14))
+
+
+def test_saved_folder_loads_as_remote_code_without_the_package(tmp_path):
+    """save_pretrained writes every module the remote code imports; transformers loads them from the folder alone."""
+    import subprocess
+    import sys
+
+    model = tiny_model()
+    model.save_pretrained(tmp_path / "model")
+    pixels, grid = video_pixels(2, 4, 4)
+    inputs = dict(input_ids=prompt(1, 3)[None], pixel_values_videos=pixels, video_grid_thw=grid)
+    torch.save(inputs, tmp_path / "inputs.pt")
+    with torch.no_grad():
+        torch.save(model(**inputs).logits, tmp_path / "expected.pt")
+    script = f"""
+import sys
+
+class NoVambaHf:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] == "vamba_hf":
+            raise ImportError("vamba_hf is not installed here")
+
+sys.meta_path.insert(0, NoVambaHf())
+import torch, transformers
+folder = {str(tmp_path)!r}
+model = transformers.AutoModelForImageTextToText.from_pretrained(folder + "/model", trust_remote_code=True).eval()
+assert not type(model).__module__.startswith("vamba_hf"), type(model).__module__
+with torch.no_grad():
+    logits = model(**torch.load(folder + "/inputs.pt")).logits
+assert torch.equal(logits, torch.load(folder + "/expected.pt"))
+print("loaded from", type(model).__module__)
+"""
+    env = {"HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"}
+    run = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "loaded from transformers_modules" in run.stdout

@@ -11,6 +11,7 @@ which is an error naming the intended key.
 """
 
 import difflib
+import inspect
 import math
 from collections import namedtuple
 
@@ -143,10 +144,23 @@ def _check_key_types(kind: str, given: dict) -> None:
         raise VambaConfigError(f"The {kind} has non-string key(s) {_short_repr(not_strings)}: config keys are names.")
 
 
-def _check_keys(kind: str, given: dict, known) -> None:
-    """Raise for unknown keys that look like a misspelling of a known one; other unknown keys are left to
-    `PretrainedConfig`, which keeps them as attributes."""
+def _is_settable_attribute(cls, key: str) -> bool:
+    """Whether an instance attribute `key` can be set without replacing something `cls` defines: the class has
+    no attribute of that name, or it is a property with a setter."""
+    attribute = inspect.getattr_static(cls, key, None)
+    return attribute is None or (isinstance(attribute, property) and attribute.fset is not None)
+
+
+def _check_keys(kind: str, cls, given: dict, known) -> None:
+    """Raise for unknown keys that look like a misspelling of a known one or that would replace something of the
+    config class itself (a method, a class setting); other unknown keys are left to `PretrainedConfig`, which
+    keeps them as attributes."""
     _check_key_types(kind, given)
+    shadowing = sorted(key for key in set(given) - set(known) - _GENERIC_KEYS
+                       if key.startswith("__") or not _is_settable_attribute(cls, key))
+    if shadowing:
+        raise VambaConfigError(f"Key(s) {_short_repr(shadowing)} in the {kind} would replace the config class's own "
+                               f"attribute(s) of that name; rename or remove them in config.json.")
     misspelled = {}
     for key in sorted(set(given) - set(known) - _GENERIC_KEYS):
         close = difflib.get_close_matches(key, list(known), n=1, cutoff=_NEAR_MISS_CUTOFF)
@@ -223,7 +237,7 @@ class _FieldsConfig(PretrainedConfig):
                 kwargs[name] = value
         known = {**self._fields, **self._init_fields}
         derived = _take_derived(type(self), kwargs)
-        _check_keys(self.base_config_key, kwargs, known)
+        _check_keys(self.base_config_key, type(self), kwargs, known)
         _check_generic_values(self.base_config_key, kwargs)
         values = {name: kwargs.pop(name, default) for name, default in known.items()}
         kwargs.pop("model_type", None)
@@ -495,7 +509,7 @@ class VambaConfig(PretrainedConfig):
         self._refuse_other_architectures(kwargs.get("model_type"), vision_mamba_mixer_config)
         derived = _take_derived(type(self), kwargs)
         self._take_rope_settings(kwargs)
-        _check_keys("Vamba config", kwargs, self._known_keys())
+        _check_keys("Vamba config", type(self), kwargs, self._known_keys())
         self._refuse_misplaced_keys(kwargs)
         _check_generic_values("config", kwargs)
         for name in self._ignored_fields:

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from .card import write_model_card
-from .errors import VambaUserError, hub_error_message
+from .errors import VambaUserError, hub_error_message, is_network_error
 
 SINGLE_WEIGHTS = "model.safetensors"
 WEIGHTS_INDEX = "model.safetensors.index.json"
@@ -277,11 +277,6 @@ def read_checkpoint_tensors(source: Path, files: list, weight_map: Optional[dict
     return tensors
 
 
-def read_checkpoint_shapes(source: Path, files: list, weight_map: Optional[dict]) -> dict:
-    """Tensor name -> shape over all weight files (see `read_checkpoint_tensors`)."""
-    return {name: info.shape for name, info in read_checkpoint_tensors(source, files, weight_map).items()}
-
-
 def expected_shapes(config) -> dict:
     """Tensor name -> shape that `VambaForConditionalGeneration(config)` loads (built on the meta device)."""
     import torch
@@ -300,9 +295,9 @@ def _listing(title: str, names: list) -> str:
 
 
 def check_tensors(found: dict, expected: dict) -> None:
-    """Raise a `ConversionError` naming every missing, unexpected, wrongly shaped and non-floating-point tensor.
-    `found` maps names to TensorInfo (or to shapes, when only the shapes are known)."""
-    shapes = {name: info.shape if isinstance(info, TensorInfo) else tuple(info) for name, info in found.items()}
+    """Raise a `ConversionError` naming every missing, unexpected, wrongly shaped and non-floating-point tensor
+    of `found` (name -> TensorInfo) against `expected` (name -> shape)."""
+    shapes = {name: info.shape for name, info in found.items()}
     missing = sorted(set(expected) - set(shapes))
     unexpected = sorted(set(shapes) - set(expected))
     wrong_shape = [
@@ -310,13 +305,12 @@ def check_tensors(found: dict, expected: dict) -> None:
         for name in sorted(set(shapes) & set(expected))
         if shapes[name] != expected[name]
     ]
-    not_float = [f"{name}: {info.dtype}" for name, info in sorted(found.items())
-                 if isinstance(info, TensorInfo) and info.dtype not in FLOAT_DTYPES]
+    not_float = [f"{name}: {info.dtype}" for name, info in sorted(found.items()) if info.dtype not in FLOAT_DTYPES]
     problems = [
         _listing(title, names)
         for title, names in (("missing tensors", missing), ("unexpected tensors", unexpected),
                              ("tensors with a wrong shape", wrong_shape),
-                             (f"tensors that are not floating point ({', '.join(FLOAT_DTYPES)})", not_float))
+                             (f"tensors not stored as floating point {', '.join(FLOAT_DTYPES)}", not_float))
         if names
     ]
     if problems:
@@ -447,32 +441,60 @@ def local_source_folder(source) -> Optional[Path]:
     return None
 
 
+def _download_failure(repo_id: str, error: Exception) -> Optional[ConversionError]:
+    message = hub_error_message(error, f"Downloading {repo_id} from the Hugging Face Hub failed")
+    if message is None:
+        return None
+    return ConversionError(f"{message} (Or download the checkpoint elsewhere and convert the local folder.)")
+
+
+def _hub_is_reachable(repo_id: str) -> bool:
+    """Whether the Hub answers about `repo_id` within HF_HUB_ETAG_TIMEOUT seconds (snapshot_download's own first
+    request has no timeout, so an unanswering network would hang it). A missing, gated or forbidden repo raises."""
+    from huggingface_hub import HfApi, constants
+
+    try:
+        HfApi().model_info(repo_id, timeout=constants.HF_HUB_ETAG_TIMEOUT)
+    except Exception as error:
+        if is_network_error(error):
+            return False
+        failure = _download_failure(repo_id, error)
+        if failure is None:
+            raise
+        raise failure from None
+    return True
+
+
 def download_source(repo_id: str, log: Callable[[str], None] = print) -> Path:
     """The official checkpoint's files from the Hub (config, weights, tokenizer, processor), in the Hub cache; an
-    existing local path of that name is returned as it is, never taken for a repo id.
+    existing local path of that name is returned as it is, never taken for a repo id. When the Hub cannot be
+    reached (or HF_HUB_OFFLINE is set), only the local cache is used.
 
     Converting from the cache hard-links the weights, so no second copy of them is made.
     """
     local = local_source_folder(repo_id)
     if local is not None:
         return local
-    from huggingface_hub import snapshot_download
+    from huggingface_hub import constants, snapshot_download
 
-    log(f"No local folder {repo_id}: downloading it from the Hugging Face Hub (or reusing the local cache)...")
+    cache_only = constants.HF_HUB_OFFLINE or not _hub_is_reachable(repo_id)
+    log(f"No local folder {repo_id}: " + ("looking for it in the local Hub cache (the Hub cannot be reached)..."
+                                          if cache_only else "downloading it from the Hugging Face Hub..."))
+    options = {"local_files_only": True} if cache_only else {}
     try:
-        return Path(snapshot_download(repo_id, allow_patterns=HUB_DOWNLOAD_PATTERNS))
+        return Path(snapshot_download(repo_id, allow_patterns=HUB_DOWNLOAD_PATTERNS, **options))
     except Exception as error:
-        message = hub_error_message(error, f"Downloading {repo_id} from the Hugging Face Hub failed")
-        if message is None:
+        failure = _download_failure(repo_id, error)
+        if failure is None:
             raise
-        raise ConversionError(f"{message} (Or download the checkpoint elsewhere and convert the local folder.)") \
-            from None
+        raise failure from None
 
 
 def resolve_source(source, log: Callable[[str], None] = print) -> Path:
     """The checkpoint folder `source` names: a local folder, or a Hub repo id (namespace/name) downloaded into the
     Hub cache when no such local path exists."""
-    return local_source_folder(source) or download_source(str(source), log)
+    local = local_source_folder(source)
+    return local if local is not None else download_source(str(source), log)
 
 
 # -- the destination -------------------------------------------------------------------------------------------

@@ -34,7 +34,8 @@ def _network_reason(error: BaseException) -> str:
     return found.group(0).strip() if found else f"{type(error).__name__}: {_first_line(error)[:200]}"
 
 
-def _is_network_error(error: BaseException) -> bool:
+def is_network_error(error: BaseException) -> bool:
+    """Whether `error` means the Hub could not be reached (no route, refused, timed out), not that it refused."""
     if isinstance(error, (ConnectionError, TimeoutError, socket.gaierror)):
         return True
     return type(error).__module__.split(".")[0].rstrip("0123456789") in _NETWORK_MODULES
@@ -68,7 +69,7 @@ def hub_error_message(error: BaseException, action: str) -> Optional[str]:
         if status == 403:
             return f"{action}: this token may not write there (HTTP 403); use a token with write access."
         return f"{action}: the Hub answered HTTP {status}: {_first_line(error)}"
-    if _is_network_error(error):
+    if is_network_error(error):
         return (f"{action}: could not reach the Hub at {constants.ENDPOINT} ({_network_reason(error)}); check the "
                 f"network connection (or the proxy / HF_ENDPOINT settings).")
     if type(error).__module__.split(".")[0] == "huggingface_hub":

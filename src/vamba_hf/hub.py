@@ -11,8 +11,8 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from .card import REPO_ID_PLACEHOLDER
-from .convert import (REMOTE_CODE_FILES, ConversionError, check_tensors, expected_shapes, find_weight_files,
-                      is_hub_repo_id, load_source_config, read_checkpoint_tensors, read_json_object)
+from .convert import (PROCESSOR_FILES, REMOTE_CODE_FILES, ConversionError, check_tensors, expected_shapes,
+                      find_weight_files, is_hub_repo_id, load_source_config, read_checkpoint_tensors, read_json_object)
 from .errors import VambaUserError, hub_error_message
 
 CARD_FILE = "README.md"
@@ -22,16 +22,31 @@ class NotConvertedError(VambaUserError):
     """The folder is not the output of `vamba-hf convert` (or no longer a complete one)."""
 
 
-def _check_auto_map(config_path: Path, auto_map) -> None:
-    """Every Auto class must point at a module of our remote code, in this repo (no `other/repo--` prefix)."""
+def _foreign_code_pointers(path: Path) -> list:
+    """The entries of a JSON file's `auto_map` that point anywhere but our remote-code modules in this repo (an
+    `other/repo--module.Class` prefix fetches another repository's code), and any `custom_pipelines`."""
+    raw = read_json_object(path)
     ours = {name.removesuffix(".py") for name in REMOTE_CODE_FILES}
-    foreign = sorted(
-        f"{auto_class}: {target}" for auto_class, target in (auto_map or {}).items()
-        if not (isinstance(target, str) and "--" not in target and target.split(".")[0] in ours)
-    )
-    if not auto_map or foreign:
-        raise NotConvertedError(f"{config_path} maps the Auto classes to code that is not vamba-hf's "
-                                f"({'; '.join(foreign) or 'no auto_map'}); convert the checkpoint again.")
+    foreign = [f"custom_pipelines: {raw['custom_pipelines']}"] if "custom_pipelines" in raw else []
+    auto_map = raw.get("auto_map") or {}
+    if not isinstance(auto_map, dict):
+        return [f"auto_map: {auto_map!r}"]
+    for auto_class, targets in auto_map.items():
+        for target in targets if isinstance(targets, list) else [targets]:
+            if target is not None and not (isinstance(target, str) and "--" not in target
+                                           and target.split(".")[0] in ours):
+                foreign.append(f"{auto_class}: {target}")
+    return foreign
+
+
+def _check_code_pointers(folder: Path) -> None:
+    for name in ("config.json", "generation_config.json", *PROCESSOR_FILES):
+        path = folder / name
+        if name.endswith(".json") and path.is_file():
+            foreign = _foreign_code_pointers(path)
+            if foreign:
+                raise NotConvertedError(f"{path} points the Auto classes at code that is not vamba-hf's "
+                                        f"({'; '.join(foreign)[:300]}); convert the checkpoint again.")
 
 
 def check_converted_folder(folder: Path) -> list:
@@ -48,7 +63,7 @@ def check_converted_folder(folder: Path) -> list:
     if raw.get("model_type") != "vamba" or "auto_map" not in raw:
         raise NotConvertedError(f"{config_path} is not a converted Vamba config (model_type "
                                 f"{raw.get('model_type')!r}); run vamba-hf convert on it first.")
-    _check_auto_map(config_path, raw["auto_map"])
+    _check_code_pointers(folder)
     missing = [name for name in REMOTE_CODE_FILES if not (folder / name).is_file()]
     if missing:
         raise NotConvertedError(f"{folder} lacks the remote-code file(s) {', '.join(missing)}; convert again.")
