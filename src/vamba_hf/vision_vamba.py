@@ -30,7 +30,7 @@ class TubeConv3d(nn.Conv3d):
 
     def forward(self, tubes: torch.Tensor) -> torch.Tensor:
         """tubes: (rows, in_channels * prod(kernel_size)) -> (rows, out_channels)."""
-        return F.linear(tubes, self.weight.view(self.out_channels, -1), self.bias)
+        return F.linear(tubes, self.weight.reshape(self.out_channels, -1), self.bias)
 
 
 class PatchEmbed(nn.Module):
