@@ -18,7 +18,7 @@ from conftest import GOLDEN_CASES, GOLDEN_DIR
 
 REPO = Path(__file__).resolve().parents[1]
 BENCHMARKS = REPO / "benchmarks"
-SCRIPTS = ("bench_end_to_end.py", "bench_multi_gpu.py", "bench_vamba.py", "check_kernels.py")
+SCRIPTS = ("bench_end_to_end.py", "bench_multi_gpu.py", "bench_vamba.py", "bench_video_state.py", "check_kernels.py")
 
 
 def run_script(script: str, out: Path, *args: str, expect_rc: int = 0) -> subprocess.CompletedProcess:
@@ -182,3 +182,23 @@ def test_a_failed_measurement_is_reported_not_raised(capsys):
     except ValueError as error:
         assert bench_utils.failure(error) == {"error": "ValueError: bad shape"}
     assert "Traceback" in capsys.readouterr().err
+
+
+def test_video_state_tiny(tmp_path):
+    run_script("bench_video_state.py", tmp_path, "--tiny")
+    rows = records(tmp_path, "bench_video_state.py")
+    questions = [r for r in rows if r.get("measure") == "question"]
+    extends = [r for r in rows if r.get("measure") == "extend"]
+    assert [r["frames"] for r in questions] == [8, 16]
+    assert {(r["history_frames"], r["extend_frames"]) for r in extends} == {(8, 2), (8, 4), (16, 2), (16, 4)}
+    for row in questions:
+        for key in ("full_prefill_s", "encode_s", "second_question_first_token_ms", "save_s", "load_s"):
+            assert math.isfinite(row[key]) and row[key] > 0, key
+        assert row["logits_relative_diff"] < 1e-5  # the state answers as the pixels do
+        assert row["state_bytes"] > 0 and row["file_bytes"] >= row["state_bytes"]
+    for row in extends:
+        assert math.isfinite(row["extend_ms"]) and row["extend_ms"] > 0 and "error" not in row
+    # The state of 16 frames extended by 4 frames 4 times (warm-up included) holds 32 frames' tokens.
+    grown = next(r for r in extends if (r["history_frames"], r["extend_frames"]) == (16, 4))
+    first = next(r for r in questions if r["frames"] == 16)
+    assert grown["state_bytes"] > first["state_bytes"]

@@ -17,6 +17,8 @@ EXPECTED_OUTPUT = {
     "image_qa.py": ["Q: ", "A: ", "embedded demo model with random weights"],
     "batch_videos.py": ["sample_0.mp4: ", "sample_1.mp4: ", "sample_2.mp4: ", "embedded demo model"],
     "streaming.py": ["first text after", "embedded demo model with random weights"],
+    "streaming_video.py": ["[+8 frames in ", "48 frames, 576 visual tokens so far", "Q: What is happening now?",
+                           "embedded demo model with random weights"],
     "make_sample_video.py": ["sample.mp4"],
     "finetune.py": ["No --model: fine-tuning the embedded demo model", "trained 3 steps on one process, no distributed "
                     "training", "saved the model and processor to"],

@@ -36,12 +36,19 @@ def quantize_per_token(x: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tenso
 class CrossStore:
     """Each layer's cross-attention K/V for decoding, with the masks that belong to them: `keep` (b, 1, n) bool, the
     visual tokens each row may read (None: all), and `has_visual` (b, 1, 1) bool, the rows that have any (None:
-    all)."""
+    all).
+
+    With `rows` (b,) set, the K/V hold one entry per distinct video and row i reads entry `rows[i]`: several
+    questions about one video, and the beams of one prompt, share one copy. Row operations (beam reorder,
+    repetition) then move the row index and the masks, never the K/V. `row_group` g > 1: rows i*g .. i*g+g-1 read
+    entry i (the beams of several videos), which cross-attention reads by folding each group's queries together."""
 
     kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     scales: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # only for 8-bit K/V
     keep: Optional[torch.Tensor] = None
     has_visual: Optional[torch.Tensor] = None
+    rows: Optional[torch.Tensor] = None
+    row_group: int = 1
     _masks: dict = field(default_factory=dict, repr=False)  # `keep` in each attention implementation's format
 
     @property
@@ -51,20 +58,53 @@ class CrossStore:
     def store(self, layer_idx: int, key: torch.Tensor, value: torch.Tensor, storage: Optional[str] = None):
         """Keep one layer's K/V in `storage` (a torch dtype name; None keeps them as they are). A float8 storage keeps
         one scale per (row, head, token)."""
-        dtype = key.dtype if storage is None else getattr(torch, storage)
-        if dtype.itemsize >= key.dtype.itemsize:
-            self.kv[layer_idx] = (key.to(dtype), value.to(dtype))
+        kv, scales = stored_kv(key, value, storage)
+        self.rows, self.row_group = None, 1  # K/V of the prefill's rows, one per row
+        self.kv[layer_idx] = kv
+        if scales is None:
             self.scales.pop(layer_idx, None)
-            return
-        (key, key_scale), (value, value_scale) = quantize_per_token(key, dtype), quantize_per_token(value, dtype)
-        self.kv[layer_idx] = (key, value)
-        self.scales[layer_idx] = (key_scale, value_scale)
+        else:
+            self.scales[layer_idx] = scales
 
-    def read(self, layer_idx: int) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+    def share(self, kv: dict, scales: dict, rows: torch.Tensor, keep: Optional[torch.Tensor],
+              has_visual: Optional[torch.Tensor]):
+        """Read K/V kept elsewhere (a video state's): one entry per distinct video, row i reading entry rows[i].
+        The tensors are referenced, not copied."""
+        self.kv, self.scales = dict(kv), dict(scales)
+        self.set_masks(keep, has_visual)
+        self._set_rows(rows)
+
+    def _set_rows(self, rows: torch.Tensor):
+        self.rows, self.row_group = rows, self._group_of(rows)
+
+    def _group_of(self, rows: torch.Tensor) -> int:
+        """g when rows i*g .. i*g+g-1 read entry i and share their masks (every row reads a video), else 1."""
+        entries = next(iter(self.kv.values()))[0].shape[0] if self.kv else 1
+        if entries == 1 or self.has_visual is not None or rows.numel() % entries:
+            return 1
+        group = rows.numel() // entries
+        grouped = torch.arange(entries).repeat_interleave(group)
+        return group if torch.equal(rows.cpu(), grouped) else 1
+
+    def keeps_row_groups(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> bool:
+        """Whether the row operation `fn` leaves `row_group` as it is (a captured step folds the rows by it)."""
+        return self.rows is None or self.row_group == 1 or self._group_of(fn(self.rows)) == self.row_group
+
+    def read(self, layer_idx: int, per_entry: bool = False) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+        """A layer's K/V for each row (b, ...), or with `per_entry` as stored, one per entry (rows grouped by
+        `row_group`)."""
         kv, scales = self.kv.get(layer_idx), self.scales.get(layer_idx)
-        if kv is None or scales is None:
+        if kv is not None and scales is not None:
+            kv = tuple(x.to(scale.dtype) * scale for x, scale in zip(kv, scales))
+        if kv is None or self.rows is None or per_entry:
             return kv
-        return tuple(x.to(scale.dtype) * scale for x, scale in zip(kv, scales))
+        return tuple(self._per_row(x) for x in kv)
+
+    def _per_row(self, x: torch.Tensor) -> torch.Tensor:
+        """Entry rows[i] of x at row i: a view when all rows read one entry, else gathered for this step only."""
+        if x.shape[0] == 1:
+            return x.expand(self.rows.shape[0], *x.shape[1:])
+        return x.index_select(0, self.rows)
 
     def set_masks(self, keep: Optional[torch.Tensor], has_visual: Optional[torch.Tensor]):
         self.keep, self.has_visual, self._masks = keep, has_visual, {}
@@ -78,16 +118,32 @@ class CrossStore:
         return self._masks[implementation, dtype]
 
     def map_rows(self, fn: Callable[[torch.Tensor], torch.Tensor], in_place: bool = False):
-        """Apply a row operation to every tensor; `in_place` keeps their addresses (a captured graph reads them)."""
+        """Apply a row operation to every tensor with a row dimension (the row index instead of shared K/V);
+        `in_place` keeps their addresses (a captured graph reads them)."""
         if in_place:
-            tensors = [*(t for kv in (*self.kv.values(), *self.scales.values()) for t in kv), *self._masks.values()]
-            for t in tensors + [t for t in (self.keep, self.has_visual) if t is not None]:
+            per_row = [self.rows] if self.rows is not None else [
+                t for kv in (*self.kv.values(), *self.scales.values()) for t in kv]
+            masks = [t for t in (self.keep, self.has_visual, *self._masks.values()) if t is not None]
+            for t in per_row + masks:
                 t.copy_(fn(t))
             return
-        self.kv = {i: (fn(k), fn(v)) for i, (k, v) in self.kv.items()}
-        self.scales = {i: (fn(k), fn(v)) for i, (k, v) in self.scales.items()}
+        if self.rows is None:
+            self.kv = {i: (fn(k), fn(v)) for i, (k, v) in self.kv.items()}
+            self.scales = {i: (fn(k), fn(v)) for i, (k, v) in self.scales.items()}
         self.set_masks(None if self.keep is None else fn(self.keep),
                        None if self.has_visual is None else fn(self.has_visual))
+        if self.rows is not None:
+            self._set_rows(fn(self.rows))
+
+
+def stored_kv(key: torch.Tensor, value: torch.Tensor, storage: Optional[str]):
+    """(key, value) in `storage` (a torch dtype name; None: as they are) and, for a narrower float8 storage, their
+    per-token scales (else None)."""
+    dtype = key.dtype if storage is None else getattr(torch, storage)
+    if dtype.itemsize >= key.dtype.itemsize:
+        return (key.to(dtype), value.to(dtype)), None
+    (key, key_scale), (value, value_scale) = quantize_per_token(key, dtype), quantize_per_token(value, dtype)
+    return (key, value), (key_scale, value_scale)
 
 
 class VambaCache(DynamicCache):
@@ -123,7 +179,7 @@ class VambaCache(DynamicCache):
     def _map_rows(self, fn: Callable[[torch.Tensor], torch.Tensor], keeps_batch_size: bool):
         """A row operation (beam reorder, selection, repetition) on every tensor with a batch dimension. A graph's
         buffers are reordered in place (the graph reads their addresses); a new batch size releases the graph."""
-        if self.decode_graph is not None and not keeps_batch_size:
+        if self.decode_graph is not None and not (keeps_batch_size and self.cross.keeps_row_groups(fn)):
             self.release_decode_graph()
         if self.decode_graph is not None:
             self.decode_graph.map_rows_in_place(fn)

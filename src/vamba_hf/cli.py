@@ -3,6 +3,7 @@
     vamba-hf convert SRC DST            official-format folder (or Hub repo id) -> Hub-ready folder
     vamba-hf push DST REPO_ID           upload a converted folder (--dry-run lists the files)
     vamba-hf generate --video FILE      stream an answer; without --model, runs the embedded demo model
+    vamba-hf chat --video FILE          encode a video once, then answer question after question about it
 """
 
 import argparse
@@ -140,6 +141,80 @@ def run_generate(args) -> int:
     return 0
 
 
+# -- chat ------------------------------------------------------------------------------------------------------
+
+CHAT_EXIT_WORDS = ("exit", "quit")
+
+
+def _questions(prompt: str):
+    """The lines typed at the prompt until end of input or an exit word; blank lines are skipped."""
+    while True:
+        # On stdout, where the answers go (input() may show its prompt on stderr).
+        print(prompt, end="", flush=True)
+        line = sys.stdin.readline()
+        if not line:  # end of input
+            print(flush=True)
+            return
+        question = line.strip()
+        if question.lower() in CHAT_EXIT_WORDS:
+            return
+        if question:
+            yield question
+
+
+def _chat_state(args, model, processor):
+    """The video state of this chat: loaded from --state, or the video encoded once (and saved to --save-state)."""
+    from .chat import check_state_path, encode_video_file
+    from .video_state_vamba import load_video_state
+
+    save_to = None if args.save_state is None else check_state_path(args.save_state, "--save-state")
+    if args.state is not None:
+        if not os.path.isfile(args.state):
+            raise ValueError(f"--state {args.state}: no such file; write one with --save-state first.")
+        state = load_video_state(args.state, model, device=model.device)
+        encoded_from = (state.sampling[0] if state.sampling else {}).get("video")
+        if args.video is not None and encoded_from and os.path.basename(encoded_from) != os.path.basename(args.video):
+            raise ValueError(f"--state {args.state} holds {encoded_from}, not --video {args.video}: drop --video, or "
+                             f"encode {args.video} without --state.")
+        _stderr(f"Loaded the video state {args.state}: {state.length} visual tokens (no video decoded, nothing "
+                f"encoded)")
+    else:
+        if not os.path.isfile(args.video):
+            raise ValueError(f"--video {args.video}: no such file.")
+        state = encode_video_file(model, processor, args.video, num_frames=args.frames, fps=args.fps, log=_stderr)
+    if save_to is not None:
+        state.save(save_to)
+        _stderr(f"Saved the video state to {save_to} (reuse it with --state {save_to})")
+    return state
+
+
+def run_chat(args) -> int:
+    from .demo import demo_notice
+    from .sources import resolve_model_source
+
+    if args.video is None and args.state is None:
+        raise ValueError("chat needs --video FILE (or --state PATH saved by an earlier chat's --save-state).")
+    location = None if args.model is None else resolve_model_source(args.model, option="--model")
+    from .chat import answer
+    from .inference import load_model_and_processor
+
+    if args.model is None:
+        _stderr(demo_notice())
+    loaded = load_model_and_processor(args.model, dtype=args.dtype, device=args.device, location=location)
+    model, processor = loaded.model, loaded.processor
+    _stderr(f"Model: {loaded.source} ({model.dtype}, {model.device})")
+    state = _chat_state(args, model, processor)
+    _stderr(f"Ask about the video; {' or '.join(CHAT_EXIT_WORDS)} (or end of input) ends the chat.")
+    streamer = printable_streamer(processor.tokenizer)
+    for question in _questions("> "):
+        started = time.perf_counter()
+        new_tokens = answer(model, processor, state, question, args.max_new_tokens, streamer=streamer).shape[0]
+        _stderr(f"[{new_tokens} new tokens in {time.perf_counter() - started:.1f} s, from the encoded video]")
+    if loaded.is_demo:
+        _stderr("(demo model with random weights: the answers above are meaningless by design)")
+    return 0
+
+
 # -- parser ----------------------------------------------------------------------------------------------------
 
 
@@ -202,6 +277,31 @@ def _add_generate(subparsers) -> None:
     parser.set_defaults(run=run_generate)
 
 
+def _add_chat(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "chat", help="encode a video once, then answer question after question about it",
+        description="Encode a video once (vision tower and every Mamba-2 block), then read questions at the prompt "
+                    "and stream each answer from the encoded video, with no re-encoding. End with exit or end of "
+                    "input (Ctrl-D). Without --model, runs the embedded demo model (random weights).")
+    parser.add_argument("--video", default=None, help="video file (decoded with PyAV)")
+    parser.add_argument("--model", default=None,
+                        help="converted folder or Hub repo id (default: the embedded demo model)")
+    sampling = parser.add_mutually_exclusive_group()
+    sampling.add_argument("--frames", type=positive_int, default=None,
+                          help="frames sampled uniformly from the video (default: the processor's)")
+    sampling.add_argument("--fps", type=positive_rate, default=None,
+                          help="sample frames at this rate (frames per second) instead of --frames")
+    parser.add_argument("--save-state", default=None, metavar="PATH",
+                        help="write the encoded video to PATH (safetensors) for a later --state")
+    parser.add_argument("--state", default=None, metavar="PATH",
+                        help="answer from a video encoded earlier (--save-state) instead of encoding --video")
+    parser.add_argument("--max-new-tokens", type=positive_int, default=128)
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                        help="auto: bfloat16 on GPU, float32 on CPU")
+    parser.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:1, ...")
+    parser.set_defaults(run=run_chat)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineErrorParser(prog="vamba-hf", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -211,6 +311,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_convert(subparsers)
     _add_push(subparsers)
     _add_generate(subparsers)
+    _add_chat(subparsers)
     return parser
 
 

@@ -190,11 +190,18 @@ class VambaDecoderLayer(GradientCheckpointingLayer):
     def read_visual(self, x, attended, visual, cross: CrossAttentionInputs, cache: Optional[LayerCache],
                     implementation: str):
         """Mix the cross-attention read of the visual stream into the self-attention output `attended`."""
-        cross_kv = self.cross_kv(visual, cross, cache)
+        implementation = cross.implementation(implementation)
+        group = self.row_group(visual, cache, implementation)
+        cross_kv = self.cross_kv(visual, cross, cache, per_entry=group > 1)
         if cross_kv is None:
             return attended, None
         q = self.cross_attn.queries(x, cross.text_rotary)
-        read, weights = self.cross_attn.attend(q, *cross_kv, cross.mask, cross.implementation(implementation))
+        if group == 1:
+            read, weights = self.cross_attn.attend(q, *cross_kv, cross.mask, implementation)
+        else:  # the rows of a group read one entry's K/V: one attention over all their queries, no K/V gathered
+            mask = None if cross.mask is None else cross.mask[::group]
+            read, weights = self.cross_attn.attend(fold_rows(q, group), *cross_kv, mask, implementation)
+            read = read.reshape(q.shape[0], q.shape[2], -1)
         if self.config.use_alpha_balancing:
             mixed = fused_alpha_balance(attended, read, self.alpha)
         else:
@@ -202,15 +209,32 @@ class VambaDecoderLayer(GradientCheckpointingLayer):
         # Rows without visual input take the text-only path, exactly as when they run alone.
         return (mixed if cross.has_visual is None else torch.where(cross.has_visual, mixed, attended)), weights
 
-    def cross_kv(self, visual, cross: CrossAttentionInputs, cache: Optional[LayerCache]):
+    @staticmethod
+    def row_group(visual, cache: Optional[LayerCache], implementation: str) -> int:
+        """How many consecutive rows read one entry of the cache's K/V together (1: each row its own); SDPA only
+        (eager returns per-row weights)."""
+        if visual is not None or cache is None or implementation != "sdpa":
+            return 1
+        return cache.cross.row_group
+
+    def cross_kv(self, visual, cross: CrossAttentionInputs, cache: Optional[LayerCache], per_entry: bool = False):
         """This layer's cross-attention keys/values: projected from the visual stream entering the layer (and kept
-        in the cache for decoding), or read from the cache while decoding."""
+        in the cache for decoding), or read from the cache while decoding (`per_entry`: as stored, one per
+        entry)."""
         if visual is None:
-            return None if cache is None else cache.cross.read(self.layer_idx)
+            return None if cache is None else cache.cross.read(self.layer_idx, per_entry)
         cross_kv = self.cross_attn.keys_values(visual, cross.visual_rotary)
         if cache is not None:
             cache.cross.store(self.layer_idx, *cross_kv, self.config.cross_kv_cache_dtype)
         return cross_kv
+
+
+def fold_rows(q: torch.Tensor, group: int) -> torch.Tensor:
+    """(b, h, T, d) queries -> (b / group, h, group * T, d): each group of consecutive rows as one row (with no causal
+    mask, more rows reading the same keys are just more queries)."""
+    batch, heads, length, dim = q.shape
+    return q.view(batch // group, group, heads, length, dim).transpose(1, 2).reshape(batch // group, heads,
+                                                                                     group * length, dim)
 
 
 @dataclass

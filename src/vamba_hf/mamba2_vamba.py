@@ -263,30 +263,39 @@ class Mamba2(nn.Module):
     def forward(self, u: torch.Tensor, seq_idx: Optional[torch.Tensor] = None) -> torch.Tensor:
         """u (b, l, hidden_dim) -> (b, l, hidden_dim), causal along l. seq_idx (b, l): packed rows, the state resets
         where it changes."""
-        outputs = [out for _, out in self.segments(u, seq_idx)]
+        outputs = [out for _, out, _ in self.segments(u, seq_idx)]
         return torch.cat(outputs, dim=1) if len(outputs) > 1 else outputs[0]
 
-    def segments(self, u: torch.Tensor, seq_idx: Optional[torch.Tensor] = None, norm: Optional[Callable] = None):
-        """Yield (start, output) for each segment of u in order, the state carried across. `norm(x, ops)` is applied
-        to each segment's input, so that no normalised copy of the whole stream is ever held."""
+    def segments(self, u: torch.Tensor, seq_idx: Optional[torch.Tensor] = None, norm: Optional[Callable] = None,
+                 carry: Optional[MambaCarry] = None):
+        """Yield (start, output, carry after it) for each segment of u in order, the state carried across, from
+        `carry` (the end of an earlier stream this one continues). `norm(x, ops)` is applied to each segment's
+        input, so that no normalised copy of the whole stream is ever held."""
         ops = self.ops(u.device)
         step = self.segment_length(u.shape[0])
-        carry = None
         for start in range(0, u.shape[1], step):
             part = u[:, start : start + step]
             ids = None if seq_idx is None else seq_idx[:, start : start + step]
             out, carry = self.mix(self.in_proj(part if norm is None else norm(part, ops)), ids, carry, ops)
-            yield start, out
+            yield start, out, carry
 
     def mix(self, zxbcdt, seq_idx, carry: Optional[MambaCarry], ops: Mamba2Ops):
         z, xbc, dt = zxbcdt.split([self.d_inner, self.d_inner + 2 * self.bc_dim, self.nheads], dim=-1)
-        tail = self.config.d_conv - 1
-        next_carry_inputs, next_carry_ids = xbc[:, -tail:], None if seq_idx is None else seq_idx[:, -tail:]
+        next_carry_inputs, next_carry_ids = self.last_conv_inputs(xbc, carry, seq_idx)
         xbc = self.conv(xbc, seq_idx, carry, ops)
         x, B, C = xbc.split([self.d_inner, self.bc_dim, self.bc_dim], dim=-1)
         y, state = self.scan(x, dt, B, C, seq_idx, carry, ops)
         y = self.norm(y.reshape(*x.shape[:2], self.d_inner), z, ops)
         return self.out_proj(y.to(self.out_proj.weight.dtype)), MambaCarry(state, next_carry_inputs, next_carry_ids)
+
+    def last_conv_inputs(self, xbc, carry: Optional[MambaCarry], seq_idx):
+        """The last d_conv-1 convolution inputs after this segment, and their ids: a segment shorter than that
+        keeps the end of the carried inputs before its own (zeros at the start of a stream, the conv's padding)."""
+        tail = self.config.d_conv - 1
+        if seq_idx is not None or xbc.shape[1] >= tail:
+            return xbc[:, -tail:], None if seq_idx is None else seq_idx[:, -tail:]
+        before = xbc.new_zeros(xbc.shape[0], tail, xbc.shape[2]) if carry is None else carry.conv_inputs
+        return torch.cat([before.to(xbc.dtype), xbc], dim=1)[:, -tail:], None
 
     def conv(self, xbc, seq_idx, carry: Optional[MambaCarry], ops: Mamba2Ops) -> torch.Tensor:
         """SiLU(causal conv) of xbc (b, l, d), continuing the previous segment's inputs."""
@@ -335,9 +344,16 @@ class VambaVisionMixer(nn.Module):
         input and the carried state), so that a second stream of visual length is never held."""
         if not in_place:
             return visual + self.mixer(self.norm(visual), seq_idx)
-        for start, mixed in self.mixer.segments(visual, seq_idx, self.segment_norm):
+        for start, mixed, _ in self.mixer.segments(visual, seq_idx, self.segment_norm):
             visual[:, start : start + mixed.shape[1]] += mixed
         return visual
+
+    def continue_stream(self, visual: torch.Tensor, carry: Optional[MambaCarry]) -> tuple[torch.Tensor, MambaCarry]:
+        """The block on `visual` (updated in place) as the continuation of a stream that ended with `carry` (None:
+        a stream's start); returns it and the carry at its end."""
+        for start, mixed, carry in self.mixer.segments(visual, None, self.segment_norm, carry):
+            visual[:, start : start + mixed.shape[1]] += mixed
+        return visual, carry
 
     def segment_norm(self, x: torch.Tensor, ops: Mamba2Ops) -> torch.Tensor:
         """The RMSNorm, as one fused kernel pass where the kernels run (the eager one makes several passes in fp32

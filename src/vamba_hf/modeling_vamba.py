@@ -8,7 +8,7 @@ stages, and generation); `streams_vamba` lays out a batch's rows, `cache_vamba` 
 """
 
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from typing import Optional
 
 import torch
@@ -28,6 +28,8 @@ from .decoder_vamba import CrossAttentionInputs, MultimodalRotary, VambaDecoderL
 from .layers_vamba import VambaRMSNorm, attention_mask_for
 from .mamba2_vamba import Mamba2, kernels_unavailable_reason
 from .streams_vamba import PackedRows, PaddedRows, VisualStream, text_positions
+from .video_state_vamba import (VideoState, check_state_for, encode_visual_state, extend_visual_state,
+                                fill_cross_store, rows_reading_state)
 from .vision_vamba import VambaVisionTower
 
 logger = logging.get_logger(__name__)
@@ -215,6 +217,37 @@ class VambaModel(VambaPreTrainedModel):
                            f"fast path install the CUDA kernels: pip install 'vamba-hf[cuda]' "
                            f"(mamba-ssm and causal-conv1d built for your torch and CUDA).")
 
+    # -- a video encoded once: video_state_vamba -----------------------------------------------------------------
+
+    def encode_video(self, pixel_values_videos: torch.Tensor, video_grid_thw: torch.Tensor, sampling=None,
+                     reserve_frames: int = 0) -> VideoState:
+        """Encode one video once (vision tower, every Mamba-2 block, every layer's cross-attention K/V) for any
+        number of questions: `generate(**text_inputs, video_state=state)`. `sampling`: how its frames were taken
+        (the processor's `video_metadata` entry or a `VideoSampling`), kept with the state. `reserve_frames`: room
+        to extend it by that many frames without reallocating its K/V."""
+        return encode_visual_state(self, "video", pixel_values_videos, video_grid_thw, sampling, reserve_frames)
+
+    def encode_image(self, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor) -> VideoState:
+        """`encode_video` for one image."""
+        return encode_visual_state(self, "image", pixel_values, image_grid_thw)
+
+    def extend_video(self, state: VideoState, pixel_values_videos: torch.Tensor, video_grid_thw: torch.Tensor,
+                     sampling=None) -> VideoState:
+        """`state` with more frames after its own (whole temporal patches of the same size), at a cost that grows
+        with the new frames only. `state` stays valid."""
+        return extend_visual_state(self, state, pixel_values_videos, video_grid_thw, sampling)
+
+    def _read_state(self, state: VideoState, input_ids, batch_size: int, cache: VambaCache, visual_inputs: dict,
+                    dtype, device):
+        """Fill the cache's cross store from `state` (for the prompt's rows with a placeholder)."""
+        if any(value is not None for value in visual_inputs.values()):
+            raise ValueError("Pass video_state or pixels / visual_embeds, not both: the state already holds the "
+                             "encoded video.")
+        check_state_for(self, state, dtype, device)
+        entries, has_visual = rows_reading_state(state, input_ids, batch_size, self.config.vision_start_token_id,
+                                                 device)
+        fill_cross_store(cache, state, entries, has_visual)
+
     # -- stages: layout, cache, visual stream, cross-attention inputs ---------------------------------------------
 
     def _layout(self, position_ids, attention_mask, batch_size: int, past_length: int, implementation: str):
@@ -323,6 +356,7 @@ class VambaModel(VambaPreTrainedModel):
         output_hidden_states: Optional[bool] = None,
         return_dict: Optional[bool] = None,
         cache: Optional[VambaCache] = None,
+        video_state: Optional[VideoState] = None,
         **kwargs,
     ):
         r"""Text `input_ids` (b, T) with `<|vision_start|><|vision_end|>` where each image or video goes, and the
@@ -334,6 +368,9 @@ class VambaModel(VambaPreTrainedModel):
 
         Packed rows (training, several (video, conversation) pairs in one row, marked by `position_ids` restarting at
         0): see `streams_vamba.PackedRows`.
+
+        `video_state` (a `VideoState` from `encode_video` / `encode_image`) instead of visual inputs: every row whose
+        prompt holds the placeholder reads the encoded video, sharing its K/V; nothing visual is computed.
         """
         check_keywords(type(self).__name__ + ".forward", kwargs)
         past_key_values = cache_argument(past_key_values, cache)
@@ -352,7 +389,17 @@ class VambaModel(VambaPreTrainedModel):
 
         visual_inputs = dict(pixel_values=pixel_values, image_grid_thw=image_grid_thw, visual_embeds=visual_embeds,
                              pixel_values_videos=pixel_values_videos, video_grid_thw=video_grid_thw)
-        stream, grid = self._visual_stream(layout, input_ids, batch_size, past_length, visual_inputs, dtype, device)
+        if video_state is not None:
+            if layout.packed:
+                raise ValueError("video_state is read by one conversation per row; packed rows take pixels.")
+            kept_cache = cache
+            cache = cache if cache is not None else VambaCache()  # the layers read the K/V from a cross store
+            self._read_state(video_state, input_ids, batch_size, cache, visual_inputs, dtype, device)
+            stream, grid = None, None
+        else:
+            kept_cache = cache
+            stream, grid = self._visual_stream(layout, input_ids, batch_size, past_length, visual_inputs, dtype,
+                                               device)
         if position_ids is None:
             position_ids = text_positions(attention_mask, past_length, length, batch_size, device)
         text_rotary = self.rotary(position_ids)
@@ -365,7 +412,7 @@ class VambaModel(VambaPreTrainedModel):
                          cache, implementation, output_hidden_states, output_attentions)
         result = VambaModelOutputWithPast(
             last_hidden_state=out.last_hidden_state, hidden_states=out.hidden_states, attentions=out.attentions,
-            cross_attentions=out.cross_attentions, **{CACHE_NAME: cache},
+            cross_attentions=out.cross_attentions, **{CACHE_NAME: kept_cache},
         )
         return result if return_dict else result.to_tuple()
 
@@ -378,7 +425,8 @@ class VambaForConditionalGeneration(VambaModel, GenerationMixin):
     VambaModel with a head beside it. Composition would nest them under a prefix and need a key map on every load
     and save."""
 
-    _visual_input_names = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw", "visual_embeds")
+    _visual_input_names = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw", "visual_embeds",
+                           "video_state")
     # Run the static decoding step (what DecodeGraph captures on CUDA) eagerly on other devices too: how the CPU
     # tests check the captured computation. Off by default: off CUDA the plain cache is as fast.
     static_decode_step_off_cuda = False
@@ -414,6 +462,7 @@ class VambaForConditionalGeneration(VambaModel, GenerationMixin):
         num_items_in_batch: Optional[torch.Tensor] = None,
         shift_labels: Optional[torch.LongTensor] = None,
         cache: Optional[VambaCache] = None,
+        video_state: Optional[VideoState] = None,
         **kwargs,
     ):
         r"""VambaModel's inputs (packed rows included, see its forward), plus:
@@ -430,7 +479,7 @@ class VambaForConditionalGeneration(VambaModel, GenerationMixin):
         """
         check_keywords(type(self).__name__ + ".forward", kwargs)
         past_key_values = cache_argument(past_key_values, cache)
-        visual_inputs = (pixel_values, pixel_values_videos, visual_embeds)
+        visual_inputs = (pixel_values, pixel_values_videos, visual_embeds, video_state)
         if self._decodes_with_graph(input_ids, past_key_values, use_cache, visual_inputs, labels, shift_labels,
                                     output_hidden_states, output_attentions):
             return self._graph_step(input_ids, attention_mask, position_ids, past_key_values, return_dict)
@@ -440,7 +489,7 @@ class VambaForConditionalGeneration(VambaModel, GenerationMixin):
             past_key_values=past_key_values, inputs_embeds=inputs_embeds, pixel_values=pixel_values,
             image_grid_thw=image_grid_thw, pixel_values_videos=pixel_values_videos, video_grid_thw=video_grid_thw,
             visual_embeds=visual_embeds, use_cache=use_cache, output_attentions=output_attentions,
-            output_hidden_states=output_hidden_states, return_dict=True, **kwargs,
+            output_hidden_states=output_hidden_states, return_dict=True, video_state=video_state, **kwargs,
         )
         logits, loss = self._logits_and_loss(outputs.last_hidden_state, prefill, logits_to_keep, labels, shift_labels,
                                              num_items_in_batch)
@@ -550,27 +599,44 @@ class VambaForConditionalGeneration(VambaModel, GenerationMixin):
 
     def _expand_inputs_for_generation(self, expand_size=1, is_encoder_decoder=False, input_ids=None,
                                       **model_kwargs):
-        """Beam search / num_return_sequences repeat each row: repeat its visual input with it (pixel tensors are
-        concatenated over items, not batched, so the generic row repeat would be wrong)."""
+        """Beam search / num_return_sequences repeat each row. Pixels are not repeated: each distinct image or video
+        is encoded once into a state whose K/V all the copies of its row read (`visual_embeds` are repeated with
+        their rows: the repetition references the same tensors)."""
         if expand_size == 1:
             return input_ids, model_kwargs
-        visual = {}
-        for pixels_name, grid_name in (("pixel_values", "image_grid_thw"), ("pixel_values_videos", "video_grid_thw")):
-            pixels, grid = model_kwargs.pop(pixels_name, None), model_kwargs.pop(grid_name, None)
-            if pixels is not None and grid is not None:
-                per_item = pixels.split(grid.prod(-1).tolist())
-                visual[pixels_name] = torch.cat([p for p in per_item for _ in range(expand_size)])
-                visual[grid_name] = grid.repeat_interleave(expand_size, dim=0)
-            elif pixels is not None or grid is not None:
-                visual[pixels_name], visual[grid_name] = pixels, grid
+        state = self._shared_state(input_ids, model_kwargs)
         embeds = model_kwargs.pop("visual_embeds", None)
-        if embeds is not None:
-            visual["visual_embeds"] = [e for e in embeds for _ in range(expand_size)]
         input_ids, model_kwargs = super()._expand_inputs_for_generation(
             expand_size=expand_size, is_encoder_decoder=is_encoder_decoder, input_ids=input_ids, **model_kwargs
         )
-        model_kwargs.update(visual)
+        if embeds is not None:
+            model_kwargs["visual_embeds"] = [e for e in embeds for _ in range(expand_size)]
+        if state is not None:
+            if state.row_entries is not None:
+                state = replace(state, row_entries=state.row_entries.repeat_interleave(expand_size))
+            model_kwargs["video_state"] = state
         return input_ids, model_kwargs
+
+    def _shared_state(self, input_ids, model_kwargs: dict) -> Optional[VideoState]:
+        """The video state of this generate call before its rows are repeated: the given one, or one encoded from
+        the pixels (one entry per item, `row_entries` the item each prompt row reads, -1 for none)."""
+        if model_kwargs.get("video_state") is not None:
+            return model_kwargs.pop("video_state")
+        for kind, pixels_name, grid_name in (("image", "pixel_values", "image_grid_thw"),
+                                             ("video", "pixel_values_videos", "video_grid_thw")):
+            pixels, grid = model_kwargs.get(pixels_name), model_kwargs.get(grid_name)
+            if pixels is None or grid is None or model_kwargs.get("visual_embeds") is not None:
+                continue
+            # Prompts given as inputs_embeds come with an empty input_ids: one visual input per row, in order.
+            ids = input_ids if input_ids is not None and input_ids.shape[1] else None
+            batch_size = (input_ids if input_ids is not None else model_kwargs["inputs_embeds"]).shape[0]
+            rows = PaddedRows(self.config).place(ids, batch_size, grid.shape[0])
+            model_kwargs.pop(pixels_name), model_kwargs.pop(grid_name)
+            state = encode_visual_state(self, kind, pixels, grid)
+            entries = torch.full((batch_size,), -1, dtype=torch.long)
+            entries[rows] = torch.arange(len(rows))
+            return replace(state, row_entries=entries.to(pixels.device))
+        return None
 
 
 VambaModel.register_for_auto_class("AutoModel")

@@ -1,0 +1,67 @@
+"""Questions about a video encoded once: what `vamba-hf chat` and examples/streaming_video.py share.
+
+`encode_video_file` samples and processes a video (a progress bar while it decodes) and encodes it into a
+`VideoState`; `question_inputs` tokenizes one question whose prompt keeps the <|vision_start|><|vision_end|>
+placeholder the state fills; `answer` streams the answer to one question from the state.
+"""
+
+import time
+from pathlib import Path
+from typing import Optional
+
+from .inference import build_messages
+from .video_state_vamba import VideoState
+
+# A name standing for the video in the chat template (the state holds the video itself).
+VIDEO_PLACEHOLDER = "video"
+
+
+def video_pixels(processor, video, device, num_frames: Optional[int] = None, fps: Optional[float] = None,
+                 start_time: Optional[float] = None, progress: Optional[bool] = True) -> tuple:
+    """(pixel_values_videos, video_grid_thw, the sampling metadata) of `video` (a file or frames), on `device`."""
+    options = {key: value for key, value in (("num_frames", num_frames), ("fps", fps), ("start_time", start_time))
+               if value is not None}
+    messages = build_messages("", video=video)
+    messages[0]["content"][0].update(options)
+    inputs = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True,
+                                           return_tensors="pt", progress=progress, return_metadata=True)
+    metadata = inputs["video_metadata"][0] if inputs.get("video_metadata") else {}
+    return inputs["pixel_values_videos"].to(device), inputs["video_grid_thw"].to(device), metadata
+
+
+def encode_video_file(model, processor, video, num_frames: Optional[int] = None, fps: Optional[float] = None,
+                      log=None) -> VideoState:
+    """Sample, process and encode `video` once; `log(line)` reports what was encoded and how long it took."""
+    pixels, grid, metadata = video_pixels(processor, video, model.device, num_frames, fps)
+    started = time.perf_counter()
+    state = model.encode_video(pixels, grid, sampling={**metadata, "video": str(video)})
+    if log is not None:
+        t, h, w = grid[0].tolist()
+        log(f"Encoded the video once: {2 * t} frames, {state.length} visual tokens in "
+            f"{time.perf_counter() - started:.1f} s ({state.nbytes() / 2**20:.1f} MiB of state)")
+    return state
+
+
+def question_inputs(processor, question: str, device):
+    """The tokenized prompt of one question about the encoded video (input_ids, attention_mask), on `device`."""
+    text = processor.apply_chat_template(build_messages(question, video=VIDEO_PLACEHOLDER),
+                                         add_generation_prompt=True)
+    return processor.tokenizer(text, return_tensors="pt").to(device)
+
+
+def answer(model, processor, state: VideoState, question: str, max_new_tokens: int, streamer=None):
+    """The generated ids of the answer to `question` about the video in `state`, streamed to `streamer`."""
+    inputs = question_inputs(processor, question, model.device)
+    output = model.generate(**inputs, video_state=state, max_new_tokens=max_new_tokens, do_sample=False,
+                            streamer=streamer)
+    return output[0, inputs["input_ids"].shape[1]:]
+
+
+def check_state_path(path: str, option: str) -> Path:
+    """`path` as a file a state may be written to: its folder exists and it is not a folder itself."""
+    target = Path(path)
+    if target.is_dir():
+        raise ValueError(f"{option} {path}: is a folder; give a file path, e.g. {Path(path) / 'video.state'}")
+    if not target.parent.is_dir():
+        raise ValueError(f"{option} {path}: the folder {target.parent} does not exist; create it first.")
+    return target
