@@ -293,6 +293,8 @@ METADATA = {"shape", "size", "dim", "stride", "device", "dtype", "is_cuda", "num
             "is_contiguous", "__len__", "itemsize", "is_meta", "is_sparse", "is_quantized", "is_nested", "names",
             "_base", "grad", "is_leaf", "_is_view", "__hash__", "__eq__"}
 
+IN_PLACE_OPERATORS = {"__setitem__", "__iadd__", "__isub__", "__imul__", "__itruediv__", "__ior__", "__iand__"}
+
 
 def function_name(func) -> str:
     owner = getattr(func, "__self__", None)
@@ -331,8 +333,8 @@ class VisualLengthWork(TorchFunctionMode):
             return result
         storages = {t.untyped_storage().data_ptr() for t in inputs}
         outputs = list(tensors_in(result))
-        is_view = (outputs and not name.endswith("_") and name not in ("__setitem__", "copy_")
-                   and all(t.untyped_storage().data_ptr() in storages for t in outputs))
+        writes = (name.endswith("_") and not name.endswith("__")) or name in IN_PLACE_OPERATORS
+        is_view = (outputs and not writes and all(t.untyped_storage().data_ptr() in storages for t in outputs))
         if not is_view:
             self.calls.append(name)
         return result
@@ -375,12 +377,42 @@ def test_decoding_step_does_no_visual_length_work_besides_attention(monkeypatch,
     assert len(static_steps) == (4 if static_step else 0)  # the path under test ran
 
 
+def test_beam_search_steps_do_no_visual_length_work_in_the_static_step(monkeypatch):
+    """Beams of two videos read the cache's K/V of each video in place (no per-step gather), in the step that
+    DecodeGraph captures."""
+    monkeypatch.setattr(VambaForConditionalGeneration, "static_decode_step_off_cuda", True)
+    model = tiny_model()
+    pixels, grid = video_pixels(6, 10, 14)
+    short, short_grid = video_pixels(2, 4, 4, seed=1)
+    ids, mask = left_pad([prompt(3, 2, seed=0), prompt(1, 4, seed=1)])
+    forwards, steps = [], []
+
+    def start(module, args, kwargs):
+        forwards.append(1)
+        if len(forwards) > 2:  # after the prefill and the first step
+            steps.append(VisualLengthWork(VISUAL_TOKENS))
+            steps[-1].__enter__()
+
+    def stop(module, args, kwargs, output):
+        if len(forwards) > 2:
+            steps[-1].__exit__(None, None, None)
+
+    model.register_forward_pre_hook(start, with_kwargs=True)
+    model.register_forward_hook(stop, with_kwargs=True)
+    with torch.no_grad():
+        model.generate(input_ids=ids, attention_mask=mask, pixel_values_videos=torch.cat([pixels, short]),
+                       video_grid_thw=torch.cat([grid, short_grid]), num_beams=2, max_new_tokens=5, do_sample=False,
+                       eos_token_id=None)
+    assert [recorder.calls for recorder in steps] == [[], [], []]
+
+
 def test_the_recorder_sees_visual_length_work(monkeypatch):
     """The recorder above catches a per-step cast of the cross K/V (the failure it guards against)."""
     from vamba_hf.cache_vamba import CrossStore
 
     original = CrossStore.read
-    monkeypatch.setattr(CrossStore, "read", lambda self, i: tuple(t.to(torch.float32) * 1.0 for t in original(self, i)))
+    monkeypatch.setattr(CrossStore, "read", lambda self, *args, **kwargs: tuple(
+        t.to(torch.float32) * 1.0 for t in original(self, *args, **kwargs)))
     model = tiny_model()
     pixels, grid = video_pixels(6, 10, 14)
     ids = prompt(3, 2)[None]
