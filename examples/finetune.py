@@ -113,18 +113,12 @@ class VideoQACollator:
 
 def tiny_model_and_processor(seed: int = 0):
     """A random Vamba of a few hundred thousand parameters with the tiny Qwen2-format tokenizer (CPU tests)."""
-    from vamba_hf.tiny import build_tiny_processor, special_token_ids
+    from vamba_hf.tiny import TINY_SIZES, build_tiny_processor, special_token_ids
 
     processor = build_tiny_processor(num_frames=4)
     ids = special_token_ids(processor.tokenizer)
-    config = VambaConfig(
-        vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, mrope_section=[2, 3, 3], vision_start_token_id=ids["vision_start_token_id"],
-        vision_end_token_id=ids["vision_end_token_id"], image_token_id=ids["image_token_id"],
-        video_token_id=ids["video_token_id"], eos_token_id=ids["eos_token_id"], pad_token_id=ids["pad_token_id"],
-        vision_config=dict(depth=1, embed_dim=32, hidden_size=64, num_heads=2, mlp_ratio=2),
-        vision_mamba_mixer_config=dict(hidden_dim=64, d_state=16, headdim=16, chunk_size=8),
-    )
+    ids.pop("im_start_token_id")  # not a config field; the chat template writes it
+    config = VambaConfig(vocab_size=320, **ids, **TINY_SIZES)
     torch.manual_seed(seed)
     return VambaForConditionalGeneration(config), processor
 

@@ -65,14 +65,15 @@ def test_convert_downloads_a_repo_id(golden_dir, tmp_path, monkeypatch):
     source = make_source(golden_dir / "image", tmp_path / "cache" / "snapshot")
     requested = []
 
-    def fake_snapshot_download(repo_id, allow_patterns=None):
-        requested.append(repo_id)
+    def fake_snapshot_download(repo_id, allow_patterns=None, **options):
+        requested.append((repo_id, options))
         return str(source)
 
     monkeypatch.setattr("huggingface_hub.snapshot_download", fake_snapshot_download)
+    monkeypatch.setattr("vamba_hf.convert._hub_is_reachable", lambda repo_id: True)  # the Hub answers
     monkeypatch.chdir(tmp_path)
     assert cli.main(["convert", "TIGER-Lab/Vamba-Qwen2-VL-7B", str(tmp_path / "hub")]) == 0
-    assert requested == ["TIGER-Lab/Vamba-Qwen2-VL-7B"] and (tmp_path / "hub" / "config.json").is_file()
+    assert requested == [("TIGER-Lab/Vamba-Qwen2-VL-7B", {})] and (tmp_path / "hub" / "config.json").is_file()
     card = ModelCard.load(tmp_path / "hub" / "README.md")
     assert card.data.base_model == "TIGER-Lab/Vamba-Qwen2-VL-7B"
     assert "the weights of [`TIGER-Lab/Vamba-Qwen2-VL-7B`]" in card.text

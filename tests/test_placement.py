@@ -11,7 +11,7 @@ from accelerate import dispatch_model, infer_auto_device_map, init_empty_weights
 
 from vamba_hf import VambaConfig, VambaForConditionalGeneration
 from vamba_hf.demo import demo_config
-from vamba_hf.tiny import build_tiny_tokenizer, special_token_ids
+from vamba_hf.tiny import TINY_SIZES, build_tiny_tokenizer, special_token_ids, tiny_config
 
 
 def meta_model(config) -> VambaForConditionalGeneration:
@@ -49,7 +49,9 @@ def budgets(model) -> list[int]:
     return [nbytes(model) * step // 100 for step in range(1, 100, every)]
 
 
-CONFIGS = {"7B": lambda: VambaConfig(), "tiny": lambda: demo_config(build_tiny_tokenizer())}
+# The tiny sizes with a second vision block, so that a map could split the blocks.
+CONFIGS = {"7B": lambda: VambaConfig(),
+           "tiny": lambda: tiny_config(vision_config=dict(TINY_SIZES["vision_config"], depth=2))}
 
 
 def assert_kept_whole(model, prefix: str, count: int, parts=()) -> None:

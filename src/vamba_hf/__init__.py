@@ -20,6 +20,8 @@ _EXPORTS = {
     "VambaProcessor": "processing_vamba",
     "VideoFrames": "processing_vamba",
     "load_video": "processing_vamba",
+    "VideoState": "video_state_vamba",
+    "load_video_state": "video_state_vamba",
 }
 __all__ = [*_EXPORTS, "register_auto_classes"]
 _registered = False

@@ -14,25 +14,13 @@ from pathlib import Path
 
 DEMO_SEED = 0
 # Bump when the demo model's files would change, so stale cache folders are not reused.
-DEMO_FORMAT_VERSION = 2
+DEMO_FORMAT_VERSION = 3
 DEMO_NOTICE = (
     "Using the embedded DEMO model: a tiny Vamba with RANDOM weights (seed {seed}), built locally, nothing "
     "downloaded. Its answer is gibberish; it only shows the decode -> process -> generate path working. "
     "Pass --model with a converted checkpoint (see README) for real answers."
 )
 
-# Sizes of the golden fixtures' tiny models: small enough for CPU, every component present.
-_DEMO_SIZES = dict(
-    hidden_size=64,
-    intermediate_size=160,
-    num_hidden_layers=3,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    mrope_section=[2, 3, 3],
-    max_position_embeddings=4096,
-    vision_config=dict(depth=2, embed_dim=32, hidden_size=64, num_heads=2, mlp_ratio=2),
-    vision_mamba_mixer_config=dict(hidden_dim=64, d_state=16, headdim=16, chunk_size=16),
-)
 # Demo processing: fewer frames and pixels than the real defaults, so a clip is a few hundred visual tokens.
 _DEMO_PROCESSOR_OPTIONS = dict(num_frames=16, video_shortest_edge=None, video_longest_edge=224)
 _DEMO_IMAGE_MAX_PIXELS = 224 * 224
@@ -41,12 +29,13 @@ _DEMO_IMAGE_MAX_PIXELS = 224 * 224
 def demo_config(tokenizer):
     """The demo model's `VambaConfig`: special-token ids taken from `tokenizer`, vocabulary rounded up from it."""
     from .configuration_vamba import VambaConfig
-    from .tiny import special_token_ids
+    from .tiny import TINY_SIZES, special_token_ids
 
     ids = special_token_ids(tokenizer)
     ids.pop("im_start_token_id")  # not a config field; the chat template writes it
     vocab_size = -(-len(tokenizer) // 64) * 64
-    return VambaConfig(vocab_size=vocab_size, architectures=["VambaForConditionalGeneration"], **ids, **_DEMO_SIZES)
+    return VambaConfig(vocab_size=vocab_size, architectures=["VambaForConditionalGeneration"],
+                       max_position_embeddings=4096, **ids, **TINY_SIZES)
 
 
 def _build_demo_model(config, seed: int):

@@ -5,6 +5,8 @@ They are owned here rather than imported from transformers' model files (whose p
 releases); names and parameter shapes are Qwen2's, so the official checkpoint loads unchanged.
 """
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -16,6 +18,15 @@ from transformers.utils import logging
 logger = logging.get_logger(__name__)
 
 
+def rms_norm(hidden_states: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Qwen2's RMSNorm, in fp32: weight * x / sqrt(mean(x^2) + eps)."""
+    input_dtype = hidden_states.dtype
+    hidden_states = hidden_states.to(torch.float32)
+    variance = hidden_states.pow(2).mean(-1, keepdim=True)
+    hidden_states = hidden_states * torch.rsqrt(variance + eps)
+    return weight * hidden_states.to(input_dtype)
+
+
 class VambaRMSNorm(nn.Module):
     """RMSNorm computed in fp32 (Qwen2's): weight * x / sqrt(mean(x^2) + eps)."""
 
@@ -25,11 +36,7 @@ class VambaRMSNorm(nn.Module):
         self.variance_epsilon = eps
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        input_dtype = hidden_states.dtype
-        hidden_states = hidden_states.to(torch.float32)
-        variance = hidden_states.pow(2).mean(-1, keepdim=True)
-        hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
-        return self.weight * hidden_states.to(input_dtype)
+        return fused_rms_norm(hidden_states, self.weight, self.variance_epsilon)
 
     def extra_repr(self) -> str:
         return f"{tuple(self.weight.shape)}, eps={self.variance_epsilon}"
@@ -135,23 +142,44 @@ def compile_unavailable(error: BaseException) -> bool:
 
 class FusedOnCuda:
     """`fn` compiled (torch.compile) for tensors on `device_type` (CUDA), so that a chain of elementwise ops makes one
-    pass over memory instead of one each; eager on other devices, or for good when compiling is unavailable."""
+    pass over memory instead of one each; eager on other devices, or for good when compiling is unavailable.
 
-    def __init__(self, fn, device_type: str = "cuda"):
-        self.fn, self.device_type = fn, device_type
+    `dynamic` is torch.compile's. `eager` is what runs instead of the compiled `fn` (default `fn` itself), and
+    `inference_only` compiles only while autograd is off: training keeps the eager path, whose saved tensors
+    activation checkpointing and FSDP rely on."""
+
+    def __init__(self, fn, device_type: str = "cuda", dynamic: Optional[bool] = True, eager=None,
+                 inference_only: bool = False):
+        self.fn, self.device_type, self.dynamic = fn, device_type, dynamic
+        self.eager = fn if eager is None else eager
+        self.inference_only = inference_only
         self.compiled, self.failed = None, False
 
+    def compiles(self, x: torch.Tensor) -> bool:
+        """Whether a call with `x` first runs the compiled `fn`. Not while an outer torch.compile traces the model:
+        it fuses `fn` itself."""
+        if x.device.type != self.device_type or self.failed or torch.compiler.is_compiling():
+            return False
+        return not (self.inference_only and torch.is_grad_enabled())
+
     def __call__(self, x: torch.Tensor, *args):
-        if x.device.type != self.device_type or self.failed:
-            return self.fn(x, *args)
+        if not self.compiles(x):
+            return self.eager(x, *args)
         try:
             if self.compiled is None:
                 # Raises at once where this Python or platform has no torch.compile.
-                self.compiled = torch.compile(self.fn, dynamic=True)
+                self.compiled = torch.compile(self.fn, dynamic=self.dynamic)
             return self.compiled(x, *args)
         except Exception as error:
             if self.compiled is not None and not compile_unavailable(error):
                 raise
             self.failed = True
             logger.warning(f"Vamba: torch.compile is unavailable ({type(error).__name__}: {error}); running eager.")
-        return self.fn(x, *args)
+        return self.eager(x, *args)
+
+
+# At inference on CUDA, the decoder's RMSNorms and its text rotary run as one kernel each instead of six to eight:
+# a decoding step is a chain of small kernels whose count, not their bytes, sets its time (BENCHMARKS.md). Shapes
+# start static (the hidden and head sizes stay so) and turn dynamic where they vary (the text length).
+fused_rms_norm = FusedOnCuda(rms_norm, dynamic=None, inference_only=True)
+fused_text_rotary = FusedOnCuda(apply_rotary, dynamic=None, inference_only=True)

@@ -131,24 +131,29 @@ def build_tiny_processor(**processor_kwargs) -> VambaProcessor:
     )
 
 
-# The tiny model of the tests: every component present, a forward in milliseconds on CPU. Its special-token ids are
-# the tiny tokenizer's (vision start/end 300/301, image/video pad 302/303, <|endoftext|> 304 as eos and pad).
-TINY_MODEL_SETTINGS = dict(
-    vocab_size=320,
+# The tiny sizes: every component present, a forward in milliseconds on CPU. The tests' model, the demo model, the
+# fine-tuning example and the benchmarks' --tiny runs all use them.
+TINY_SIZES = dict(
     hidden_size=64,
     intermediate_size=96,
     num_hidden_layers=2,
     num_attention_heads=4,
     num_key_value_heads=2,
     mrope_section=[2, 3, 3],
+    vision_config=dict(depth=1, embed_dim=32, hidden_size=64, num_heads=2, mlp_ratio=2),
+    vision_mamba_mixer_config=dict(hidden_dim=64, d_state=16, headdim=16, chunk_size=8),
+)
+# The tiny model of the tests: its special-token ids are the tiny tokenizer's (vision start/end 300/301, image/video
+# pad 302/303, <|endoftext|> 304 as eos and pad).
+TINY_MODEL_SETTINGS = dict(
+    vocab_size=320,
     vision_start_token_id=TINY_BASE_VOCAB_SIZE + 2,
     vision_end_token_id=TINY_BASE_VOCAB_SIZE + 3,
     image_token_id=TINY_BASE_VOCAB_SIZE + 4,
     video_token_id=TINY_BASE_VOCAB_SIZE + 5,
     eos_token_id=TINY_BASE_VOCAB_SIZE + 6,
     pad_token_id=TINY_BASE_VOCAB_SIZE + 6,
-    vision_config=dict(depth=1, embed_dim=32, hidden_size=64, num_heads=2, mlp_ratio=2),
-    vision_mamba_mixer_config=dict(hidden_dim=64, d_state=16, headdim=16, chunk_size=8),
+    **TINY_SIZES,
 )
 
 

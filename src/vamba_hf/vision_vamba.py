@@ -5,13 +5,32 @@ one visual token per 2x28x28 tube. Attention never crosses a temporal step, so a
 a size) attend as one batch, and a long video is encoded a group of frames at a time.
 """
 
+from itertools import groupby
+
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers.activations import ACT2FN
 from transformers.modeling_layers import GradientCheckpointingLayer
 
 from .configuration_vamba import VambaVisionConfig
 from .layers_vamba import FusedOnCuda, apply_rotary, attention_interface, sdpa_backends
+
+try:
+    from flash_attn import flash_attn_varlen_func
+except ImportError:  # optional: SDPA, or transformers' attention functions, otherwise
+    flash_attn_varlen_func = None
+
+
+class TubeConv3d(nn.Conv3d):
+    """The patch embedding's Conv3d, applied to rows of flattened tubes of exactly its kernel's size. With kernel ==
+    stride == input, each output is one dot product of a tube with each filter: one matrix product (rows, C*T*P*P)
+    x (C*T*P*P, out), the same sum as the convolution's and many times faster than cuDNN's 3-D kernels on this
+    shape. A subclass, so that the checkpoint key `proj.weight` and module hooks (offloading, adapters) apply."""
+
+    def forward(self, tubes: torch.Tensor) -> torch.Tensor:
+        """tubes: (rows, in_channels * prod(kernel_size)) -> (rows, out_channels)."""
+        return F.linear(tubes, self.weight.reshape(self.out_channels, -1), self.bias)
 
 
 class PatchEmbed(nn.Module):
@@ -22,11 +41,11 @@ class PatchEmbed(nn.Module):
         self.patch_size, self.temporal_patch_size = patch_size, temporal_patch_size
         self.in_channels, self.embed_dim = in_channels, embed_dim
         kernel = [temporal_patch_size, patch_size, patch_size]
-        self.proj = nn.Conv3d(in_channels, embed_dim, kernel_size=kernel, stride=kernel, bias=False)
+        self.proj = TubeConv3d(in_channels, embed_dim, kernel_size=kernel, stride=kernel, bias=False)
 
     def forward(self, patches: torch.Tensor) -> torch.Tensor:
-        tubes = patches.view(-1, self.in_channels, self.temporal_patch_size, self.patch_size, self.patch_size)
-        return self.proj(tubes.to(self.proj.weight.dtype)).view(-1, self.embed_dim)
+        tube_size = self.in_channels * self.temporal_patch_size * self.patch_size**2
+        return self.proj(patches.reshape(-1, tube_size).to(self.proj.weight.dtype))
 
 
 class PatchMerger(nn.Module):
@@ -95,21 +114,69 @@ class VambaVisionAttention(nn.Module):
         self.qkv = nn.Linear(config.embed_dim, 3 * config.embed_dim, bias=True)
         self.proj = nn.Linear(config.embed_dim, config.embed_dim)
 
+    def heads(self, frames: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rotate=apply_rotary):
+        """frames (F, L, embed_dim) -> rotated query, key and value (F, heads, L, head_dim): views of the (F, L, heads,
+        head_dim) rows that the projection and `rotate` write, the layout SDPA's kernels read without a copy."""
+        num_frames, length, _ = frames.shape
+        qkv = self.qkv(frames).view(num_frames, length, 3, self.num_heads, self.head_dim)
+        # Rotated before the heads are moved forward: the fused pass then reads and writes whole rows.
+        query, key = rotate(qkv[:, :, :2], cos, sin).permute(2, 0, 3, 1, 4).unbind(0)
+        return query, key, qkv[:, :, 2].transpose(1, 2)
+
+    def attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+        """Attention within each frame: (F, heads, L, head_dim) -> (F, L, embed_dim), before the output projection."""
+        num_frames, _, length, _ = query.shape
+        implementation = self.config._attn_implementation or "sdpa"
+        if implementation == "flash_attention_2" and flash_attn_varlen_func is not None:
+            out = self.attend_varlen(query, key, value)
+        elif implementation == "sdpa":
+            with sdpa_backends():
+                out = F.scaled_dot_product_attention(query, key, value, scale=self.scaling).transpose(1, 2)
+        else:
+            out, _ = attention_interface(implementation)(self, query, key, value, None, scaling=self.scaling,
+                                                         dropout=0.0, is_causal=False)
+        return out.reshape(num_frames, length, -1)
+
+    def attend_varlen(self, query, key, value) -> torch.Tensor:
+        """flash-attn's variable-length kernel over the frames as sequences of one packed (F*L, heads, head_dim)
+        batch: the rows as the projection wrote them. Returns (F, L, heads, head_dim)."""
+        num_frames, heads, length, dim = query.shape
+        starts = torch.arange(0, (num_frames + 1) * length, length, dtype=torch.int32, device=query.device)
+        packed = [x.transpose(1, 2).reshape(num_frames * length, heads, dim) for x in (query, key, value)]
+        out = flash_attn_varlen_func(*packed, starts, starts, length, length, dropout_p=0.0,
+                                     softmax_scale=self.scaling, causal=False)
+        return out.view(num_frames, length, heads, dim)
+
     def forward(self, frames: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         """frames: (F, L, embed_dim), one row per temporal step; attention stays within a row."""
-        num_frames, length, dim = frames.shape
-        qkv = self.qkv(frames).view(num_frames, length, 3, self.num_heads, self.head_dim)
-        # Rotated before the heads are moved forward: the fused pass then reads and writes whole rows. cos/sin are
-        # upcast before the compiled pass, which saves its inputs as it gets them (see apply_rotary for why they may
-        # come as bf16).
-        cos, sin = (t.float()[:, None, None] for t in rotary)
-        query, key = fused_rotary(qkv[:, :, :2], cos, sin).permute(2, 0, 3, 1, 4).unbind(0)
-        with sdpa_backends():
-            out, _ = attention_interface(self.config._attn_implementation or "sdpa")(
-                self, query, key, qkv[:, :, 2].transpose(1, 2), None, scaling=self.scaling, dropout=0.0,
-                is_causal=False,
-            )
-        return self.proj(out.reshape(num_frames, length, dim))
+        return self.proj(self.attend(*self.heads(frames, *rotation(rotary), rotate=fused_rotary)))
+
+
+def rotation(rotary: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin (L, head_dim) -> (L, 1, 1, head_dim) fp32, to broadcast over the (F, L, 2, heads, head_dim) q/k rows.
+    Upcast before any compiled pass, which saves its inputs as it gets them (see apply_rotary for why they may come
+    as bf16)."""
+    return tuple(t.float()[:, None, None] for t in rotary)
+
+
+def attention_inputs(frames, block: "VambaVisionBlock", cos, sin, rotate=apply_rotary):
+    """LayerNorm -> qkv projection -> rotary: a block's work before attention."""
+    return block.attn.heads(block.norm1(frames), cos, sin, rotate=rotate)
+
+
+def block_output(frames, block: "VambaVisionBlock", attended):
+    """Output projection and residual -> LayerNorm -> MLP (quick_gelu) and residual: a block's work after attention."""
+    frames = frames + block.attn.proj(attended)
+    return frames + block.mlp(block.norm2(frames))
+
+
+# On CUDA at inference each side of a block's attention runs compiled: the LayerNorms, biases, fp32 rotary,
+# quick_gelu and residual adds fuse around the GEMMs. Static shapes: a video's frame groups share one shape (the
+# last group another), and static index arithmetic keeps the fused rotary at memory speed. Training and other
+# devices run the same functions eagerly (with the rotary alone fused on CUDA).
+compiled_attention_inputs = FusedOnCuda(attention_inputs, dynamic=False, inference_only=True,
+                                        eager=lambda *args: attention_inputs(*args, rotate=fused_rotary))
+compiled_block_output = FusedOnCuda(block_output, dynamic=False, inference_only=True)
 
 
 class VambaVisionBlock(GradientCheckpointingLayer):
@@ -121,17 +188,20 @@ class VambaVisionBlock(GradientCheckpointingLayer):
         self.mlp = VisionMlp(config.embed_dim, int(config.embed_dim * config.mlp_ratio), config.hidden_act)
 
     def forward(self, frames: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        frames = frames + self.attn(self.norm1(frames), rotary)
-        return frames + self.mlp(self.norm2(frames))
+        query, key, value = compiled_attention_inputs(frames, self, *rotation(rotary))
+        return compiled_block_output(frames, self, self.attn.attend(query, key, value))
 
 
 class VambaVisionTower(nn.Module):
     """Patch embedding -> ViT blocks -> 2x2 patch merger: one visual token per 2x28x28 pixel tube."""
 
-    def __init__(self, config: VambaVisionConfig, max_frames: int):
+    def __init__(self, config: VambaVisionConfig, max_frames: int, batch_items: bool = False):
         super().__init__()
         self.config = config
         self.max_frames = max_frames
+        # Consecutive images/videos of one frame size are encoded as one sequence of temporal steps, filling whole
+        # frame groups (attention never crosses a step: per step, the same computation as each item alone).
+        self.batch_items = batch_items
         self.patch_embed = PatchEmbed(patch_size=config.patch_size, temporal_patch_size=config.temporal_patch_size,
                                       in_channels=config.in_channels, embed_dim=config.embed_dim)
         self.rotary = VambaVisionRotary(config)
@@ -147,15 +217,30 @@ class VambaVisionTower(nn.Module):
             frames = block(frames, rotary)
         return self.merger(frames.reshape(-1, self.config.embed_dim))
 
+    def encode_steps(self, patches: torch.Tensor, steps: int, height: int, width: int) -> torch.Tensor:
+        """All `steps` temporal steps of `patches`, max_frames steps at a time."""
+        per_step = height * width
+        groups = [
+            self.encode_frames(patches[start * per_step : (start + self.max_frames) * per_step], height, width)
+            for start in range(0, steps, self.max_frames)
+        ]
+        return torch.cat(groups) if len(groups) > 1 else groups[0]
+
+    def runs(self, grid: list[list[int]]) -> list[list[list[int]]]:
+        """The items (t, h, w) encoded together: each alone, or with `batch_items` each run of consecutive items of
+        one frame size."""
+        if not self.batch_items:
+            return [[item] for item in grid]
+        return [list(run) for _, run in groupby(grid, key=lambda item: tuple(item[1:]))]
+
     def forward(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> list[torch.Tensor]:
         """One (tokens, hidden_size) tensor per image/video of `grid_thw`."""
         outputs = []
-        patches_per_item = grid_thw.prod(-1).tolist()
-        for patches, (t, h, w) in zip(pixel_values.split(patches_per_item), grid_thw.tolist()):
-            per_frame = h * w
-            groups = [
-                self.encode_frames(patches[start * per_frame : (start + self.max_frames) * per_frame], h, w)
-                for start in range(0, t, self.max_frames)
-            ]
-            outputs.append(torch.cat(groups) if len(groups) > 1 else groups[0])
+        runs = self.runs(grid_thw.tolist())
+        patches_per_run = [sum(t * h * w for t, h, w in run) for run in runs]
+        merged = self.config.spatial_merge_size**2
+        for patches, run in zip(pixel_values.split(patches_per_run), runs):
+            _, height, width = run[0]
+            encoded = self.encode_steps(patches, sum(t for t, _, _ in run), height, width)
+            outputs.extend(encoded.split([t * h * w // merged for t, h, w in run]) if len(run) > 1 else [encoded])
         return outputs
