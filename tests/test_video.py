@@ -596,9 +596,10 @@ def test_a_file_without_a_packet_index_decodes_in_one_pass(tmp_path, monkeypatch
     assert_same_video(load_video(path, NO_RESIZE, num_frames=5, decoder="seek"), expected)
 
 
-def test_an_index_that_does_not_match_the_frames_falls_back_to_one_pass(tmp_path, monkeypatch):
+@pytest.mark.parametrize("options", [dict(num_frames=5), dict(num_frames=2, decode_workers=1)])
+def test_an_index_that_does_not_match_the_frames_falls_back_to_one_pass(tmp_path, monkeypatch, options):
     path = write_x264(tmp_path / "gops.mp4")
-    expected = one_pass(path, NO_RESIZE.with_options(num_frames=5))
+    expected = one_pass(path, NO_RESIZE.with_options(**options))
     packet_index = video_vamba._packet_index
 
     def shifted(*args):  # every packet one frame later than the frames decoded
@@ -609,21 +610,25 @@ def test_an_index_that_does_not_match_the_frames_falls_back_to_one_pass(tmp_path
     decode_plan = video_vamba._decode_plan
     monkeypatch.setattr(video_vamba, "_packet_index", shifted)
     monkeypatch.setattr(video_vamba, "_decode_plan", lambda *args: passes.append(True) or decode_plan(*args))
-    assert_same_video(load_video(path, NO_RESIZE, num_frames=5, decoder="seek"), expected)
+    assert_same_video(load_video(path, NO_RESIZE, decoder="seek", **options), expected)
     assert passes == [True]
 
 
-def test_odd_keyframe_flags_still_give_the_frames_of_one_pass(tmp_path, monkeypatch):
+def test_keyframe_flags_on_frames_that_are_no_keyframes_fall_back_to_one_pass(tmp_path, monkeypatch):
     path = write_x264(tmp_path / "gops.mp4")
     expected = one_pass(path, NO_RESIZE.with_options(num_frames=7))
     packet_index = video_vamba._packet_index
 
-    def every_packet_a_keyframe(*args):  # seeking to a non-keyframe lands on the keyframe before it
+    def every_packet_a_keyframe(*args):
         index = packet_index(*args)
         return replace(index, keyframes=list(range(len(index.times))))
 
+    passes = []
+    decode_plan = video_vamba._decode_plan
     monkeypatch.setattr(video_vamba, "_packet_index", every_packet_a_keyframe)
-    assert_same_video(load_by_seeking(path, NO_RESIZE, num_frames=7, decode_workers=2), expected)
+    monkeypatch.setattr(video_vamba, "_decode_plan", lambda *args: passes.append(True) or decode_plan(*args))
+    assert_same_video(load_video(path, NO_RESIZE, num_frames=7, decoder="seek", decode_workers=2), expected)
+    assert passes == [True]
 
 
 def test_a_truncated_file_decodes_in_one_pass(tmp_path):

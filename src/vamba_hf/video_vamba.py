@@ -832,8 +832,9 @@ class _RowWriter:
 
 class _SeekingDecoder:
     """Decodes the sampled GOPs of a local file in worker threads, each with its own container open on the file.
-    Every decoded frame is checked against the packet index (its position and time), so the frames are those one
-    pass from the start gives, or `_IndexMismatch` is raised."""
+    Every decoded frame is checked against the packet index (its time is a packet's, frames follow each other
+    without a gap from a keyframe, which decodes as one), so the frames are those one pass from the start gives, or
+    `_IndexMismatch` is raised."""
 
     def __init__(self, location: str, facts: _StreamFacts, index: _PacketIndex, resize: FrameResize, bar):
         self.location, self.facts, self.index, self.resize, self.bar = location, facts, index, resize, bar
@@ -882,7 +883,7 @@ class _SeekingDecoder:
             position, time = self._position_of(frame)
             if position < expected:  # decoded before the keyframe sought (an earlier keyframe, open-GOP frames)
                 continue
-            if position != expected:
+            if position != expected or (position == gop.keyframe and not frame.key_frame):
                 raise _IndexMismatch()
             if self.bar is not None:
                 self.bar.update(1)
