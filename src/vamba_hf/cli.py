@@ -265,6 +265,12 @@ def _add_generate(subparsers) -> None:
     visual.add_argument("--image", default=None, help="image file")
     parser.add_argument("--prompt", default=None, help="the question (default: describe the video/image)")
     parser.add_argument("--max-new-tokens", type=positive_int, default=128)
+    _add_sampling_and_device_options(parser)
+    parser.set_defaults(run=run_generate)
+
+
+def _add_sampling_and_device_options(parser) -> None:
+    """--frames / --fps, --dtype and --device, as generate and chat take them."""
     sampling = parser.add_mutually_exclusive_group()
     sampling.add_argument("--frames", type=positive_int, default=None,
                           help="frames sampled uniformly from the video (default: the processor's, 128 for the "
@@ -274,7 +280,6 @@ def _add_generate(subparsers) -> None:
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                         help="auto: bfloat16 on GPU, float32 on CPU")
     parser.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:1, ...")
-    parser.set_defaults(run=run_generate)
 
 
 def _add_chat(subparsers) -> None:
@@ -286,19 +291,12 @@ def _add_chat(subparsers) -> None:
     parser.add_argument("--video", default=None, help="video file (decoded with PyAV)")
     parser.add_argument("--model", default=None,
                         help="converted folder or Hub repo id (default: the embedded demo model)")
-    sampling = parser.add_mutually_exclusive_group()
-    sampling.add_argument("--frames", type=positive_int, default=None,
-                          help="frames sampled uniformly from the video (default: the processor's)")
-    sampling.add_argument("--fps", type=positive_rate, default=None,
-                          help="sample frames at this rate (frames per second) instead of --frames")
     parser.add_argument("--save-state", default=None, metavar="PATH",
                         help="write the encoded video to PATH (safetensors) for a later --state")
     parser.add_argument("--state", default=None, metavar="PATH",
                         help="answer from a video encoded earlier (--save-state) instead of encoding --video")
     parser.add_argument("--max-new-tokens", type=positive_int, default=128)
-    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                        help="auto: bfloat16 on GPU, float32 on CPU")
-    parser.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:1, ...")
+    _add_sampling_and_device_options(parser)
     parser.set_defaults(run=run_chat)
 
 
