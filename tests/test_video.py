@@ -16,12 +16,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from media_helpers import frame_index_of, write_audio_only, write_empty_video, write_frames, write_video
 
-from vamba_hf import video_vamba
+from vamba_hf import video_decode_vamba, video_vamba
+from vamba_hf.video_decode_vamba import FrameBuffer, edges_size
 from vamba_hf.video_vamba import (
-    FrameBuffer,
     VideoFrames,
     VideoSampling,
-    edges_size,
     load_video,
     sample_frame_indices,
     to_video_frames,
@@ -656,12 +655,12 @@ def test_the_index_of_an_mp4_without_b_frames_comes_from_its_sample_table(tmp_pa
     with av.open(str(path)) as container:
         stream = container.streams.video[0]
         facts = video_vamba._stream_facts(stream)
-        from_entries = video_vamba._index_from_entries(stream, facts)
+        from_entries = video_decode_vamba._index_from_entries(stream, facts)
         assert from_entries is not None and len(from_entries.keyframes) == 10
-        assert from_entries == video_vamba._index_from_demuxing(container, stream, facts)
+        assert from_entries == video_decode_vamba._index_from_demuxing(container, stream, facts)
     with av.open(str(write_x264(tmp_path / "b_frames.mp4"))) as container:  # decoding times are not display times
         stream = container.streams.video[0]
-        assert video_vamba._index_from_entries(stream, video_vamba._stream_facts(stream)) is None
+        assert video_decode_vamba._index_from_entries(stream, video_vamba._stream_facts(stream)) is None
     expected = one_pass(path, NO_RESIZE.with_options(num_frames=7))
-    monkeypatch.setattr(video_vamba, "_index_from_demuxing", lambda *args: pytest.fail("demuxed"))
+    monkeypatch.setattr(video_decode_vamba, "_index_from_demuxing", lambda *args: pytest.fail("demuxed"))
     assert_same_video(load_by_seeking(path, NO_RESIZE, num_frames=7, decode_workers=2), expected)

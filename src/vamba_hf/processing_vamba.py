@@ -30,6 +30,7 @@ from transformers.feature_extraction_utils import BatchFeature
 from transformers.processing_utils import ImagesKwargs, ProcessingKwargs, ProcessorMixin, TextKwargs, VideosKwargs
 from transformers.utils.chat_template_utils import render_jinja_template
 
+from .video_decode_vamba import resize_frame
 from .video_vamba import (
     FrameResize,
     VideoFrames,
@@ -38,7 +39,6 @@ from .video_vamba import (
     is_single_frame,
     load_image,
     load_video,
-    resize_frame,
     to_video_frames,
 )
 

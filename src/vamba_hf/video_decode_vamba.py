@@ -1,0 +1,656 @@
+"""Decoding video and image files for Vamba with PyAV and PIL: opening files and URLs, the stream's packet index,
+sampled frames decoded in one pass or by seeking to the keyframes before them (in worker threads, one container
+each), converted to RGB, rotated as the display matrix says and resized (PIL bicubic) into one uint8 array.
+
+Served as Hub remote code beside `video_vamba.py`, which holds the sampling options and the public `load_video`;
+PyAV and tqdm are imported where they are used.
+"""
+
+import bisect
+import collections
+import mmap
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable, Optional
+
+import numpy as np
+import PIL.Image
+
+if TYPE_CHECKING:
+    from .video_vamba import VideoSampling
+
+# A progress bar is shown (when `progress` is left to None) for decodes at least this long.
+PROGRESS_BAR_MIN_FRAMES = 1000
+# Consecutive undecodable packets after which a stream is treated as ended.
+MAX_CONSECUTIVE_DECODE_ERRORS = 64
+# Timestamps closer than this (seconds) count as equal: container time bases round.
+TIME_TOLERANCE = 1e-6
+
+
+# ----------------------------------------------------------------------------------------------
+# Frame sizes
+
+
+def edges_size(width: int, height: int, shortest_edge, longest_edge) -> tuple:
+    """The original release's frame size: longest edge at most `longest_edge` (aspect kept), then each edge at least
+    `shortest_edge`. A side never drops below 1 pixel."""
+    aspect_ratio = width / height
+    if longest_edge is not None:
+        if width >= height and width > longest_edge:
+            width, height = longest_edge, max(1, int(longest_edge / aspect_ratio))
+        elif height > width and height > longest_edge:
+            width, height = max(1, int(longest_edge * aspect_ratio)), longest_edge
+    if shortest_edge is not None:
+        width, height = max(width, shortest_edge), max(height, shortest_edge)
+    return width, height
+
+
+def resize_frame(frame: np.ndarray, size: tuple, resample=PIL.Image.BICUBIC) -> np.ndarray:
+    """An HxWx3 uint8 frame resized to `size` (width, height) with PIL; unchanged when it already has that size."""
+    if (frame.shape[1], frame.shape[0]) == tuple(size):
+        return frame
+    return np.asarray(PIL.Image.fromarray(frame).resize(tuple(size), resample=resample))
+
+
+@dataclass(frozen=True)
+class FrameResize:
+    """The resizes each frame goes through: to `edges_size`, then to `final_size(width, height)` when given (the
+    processor's patch grid), both with PIL."""
+
+    shortest_edge: Optional[int] = None
+    longest_edge: Optional[int] = None
+    final_size: Optional[Callable] = None
+    final_resample: int = PIL.Image.BICUBIC
+
+    def output_size(self, width: int, height: int) -> tuple:
+        size = edges_size(width, height, self.shortest_edge, self.longest_edge)
+        return size if self.final_size is None else tuple(self.final_size(*size))
+
+    def apply(self, image: PIL.Image.Image, output_size: tuple) -> np.ndarray:
+        """The image, resized to its edges size and then to `output_size`, as an HxWx3 uint8 array."""
+        size = edges_size(*image.size, self.shortest_edge, self.longest_edge)
+        if size != image.size:
+            image = image.resize(size, resample=PIL.Image.BICUBIC)
+        if tuple(output_size) != image.size:
+            image = image.resize(tuple(output_size), resample=self.final_resample)
+        return np.asarray(image)
+
+
+def _check_frame_size(width: int, height: int, what: str) -> None:
+    if width == 0 or height == 0:
+        raise ValueError(f"{what} has zero size ({width}x{height}); give a non-empty image.")
+
+
+
+# ----------------------------------------------------------------------------------------------
+# Files and URLs
+
+
+def is_url(source: str) -> bool:
+    return "://" in source and not source.startswith("file://")
+
+
+def _local_path(source: str) -> str:
+    return source[len("file://"):] if source.startswith("file://") else source
+
+
+def check_readable_file(path: str, kind: str) -> None:
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{kind} file not found: {path!r}. Check the path (relative paths start from "
+                                f"{os.getcwd()!r}).")
+    if os.path.isdir(path):
+        raise ValueError(f"{path!r} is a folder, not a {kind} file. Give the path of the {kind} file itself.")
+    if os.path.getsize(path) == 0:
+        raise ValueError(f"{kind} file {path!r} is empty (0 bytes). Re-download or re-export it.")
+
+
+def load_image(source, timeout: float = 10.0) -> PIL.Image.Image:
+    """An RGB PIL image from a path, URL or data URI, with errors that name the file."""
+    location = os.fspath(source)
+    if is_url(location) or location.startswith("data:"):
+        from transformers.image_utils import load_image as load_image_from_url
+
+        image = load_image_from_url(location, timeout=timeout)
+    else:
+        path = _local_path(location)
+        check_readable_file(path, "image")
+        try:
+            with PIL.Image.open(path) as opened:
+                image = opened.convert("RGB")
+        except (PIL.UnidentifiedImageError, OSError) as error:
+            raise ValueError(f"cannot read {path!r} as an image ({error}). Check that the file is a complete "
+                             "PNG/JPEG/... image.") from None
+    _check_frame_size(*image.size, f"image {location!r}")
+    return image.convert("RGB")
+
+
+def _import_av():
+    try:
+        import av
+    except ImportError:
+        raise ImportError("decoding video files needs PyAV: `pip install av` (or pass the frames yourself)") from None
+    return av
+
+
+def _open_container(location: str, timeout: float):
+    av = _import_av()
+    try:
+        container = av.open(location, timeout=(timeout, timeout)) if is_url(location) else av.open(location)
+    except av.error.FFmpegError as error:
+        if is_url(location) and _is_timeout(av, error):
+            raise TimeoutError(f"{location!r}: timed out after {timeout} s waiting for the server. Check the "
+                               "address, or raise video_timeout.") from None
+        raise ValueError(f"cannot read {location!r} as a video ({error}). The file is not a video, or it is "
+                         "truncated or corrupt; check that it plays, or re-encode it (e.g. `ffmpeg -i in -c:v "
+                         "libx264 out.mp4`).") from None
+    if not container.streams.video:
+        container.close()
+        raise ValueError(f"{location!r} has no video stream (an audio-only or data file?). Give a video file.")
+    return container
+
+
+def _is_timeout(av, error) -> bool:
+    # PyAV's timeout interrupts FFmpeg, which reports it as an immediate exit (or ETIMEDOUT from the socket).
+    return isinstance(error, (av.error.ExitError, av.error.TimeoutError)) or "timed out" in str(error).lower()
+
+
+# ----------------------------------------------------------------------------------------------
+# Sampling plans: which decoded frames to keep
+
+
+def sample_frame_indices(total_frames: int, num_frames: int) -> list:
+    """The middle frame of each of `num_frames` equal intervals of the video (the original release's sampling).
+
+    A video shorter than `num_frames` gives each of its frames once (the original repeated the last one).
+    """
+    if total_frames < 1 or num_frames < 1:
+        return []
+    count = min(num_frames, total_frames)
+    bounds = np.linspace(0, total_frames, count + 1).astype(int)
+    return [int(start + end - 1) // 2 for start, end in zip(bounds[:-1], bounds[1:])]
+
+
+def sample_times(start: float, end: float, count: int) -> list:
+    """The middle of each of `count` equal intervals of [start, end)."""
+    step = (end - start) / count
+    return [start + (index + 0.5) * step for index in range(count)]
+
+
+class _IndexPlan:
+    """Keeps the frames at the given stream indices."""
+
+    def __init__(self, indices: list):
+        self.indices = sorted(set(indices))
+        self.capacity = len(self.indices)
+        self.next = 0
+
+    def offer(self, index: int, time: float, frame) -> list:
+        if self.next < len(self.indices) and index == self.indices[self.next]:
+            self.next += 1
+            return [(index, time, frame)]
+        return []
+
+    def finish(self) -> list:
+        return []
+
+
+class _TimePlan:
+    """Keeps, for each target time, the frame on screen then (the last one whose timestamp is not after it)."""
+
+    def __init__(self, times: list):
+        self.times = times
+        self.capacity = len(times)
+        self.next = 0
+        self.previous = None
+        self.last_kept_index = None
+
+    def _keep(self, candidate) -> list:
+        if candidate[0] == self.last_kept_index:
+            return []
+        self.last_kept_index = candidate[0]
+        return [candidate]
+
+    def offer(self, index: int, time: float, frame) -> list:
+        if time is None:
+            raise ValueError("sampling by fps needs frame timestamps, and this video's frames have none: sample by "
+                             "num_frames instead.")
+        kept = []
+        while self.next < len(self.times) and time > self.times[self.next] + TIME_TOLERANCE:
+            kept += self._keep(self.previous or (index, time, frame))
+            self.next += 1
+        self.previous = (index, time, frame)
+        return kept
+
+    def finish(self) -> list:
+        remaining, self.next = self.next < len(self.times), len(self.times)
+        return self._keep(self.previous) if remaining and self.previous is not None else []
+
+
+# ----------------------------------------------------------------------------------------------
+# Decoding
+
+
+@dataclass
+class _StreamFacts:
+    """What the container says about its first video stream, and, after a demux pass, every packet's time."""
+
+    frame_rate: Optional[float]
+    declared_frames: int
+    duration: Optional[float]  # seconds
+    start: float  # seconds: the stream's first timestamp, subtracted from every frame time
+    packet_times: Optional[list] = None  # sorted presentation times (seconds from `start`) of every packet
+
+
+def _stream_facts(stream) -> _StreamFacts:
+    time_base = stream.time_base
+    start = float(stream.start_time * time_base) if stream.start_time is not None and time_base else 0.0
+    duration = float(stream.duration * time_base) if stream.duration and time_base else None
+    frame_rate = float(stream.average_rate) if stream.average_rate else None
+    return _StreamFacts(frame_rate, max(stream.frames, 0), duration, start)
+
+
+def _demux_packet_times(container, stream, facts: _StreamFacts) -> list:
+    """Presentation times of every packet, in order, read without decoding; the container is rewound after."""
+    av = _import_av()
+    times = []
+    try:
+        for packet in container.demux(stream):
+            if packet.size and packet.pts is not None:
+                times.append(float(packet.pts * packet.time_base) - facts.start)
+    except av.error.FFmpegError:
+        pass
+    if times:
+        container.seek(0)
+    return sorted(times)
+
+
+def _decoded_frames(container, stream):
+    """Decoded frames of `stream`, in order; undecodable packets are skipped, a broken container ends the stream."""
+    av = _import_av()
+    consecutive_errors = 0
+    try:
+        for packet in container.demux(stream):
+            try:
+                frames = packet.decode()
+            except av.error.FFmpegError:
+                consecutive_errors += 1
+                if consecutive_errors > MAX_CONSECUTIVE_DECODE_ERRORS:
+                    return
+                continue
+            consecutive_errors = 0
+            yield from frames
+    except av.error.FFmpegError as error:
+        if _is_timeout(av, error):
+            raise
+        return
+
+
+def _progress_bar(total: int, progress, description: str):
+    if not (progress if progress is not None else total >= PROGRESS_BAR_MIN_FRAMES):
+        return None
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, unit="frame", desc=description, leave=False)
+
+
+def _quarter_turns(frame) -> int:
+    """Counter-clockwise quarter turns the frame's display matrix asks for."""
+    return round(getattr(frame, "rotation", 0) / 90) % 4
+
+
+QUARTER_TURN_TRANSPOSES = {1: PIL.Image.Transpose.ROTATE_90, 2: PIL.Image.Transpose.ROTATE_180,
+                           3: PIL.Image.Transpose.ROTATE_270}
+
+
+def _display_image(frame) -> PIL.Image.Image:
+    """The frame as an RGB PIL image, turned as its display matrix says."""
+    image = frame.to_image()
+    turns = _quarter_turns(frame)
+    return image.transpose(QUARTER_TURN_TRANSPOSES[turns]) if turns else image
+
+
+def _display_size(frame) -> tuple:
+    return (frame.height, frame.width) if _quarter_turns(frame) % 2 else (frame.width, frame.height)
+
+
+class FrameBuffer:
+    """Frames of one size in one anonymous memory map, whose pages are handed back to the system as the frames
+    are used, first to last (so that patching a long video moves memory from frames to patches)."""
+
+    def __init__(self, capacity: int, width: int, height: int):
+        self.frame_bytes = width * height * 3
+        size = max(1, capacity * self.frame_bytes)
+        if hasattr(mmap, "MAP_ANONYMOUS"):  # private: handed-back pages are freed (a shared mapping keeps them)
+            self.map = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        else:
+            self.map = mmap.mmap(-1, size)
+        self.array = np.frombuffer(self.map, dtype=np.uint8, count=capacity * self.frame_bytes).reshape(
+            capacity, height, width, 3)
+        self.released = 0  # bytes, a multiple of the page size
+
+    def release(self, count: int) -> None:
+        end = count * self.frame_bytes // mmap.PAGESIZE * mmap.PAGESIZE
+        if end > self.released and hasattr(mmap, "MADV_DONTNEED"):
+            self.map.madvise(mmap.MADV_DONTNEED, self.released, end - self.released)
+            self.released = end
+
+
+def _conversion_workers() -> int:
+    return min(4, os.cpu_count() or 1)
+
+
+def _convert_into(buffer: FrameBuffer, resize: FrameResize, frame, row: int) -> None:
+    output = buffer.array[row]
+    output[...] = resize.apply(_display_image(frame), output.shape[1::-1])
+
+
+class _FrameWriter:
+    """Converts kept frames (RGB, rotation, resize) in worker threads, all to the size of the first."""
+
+    def __init__(self, capacity: int, resize: FrameResize, workers: int):
+        self.capacity, self.resize = capacity, resize
+        self.pool = ThreadPoolExecutor(max_workers=workers)
+        # Decoded frames waiting for a worker hold source-size pixels: at most two per worker.
+        self.max_pending = 2 * workers
+        self.pending, self.times, self.indices = collections.deque(), [], []
+        self.buffer = None
+
+    def add(self, index: int, time: float, frame) -> None:
+        if self.buffer is None:
+            self.buffer = FrameBuffer(self.capacity, *self.resize.output_size(*_display_size(frame)))
+        while len(self.pending) >= self.max_pending:
+            self.pending.popleft().result()
+        self.pending.append(self.pool.submit(self._convert, frame, len(self.indices)))
+        self.times.append(time)
+        self.indices.append(index)
+
+    def _convert(self, frame, row: int) -> None:
+        _convert_into(self.buffer, self.resize, frame, row)
+
+    def finish(self):
+        """(the kept frames, the buffer holding them), or (None, None) when nothing was kept."""
+        try:
+            for future in self.pending:
+                future.result()
+        finally:
+            self.pool.shutdown()
+        if self.buffer is None:
+            return None, None
+        return list(self.buffer.array[: len(self.indices)]), self.buffer
+
+
+def _decode_plan(container, stream, facts: _StreamFacts, plan, sampling: "VideoSampling", resize: FrameResize,
+                 description: str) -> tuple:
+    """One pass over the stream: (frames kept by `plan`, their times and indices, frames decoded)."""
+    writer = _FrameWriter(plan.capacity, resize, workers=_conversion_workers())
+    bar = _progress_bar(facts.declared_frames or len(facts.packet_times or []), sampling.progress, description)
+    decoded = 0
+    if sampling.start_time > 0:
+        container.seek(int((sampling.start_time + facts.start) / stream.time_base), stream=stream, backward=True)
+    try:
+        for frame in _decoded_frames(container, stream):
+            time = float(frame.time) - facts.start if frame.time is not None else None
+            index = decoded if facts.packet_times is None or time is None else _index_at(facts.packet_times, time)
+            decoded += 1
+            if bar is not None:
+                bar.update(1)
+            if time is not None and time < sampling.start_time - TIME_TOLERANCE:
+                continue
+            for kept in plan.offer(index, time, frame):
+                writer.add(*kept)
+        for kept in plan.finish():
+            writer.add(*kept)
+    finally:
+        frames, buffer = writer.finish()
+        if bar is not None:
+            bar.close()
+    times = writer.times if all(time is not None for time in writer.times) else None
+    return frames, times, writer.indices, decoded, buffer
+
+
+def _index_at(packet_times: list, time: float) -> int:
+    return bisect.bisect_left(packet_times, time - TIME_TOLERANCE)
+
+
+# ----------------------------------------------------------------------------------------------
+# Seeking: decoding only the GOPs that hold sampled frames, in parallel
+
+
+class _IndexMismatch(Exception):
+    """A decoded frame is not the one the packet index announced: the video is decoded in one pass instead."""
+
+
+@dataclass
+class _PacketIndex:
+    """Every packet of a video stream in presentation order, read by a demux pass without decoding."""
+
+    times: list  # seconds from the stream's start
+    pts: list  # in the stream's time base
+    keyframes: list  # positions in `times` of the keyframes, ascending
+
+    def gop_of(self, position: int) -> int:
+        return bisect.bisect_right(self.keyframes, position) - 1
+
+
+def _packet_index(container, stream, facts: _StreamFacts) -> Optional[_PacketIndex]:
+    """The packet index, from the container's own index when that gives every frame's presentation time, else from
+    a demux pass; None when it cannot be trusted to seek by."""
+    return _index_from_entries(stream, facts) or _index_from_demuxing(container, stream, facts)
+
+
+def _index_from_entries(stream, facts: _StreamFacts) -> Optional[_PacketIndex]:
+    """The container's index (e.g. an MP4's sample table), read without touching the packets. Its timestamps are
+    decoding times, which are presentation times only without B-frames; None otherwise, or when the index does not
+    list every frame (Matroska's cues list keyframes only)."""
+    entries = getattr(stream, "index_entries", None)
+    if entries is None or getattr(stream.codec_context, "has_b_frames", True) or not facts.declared_frames:
+        return None
+    if len(entries) != facts.declared_frames:
+        return None
+    entries = list(entries)
+    if any(entry.is_discard for entry in entries):
+        return None
+    return _index_of([(entry.timestamp, entry.is_keyframe) for entry in entries], stream, facts, presorted=True)
+
+
+def _index_of(packets: list, stream, facts: _StreamFacts, presorted: bool = False) -> Optional[_PacketIndex]:
+    """The index of (pts, is keyframe) pairs; None for two packets at one time, or a first frame that is no
+    keyframe. `presorted` pairs must already be in strictly increasing time."""
+    pts = [value for value, _ in packets]
+    if presorted and any(later <= earlier for earlier, later in zip(pts, pts[1:])):
+        return None
+    keyframes = [position for position, (_, keyframe) in enumerate(packets) if keyframe]
+    if not keyframes or keyframes[0] != 0 or len(set(pts)) != len(pts):
+        return None
+    time_base = stream.time_base
+    return _PacketIndex([float(value * time_base) - facts.start for value in pts], pts, keyframes)
+
+
+def _index_from_demuxing(container, stream, facts: _StreamFacts) -> Optional[_PacketIndex]:
+    """The index from a demux pass, or None on a packet without a timestamp, an empty or corrupt packet, or a
+    demuxing error. The container is rewound after."""
+    av = _import_av()
+    packets = []
+    try:
+        for packet in container.demux(stream):
+            if packet.pts is None and not packet.size:  # the demuxer's end-of-stream packet
+                continue
+            if packet.pts is None or not packet.size or packet.is_corrupt:
+                return None
+            packets.append((packet.pts, packet.is_keyframe))
+    except av.error.FFmpegError:
+        return None
+    finally:
+        if packets:
+            container.seek(0)
+    return _index_of(sorted(packets), stream, facts)
+
+
+@dataclass
+class _GopSamples:
+    """The sampled frames of one GOP: decoding starts at its keyframe and stops at its last sample."""
+
+    keyframe: int  # position of the keyframe
+    rows: dict  # position of a sampled frame -> its row in the output
+
+    @property
+    def last(self) -> int:
+        return max(self.rows)
+
+    @property
+    def cost(self) -> int:
+        """Frames decoded for this GOP."""
+        return self.last - self.keyframe + 1
+
+
+def _planned_frames(plan, index: _PacketIndex, start_time: float) -> list:
+    """(position, time) of the frames `plan` keeps from a stream whose frames are the packets of `index`."""
+    kept = []
+    for position, time in enumerate(index.times):
+        if time >= start_time - TIME_TOLERANCE:
+            kept += plan.offer(position, time, None)
+    return [(position, time) for position, time, _ in kept + plan.finish()]
+
+
+def _gop_samples(index: _PacketIndex, positions: list) -> list:
+    gops = {}
+    for row, position in enumerate(positions):
+        keyframe = index.keyframes[index.gop_of(position)]
+        gops.setdefault(keyframe, _GopSamples(keyframe, {})).rows[position] = row
+    return [gops[keyframe] for keyframe in sorted(gops)]
+
+
+def _split_for_workers(gops: list, workers: int) -> list:
+    """Consecutive runs of GOPs, one per worker, of about equal decoding cost."""
+    total = sum(gop.cost for gop in gops)
+    runs, current, done = [], [], 0
+    for gop in gops:
+        current.append(gop)
+        done += gop.cost
+        if done * workers >= total * (len(runs) + 1) and len(runs) < workers - 1:
+            runs.append(current)
+            current = []
+    return runs + [current] if current else runs
+
+
+# A worker decodes on through a gap of at most this many unsampled frames rather than seek over it.
+MAX_GAP_DECODED = 16
+
+
+class _RowWriter:
+    """Converts frames into given rows of one `FrameBuffer` in conversion threads, taking frames from several
+    decoding threads. The buffer takes the size of the first frame written; a frame of another display size raises
+    `_IndexMismatch` (one pass resizes every frame to the size of the first sampled one, which a worker cannot
+    know)."""
+
+    def __init__(self, capacity: int, resize: FrameResize, workers: int):
+        self.capacity, self.resize = capacity, resize
+        self.lock = threading.Lock()
+        self.buffer, self.display_size = None, None
+        self.times = [None] * capacity
+        self.pool = ThreadPoolExecutor(max_workers=workers)
+        # Decoded frames waiting for a conversion thread hold source-size pixels: at most two per thread.
+        self.free_slots = threading.BoundedSemaphore(2 * workers)
+        self.pending = []
+
+    def write(self, row: int, time: float, frame) -> None:
+        with self.lock:
+            if self.buffer is None:
+                self.display_size = _display_size(frame)
+                self.buffer = FrameBuffer(self.capacity, *self.resize.output_size(*self.display_size))
+        if _display_size(frame) != self.display_size:
+            raise _IndexMismatch()
+        self.times[row] = time
+        self.free_slots.acquire()
+        future = self.pool.submit(_convert_into, self.buffer, self.resize, frame, row)
+        future.add_done_callback(lambda _: self.free_slots.release())
+        with self.lock:
+            self.pending.append(future)
+
+    def finish(self) -> None:
+        try:
+            for future in self.pending:
+                future.result()
+        finally:
+            self.pool.shutdown()
+
+
+class _SeekingDecoder:
+    """Decodes the sampled GOPs of a local file in worker threads, each with its own container open on the file.
+    Every decoded frame is checked against the packet index (its time is a packet's, frames follow each other
+    without a gap from a keyframe, which decodes as one), so the frames are those one pass from the start gives, or
+    `_IndexMismatch` is raised."""
+
+    def __init__(self, location: str, facts: _StreamFacts, index: _PacketIndex, resize: FrameResize, bar):
+        self.location, self.facts, self.index, self.resize, self.bar = location, facts, index, resize, bar
+        self.stop = threading.Event()
+
+    def decode(self, gops: list, capacity: int, workers: int) -> _RowWriter:
+        """The writer holding the decoded frames and their times."""
+        writer = _RowWriter(capacity, self.resize, workers=_conversion_workers())
+        runs = _split_for_workers(gops, workers)
+        codec_threads = max(1, (os.cpu_count() or 1) // len(runs))
+        try:
+            with ThreadPoolExecutor(max_workers=len(runs)) as pool:
+                futures = [pool.submit(self._decode_run, run, writer, codec_threads) for run in runs]
+                try:
+                    for future in futures:
+                        future.result()
+                finally:
+                    self.stop.set()
+        finally:
+            writer.finish()
+        return writer
+
+    def _decode_run(self, gops: list, writer: _RowWriter, codec_threads: int) -> None:
+        try:
+            self._decode_gops(gops, writer, codec_threads)
+        except _import_av().error.FFmpegError:
+            raise _IndexMismatch() from None
+
+    def _decode_gops(self, gops: list, writer: _RowWriter, codec_threads: int) -> None:
+        with _open_container(self.location, timeout=None) as container:
+            stream = container.streams.video[0]
+            stream.thread_type = "AUTO"
+            stream.thread_count = codec_threads
+            frames, expected = None, None
+            for gop in gops:
+                if frames is None or gop.keyframe - expected > MAX_GAP_DECODED:
+                    container.seek(self.index.pts[gop.keyframe], stream=stream, backward=True)
+                    frames, expected = _decoded_frames(container, stream), gop.keyframe
+                expected = self._decode_gop(frames, expected, gop, writer)
+
+    def _decode_gop(self, frames, expected: int, gop: _GopSamples, writer: _RowWriter) -> int:
+        """Decodes from position `expected` through the GOP's last sample; returns the next position."""
+        for frame in frames:
+            if self.stop.is_set():
+                raise _IndexMismatch()
+            position, time = self._position_of(frame)
+            if position < expected:  # decoded before the keyframe sought (an earlier keyframe, open-GOP frames)
+                continue
+            if position != expected or (position == gop.keyframe and not frame.key_frame):
+                raise _IndexMismatch()
+            if self.bar is not None:
+                self.bar.update(1)
+            if position in gop.rows:
+                writer.write(gop.rows[position], time, frame)
+            if position == gop.last:
+                return position + 1
+            expected += 1
+        raise _IndexMismatch()
+
+    def _position_of(self, frame) -> tuple:
+        """(position in the index, time) of a decoded frame."""
+        if frame.time is None:
+            raise _IndexMismatch()
+        time = float(frame.time) - self.facts.start
+        position = _index_at(self.index.times, time)
+        if position >= len(self.index.times) or abs(self.index.times[position] - time) > TIME_TOLERANCE:
+            raise _IndexMismatch()
+        return position, time
+
+
