@@ -37,7 +37,6 @@ from .video_vamba import (
     VideoSampling,
     frame_array,
     is_single_frame,
-    load_image,
     load_video,
     to_video_frames,
 )
