@@ -83,3 +83,29 @@ def write_audio_only(path):
         for packet in stream.encode():
             container.mux(packet)
     return path
+
+
+def moving_frames(num_frames, width=64, height=48):
+    """A moving gradient over fixed noise: libx264 codes it with B-frames, and every pixel matters."""
+    rows, columns = np.mgrid[0:height, 0:width]
+    noise = np.random.default_rng(0).integers(0, 24, (height, width, 3), dtype=np.uint8)
+    return [np.stack([(3 * columns + 2 * index) % 256, (4 * rows + index) % 256, (columns + rows + 3 * index) % 256],
+                     axis=-1).astype(np.uint8) // 2 + np.roll(noise, index, axis=1) for index in range(num_frames)]
+
+
+def write_x264(path, num_frames=60, gop=6, frame_times=None, rotation=None, container_options=None):
+    """libx264 at 10 fps with a keyframe every `gop` frames and B-frames."""
+    return write_frames(path, moving_frames(num_frames), codec="libx264", container_options=container_options,
+                        rotation=rotation, frame_times=frame_times,
+                        codec_options={"g": str(gop), "keyint_min": str(gop), "bf": "2"})
+
+
+def assert_same_video(seeking, sequential):
+    assert seeking.frame_indices == sequential.frame_indices
+    assert seeking.timestamps == sequential.timestamps
+    assert (seeking.source_fps, seeking.source_frame_count, seeking.end_time) == \
+        (sequential.source_fps, sequential.source_frame_count, sequential.end_time)
+    assert len(seeking.frames) == len(sequential.frames)
+    for seeking_frame, sequential_frame in zip(seeking.frames, sequential.frames):
+        assert seeking_frame.shape == sequential_frame.shape
+        assert np.array_equal(seeking_frame, sequential_frame)

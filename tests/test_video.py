@@ -14,7 +14,16 @@ import PIL.Image
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from media_helpers import frame_index_of, write_audio_only, write_empty_video, write_frames, write_video
+from media_helpers import (
+    assert_same_video,
+    frame_index_of,
+    moving_frames,
+    write_audio_only,
+    write_empty_video,
+    write_frames,
+    write_video,
+    write_x264,
+)
 
 from vamba_hf import video_decode_vamba, video_vamba
 from vamba_hf.video_decode_vamba import FrameBuffer, edges_size
@@ -467,21 +476,6 @@ def test_start_time_with_sampling_by_count(tmp_path):
 # -- seeking and parallel decoding give the frames of one pass ---------------------------------------------
 
 
-def moving_frames(num_frames, width=64, height=48):
-    """A moving gradient over fixed noise: libx264 codes it with B-frames, and every pixel matters."""
-    rows, columns = np.mgrid[0:height, 0:width]
-    noise = np.random.default_rng(0).integers(0, 24, (height, width, 3), dtype=np.uint8)
-    return [np.stack([(3 * columns + 2 * index) % 256, (4 * rows + index) % 256, (columns + rows + 3 * index) % 256],
-                     axis=-1).astype(np.uint8) // 2 + np.roll(noise, index, axis=1) for index in range(num_frames)]
-
-
-def write_x264(path, num_frames=60, gop=6, frame_times=None, rotation=None, container_options=None):
-    """libx264 at 10 fps with a keyframe every `gop` frames and B-frames."""
-    return write_frames(path, moving_frames(num_frames), codec="libx264", container_options=container_options,
-                        rotation=rotation, frame_times=frame_times,
-                        codec_options={"g": str(gop), "keyint_min": str(gop), "bf": "2"})
-
-
 def packets_of(path):
     with av.open(str(path)) as container:
         return [(packet.pts, packet.is_keyframe) for packet in container.demux(container.streams.video[0])
@@ -501,17 +495,6 @@ def load_by_seeking(path, sampling, **options):
 
 def one_pass(path, sampling):
     return load_video(path, sampling, decoder="sequential")
-
-
-def assert_same_video(seeking, sequential):
-    assert seeking.frame_indices == sequential.frame_indices
-    assert seeking.timestamps == sequential.timestamps
-    assert (seeking.source_fps, seeking.source_frame_count, seeking.end_time) == \
-        (sequential.source_fps, sequential.source_frame_count, sequential.end_time)
-    assert len(seeking.frames) == len(sequential.frames)
-    for seeking_frame, sequential_frame in zip(seeking.frames, sequential.frames):
-        assert seeking_frame.shape == sequential_frame.shape
-        assert np.array_equal(seeking_frame, sequential_frame)
 
 
 def test_test_file_has_b_frames_and_gops(tmp_path):

@@ -41,6 +41,8 @@ CACHE_NAME = "cache" if "cache" in {f.name for f in fields(CausalLMOutputWithPas
 # Keywords of transformers' forward contracts that Vamba accepts and does not need: `cache_position` (4.x generate;
 # Vamba's positions follow the cache length and the attention mask).
 IGNORED_KEYWORDS = frozenset({"cache_position"})
+# What one chunk of `VambaProcessor.video_chunks` holds.
+VIDEO_CHUNK_KEYS = ("pixel_values_videos", "video_grid_thw", "video_metadata", "remaining_frames")
 
 
 def cache_argument(past_key_values, cache):
@@ -236,6 +238,30 @@ class VambaModel(VambaPreTrainedModel):
         """`state` with more frames after its own (whole temporal patches of the same size), at a cost that grows
         with the new frames only. `state` stays valid."""
         return extend_visual_state(self, state, pixel_values_videos, video_grid_thw, sampling)
+
+    def encode_video_chunks(self, chunks) -> VideoState:
+        """`encode_video` of one video given as consecutive chunks of frames (`processor.video_chunks`): each chunk
+        is encoded as it comes and continues the state of the chunks before it (`extend_video`), so that the next
+        chunk decodes while this one is on the device. The first chunk's `remaining_frames` reserves room for the
+        rest. Equal to `encode_video` of the whole video up to rounding (the Mamba-2 scans restart at each chunk
+        from the carried state)."""
+        state = None
+        for chunk in chunks:
+            unknown = sorted(set(chunk.keys()) - set(VIDEO_CHUNK_KEYS))
+            if unknown:
+                raise ValueError(f"a video chunk holds unknown key(s) {', '.join(unknown)}; a chunk holds "
+                                 f"{', '.join(VIDEO_CHUNK_KEYS)} (what processor.video_chunks yields).")
+            pixels, grid = chunk["pixel_values_videos"], chunk["video_grid_thw"]
+            metadata = chunk.get("video_metadata")
+            sampling = metadata[0] if metadata else None
+            if state is None:
+                state = self.encode_video(pixels, grid, sampling, reserve_frames=int(chunk.get("remaining_frames", 0)))
+            else:
+                state = self.extend_video(state, pixels, grid, sampling)
+        if state is None:
+            raise ValueError("encode_video_chunks got no chunk: give the chunks of a video with at least 2 frames "
+                             "(processor.video_chunks(video)).")
+        return state
 
     def _read_state(self, state: VideoState, input_ids, batch_size: int, cache: VambaCache, visual_inputs: dict,
                     dtype, device):

@@ -33,11 +33,13 @@ from transformers.utils.chat_template_utils import render_jinja_template
 from .video_decode_vamba import resize_frame
 from .video_vamba import (
     FrameResize,
+    FrameStream,
     VideoFrames,
     VideoSampling,
     frame_array,
     is_single_frame,
     load_video,
+    stream_video,
     to_video_frames,
 )
 
@@ -185,6 +187,10 @@ class PatchLayout:
         new_height, new_width = smart_size(height, width, factor, self.min_pixels, self.max_pixels)
         return new_width, new_height
 
+    @property
+    def patch_dim(self) -> int:
+        return 3 * self.temporal_patch_size * self.patch_size ** 2
+
     def rescale_by_division(self) -> bool:
         """Whether float32 `x / (1 / rescale_factor)` gives transformers' float64 rescale exactly for every byte
         (true for 1/255); then the fast float32 path reproduces its pixels bit for bit."""
@@ -238,6 +244,12 @@ def video_patches_into(output: torch.Tensor, frames: list, layout: PatchLayout, 
             chunk.permute(0, 2, 5, 3, 6, 8, 1, 4, 7))
         _normalize_(target.view(-1, 3, tp * patch * patch), layout, exact_division)
     return t, grid_h, grid_w
+
+
+def _patch_rows(frames: list, layout: PatchLayout) -> int:
+    """Patch rows of HxWx3 frames (a multiple of the temporal patch of them, H and W multiples of the patch)."""
+    height, width, _ = frames[0].shape
+    return len(frames) // layout.temporal_patch_size * (height // layout.patch_size) * (width // layout.patch_size)
 
 
 def _even_length(video: VideoFrames, temporal_patch_size: int) -> VideoFrames:
@@ -560,13 +572,18 @@ class VambaProcessor(ProcessorMixin):
 
     # -- videos ---------------------------------------------------------------------------------
 
-    def _process_videos(self, videos: list, videos_kwargs: dict) -> tuple:
-        """(pixel_values_videos as a float32 tensor, video_grid_thw, per-video metadata)."""
+    def _video_options(self, videos_kwargs: dict) -> tuple:
+        """(sampling, patch layout, frame resize) of a call's video options."""
         sampling = self.video_sampling.with_changes(
             **{name: videos_kwargs.get(name) for name in VideoSampling.option_names()})
         layout = PatchLayout.of(self.image_processor, videos_kwargs.get("min_pixels"), videos_kwargs.get("max_pixels"))
         resize = FrameResize(sampling.video_shortest_edge, sampling.video_longest_edge, layout.frame_size,
                              layout.resample)
+        return sampling, layout, resize
+
+    def _process_videos(self, videos: list, videos_kwargs: dict) -> tuple:
+        """(pixel_values_videos as a float32 tensor, video_grid_thw, per-video metadata)."""
+        sampling, layout, resize = self._video_options(videos_kwargs)
         loaded = [_even_length(self._load_video(video, sampling, resize), layout.temporal_patch_size)
                   for video in videos]
         frames, releases = [], []
@@ -576,15 +593,77 @@ class VambaProcessor(ProcessorMixin):
             # The memory of frames decoded here is handed back as they are patched; frames a caller gave are kept.
             decoded_here = isinstance(given, (str, os.PathLike, _VideoItem)) and frames[-1] is video.frames
             releases.append(video.release if decoded_here else None)
-        rows = [len(video) // layout.temporal_patch_size * (video[0].shape[0] // layout.patch_size)
-                * (video[0].shape[1] // layout.patch_size) for video in frames]
-        patch_dim = 3 * layout.temporal_patch_size * layout.patch_size ** 2
-        output = torch.empty((sum(rows), patch_dim), dtype=torch.float32, device=videos_kwargs.get("device") or "cpu")
+        rows = [_patch_rows(video, layout) for video in frames]
+        output = torch.empty((sum(rows), layout.patch_dim), dtype=torch.float32,
+                             device=videos_kwargs.get("device") or "cpu")
         grids, first = [], 0
         for video, count, release in zip(frames, rows, releases):
             grids.append(video_patches_into(output[first:first + count], video, layout, release))
             first += count
         return output, np.array(grids, dtype=np.int64), [video.metadata() for video in loaded]
+
+    def video_chunks(self, video, chunk_frames: int = 64, **kwargs):
+        """One video's inputs, `chunk_frames` frames at a time, as its frames decode: for a local file the frames
+        decode in background threads (`stream_video`), so a model can encode each chunk while the next ones decode
+        (`model.encode_video_chunks(processor.video_chunks(path, device="cuda"))`).
+
+        Yields `BatchFeature`s with `pixel_values_videos` and `video_grid_thw` (torch tensors; a multiple of the
+        temporal patch of frames, the last chunk shorter), `video_metadata` (a one-item list: the chunk's
+        timestamps and frame indices) and `remaining_frames` (frames in the chunks still to come). The chunks'
+        pixels, in order, are the rows of `processor(videos=video, ...)["pixel_values_videos"]`, bit for bit.
+        Keyword arguments: a call's video options (sampling, `min_pixels` / `max_pixels`, `device`), flat or as
+        `videos_kwargs`."""
+        tp = self.image_processor.temporal_patch_size
+        if isinstance(chunk_frames, bool) or not isinstance(chunk_frames, int) or chunk_frames < tp \
+                or chunk_frames % tp:
+            raise ValueError(f"chunk_frames={chunk_frames!r} is not valid: give a multiple of the temporal patch "
+                             f"({tp} frames), e.g. 64.")
+        options = self._video_call_options(kwargs)
+        return self._video_chunks(video, chunk_frames, options)
+
+    def _video_call_options(self, kwargs: dict) -> dict:
+        """The video options of a `video_chunks` call; any other keyword is refused."""
+        allowed = self._valid_keys()["videos_kwargs"]
+        for key, value in kwargs.items():
+            if key == "videos_kwargs":
+                if not isinstance(value, dict):
+                    raise TypeError(f"videos_kwargs must be a dict of options, got a {_type_name(value)}.")
+                unknown = sorted(set(value) - allowed)
+            else:
+                unknown = [] if key in allowed else [key]
+            if unknown:
+                raise TypeError(f"video_chunks got unknown option(s) {', '.join(unknown)}; its options are the video "
+                                f"options: {', '.join(sorted(allowed))}.")
+        options = {**{key: value for key, value in kwargs.items() if key != "videos_kwargs"},
+                   **kwargs.get("videos_kwargs", {})}
+        if options.pop("return_tensors", "pt") not in ("pt", None):
+            raise ValueError("video_chunks returns torch tensors: leave return_tensors out (or pass 'pt').")
+        if options.pop("return_metadata", True) is not True:
+            raise ValueError("video_chunks always returns each chunk's video_metadata: leave return_metadata out.")
+        return options
+
+    def _video_chunks(self, video, chunk_frames: int, options: dict):
+        sampling, layout, resize = self._video_options(options)
+        tp, device = layout.temporal_patch_size, options.get("device") or "cpu"
+        if isinstance(video, (str, os.PathLike)):
+            stream = stream_video(video, sampling, resize)
+        else:
+            stream = FrameStream.of(to_video_frames(video, sampling, resize))
+        with stream:
+            total = stream.count - stream.count % tp
+            if total == 0:
+                _even_length(VideoFrames(stream.frames(stream.count)), tp)  # raises: too few frames
+            for start in range(0, total, chunk_frames):
+                end = min(start + chunk_frames, total)
+                frames = stream.frames(end)[start:end]
+                height, width, _ = frames[0].shape
+                frames = resize_frames(frames, layout.frame_size(width, height), layout.resample)
+                output = torch.empty((_patch_rows(frames, layout), layout.patch_dim), dtype=torch.float32,
+                                     device=device)
+                grid = video_patches_into(output, frames, layout)
+                stream.release(end)
+                yield BatchFeature({"pixel_values_videos": output, "video_grid_thw": torch.tensor([grid]),
+                                    "video_metadata": [stream.metadata(start, end)], "remaining_frames": total - end})
 
     @staticmethod
     def _load_video(video, sampling: VideoSampling, resize: FrameResize) -> VideoFrames:

@@ -524,34 +524,41 @@ def _gop_samples(index: _PacketIndex, positions: list) -> list:
     return [gops[keyframe] for keyframe in sorted(gops)]
 
 
-def _split_for_workers(gops: list, workers: int) -> list:
-    """Consecutive runs of GOPs, one per worker, of about equal decoding cost."""
+def _split_into_runs(gops: list, count: int) -> list:
+    """At most `count` consecutive runs of GOPs, in time order, of about equal decoding cost."""
     total = sum(gop.cost for gop in gops)
     runs, current, done = [], [], 0
     for gop in gops:
         current.append(gop)
         done += gop.cost
-        if done * workers >= total * (len(runs) + 1) and len(runs) < workers - 1:
+        if done * count >= total * (len(runs) + 1) and len(runs) < count - 1:
             runs.append(current)
             current = []
     return runs + [current] if current else runs
 
 
+# Runs of GOPs per decoding thread. Several, taken in time order: the sampled frames then complete roughly first to
+# last (a stream of chunks can start on the first ones) and a slow run holds up no whole share of the video.
+RUNS_PER_WORKER = 4
 # A worker decodes on through a gap of at most this many unsampled frames rather than seek over it.
 MAX_GAP_DECODED = 16
 
 
 class _RowWriter:
     """Converts frames into given rows of one `FrameBuffer` in conversion threads, taking frames from several
-    decoding threads. The buffer takes the size of the first frame written; a frame of another display size raises
-    `_IndexMismatch` (one pass resizes every frame to the size of the first sampled one, which a worker cannot
-    know)."""
+    decoding threads, and tells which rows are written (`wait_rows`). The buffer takes the size of the first frame
+    written; a frame of another display size raises `_IndexMismatch` (one pass resizes every frame to the size of
+    the first sampled one, which a worker cannot know)."""
 
     def __init__(self, capacity: int, resize: FrameResize, workers: int):
         self.capacity, self.resize = capacity, resize
         self.lock = threading.Lock()
+        self.changed = threading.Condition(self.lock)
         self.buffer, self.display_size = None, None
         self.times = [None] * capacity
+        self.written = [False] * capacity
+        self.ready = 0  # rows [0, ready) are written
+        self.error, self.closed = None, False
         self.pool = ThreadPoolExecutor(max_workers=workers)
         # Decoded frames waiting for a conversion thread hold source-size pixels: at most two per thread.
         self.free_slots = threading.BoundedSemaphore(2 * workers)
@@ -567,62 +574,123 @@ class _RowWriter:
         self.times[row] = time
         self.free_slots.acquire()
         future = self.pool.submit(_convert_into, self.buffer, self.resize, frame, row)
-        future.add_done_callback(lambda _: self.free_slots.release())
+        future.add_done_callback(lambda done: self._converted(row, done))
         with self.lock:
             self.pending.append(future)
 
-    def finish(self) -> None:
-        try:
-            for future in self.pending:
-                future.result()
-        finally:
-            self.pool.shutdown()
+    def _converted(self, row: int, future) -> None:
+        self.free_slots.release()
+        with self.changed:
+            if future.exception() is not None:
+                self.error = self.error or future.exception()
+            else:
+                self.written[row] = True
+                while self.ready < self.capacity and self.written[self.ready]:
+                    self.ready += 1
+            self.changed.notify_all()
+
+    def fail(self, error: BaseException) -> None:
+        with self.changed:
+            self.error = self.error or error
+            self.changed.notify_all()
+
+    def close(self) -> None:
+        """After the last write: waits for the conversions, then wakes every waiter."""
+        for future in self.pending:
+            future.exception()
+        self.pool.shutdown()
+        with self.changed:
+            self.closed = True
+            self.changed.notify_all()
+
+    def wait_rows(self, count: int) -> None:
+        """Blocks until rows [0, count) are written; raises the first error of a decoding or conversion thread."""
+        with self.changed:
+            while self.ready < count and self.error is None and not self.closed:
+                self.changed.wait()
+            if self.error is not None:
+                raise self.error
+            if self.ready < count:
+                raise _IndexMismatch()  # decoding ended before reaching a sampled frame
+
+    def wait_closed(self) -> None:
+        with self.changed:
+            while not self.closed:
+                self.changed.wait()
 
 
 class _SeekingDecoder:
-    """Decodes the sampled GOPs of a local file in worker threads, each with its own container open on the file.
-    Every decoded frame is checked against the packet index (its time is a packet's, frames follow each other
-    without a gap from a keyframe, which decodes as one), so the frames are those one pass from the start gives, or
-    `_IndexMismatch` is raised."""
+    """Decodes the sampled GOPs of a local file in worker threads, each with its own container open on the file,
+    taking runs of GOPs in time order. Every decoded frame is checked against the packet index (its time is a
+    packet's, frames follow each other without a gap from a keyframe, which decodes as one), so the frames are
+    those one pass from the start gives, or `_IndexMismatch` is raised."""
 
     def __init__(self, location: str, facts: _StreamFacts, index: _PacketIndex, resize: FrameResize, bar):
         self.location, self.facts, self.index, self.resize, self.bar = location, facts, index, resize, bar
         self.stop = threading.Event()
 
-    def decode(self, gops: list, capacity: int, workers: int) -> _RowWriter:
-        """The writer holding the decoded frames and their times."""
+    def start(self, gops: list, capacity: int, workers: int) -> _RowWriter:
+        """Starts decoding in the background: the returned writer's rows fill as the frames decode (`wait_rows`).
+        `cancel` stops it."""
         writer = _RowWriter(capacity, self.resize, workers=_conversion_workers())
-        runs = _split_for_workers(gops, workers)
-        codec_threads = max(1, (os.cpu_count() or 1) // len(runs))
-        try:
-            with ThreadPoolExecutor(max_workers=len(runs)) as pool:
-                futures = [pool.submit(self._decode_run, run, writer, codec_threads) for run in runs]
-                try:
-                    for future in futures:
-                        future.result()
-                finally:
-                    self.stop.set()
-        finally:
-            writer.finish()
+        runs = collections.deque(_split_into_runs(gops, workers * RUNS_PER_WORKER))
+        workers = min(workers, len(runs))
+        codec_threads = max(1, (os.cpu_count() or 1) // workers)
+        threads = [threading.Thread(target=self._work, args=(runs, writer, codec_threads), daemon=True)
+                   for _ in range(workers)]
+        for thread in threads:
+            thread.start()
+        threading.Thread(target=self._close_after, args=(threads, writer), daemon=True).start()
         return writer
 
-    def _decode_run(self, gops: list, writer: _RowWriter, codec_threads: int) -> None:
+    def decode(self, gops: list, capacity: int, workers: int) -> _RowWriter:
+        """The writer holding all the decoded frames and their times, once every thread has ended."""
+        writer = self.start(gops, capacity, workers)
         try:
-            self._decode_gops(gops, writer, codec_threads)
-        except _import_av().error.FFmpegError:
-            raise _IndexMismatch() from None
+            writer.wait_rows(capacity)
+        finally:
+            self.cancel()
+            writer.wait_closed()
+        return writer
 
-    def _decode_gops(self, gops: list, writer: _RowWriter, codec_threads: int) -> None:
-        with _open_container(self.location, timeout=None) as container:
-            stream = container.streams.video[0]
-            stream.thread_type = "AUTO"
-            stream.thread_count = codec_threads
-            frames, expected = None, None
-            for gop in gops:
-                if frames is None or gop.keyframe - expected > MAX_GAP_DECODED:
-                    container.seek(self.index.pts[gop.keyframe], stream=stream, backward=True)
-                    frames, expected = _decoded_frames(container, stream), gop.keyframe
-                expected = self._decode_gop(frames, expected, gop, writer)
+    def cancel(self) -> None:
+        self.stop.set()
+
+    def _close_after(self, threads: list, writer: _RowWriter) -> None:
+        for thread in threads:
+            thread.join()
+        writer.close()
+        if self.bar is not None:
+            self.bar.close()
+
+    def _work(self, runs: collections.deque, writer: _RowWriter, codec_threads: int) -> None:
+        try:
+            with _open_container(self.location, timeout=None) as container:
+                stream = container.streams.video[0]
+                stream.thread_type = "AUTO"
+                stream.thread_count = codec_threads
+                while not self.stop.is_set():
+                    try:
+                        run = runs.popleft()
+                    except IndexError:
+                        return
+                    self._decode_run(container, stream, run, writer)
+        except _import_av().error.FFmpegError:
+            self._failed(writer, _IndexMismatch())
+        except BaseException as error:  # handed to the thread waiting for the frames
+            self._failed(writer, error)
+
+    def _failed(self, writer: _RowWriter, error: BaseException) -> None:
+        self.stop.set()
+        writer.fail(error)
+
+    def _decode_run(self, container, stream, gops: list, writer: _RowWriter) -> None:
+        frames, expected = None, None
+        for gop in gops:
+            if frames is None or gop.keyframe - expected > MAX_GAP_DECODED:
+                container.seek(self.index.pts[gop.keyframe], stream=stream, backward=True)
+                frames, expected = _decoded_frames(container, stream), gop.keyframe
+            expected = self._decode_gop(frames, expected, gop, writer)
 
     def _decode_gop(self, frames, expected: int, gop: _GopSamples, writer: _RowWriter) -> int:
         """Decodes from position `expected` through the GOP's last sample; returns the next position."""

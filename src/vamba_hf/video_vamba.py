@@ -351,6 +351,22 @@ class _VideoSampler:
     def _decode_by_seeking(self, plan, description: str) -> Optional[tuple]:
         """As `_decode_plan`, decoding only the GOPs with sampled frames; None when seeking does not pay (decoder
         "auto") or a decoded frame does not match the packet index."""
+        seeking = self._seeking(plan, description)
+        if seeking is None:
+            return None
+        decoder, gops, kept, workers = seeking
+        try:
+            writer = decoder.decode(gops, len(kept), workers)
+        except _IndexMismatch:
+            return None
+        frames = list(writer.buffer.array[: len(kept)])
+        return frames, writer.times, [position for position, _ in kept], self.frames_after_start(), writer.buffer
+
+    def _seeking(self, plan, description: str) -> Optional[tuple]:
+        """(decoder, GOPs, kept (position, time) pairs, worker count) to decode `plan` by seeking, or None when the
+        file has no usable index, nothing is kept, or seeking does not pay (decoder "auto")."""
+        if self.index is None:
+            return None
         kept = _planned_frames(plan, self.index, self.sampling.start_time)
         if not kept:
             return None
@@ -359,16 +375,21 @@ class _VideoSampler:
         if self.sampling.decoder == "auto" and workers == 1 and not self._seeking_pays(gops):
             return None
         bar = _progress_bar(sum(gop.cost for gop in gops), self.sampling.progress, description)
-        try:
-            writer = _SeekingDecoder(self.location, self.facts, self.index, self.resize, bar).decode(
-                gops, len(kept), workers)
-        except _IndexMismatch:
-            return None
-        finally:
-            if bar is not None:
-                bar.close()
-        frames = list(writer.buffer.array[: len(kept)])
-        return frames, writer.times, [position for position, _ in kept], self.frames_after_start(), writer.buffer
+        return _SeekingDecoder(self.location, self.facts, self.index, self.resize, bar), gops, kept, workers
+
+    def frame_stream(self) -> "FrameStream":
+        """The sampled frames as they decode, when the file can be decoded by seeking; else decoded here first."""
+        available = self.frames_after_start()
+        seeking = self._seeking(self.plan(available), f"decoding {os.path.basename(self.location)}") \
+            if available else None
+        if seeking is None:
+            return FrameStream.of(self.sample())
+        decoder, gops, kept, workers = seeking
+        total = self.facts.declared_frames if self.facts.packet_times is None else len(self.facts.packet_times)
+        facts = dict(frame_indices=[position for position, _ in kept], source_fps=self.facts.frame_rate,
+                     source_frame_count=total, start_time=self.sampling.start_time, end_time=self.end_time())
+        return FrameStream(None, len(kept), facts, decoder.start(gops, len(kept), workers), decoder,
+                           lambda: load_video(self.location, self.sampling, self.resize, decoder="sequential"))
 
     def _seeking_pays(self, gops: list) -> bool:
         one_pass = gops[-1].last + 1 - _index_at(self.index.times, self.sampling.start_time)
@@ -421,3 +442,105 @@ def load_video(source, sampling: VideoSampling = None, resize: FrameResize = Non
                 raise TimeoutError(f"{location!r}: timed out after {sampling.video_timeout} s reading the video. "
                                    "Check the connection, or raise video_timeout.") from None
             raise
+
+
+class FrameStream:
+    """The sampled frames of one video as its decoding threads write them, first to last: `frames(n)` waits for
+    the first n. Made by `stream_video`; `video()` waits for all and gives the `VideoFrames`. A file whose frames
+    turn out not to match its packet index is decoded again in one pass (as `load_video` does); frames already
+    handed out must then be the same ones, else the stream raises."""
+
+    def __init__(self, video: Optional[VideoFrames], count: int, facts: dict = None, writer=None, decoder=None,
+                 one_pass: Callable = None):
+        # Decoded here (`video`), or decoding: `facts` are the VideoFrames fields known before the frames.
+        self._video, self.count, self._facts = video, count, facts
+        self._writer, self._decoder, self._one_pass = writer, decoder, one_pass
+        self._handed_out = 0
+
+    @classmethod
+    def of(cls, video: VideoFrames) -> "FrameStream":
+        """A stream of frames that are all there already."""
+        return cls(video, len(video.frames))
+
+    def frames(self, count: int) -> list:
+        """The first `count` frames (at most `count`), once they are decoded."""
+        count = min(count, self.count)
+        if self._writer is not None:
+            try:
+                self._writer.wait_rows(count)
+            except _IndexMismatch:
+                self._decode_in_one_pass()
+        if self._writer is not None:
+            frames = list(self._writer.buffer.array[:count]) if count else []
+        else:
+            frames = self._video.frames[:count]
+        self._handed_out = max(self._handed_out, count)
+        return frames
+
+    def metadata(self, start: int, end: int) -> dict:
+        """The processor's `video_metadata` of frames [start, end) (decoded already: call `frames(end)` first)."""
+        if self._writer is None:
+            video = self._video
+            times, indices = video.timestamps, video.frame_indices
+            facts = dict(source_fps=video.source_fps, source_frame_count=video.source_frame_count,
+                         start_time=video.start_time, end_time=video.end_time)
+        else:
+            times, indices = self._writer.times, self._facts["frame_indices"]
+            facts = {name: value for name, value in self._facts.items() if name != "frame_indices"}
+        return {"timestamps": None if times is None else list(times[start:end]),
+                "frame_indices": None if indices is None else list(indices[start:end]), **facts,
+                "num_frames": end - start}
+
+    def _decode_in_one_pass(self) -> None:
+        self._decoder.cancel()
+        self._writer.wait_closed()
+        video = self._one_pass()
+        if video.frame_indices[: self._handed_out] != self._facts["frame_indices"][: self._handed_out]:
+            raise ValueError(f"{self._handed_out} frames of this video were handed out before its packet index "
+                             "turned out wrong, and decoding it in one pass samples other frames: load it with "
+                             "decoder='sequential'.")
+        self._video, self.count, self._writer, self._decoder = video, len(video.frames), None, None
+
+    def release(self, count: int) -> None:
+        """Hand back the memory of the first `count` frames (for frames decoded into a `FrameBuffer`)."""
+        if self._writer is not None:
+            self._writer.buffer.release(count)
+        elif self._video.release is not None:
+            self._video.release(count)
+
+    def video(self) -> VideoFrames:
+        """All the frames, with their timestamps and indices (waits for the decoding threads)."""
+        frames = self.frames(self.count)
+        if self._writer is None:
+            return self._video
+        self._writer.wait_closed()
+        return VideoFrames(frames, list(self._writer.times[: self.count]), release=self._writer.buffer.release,
+                           **self._facts)
+
+    def close(self) -> None:
+        """Stop decoding (frames already handed out stay valid)."""
+        if self._decoder is not None:
+            self._decoder.cancel()
+            self._writer.wait_closed()
+
+    def __enter__(self) -> "FrameStream":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+
+def stream_video(source, sampling: VideoSampling = None, resize: FrameResize = None, **options) -> FrameStream:
+    """`load_video`, returning as soon as the frames to sample are planned: the frames decode in background threads
+    (seeking, for local files with a usable packet index) while the caller uses the first ones. Other sources are
+    decoded before this returns. The frames are those `load_video` gives, bit for bit."""
+    sampling = (sampling or VideoSampling()).with_options(**options)
+    if resize is None:
+        resize = FrameResize(sampling.video_shortest_edge, sampling.video_longest_edge)
+    location = os.fspath(source)
+    if is_url(location):
+        return FrameStream.of(load_video(location, sampling, resize))
+    location = _local_path(location)
+    check_readable_file(location, "video")
+    with _open_container(location, sampling.video_timeout) as container:
+        return _VideoSampler(container, location, sampling, resize).frame_stream()
