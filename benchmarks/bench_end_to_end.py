@@ -24,9 +24,19 @@ Per frame count and model, one JSON line with:
 Model-stage timings are medians of `--repeats` runs after a warm-up (ours: at every frame count, as Triton autotunes
 and torch.compile compiles for new shapes; Qwen2-VL, which compiles nothing: once); decoding and preprocessing run
 `--cpu-repeats` times (CPU only, nothing to warm up; the file is in the page cache after writing).
-Then, after the baseline (a short `--budget-s` leaves these out first), ours only (`--extras`): 4 beams vs greedy,
-4 sampled return sequences, a batch of 4 x `--batch-frames` videos vs 4 single calls (bf16 ids compared), and fp32
-batched-vs-single greedy ids on a smaller config.
+Then, after the baseline (a short `--budget-s` leaves these out first), ours only (`--extras`, comma-separated):
+  beams       greedy, 4 beams and 4 sampled return sequences, `--extras-tokens` tokens on one `--extras-frames`
+              video. Each variant is warmed up with exactly its own options and token count (it compiles and
+              captures the decode graph for its own batch shapes), then timed `--extras-repeats` times: per
+              variant `s` (median), `runs_s` (each timed run), `peak_gib` (peak of the timed runs, counted from a
+              reset after the warm-up; None without CUDA), and for beams and return sequences `time_vs_greedy` and
+              `peak_vs_greedy` (ratios of the medians and of the peaks; None without peaks)
+  batch       a batch of 4 different `--batch-frames`-frame videos vs 4 single calls, one record per answer length
+              of `--batch-tokens` (`new_tokens`): both warmed up at that length, then `--extras-repeats` timed runs;
+              batch_s / singles_s (medians), speedup, batch_runs_s / singles_runs_s, batch_peak_gib /
+              singles_peak_gib, and the greedy ids compared row by row (ids_equal_per_row,
+              first_difference_per_row; bf16)
+  fp32-batch  the same batch-vs-singles records on a smaller config in fp32, where batched must equal one by one
 """
 
 import argparse
@@ -377,25 +387,48 @@ def subsampled(video, frames: int, offset: int = 0):
     return VideoFrames(frames=video.frames[offset::step][:frames])
 
 
+def warmed_runs(fn, repeats: int, device):
+    """fn() once to warm up (torch.compile, autotuning and the decode graph's capture for its shapes), then
+    `repeats` timed runs: (the last run's output, each run's seconds, the GPU peak over the timed runs in GiB; None
+    without CUDA). The peak counts from a reset after the warm-up."""
+    fn()
+    runs, peaks = [], []
+    for _ in range(repeats):
+        reset_gpu_peaks()
+        out, seconds = timed(fn, device)
+        runs.append(round(seconds, 4))
+        peaks += gpu_peaks_gib()
+    return out, runs, max(peaks, default=None)
+
+
+def ratio(numerator, denominator):
+    return None if numerator is None or denominator is None else round(numerator / denominator, 3)
+
+
+GENERATION_VARIANTS = {"greedy": dict(do_sample=False), "4 beams": dict(do_sample=False, num_beams=4),
+                       "4 return sequences (sampled)": dict(do_sample=True, num_return_sequences=4)}
+
+
 def beams_and_return_sequences(runner, video, args, sink) -> None:
+    """Greedy, 4 beams and 4 sampled return sequences of `--extras-tokens` tokens on one `--extras-frames` video,
+    each warmed up with its own options, then timed `--extras-repeats` times."""
     inputs = runner.preprocess([subsampled(video, args.extras_frames)])
-    device = runner.device
-    runs = {"greedy": dict(do_sample=False), "4 beams": dict(do_sample=False, num_beams=4),
-            "4 return sequences (sampled)": dict(do_sample=True, num_return_sequences=4)}
     record = {"extra": "beams and return sequences", "model": runner.name, "frames": args.extras_frames,
-              "new_tokens": args.extras_tokens}
+              "new_tokens": args.extras_tokens, "repeats": args.extras_repeats}
     with torch.inference_mode():
-        generate(runner.model, inputs, 2, do_sample=False)
-        for name, options in runs.items():
+        for name, options in GENERATION_VARIANTS.items():
             try:
-                reset_gpu_peaks()
-                _, seconds = timed(lambda: generate(runner.model, inputs, args.extras_tokens, **options), device)
-                record[name] = {"s": round(seconds, 4), "peak_gib": max(gpu_peaks_gib(), default=None)}
+                _, runs, peak = warmed_runs(lambda: generate(runner.model, inputs, args.extras_tokens, **options),
+                                            args.extras_repeats, runner.device)
+                record[name] = {"s": median(runs), "runs_s": runs, "peak_gib": peak}
             except torch.OutOfMemoryError:
                 record[name] = {"oom": True}
+            free_memory(runner.device)
+    greedy = record["greedy"]
     for name in ("4 beams", "4 return sequences (sampled)"):
-        if "s" in record[name] and "s" in record["greedy"]:
-            record[name]["time_vs_greedy"] = round(record[name]["s"] / record["greedy"]["s"], 3)
+        if "s" in record[name] and "s" in greedy:
+            record[name]["time_vs_greedy"] = ratio(record[name]["s"], greedy["s"])
+            record[name]["peak_vs_greedy"] = ratio(record[name]["peak_gib"], greedy["peak_gib"])
     sink.log(record)
 
 
@@ -403,35 +436,46 @@ def new_tokens_per_row(sequences, prompt_length: int) -> list[list[int]]:
     return sequences[:, prompt_length:].tolist()
 
 
-def batch_vs_singles(runner, video, args, sink, label: str) -> None:
-    """A batch of 4 different `--batch-frames`-frame videos against 4 single calls: time, and whether the greedy ids
-    are the same row by row."""
-    device = runner.device
+def batch_vs_singles(runner, video, args, sink, label: str, budget: Budget) -> None:
+    """A batch of 4 different `--batch-frames`-frame videos against 4 single calls, at each `--batch-tokens` answer
+    length: time, and whether the greedy ids are the same row by row."""
     videos = [subsampled(video, args.batch_frames, offset) for offset in range(4)]
-    record = {"extra": "batch vs singles", "label": label, "model": runner.name, "videos": len(videos),
-              "frames": args.batch_frames, "new_tokens": args.extras_tokens, "dtype": str(runner.dtype)}
-    try:
-        with torch.inference_mode():
-            batched_inputs = runner.preprocess(videos)
-            singles_inputs = [runner.preprocess([v]) for v in videos]
-            generate(runner.model, singles_inputs[0], 2, do_sample=False)
-            generate(runner.model, batched_inputs, 2, do_sample=False)
-            batched, batch_s = timed(lambda: generate(runner.model, batched_inputs, args.extras_tokens,
-                                                                do_sample=False), device)
-            singles, singles_s = timed(lambda: [generate(runner.model, inputs, args.extras_tokens,
-                                                                   do_sample=False) for inputs in singles_inputs],
-                                                 device)
-    except torch.OutOfMemoryError:
-        record["oom"] = True
+    batched_inputs = runner.preprocess(videos)
+    singles_inputs = [runner.preprocess([v]) for v in videos]
+    for tokens in args.batch_tokens:
+        record = {"extra": "batch vs singles", "label": label, "model": runner.name, "videos": len(videos),
+                  "frames": args.batch_frames, "new_tokens": tokens, "dtype": str(runner.dtype)}
+        if budget.spent():
+            sink.log({**record, "skipped": "budget spent"})
+            continue
+        try:
+            record.update(batch_vs_singles_at(runner, batched_inputs, singles_inputs, tokens, args.extras_repeats))
+        except torch.OutOfMemoryError:
+            record["oom"] = True
+        free_memory(runner.device)
         sink.log(record)
-        return
-    record.update(batch_s=round(batch_s, 4), singles_s=round(singles_s, 4), speedup=round(singles_s / batch_s, 3))
+
+
+def batch_vs_singles_at(runner, batched_inputs, singles_inputs, tokens: int, repeats: int) -> dict:
+    """Batched and single calls answering `tokens` tokens, each warmed up, then timed `repeats` times (medians)."""
+    def batch():
+        return generate(runner.model, batched_inputs, tokens, do_sample=False)
+
+    def singles():
+        return [generate(runner.model, inputs, tokens, do_sample=False) for inputs in singles_inputs]
+
+    with torch.inference_mode():
+        batched, batch_runs, batch_peak = warmed_runs(batch, repeats, runner.device)
+        single, singles_runs, singles_peak = warmed_runs(singles, repeats, runner.device)
+    batch_s, singles_s = median(batch_runs), median(singles_runs)
     batched_ids = new_tokens_per_row(batched, batched_inputs["input_ids"].shape[1])
-    single_ids = [new_tokens_per_row(s, inputs["input_ids"].shape[1])[0] for s, inputs in zip(singles, singles_inputs)]
-    record["ids_equal_per_row"] = [b == s for b, s in zip(batched_ids, single_ids)]
-    record["first_difference_per_row"] = [next((i for i, (x, y) in enumerate(zip(b, s)) if x != y), None)
-                                          for b, s in zip(batched_ids, single_ids)]
-    sink.log(record)
+    single_ids = [new_tokens_per_row(s, inputs["input_ids"].shape[1])[0] for s, inputs in zip(single, singles_inputs)]
+    return {"batch_s": batch_s, "singles_s": singles_s, "speedup": round(singles_s / batch_s, 3),
+            "batch_runs_s": batch_runs, "singles_runs_s": singles_runs, "repeats": repeats,
+            "batch_peak_gib": batch_peak, "singles_peak_gib": singles_peak,
+            "ids_equal_per_row": [b == s for b, s in zip(batched_ids, single_ids)],
+            "first_difference_per_row": [next((i for i, (x, y) in enumerate(zip(b, s)) if x != y), None)
+                                         for b, s in zip(batched_ids, single_ids)]}
 
 
 class SmallerOurs(Ours):
@@ -452,8 +496,9 @@ def extras(ours: Ours, path: Path, kept: dict, args, sink, budget: Budget) -> No
         video = ours.decode(path, frames_for_extras(args))
     wanted = args.extras.split(",")
     steps = [("beams", lambda: beams_and_return_sequences(ours, video, args, sink)),
-             ("batch", lambda: batch_vs_singles(ours, video, args, sink, "7B bf16" if not args.tiny else "tiny")),
-             ("fp32-batch", lambda: fp32_batch(ours, video, args, sink))]
+             ("batch", lambda: batch_vs_singles(ours, video, args, sink, "7B bf16" if not args.tiny else "tiny",
+                                                budget)),
+             ("fp32-batch", lambda: fp32_batch(ours, video, args, sink, budget))]
     for name, step in steps:
         if name not in wanted:
             continue
@@ -466,12 +511,12 @@ def extras(ours: Ours, path: Path, kept: dict, args, sink, budget: Budget) -> No
             sink.log({"extra": name, **failure(error)})
 
 
-def fp32_batch(ours: Ours, video, args, sink) -> None:
+def fp32_batch(ours: Ours, video, args, sink, budget: Budget) -> None:
     """Runs last: frees the 7B model first."""
     ours.model = None
     free_memory(ours.device)
     small = SmallerOurs(args, ours.device, ours.processor)
-    batch_vs_singles(small, video, args, sink, "smaller config fp32")
+    batch_vs_singles(small, video, args, sink, "smaller config fp32", budget)
 
 
 # -- main ------------------------------------------------------------------------------------------------------
@@ -529,26 +574,44 @@ def parse_args():
     parser.add_argument("--extras", default="beams,batch,fp32-batch", help="comma-separated; '' for none")
     parser.add_argument("--extras-frames", type=int, default=256)
     parser.add_argument("--extras-tokens", type=int, default=16)
+    parser.add_argument("--extras-repeats", type=int, default=3,
+                        help="timed runs of each extra after its warm-up (medians)")
     parser.add_argument("--batch-frames", type=int, default=128)
+    parser.add_argument("--batch-tokens", default="16,128",
+                        help="comma-separated answer lengths of the batch-vs-singles extra, one record each")
     parser.add_argument("--stages", action="store_true", help="write a plot of the stage times (matplotlib)")
     args = parser.parse_args()
     if args.tiny:
         args.video_seconds, args.width, args.height = min(args.video_seconds, 4), 112, 84
         args.new_tokens, args.extras_tokens, args.repeats = min(args.new_tokens, 4), min(args.extras_tokens, 3), 1
         args.extras_frames, args.batch_frames = 8, 4
+        if args.batch_tokens == parser.get_default("batch_tokens"):
+            args.batch_tokens = "2,3"
         if args.frames == parser.get_default("frames"):
             args.frames = "8,16"
     if args.work is None:
         from vamba_hf.demo import default_cache_dir
 
         args.work = default_cache_dir() / "bench"
-    for name in ("repeats", "cpu_repeats", "new_tokens", "extras_frames", "extras_tokens", "batch_frames"):
+    for name in ("repeats", "cpu_repeats", "new_tokens", "extras_frames", "extras_tokens", "extras_repeats",
+                 "batch_frames"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    args.batch_tokens = answer_lengths(parser, args.batch_tokens)
     unknown = set(args.models.split(",")) - {"vamba", "qwen2-vl"}
     if unknown:
         parser.error(f"--models: unknown {sorted(unknown)}; choose from vamba, qwen2-vl")
     return args
+
+
+def answer_lengths(parser, text: str) -> list[int]:
+    try:
+        lengths = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        lengths = []
+    if not lengths or min(lengths) < 1:
+        parser.error(f"--batch-tokens {text!r}: give comma-separated token counts of at least 1, e.g. 16,128")
+    return lengths
 
 
 def measure_qwen2_vl(path: Path, counts: list[int], args, device, dtype, sink, budget: Budget) -> None:

@@ -7,8 +7,15 @@ are in check_kernels.py.
         --baseline-frames 16,256,1024
 
 Sections (--sections, default sweep,baseline,plot):
-  sweep     ours over --frames: vision tower, text side, whole prefill (time, peak memory), decode ms/token;
-            at --checks-frames (1024) also decoding with vs without the CUDA graph, and the float8 cross-K/V cache
+  sweep     ours over --frames: vision tower, text side, whole prefill (time, peak memory), decode ms/token,
+            and what a decoding step reads with the bandwidth that achieves: decode_weight_bytes (the parameters
+            of every module one eager decoding step calls: self-attention, the cross-attention query and output
+            projections, MLPs, norms, lm_head, one embedding row; not the vision tower, the Mamba-2 blocks or the
+            cross-attention K/V projections), decode_cross_kv_bytes (every layer's cross K/V in the cache),
+            decode_self_kv_bytes (the self-attention K/V the timed steps read: the decode graph's static buffers
+            when it runs), their sum decode_bytes_per_step, and decode_gb_per_s = that sum / decode ms (1 GB =
+            1e9 bytes); all from the model's and cache's tensors (element size x count).
+            At --checks-frames (1024) also decoding with vs without the CUDA graph, and the float8 cross-K/V cache
             (memory, decode, logits error)
   baseline  benchmarks/bench_qwen2vl.py over --baseline-frames (stops at its first OOM)
   plot      time and memory vs frames for both models (a PNG beside the result file; needs matplotlib)
@@ -17,7 +24,9 @@ Sections (--sections, default sweep,baseline,plot):
   profile   torch.profiler of the vision tower, the text side and one decode step at --profile-frames (CUDA only;
             not default)
 Timings are medians of --repeats runs after one warm-up (Triton autotunes and torch.compile compiles on the first
-call); above 1024 frames, one timed run after the warm-up. `--tiny` runs the sections at tiny sizes on CPU.
+call); above 1024 frames, one timed run after the warm-up. `--tiny` runs the sections at tiny sizes on CPU. The
+table (`.table.md` beside the result file) has a row per model and frame count, with decode GB read per step and
+decode GB/s for ours.
 """
 
 import argparse
@@ -128,6 +137,60 @@ def cross_kv_gib(cache) -> float:
     return sum(k.nbytes + v.nbytes for k, v in cross_kv_of(cache).values()) / GIB
 
 
+def weight_bytes_read(model, step) -> int:
+    """Bytes of the parameters that `step()` reads: all parameters of every module it calls (of an embedding, the
+    rows it looks up), each tensor once (tied weights are read once)."""
+    read = {}
+
+    def note(module, inputs):
+        for param in module.parameters(recurse=False):
+            if isinstance(module, torch.nn.Embedding):
+                nbytes = inputs[0].numel() * param.shape[-1] * param.element_size()
+            else:
+                nbytes = param.numel() * param.element_size()
+            read[id(param)] = max(read.get(id(param), 0), nbytes)
+
+    handles = [module.register_forward_pre_hook(note) for module in model.modules()
+               if next(module.parameters(recurse=False), None) is not None]
+    try:
+        step()
+    finally:
+        for handle in handles:
+            handle.remove()
+    return sum(read.values())
+
+
+def cross_kv_bytes(cache) -> int:
+    """The cross-attention K/V a decoding step reads for all layers, with their float8 scales if any."""
+    store = cache.cross
+    return sum(t.nbytes for pair in (*cross_kv_of(cache).values(), *store.scales.values()) for t in pair)
+
+
+def self_kv_bytes(cache) -> int:
+    """The self-attention K/V a decoding step reads: the decode graph's static buffers while one holds them (SDPA
+    reads all their positions, masked), else the cache's layers."""
+    graph = cache.decode_graph
+    if graph is not None:
+        return sum(t.nbytes for t in (*graph.keys, *graph.values))
+    return sum(t.nbytes for layer in cache.layers for t in (layer.keys, layer.values))
+
+
+def decode_step_weight_bytes(model, cache, token) -> int:
+    """The parameter bytes of one decoding step from `cache`, found by running one eager step (a replayed CUDA
+    graph calls no module). The step adds `token` to the cache."""
+    with attributes_set(model.config, decode_with_cuda_graph=False):
+        return weight_bytes_read(model, lambda: model(input_ids=token, past_key_values=cache, use_cache=True))
+
+
+def decode_bandwidth(weight_bytes: int, cache, decode_ms: float) -> dict:
+    """What each decoding step reads (parameters, cross K/V, self K/V as `cache` holds them after the timed steps)
+    and the bandwidth that `decode_ms` per step achieves over it."""
+    reads = {"decode_weight_bytes": weight_bytes, "decode_cross_kv_bytes": cross_kv_bytes(cache),
+             "decode_self_kv_bytes": self_kv_bytes(cache)}
+    total = sum(reads.values())
+    return {**reads, "decode_bytes_per_step": total, "decode_gb_per_s": total / decode_ms / 1e6}
+
+
 def decode(model, cache, token, steps: int, warmup: int = 4, forced=None):
     """Greedy steps from `cache`; returns (ms per token, tokens, per-step logits). `forced` feeds given tokens."""
     device = token.device
@@ -180,7 +243,9 @@ def sweep_one(model, setup: Setup, frames: int, reps: int, decode_steps: int) ->
         record.update(vision_s=statistics.median(vision_s), text_s=statistics.median(text_s),
                       prefill_s=statistics.median(whole_s), text_peak_gib=peak_of(text_peak),
                       peak_gib=peak_of(whole_peak), cross_kv_gib=cross_kv_gib(cache))
+        weight_bytes = decode_step_weight_bytes(model, cache, token)
         record["decode_ms"], _, _ = decode(model, cache, token, decode_steps)
+        record.update(decode_bandwidth(weight_bytes, cache, record["decode_ms"]))
     return record
 
 
@@ -439,18 +504,19 @@ def baseline(frames_list, tiny: bool, sink, budget: Budget) -> list[dict]:
 
 
 def table(rows: list[dict]) -> str:
-    def cell(record, key, fmt):
+    def cell(record, key, fmt, scale=1.0):
         if record.get("oom") and key not in record:
             return "OOM"
-        return format(record[key], fmt) if record.get(key) is not None else "-"
+        return format(record[key] * scale, fmt) if record.get(key) is not None else "-"
 
     lines = ["| model | frames | visual tokens | vision tower s | text side s | whole prefill s | peak GiB | "
-             "decode ms/token |", "|---|---|---|---|---|---|---|---|"]
+             "decode ms/token | decode GB read/step | decode GB/s |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(rows, key=lambda r: (r["model"], r["frames"])):
         tokens = r.get("visual_tokens", r.get("video_tokens"))
         lines.append(f"| {r['model']} | {r['frames']} | {tokens} | {cell(r, 'vision_s', '.3f')} | "
                      f"{cell(r, 'text_s', '.3f')} | {cell(r, 'prefill_s', '.3f')} | {cell(r, 'peak_gib', '.1f')} | "
-                     f"{cell(r, 'decode_ms', '.1f')} |")
+                     f"{cell(r, 'decode_ms', '.1f')} | {cell(r, 'decode_bytes_per_step', '.2f', 1e-9)} | "
+                     f"{cell(r, 'decode_gb_per_s', '.0f')} |")
     return "\n".join(lines)
 
 

@@ -49,7 +49,8 @@ def test_no_workplace_paths_in_the_scripts():
 
 def test_end_to_end_tiny(tmp_path):
     out, work = tmp_path / "out", tmp_path / "work"
-    run_script("bench_end_to_end.py", out, "--tiny", "--work", str(work), "--frames", "8", "--stages")
+    run_script("bench_end_to_end.py", out, "--tiny", "--work", str(work), "--frames", "8", "--stages",
+               "--extras-repeats", "2", "--batch-tokens", "2,3")
     rows = records(out, "bench_end_to_end.py")
     video = next(r for r in rows if "video" in r)
     assert video["reused"] is False and Path(video["video"]).is_file()
@@ -61,11 +62,25 @@ def test_end_to_end_tiny(tmp_path):
     assert ours["file_to_first_token_s"] == pytest.approx(ours["decode_s"] + ours["preprocess_s"] +
                                                           ours["first_token_s"], abs=1e-3)
     beams = next(r for r in rows if r.get("extra") == "beams and return sequences")
-    assert all("s" in beams[name] for name in ("greedy", "4 beams", "4 return sequences (sampled)"))
+    variants = ("greedy", "4 beams", "4 return sequences (sampled)")
+    for name in variants:  # medians of the timed runs after each variant's own warm-up
+        runs = beams[name]["runs_s"]
+        assert len(runs) == 2 and all(math.isfinite(t) and t > 0 for t in runs), name
+        assert beams[name]["s"] == pytest.approx(sorted(runs)[1] / 2 + sorted(runs)[0] / 2, abs=1e-4), name
+        assert beams[name]["peak_gib"] is None  # CPU: no GPU peak
+    for name in variants[1:]:
+        assert beams[name]["time_vs_greedy"] == pytest.approx(beams[name]["s"] / beams["greedy"]["s"], rel=0.01)
+        assert "peak_vs_greedy" in beams[name] and beams[name]["peak_vs_greedy"] is None
     batches = [r for r in rows if r.get("extra") == "batch vs singles"]
-    assert [r["label"] for r in batches] == ["tiny", "smaller config fp32"]
+    assert [(r["label"], r["new_tokens"]) for r in batches] == [
+        (label, tokens) for label in ("tiny", "smaller config fp32") for tokens in (2, 3)]
     for batch in batches:  # fp32 on CPU: a batch must give each row the ids it gets alone
         assert batch["videos"] == 4 and batch["ids_equal_per_row"] == [True] * 4
+        assert batch["first_difference_per_row"] == [None] * 4
+        assert len(batch["batch_runs_s"]) == len(batch["singles_runs_s"]) == batch["repeats"] == 2
+        assert batch["batch_s"] == pytest.approx(sum(batch["batch_runs_s"]) / 2, abs=1e-4)
+        assert batch["singles_s"] == pytest.approx(sum(batch["singles_runs_s"]) / 2, abs=1e-4)
+        assert batch["speedup"] == pytest.approx(batch["singles_s"] / batch["batch_s"], rel=0.01)
     qwen = [r for r in rows if r.get("model") == "qwen2-vl"]
     assert qwen, "no Qwen2-VL line"
     if "skipped" in qwen[0]:
@@ -83,17 +98,67 @@ def test_end_to_end_tiny(tmp_path):
     assert {"vamba", "qwen2-vl"} <= {r["model"] for r in rows if r.get("skipped") == "budget spent" and "model" in r}
 
 
+@pytest.mark.parametrize("option, value", [("--batch-tokens", "16,x"), ("--batch-tokens", "0"),
+                                           ("--extras-repeats", "0")])
+def test_end_to_end_rejects_bad_extras_options(tmp_path, option, value):
+    result = run_script("bench_end_to_end.py", tmp_path / "out", "--tiny", "--work", str(tmp_path / "work"),
+                        option, value, expect_rc=2)
+    assert option in result.stderr.splitlines()[-1] and "Traceback" not in result.stderr
+    assert not (tmp_path / "out").exists() and not (tmp_path / "work").exists()
+
+
 def test_bench_vamba_tiny(tmp_path):
     run_script("bench_vamba.py", tmp_path, "--tiny", "--frames", "4", "--checks-frames", "4",
                "--sections", "sweep,baseline")
     rows = records(tmp_path, "bench_vamba.py")
     sweep = [r for r in rows if r.get("model") == "vamba" and "prefill_s" in r]
     assert [r["frames"] for r in sweep] == [4] and sweep[0]["decode_ms"] > 0 and sweep[0]["cross_kv_gib"] > 0
+    reads = {key: sweep[0][key] for key in ("decode_weight_bytes", "decode_cross_kv_bytes", "decode_self_kv_bytes")}
+    assert all(isinstance(value, int) and value > 0 for value in reads.values()), reads
+    assert reads["decode_cross_kv_bytes"] == round(sweep[0]["cross_kv_gib"] * 2**30)  # bf16/fp32: no scales
+    assert sweep[0]["decode_bytes_per_step"] == sum(reads.values())
+    assert sweep[0]["decode_gb_per_s"] > 0
+    assert sweep[0]["decode_gb_per_s"] == pytest.approx(sweep[0]["decode_bytes_per_step"] / sweep[0]["decode_ms"]
+                                                        / 1e6)
     graph = next(r for r in rows if r.get("check") == "decode graph")
     assert graph["graph_vs_eager_logits"] == 0.0  # on CPU both runs are eager
     assert next(r for r in rows if r.get("check") == "float8 cross K/V")["greedy_agreement"] >= 0
     assert [r["frames"] for r in rows if r.get("model") == "qwen2-vl" and "prefill_s" in r] == [4, 8]
-    assert list(tmp_path.glob("*.table.md"))
+    header, _, *lines = next(tmp_path.glob("*.table.md")).read_text().splitlines()
+    assert header.split("|")[-3:-1] == [" decode GB read/step ", " decode GB/s "]
+    ours_line = next(line for line in lines if line.startswith("| vamba |"))
+    assert ours_line.split("|")[-3].strip() == f"{sweep[0]['decode_bytes_per_step'] / 1e9:.2f}"
+
+
+def import_benchmark(name: str):
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        return __import__(name)
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+
+
+def test_decode_step_reads_the_text_weights_it_runs():
+    """The parameters one decoding step reads: every text-side parameter but the Mamba-2 blocks and the
+    cross-attention K/V projections (the cache holds their output), one embedding row per token, the lm_head; no
+    vision tower. The cache then holds one more token."""
+    bench_vamba = import_benchmark("bench_vamba")
+    setup = bench_vamba.tiny_setup({})
+    model = bench_vamba.build(setup)
+    ids, pixels, grid = bench_vamba.video_inputs(setup, 4)
+    with torch.inference_mode():
+        out = model(input_ids=ids, pixel_values_videos=pixels, video_grid_thw=grid, use_cache=True)
+        cache = bench_vamba.output_cache(out)
+        length = cache.get_seq_length()
+        measured = bench_vamba.decode_step_weight_bytes(model, cache, out.logits[:, -1:].argmax(-1))
+    assert cache.get_seq_length() == length + 1
+    not_read = ("vision_mixer.", "cross_attn.k_proj.", "cross_attn.v_proj.")
+    layers = sum(p.nbytes for layer in model.model.layers for name, p in layer.named_parameters()
+                 if not name.startswith(not_read))
+    embedding = model.model.embed_tokens.weight
+    expected = (layers + model.model.norm.weight.nbytes + model.lm_head.weight.nbytes
+                + embedding.shape[1] * embedding.element_size())
+    assert measured == expected
 
 
 def test_tuning_restores_what_it_changes(tmp_path):
