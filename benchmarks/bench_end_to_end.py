@@ -12,14 +12,21 @@ Per frame count and model, one JSON line with:
   decode_s          the frames sampled and decoded from the file (ours: `vamba_hf.load_video`; Qwen2-VL:
                     `transformers.video_utils.load_video(..., backend="pyav")`), peak host RSS during it
   preprocess_s      decoded frames -> model inputs on the GPU through the processor's public call (what
-                    `apply_chat_template` runs after loading); for Qwen2-VL also with `device="cuda"` (its fast video
-                    processor working on the GPU: preprocess_on_gpu_s)
+                    `apply_chat_template` runs after loading), patches made on the CPU; on CUDA also with
+                    `device="cuda"` (preprocess_on_gpu_s: ours patches the uint8 frames on the GPU, Qwen2-VL's fast
+                    video processor resizes and patches them there)
   vision_s          the vision tower on the processed pixels
   text_prefill_s    first token minus vision tower
   first_token_s     pixels -> first logits, cache kept
   answer_s          `generate` of `--new-tokens` tokens (greedy, `min_new_tokens` = `max_new_tokens`);
                     decode_ms_per_token = (answer_s - first_token_s) / (new tokens - 1)
   file_to_first_token_s = decode_s + preprocess_s + first_token_s
+  streamed_*        ours, the file streamed (`--chunk-frames` per chunk; 0 leaves it out): `processor.video_chunks`
+                    (frames decoding in background threads, each chunk patched on the GPU) into
+                    `model.encode_video_chunks` (each chunk encoded while the next decode), then the question's
+                    prefill from the state: streamed_file_to_first_token_s (median of `--cpu-repeats` after a
+                    warm-up), its peaks, and its first logits against the whole-video prefill's
+                    (streamed_logits_relative_difference, streamed_same_first_token)
   peak_gib          `torch.cuda.max_memory_allocated` over the model stages; rss_*_gib: host RSS peaks
 Model-stage timings are medians of `--repeats` runs after a warm-up (ours: at every frame count, as Triton autotunes
 and torch.compile compiles for new shapes; Qwen2-VL, which compiles nothing: once); decoding and preprocessing run
@@ -219,17 +226,28 @@ class Ours:
                                               video_shortest_edge=None if args.tiny else 256)
         self.model = build_vamba(vamba_config(self.processor.tokenizer, args.tiny), device, dtype)
         self.device, self.dtype = device, dtype
+        self.decode_workers = args.decode_workers
 
     def decode(self, path: Path, frames: int):
         from vamba_hf import load_video
 
-        sampling = self.processor.video_sampling.with_options(num_frames=frames, max_frames=frames, progress=False)
-        return load_video(path, sampling)
+        return load_video(path, self.sampling(frames))
+
+    def sampling(self, frames: int):
+        return self.processor.video_sampling.with_options(num_frames=frames, max_frames=frames, progress=False,
+                                                          decode_workers=self.decode_workers)
 
     def preprocess(self, videos: list, device=None):
         prompt = self.processor.apply_chat_template(conversation("video"), add_generation_prompt=True)
-        inputs = self.processor(text=[prompt] * len(videos), videos=videos, return_tensors="pt")
+        inputs = self.processor(text=[prompt] * len(videos), videos=videos, return_tensors="pt", device=device)
         return self.to_model(inputs)
+
+    def streamed_state(self, path: Path, frames: int, chunk_frames: int):
+        """File -> video state, each chunk encoded on the device while the next ones decode."""
+        sampling = self.sampling(frames)
+        chunks = self.processor.video_chunks(path, chunk_frames=chunk_frames, device=self.device,
+                                             **{name: getattr(sampling, name) for name in sampling.option_names()})
+        return self.model.encode_video_chunks(chunks)
 
     def to_model(self, inputs):
         inputs = inputs.to(self.device)
@@ -331,11 +349,40 @@ def cpu_stages(runner, path: Path, frames: int, args, record: dict):
                   rss_preprocess_peak_gib=preprocess_rss.peak_gib,
                   decoded_frames_gib=round(frames * args.width * args.height * 3 / 2**30, 3),
                   video_grid_thw=inputs["video_grid_thw"].tolist(), input_tokens=int(inputs["input_ids"].shape[1]))
-    if isinstance(runner, Qwen2VL) and runner.device.type == "cuda":
+    if runner.device.type == "cuda":
         _, seconds = timed(lambda: runner.preprocess([video], device=runner.device), runner.device)  # warm-up
         _, seconds = timed(lambda: runner.preprocess([video], device=runner.device), runner.device)
         record["preprocess_on_gpu_s"] = round(seconds, 4)
     return video, inputs
+
+
+def streamed_stages(runner: "Ours", path: Path, frames: int, inputs, args, record: dict) -> None:
+    """File -> first token with the frames streamed (`processor.video_chunks` -> `model.encode_video_chunks`, then
+    the question's prefill from the state), after one warm-up; medians of `--cpu-repeats`. Its first logits
+    against the whole-video prefill's."""
+    device = runner.device
+    question = {"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"]}
+
+    def file_to_first_token():
+        state = runner.streamed_state(path, frames, args.chunk_frames)
+        return runner.model(**question, video_state=state, logits_to_keep=1).logits
+
+    seconds_per_run, peaks = [], []
+    with torch.inference_mode():
+        reference = runner.first_token(inputs).logits
+        file_to_first_token()
+        for _ in range(args.cpu_repeats):
+            reset_gpu_peaks()
+            with PeakRss() as rss:
+                logits, seconds = timed(file_to_first_token, device)
+            seconds_per_run.append(seconds)
+            peaks += gpu_peaks_gib()
+    difference = ((logits.double() - reference.double()).norm() / reference.double().norm()).item()
+    record.update(streamed_file_to_first_token_s=median(seconds_per_run), streamed_chunk_frames=args.chunk_frames,
+                  streamed_rss_peak_gib=rss.peak_gib, streamed_logits_relative_difference=difference,
+                  streamed_same_first_token=bool(torch.equal(logits.argmax(-1), reference.argmax(-1))))
+    if peaks:
+        record["streamed_peak_gib"] = max(peaks)
 
 
 def measure_model(runner, path: Path, counts: list[int], args, sink, budget: Budget) -> dict:
@@ -359,6 +406,8 @@ def measure_model(runner, path: Path, counts: list[int], args, sink, budget: Bud
             model_stages(runner, inputs, args, record)
             record["file_to_first_token_s"] = round(record["decode_s"] + record["preprocess_s"] +
                                                     record["first_token_s"], 4)
+            if isinstance(runner, Ours) and args.chunk_frames:
+                streamed_stages(runner, path, frames, inputs, args, record)
             if isinstance(runner, Ours) and "video" not in kept and frames >= frames_for_extras(args):
                 kept["video"] = video
         except Exception as error:
@@ -571,6 +620,10 @@ def parse_args():
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--cpu-repeats", type=int, default=1)
     parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--decode-workers", type=int, default=None,
+                        help="ours: decoding threads (VideoSampling.decode_workers; default min(8, CPUs))")
+    parser.add_argument("--chunk-frames", type=int, default=64,
+                        help="ours: frames per chunk of the streamed path (0: do not measure it)")
     parser.add_argument("--extras", default="beams,batch,fp32-batch", help="comma-separated; '' for none")
     parser.add_argument("--extras-frames", type=int, default=256)
     parser.add_argument("--extras-tokens", type=int, default=16)

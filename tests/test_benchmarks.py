@@ -50,7 +50,7 @@ def test_no_workplace_paths_in_the_scripts():
 def test_end_to_end_tiny(tmp_path):
     out, work = tmp_path / "out", tmp_path / "work"
     run_script("bench_end_to_end.py", out, "--tiny", "--work", str(work), "--frames", "8", "--stages",
-               "--extras-repeats", "2", "--batch-tokens", "2,3")
+               "--extras-repeats", "2", "--batch-tokens", "2,3", "--chunk-frames", "4")
     rows = records(out, "bench_end_to_end.py")
     video = next(r for r in rows if "video" in r)
     assert video["reused"] is False and Path(video["video"]).is_file()
@@ -61,6 +61,9 @@ def test_end_to_end_tiny(tmp_path):
     assert ours["frames"] == 8 and ours["video_grid_thw"][0][0] == 4 and ours["new_tokens"] == 4
     assert ours["file_to_first_token_s"] == pytest.approx(ours["decode_s"] + ours["preprocess_s"] +
                                                           ours["first_token_s"], abs=1e-3)
+    # Streamed in two chunks of 4 frames: the same first token, logits equal up to the Mamba-2 chunk rounding.
+    assert ours["streamed_chunk_frames"] == 4 and math.isfinite(ours["streamed_file_to_first_token_s"])
+    assert ours["streamed_same_first_token"] is True and ours["streamed_logits_relative_difference"] < 1e-5
     beams = next(r for r in rows if r.get("extra") == "beams and return sequences")
     variants = ("greedy", "4 beams", "4 return sequences (sampled)")
     for name in variants:  # medians of the timed runs after each variant's own warm-up
