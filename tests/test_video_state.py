@@ -499,3 +499,14 @@ def test_beams_over_pixels_from_inputs_embeds():
     from_ids = model.generate(input_ids=ids, pixel_values_videos=pixels, video_grid_thw=grid, **settings)
     assert torch.equal(from_embeds.sequences, from_ids.sequences[:, ids.shape[1]:])
     torch.testing.assert_close(from_embeds.sequences_scores, from_ids.sequences_scores, rtol=1e-10, atol=1e-10)
+
+
+def test_a_state_holds_no_more_memory_than_its_tensors():
+    # A carry that is a view of its segment's in_proj output would keep that whole output alive with the state.
+    model = tiny_model()
+    pixels, grid = video_pixels(6, 4, 4)
+    state = model.encode_video(pixels[:32], torch.tensor([[2, 4, 4]]))
+    for current in (state, model.extend_video(state, pixels[32:], torch.tensor([[4, 4, 4]]))):
+        for name, tensor in current.tensors().items():
+            if name.endswith((".ssm_state", ".conv_inputs")):  # the K/V buffers keep room to grow, by design
+                assert tensor.untyped_storage().nbytes() == tensor.numel() * tensor.element_size(), name

@@ -293,7 +293,9 @@ class Mamba2(nn.Module):
         keeps the end of the carried inputs before its own (zeros at the start of a stream, the conv's padding)."""
         tail = self.config.d_conv - 1
         if seq_idx is not None or xbc.shape[1] >= tail:
-            return xbc[:, -tail:], None if seq_idx is None else seq_idx[:, -tail:]
+            # A copy: a view would keep the segment's whole in_proj output alive for as long as the carry (a video
+            # state keeps one per layer).
+            return xbc[:, -tail:].clone(), None if seq_idx is None else seq_idx[:, -tail:]
         before = xbc.new_zeros(xbc.shape[0], tail, xbc.shape[2]) if carry is None else carry.conv_inputs
         return torch.cat([before.to(xbc.dtype), xbc], dim=1)[:, -tail:], None
 
