@@ -21,12 +21,12 @@ Per frame count and model, one JSON line with:
   answer_s          `generate` of `--new-tokens` tokens (greedy, `min_new_tokens` = `max_new_tokens`);
                     decode_ms_per_token = (answer_s - first_token_s) / (new tokens - 1)
   file_to_first_token_s = decode_s + preprocess_s + first_token_s
-  streamed_*        ours, the file streamed (`--chunk-frames` per chunk; 0 leaves it out): `processor.video_chunks`
-                    (frames decoding in background threads, each chunk patched on the GPU) into
-                    `model.encode_video_chunks` (each chunk encoded while the next decode), then the question's
-                    prefill from the state: streamed_file_to_first_token_s (median of `--cpu-repeats` after a
-                    warm-up), its peaks, and its first logits against the whole-video prefill's
-                    (streamed_logits_relative_difference, streamed_same_first_token)
+  streamed          ours, the file streamed, one entry per `--chunk-frames` size ('' leaves it out):
+                    `processor.video_chunks` (frames decoding in background threads, each chunk patched on the GPU)
+                    into `model.encode_video_chunks` (each chunk encoded while the next decode), then the
+                    question's prefill from the state: file_to_first_token_s (median of `--cpu-repeats` after a
+                    warm-up), peaks, and the first logits against the whole-video prefill's
+                    (logits_relative_difference, same_first_token)
   peak_gib          `torch.cuda.max_memory_allocated` over the model stages; rss_*_gib: host RSS peaks
 Model-stage timings are medians of `--repeats` runs after a warm-up (ours: at every frame count, as Triton autotunes
 and torch.compile compiles for new shapes; Qwen2-VL, which compiles nothing: once); decoding and preprocessing run
@@ -358,31 +358,33 @@ def cpu_stages(runner, path: Path, frames: int, args, record: dict):
 
 def streamed_stages(runner: "Ours", path: Path, frames: int, inputs, args, record: dict) -> None:
     """File -> first token with the frames streamed (`processor.video_chunks` -> `model.encode_video_chunks`, then
-    the question's prefill from the state), after one warm-up; medians of `--cpu-repeats`. Its first logits
-    against the whole-video prefill's."""
+    the question's prefill from the state), for each of `--chunk-frames`, after one warm-up; medians of
+    `--cpu-repeats`. Its first logits against the whole-video prefill's."""
     device = runner.device
     question = {"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"]}
-
-    def file_to_first_token():
-        state = runner.streamed_state(path, frames, args.chunk_frames)
-        return runner.model(**question, video_state=state, logits_to_keep=1).logits
-
-    seconds_per_run, peaks = [], []
+    record["streamed"] = []
     with torch.inference_mode():
         reference = runner.first_token(inputs).logits
-        file_to_first_token()
-        for _ in range(args.cpu_repeats):
-            reset_gpu_peaks()
-            with PeakRss() as rss:
-                logits, seconds = timed(file_to_first_token, device)
-            seconds_per_run.append(seconds)
-            peaks += gpu_peaks_gib()
-    difference = ((logits.double() - reference.double()).norm() / reference.double().norm()).item()
-    record.update(streamed_file_to_first_token_s=median(seconds_per_run), streamed_chunk_frames=args.chunk_frames,
-                  streamed_rss_peak_gib=rss.peak_gib, streamed_logits_relative_difference=difference,
-                  streamed_same_first_token=bool(torch.equal(logits.argmax(-1), reference.argmax(-1))))
-    if peaks:
-        record["streamed_peak_gib"] = max(peaks)
+    for chunk_frames in args.chunk_frames:
+        def file_to_first_token():
+            state = runner.streamed_state(path, frames, chunk_frames)
+            return runner.model(**question, video_state=state, logits_to_keep=1).logits
+
+        seconds_per_run, peaks = [], []
+        with torch.inference_mode():
+            file_to_first_token()
+            for _ in range(args.cpu_repeats):
+                reset_gpu_peaks()
+                with PeakRss() as rss:
+                    logits, seconds = timed(file_to_first_token, device)
+                seconds_per_run.append(seconds)
+                peaks += gpu_peaks_gib()
+        difference = ((logits.double() - reference.double()).norm() / reference.double().norm()).item()
+        record["streamed"].append({
+            "chunk_frames": chunk_frames, "file_to_first_token_s": median(seconds_per_run),
+            "rss_peak_gib": rss.peak_gib, "peak_gib": max(peaks, default=None),
+            "logits_relative_difference": difference,
+            "same_first_token": bool(torch.equal(logits.argmax(-1), reference.argmax(-1)))})
 
 
 def measure_model(runner, path: Path, counts: list[int], args, sink, budget: Budget) -> dict:
@@ -622,8 +624,8 @@ def parse_args():
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--decode-workers", type=int, default=None,
                         help="ours: decoding threads (VideoSampling.decode_workers; default min(8, CPUs))")
-    parser.add_argument("--chunk-frames", type=int, default=64,
-                        help="ours: frames per chunk of the streamed path (0: do not measure it)")
+    parser.add_argument("--chunk-frames", default="64",
+                        help="ours: frames per chunk of the streamed path, comma-separated ('' leaves it out)")
     parser.add_argument("--extras", default="beams,batch,fp32-batch", help="comma-separated; '' for none")
     parser.add_argument("--extras-frames", type=int, default=256)
     parser.add_argument("--extras-tokens", type=int, default=16)
@@ -651,10 +653,22 @@ def parse_args():
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     args.batch_tokens = answer_lengths(parser, args.batch_tokens)
+    args.chunk_frames = chunk_sizes(parser, args.chunk_frames)
     unknown = set(args.models.split(",")) - {"vamba", "qwen2-vl"}
     if unknown:
         parser.error(f"--models: unknown {sorted(unknown)}; choose from vamba, qwen2-vl")
     return args
+
+
+def chunk_sizes(parser, text: str) -> list[int]:
+    try:
+        sizes = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        sizes = [0]
+    if any(size < 2 or size % 2 for size in sizes):
+        parser.error(f"--chunk-frames {text!r}: give comma-separated even frame counts (the temporal patch is 2), "
+                     "e.g. 64,128, or '' to leave the streamed path out")
+    return sizes
 
 
 def answer_lengths(parser, text: str) -> list[int]:

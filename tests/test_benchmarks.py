@@ -50,7 +50,7 @@ def test_no_workplace_paths_in_the_scripts():
 def test_end_to_end_tiny(tmp_path):
     out, work = tmp_path / "out", tmp_path / "work"
     run_script("bench_end_to_end.py", out, "--tiny", "--work", str(work), "--frames", "8", "--stages",
-               "--extras-repeats", "2", "--batch-tokens", "2,3", "--chunk-frames", "4")
+               "--extras-repeats", "2", "--batch-tokens", "2,3", "--chunk-frames", "4,8")
     rows = records(out, "bench_end_to_end.py")
     video = next(r for r in rows if "video" in r)
     assert video["reused"] is False and Path(video["video"]).is_file()
@@ -61,9 +61,12 @@ def test_end_to_end_tiny(tmp_path):
     assert ours["frames"] == 8 and ours["video_grid_thw"][0][0] == 4 and ours["new_tokens"] == 4
     assert ours["file_to_first_token_s"] == pytest.approx(ours["decode_s"] + ours["preprocess_s"] +
                                                           ours["first_token_s"], abs=1e-3)
-    # Streamed in two chunks of 4 frames: the same first token, logits equal up to the Mamba-2 chunk rounding.
-    assert ours["streamed_chunk_frames"] == 4 and math.isfinite(ours["streamed_file_to_first_token_s"])
-    assert ours["streamed_same_first_token"] is True and ours["streamed_logits_relative_difference"] < 1e-5
+    # Streamed in chunks of 4 frames (two) and of 8 (one): the same first token, logits equal up to the Mamba-2
+    # chunk rounding (fp32).
+    assert [entry["chunk_frames"] for entry in ours["streamed"]] == [4, 8]
+    for entry in ours["streamed"]:
+        assert math.isfinite(entry["file_to_first_token_s"]) and entry["same_first_token"] is True
+        assert entry["logits_relative_difference"] < 1e-5
     beams = next(r for r in rows if r.get("extra") == "beams and return sequences")
     variants = ("greedy", "4 beams", "4 return sequences (sampled)")
     for name in variants:  # medians of the timed runs after each variant's own warm-up
@@ -102,7 +105,8 @@ def test_end_to_end_tiny(tmp_path):
 
 
 @pytest.mark.parametrize("option, value", [("--batch-tokens", "16,x"), ("--batch-tokens", "0"),
-                                           ("--extras-repeats", "0")])
+                                           ("--extras-repeats", "0"), ("--chunk-frames", "3"),
+                                           ("--chunk-frames", "64,x")])
 def test_end_to_end_rejects_bad_extras_options(tmp_path, option, value):
     result = run_script("bench_end_to_end.py", tmp_path / "out", "--tiny", "--work", str(tmp_path / "work"),
                         option, value, expect_rc=2)

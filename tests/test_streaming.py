@@ -3,6 +3,7 @@
 and the model encodes chunk by chunk (`encode_video_chunks`) into the state that encoding the whole video gives."""
 
 import threading
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -60,10 +61,23 @@ def test_the_first_frames_are_handed_out_while_later_ones_still_decode(video_fil
 def test_a_stream_whose_index_turns_out_wrong_is_decoded_in_one_pass(video_file, monkeypatch):
     expected = load_video(video_file, NO_RESIZE, num_frames=12, decoder="sequential")
     packet_index = video_vamba._packet_index
-    monkeypatch.setattr(video_vamba, "_packet_index", lambda *args: (lambda index: type(index)(
-        [time + 0.05 for time in index.times], index.pts, index.keyframes))(packet_index(*args)))
+    monkeypatch.setattr(video_vamba, "_packet_index", lambda *args: replace(  # every packet one tick late
+        packet_index(*args), pts=[value + 1 for value in packet_index(*args).pts]))
+    passes = []
+    decode_plan = video_vamba._decode_plan
+    monkeypatch.setattr(video_vamba, "_decode_plan", lambda *args: passes.append(True) or decode_plan(*args))
     with stream_video(video_file, NO_RESIZE, num_frames=12, decoder="seek", decode_workers=2) as stream:
         assert_same_video(stream.video(), expected)
+    assert passes == [True]
+
+
+def test_frames_handed_out_before_a_fallback_that_samples_others_are_an_error(video_file):
+    stream = stream_video(video_file, NO_RESIZE, num_frames=12, decoder="seek", decode_workers=2)
+    stream.frames(4)
+    other = load_video(video_file, NO_RESIZE, num_frames=13, decoder="sequential")
+    stream._one_pass = lambda: other
+    with pytest.raises(ValueError, match="4 frames of this video were handed out.*decoder='sequential'"):
+        stream._decode_in_one_pass()
 
 
 def test_closing_a_stream_stops_its_threads(video_file):

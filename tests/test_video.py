@@ -584,9 +584,9 @@ def test_an_index_that_does_not_match_the_frames_falls_back_to_one_pass(tmp_path
     expected = one_pass(path, NO_RESIZE.with_options(**options))
     packet_index = video_vamba._packet_index
 
-    def shifted(*args):  # every packet one frame later than the frames decoded
+    def shifted(*args):  # every packet one tick later than the frame decoded from it
         index = packet_index(*args)
-        return replace(index, times=[time + 0.1 for time in index.times])
+        return replace(index, pts=[value + 1 for value in index.pts])
 
     passes = []
     decode_plan = video_vamba._decode_plan

@@ -627,6 +627,8 @@ class _SeekingDecoder:
 
     def __init__(self, location: str, facts: _StreamFacts, index: _PacketIndex, resize: FrameResize, bar):
         self.location, self.facts, self.index, self.resize, self.bar = location, facts, index, resize, bar
+        # A decoded frame is the packet of its timestamp (the index holds distinct timestamps).
+        self.position_of_pts = {pts: position for position, pts in enumerate(index.pts)}
         self.stop = threading.Event()
 
     def start(self, gops: list, capacity: int, workers: int) -> _RowWriter:
@@ -693,32 +695,24 @@ class _SeekingDecoder:
             expected = self._decode_gop(frames, expected, gop, writer)
 
     def _decode_gop(self, frames, expected: int, gop: _GopSamples, writer: _RowWriter) -> int:
-        """Decodes from position `expected` through the GOP's last sample; returns the next position."""
+        """Decodes from position `expected` through the GOP's last sample; returns the next position. The work per
+        frame is kept small: the decoding threads share the interpreter lock for it."""
+        position_of_pts, rows = self.position_of_pts, gop.rows
         for frame in frames:
             if self.stop.is_set():
                 raise _IndexMismatch()
-            position, time = self._position_of(frame)
+            position = position_of_pts.get(frame.pts)
+            if position is None:
+                raise _IndexMismatch()
             if position < expected:  # decoded before the keyframe sought (an earlier keyframe, open-GOP frames)
                 continue
             if position != expected or (position == gop.keyframe and not frame.key_frame):
                 raise _IndexMismatch()
             if self.bar is not None:
                 self.bar.update(1)
-            if position in gop.rows:
-                writer.write(gop.rows[position], time, frame)
+            if position in rows:
+                writer.write(rows[position], float(frame.time) - self.facts.start, frame)
             if position == gop.last:
                 return position + 1
             expected += 1
         raise _IndexMismatch()
-
-    def _position_of(self, frame) -> tuple:
-        """(position in the index, time) of a decoded frame."""
-        if frame.time is None:
-            raise _IndexMismatch()
-        time = float(frame.time) - self.facts.start
-        position = _index_at(self.index.times, time)
-        if position >= len(self.index.times) or abs(self.index.times[position] - time) > TIME_TOLERANCE:
-            raise _IndexMismatch()
-        return position, time
-
-
