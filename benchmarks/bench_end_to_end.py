@@ -21,7 +21,7 @@ Per frame count and model, one JSON line with:
   answer_s          `generate` of `--new-tokens` tokens (greedy, `min_new_tokens` = `max_new_tokens`);
                     decode_ms_per_token = (answer_s - first_token_s) / (new tokens - 1)
   file_to_first_token_s = decode_s + preprocess_s + first_token_s
-  streamed          ours, the file streamed, one entry per `--chunk-frames` size ('' leaves it out):
+  streamed          ours, the file streamed, one entry per `--stream-workers` x `--chunk-frames` ('' leaves it out):
                     `processor.video_chunks` (frames decoding in background threads, each chunk patched on the GPU)
                     into `model.encode_video_chunks` (each chunk encoded while the next decode), then the
                     question's prefill from the state: file_to_first_token_s (median of `--cpu-repeats` after a
@@ -48,6 +48,7 @@ Then, after the baseline (a short `--budget-s` leaves these out first), ours onl
 
 import argparse
 import gc
+import itertools
 import sys
 from fractions import Fraction
 from pathlib import Path
@@ -233,18 +234,18 @@ class Ours:
 
         return load_video(path, self.sampling(frames))
 
-    def sampling(self, frames: int):
+    def sampling(self, frames: int, decode_workers=None):
         return self.processor.video_sampling.with_options(num_frames=frames, max_frames=frames, progress=False,
-                                                          decode_workers=self.decode_workers)
+                                                          decode_workers=decode_workers or self.decode_workers)
 
     def preprocess(self, videos: list, device=None):
         prompt = self.processor.apply_chat_template(conversation("video"), add_generation_prompt=True)
         inputs = self.processor(text=[prompt] * len(videos), videos=videos, return_tensors="pt", device=device)
         return self.to_model(inputs)
 
-    def streamed_state(self, path: Path, frames: int, chunk_frames: int):
+    def streamed_state(self, path: Path, frames: int, chunk_frames: int, decode_workers=None):
         """File -> video state, each chunk encoded on the device while the next ones decode."""
-        sampling = self.sampling(frames)
+        sampling = self.sampling(frames, decode_workers)
         chunks = self.processor.video_chunks(path, chunk_frames=chunk_frames, device=self.device,
                                              **{name: getattr(sampling, name) for name in sampling.option_names()})
         return self.model.encode_video_chunks(chunks)
@@ -365,9 +366,9 @@ def streamed_stages(runner: "Ours", path: Path, frames: int, inputs, args, recor
     record["streamed"] = []
     with torch.inference_mode():
         reference = runner.first_token(inputs).logits
-    for chunk_frames in args.chunk_frames:
+    for decode_workers, chunk_frames in itertools.product(args.stream_workers or [None], args.chunk_frames):
         def file_to_first_token():
-            state = runner.streamed_state(path, frames, chunk_frames)
+            state = runner.streamed_state(path, frames, chunk_frames, decode_workers)
             return runner.model(**question, video_state=state, logits_to_keep=1).logits
 
         seconds_per_run, peaks = [], []
@@ -381,7 +382,7 @@ def streamed_stages(runner: "Ours", path: Path, frames: int, inputs, args, recor
                 peaks += gpu_peaks_gib()
         difference = ((logits.double() - reference.double()).norm() / reference.double().norm()).item()
         record["streamed"].append({
-            "chunk_frames": chunk_frames, "file_to_first_token_s": median(seconds_per_run),
+            "chunk_frames": chunk_frames, "decode_workers": decode_workers or runner.decode_workers, "file_to_first_token_s": median(seconds_per_run),
             "rss_peak_gib": rss.peak_gib, "peak_gib": max(peaks, default=None),
             "logits_relative_difference": difference,
             "same_first_token": bool(torch.equal(logits.argmax(-1), reference.argmax(-1)))})
@@ -624,6 +625,8 @@ def parse_args():
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--decode-workers", type=int, default=None,
                         help="ours: decoding threads (VideoSampling.decode_workers; default min(8, CPUs))")
+    parser.add_argument("--stream-workers", default="",
+                        help="ours: decoding threads of the streamed path, comma-separated (default: --decode-workers)")
     parser.add_argument("--chunk-frames", default="64",
                         help="ours: frames per chunk of the streamed path, comma-separated ('' leaves it out)")
     parser.add_argument("--extras", default="beams,batch,fp32-batch", help="comma-separated; '' for none")
@@ -654,6 +657,8 @@ def parse_args():
             parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     args.batch_tokens = answer_lengths(parser, args.batch_tokens)
     args.chunk_frames = chunk_sizes(parser, args.chunk_frames)
+    args.stream_workers = answer_lengths(parser, args.stream_workers, "--stream-workers") if args.stream_workers \
+        else []
     unknown = set(args.models.split(",")) - {"vamba", "qwen2-vl"}
     if unknown:
         parser.error(f"--models: unknown {sorted(unknown)}; choose from vamba, qwen2-vl")
@@ -671,13 +676,13 @@ def chunk_sizes(parser, text: str) -> list[int]:
     return sizes
 
 
-def answer_lengths(parser, text: str) -> list[int]:
+def answer_lengths(parser, text: str, option: str = "--batch-tokens") -> list[int]:
     try:
         lengths = [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
         lengths = []
     if not lengths or min(lengths) < 1:
-        parser.error(f"--batch-tokens {text!r}: give comma-separated token counts of at least 1, e.g. 16,128")
+        parser.error(f"{option} {text!r}: give comma-separated counts of at least 1, e.g. 16,128")
     return lengths
 
 

@@ -50,7 +50,7 @@ def test_no_workplace_paths_in_the_scripts():
 def test_end_to_end_tiny(tmp_path):
     out, work = tmp_path / "out", tmp_path / "work"
     run_script("bench_end_to_end.py", out, "--tiny", "--work", str(work), "--frames", "8", "--stages",
-               "--extras-repeats", "2", "--batch-tokens", "2,3", "--chunk-frames", "4,8")
+               "--extras-repeats", "2", "--batch-tokens", "2,3", "--chunk-frames", "4,8", "--stream-workers", "1,2")
     rows = records(out, "bench_end_to_end.py")
     video = next(r for r in rows if "video" in r)
     assert video["reused"] is False and Path(video["video"]).is_file()
@@ -63,7 +63,8 @@ def test_end_to_end_tiny(tmp_path):
                                                           ours["first_token_s"], abs=1e-3)
     # Streamed in chunks of 4 frames (two) and of 8 (one): the same first token, logits equal up to the Mamba-2
     # chunk rounding (fp32).
-    assert [entry["chunk_frames"] for entry in ours["streamed"]] == [4, 8]
+    assert [(entry["decode_workers"], entry["chunk_frames"]) for entry in ours["streamed"]] == [
+        (1, 4), (1, 8), (2, 4), (2, 8)]
     for entry in ours["streamed"]:
         assert math.isfinite(entry["file_to_first_token_s"]) and entry["same_first_token"] is True
         assert entry["logits_relative_difference"] < 1e-5
@@ -106,7 +107,7 @@ def test_end_to_end_tiny(tmp_path):
 
 @pytest.mark.parametrize("option, value", [("--batch-tokens", "16,x"), ("--batch-tokens", "0"),
                                            ("--extras-repeats", "0"), ("--chunk-frames", "3"),
-                                           ("--chunk-frames", "64,x")])
+                                           ("--chunk-frames", "64,x"), ("--stream-workers", "0")])
 def test_end_to_end_rejects_bad_extras_options(tmp_path, option, value):
     result = run_script("bench_end_to_end.py", tmp_path / "out", "--tiny", "--work", str(tmp_path / "work"),
                         option, value, expect_rc=2)
