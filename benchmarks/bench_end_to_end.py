@@ -44,6 +44,9 @@ Then, after the baseline (a short `--budget-s` leaves these out first), ours onl
               singles_peak_gib, and the greedy ids compared row by row (ids_equal_per_row,
               first_difference_per_row; bf16)
   fp32-batch  the same batch-vs-singles records on a smaller config in fp32, where batched must equal one by one
+  fp32-stream on the same smaller config in fp32, the streamed state (the first `--chunk-frames` size) against
+              encoding the whole `--extras-frames`-frame video: the question's first logits (relative difference)
+              and `--extras-tokens` greedy ids (equal)
 """
 
 import argparse
@@ -539,6 +542,7 @@ class SmallerOurs(Ours):
         sizes = {} if args.tiny else dict(num_hidden_layers=4, vision_config=dict(depth=4))
         self.model = build_vamba(vamba_config(processor.tokenizer, args.tiny, **sizes), device, torch.float32)
         self.device, self.dtype = device, torch.float32
+        self.decode_workers = args.decode_workers
 
 
 def extras(ours: Ours, path: Path, kept: dict, args, sink, budget: Budget) -> None:
@@ -550,7 +554,8 @@ def extras(ours: Ours, path: Path, kept: dict, args, sink, budget: Budget) -> No
     steps = [("beams", lambda: beams_and_return_sequences(ours, video, args, sink)),
              ("batch", lambda: batch_vs_singles(ours, video, args, sink, "7B bf16" if not args.tiny else "tiny",
                                                 budget)),
-             ("fp32-batch", lambda: fp32_batch(ours, video, args, sink, budget))]
+             ("fp32-batch", lambda: fp32_batch(ours, video, args, sink, budget)),
+             ("fp32-stream", lambda: fp32_streamed(ours, path, args, sink))]
     for name, step in steps:
         if name not in wanted:
             continue
@@ -563,11 +568,36 @@ def extras(ours: Ours, path: Path, kept: dict, args, sink, budget: Budget) -> No
             sink.log({"extra": name, **failure(error)})
 
 
+def smaller_ours(ours: Ours, args) -> SmallerOurs:
+    """The smaller fp32 model, built once after the 7B one is freed (the fp32 extras run last)."""
+    if not isinstance(getattr(ours, "small", None), SmallerOurs):
+        ours.model = None
+        free_memory(ours.device)
+        ours.small = SmallerOurs(args, ours.device, ours.processor)
+    return ours.small
+
+
+def fp32_streamed(ours: Ours, path: Path, args, sink) -> None:
+    """The streamed state (`--chunk-frames`' first size) against encoding the whole video, in fp32 on the smaller
+    config at `--extras-frames` frames: the question's first logits and `--extras-tokens` greedy ids."""
+    small = smaller_ours(ours, args)
+    inputs = small.preprocess([small.decode(path, args.extras_frames)])
+    question = {"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"]}
+    greedy = dict(max_new_tokens=args.extras_tokens, min_new_tokens=args.extras_tokens, do_sample=False)
+    with torch.inference_mode():
+        whole = small.model.encode_video(inputs["pixel_values_videos"], inputs["video_grid_thw"])
+        streamed = small.streamed_state(path, args.extras_frames, args.chunk_frames[0])
+        logits = [small.model(**question, video_state=state, logits_to_keep=1).logits for state in (whole, streamed)]
+        ids = [small.model.generate(**question, video_state=state, **greedy) for state in (whole, streamed)]
+    difference = ((logits[1].double() - logits[0].double()).norm() / logits[0].double().norm()).item()
+    sink.log({"extra": "streamed vs whole video", "label": "smaller config fp32", "frames": args.extras_frames,
+              "chunk_frames": args.chunk_frames[0], "new_tokens": args.extras_tokens,
+              "logits_relative_difference": difference, "ids_equal": bool(torch.equal(ids[0], ids[1]))})
+
+
 def fp32_batch(ours: Ours, video, args, sink, budget: Budget) -> None:
     """Runs last: frees the 7B model first."""
-    ours.model = None
-    free_memory(ours.device)
-    small = SmallerOurs(args, ours.device, ours.processor)
+    small = smaller_ours(ours, args)
     batch_vs_singles(small, video, args, sink, "smaller config fp32", budget)
 
 
@@ -629,7 +659,7 @@ def parse_args():
                         help="ours: decoding threads of the streamed path, comma-separated (default: --decode-workers)")
     parser.add_argument("--chunk-frames", default="64",
                         help="ours: frames per chunk of the streamed path, comma-separated ('' leaves it out)")
-    parser.add_argument("--extras", default="beams,batch,fp32-batch", help="comma-separated; '' for none")
+    parser.add_argument("--extras", default="beams,batch,fp32-batch,fp32-stream", help="comma-separated; '' for none")
     parser.add_argument("--extras-frames", type=int, default=256)
     parser.add_argument("--extras-tokens", type=int, default=16)
     parser.add_argument("--extras-repeats", type=int, default=3,

@@ -88,6 +88,8 @@ def test_end_to_end_tiny(tmp_path):
         assert batch["batch_s"] == pytest.approx(sum(batch["batch_runs_s"]) / 2, abs=1e-4)
         assert batch["singles_s"] == pytest.approx(sum(batch["singles_runs_s"]) / 2, abs=1e-4)
         assert batch["speedup"] == pytest.approx(batch["singles_s"] / batch["batch_s"], rel=0.01)
+    streamed = next(r for r in rows if r.get("extra") == "streamed vs whole video")
+    assert streamed["ids_equal"] is True and streamed["logits_relative_difference"] < 1e-5
     qwen = [r for r in rows if r.get("model") == "qwen2-vl"]
     assert qwen, "no Qwen2-VL line"
     if "skipped" in qwen[0]:
