@@ -1,7 +1,7 @@
 """Questions about a video encoded once: what `vamba-hf chat` and examples/streaming_video.py share.
 
 `encode_video_file` samples and processes a video (a progress bar while it decodes) and encodes it into a
-`VideoState`; `question_inputs` tokenizes one question whose prompt keeps the <|vision_start|><|vision_end|>
+`VideoState`, chunk by chunk as it decodes; `question_inputs` tokenizes one question whose prompt keeps the <|vision_start|><|vision_end|>
 placeholder the state fills; `answer` streams the answer to one question from the state.
 """
 
@@ -14,6 +14,8 @@ from .video_state_vamba import VideoState
 
 # A name standing for the video in the chat template (the state holds the video itself).
 VIDEO_PLACEHOLDER = "video"
+# Frames per chunk when a file is encoded as it decodes.
+CHUNK_FRAMES = 128
 
 
 def video_pixels(processor, video, device, num_frames: Optional[int] = None, fps: Optional[float] = None,
@@ -31,15 +33,23 @@ def video_pixels(processor, video, device, num_frames: Optional[int] = None, fps
 
 def encode_video_file(model, processor, video, num_frames: Optional[int] = None, fps: Optional[float] = None,
                       log=None) -> VideoState:
-    """Sample, process and encode `video` once; `log(line)` reports what was encoded and how long it took."""
-    pixels, grid, metadata = video_pixels(processor, video, model.device, num_frames, fps)
+    """Sample, process and encode `video` once, each chunk of frames encoded while the next ones decode
+    (`processor.video_chunks`); `log(line)` reports what was encoded and how long it took."""
+    options = {key: value for key, value in (("num_frames", num_frames), ("fps", fps)) if value is not None}
     started = time.perf_counter()
-    state = model.encode_video(pixels, grid, sampling={**metadata, "video": str(video)})
+    chunks = processor.video_chunks(video, chunk_frames=CHUNK_FRAMES, device=model.device, progress=True, **options)
+    state = model.encode_video_chunks(_named_chunks(chunks, video))
     if log is not None:
-        t, h, w = grid[0].tolist()
-        log(f"Encoded the video once: {2 * t} frames, {state.length} visual tokens in "
-            f"{time.perf_counter() - started:.1f} s ({state.nbytes() / 2**20:.1f} MiB of state)")
+        log(f"Encoded the video once: {state.grid_thw[0, 0].item() * 2} frames, {state.length} visual tokens in "
+            f"{time.perf_counter() - started:.1f} s, decoding included ({state.nbytes() / 2**20:.1f} MiB of state)")
     return state
+
+
+def _named_chunks(chunks, video):
+    """The chunks, each one's sampling naming the video (a saved state says what it holds)."""
+    for chunk in chunks:
+        chunk["video_metadata"] = [{**chunk["video_metadata"][0], "video": str(video)}]
+        yield chunk
 
 
 def question_inputs(processor, question: str, device):
