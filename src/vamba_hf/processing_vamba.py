@@ -6,12 +6,23 @@ separately (`pixel_values` + `image_grid_thw` or `pixel_values_videos` + `video_
 
 Call keyword arguments follow transformers' typed processing kwargs: flat (`max_length=...`, `num_frames=...`) or
 per modality (`text_kwargs`, `images_kwargs`, `videos_kwargs`, `common_kwargs`), merged with the tokenizer's init
-defaults by `ProcessorMixin._merge_kwargs`. The video sampling options are `VideoSampling`'s fields.
+defaults by `ProcessorMixin._merge_kwargs`. The video options are `VideoSampling`'s fields (how frames are taken from
+a file), then:
+- `min_pixels` / `max_pixels`: the pixel budget of a frame's patch grid (the image processor's by default).
+- `device`: where frames are patched and normalised ("cpu" by default; e.g. "cuda"); uint8 frames go there in chunks.
+- `frame_resize`: how frames that are not at the patch-grid size (frames given as arrays or `VideoFrames`) are resized
+  to it. "pil" (the default): PIL's bicubic on the CPU, the original release's pixels bit for bit. "torch": torch's
+  antialiased bicubic on `device`, one pass per axis in PIL's order with PIL's rounding to bytes after each: bytes
+  at most 1 apart from PIL's, and equal to them for all but at most 1 in 1000 (1.4e-4 of them at 640x360 ->
+  644x364; tests/test_processor_resize.py measures it, and its effect on logits). Frames decoded from a file are
+  decoded at the grid size, so both give the same pixels for files.
+- `return_metadata`: also return each video's sampled timestamps and frame indices.
 
 This file is also served as Hub remote code (with `video_vamba.py`), so it imports only transformers, torch, numpy,
 PIL, jinja2 and the standard library at top level.
 """
 
+import functools
 import math
 import os
 import typing
@@ -89,6 +100,9 @@ VAMBA_CHAT_TEMPLATE = (
 # Output bytes normalised per step: large enough that each torch op's thread start-up is amortised (on a busy
 # machine a small step waits for descheduled threads), small enough that frames are handed back as they go.
 STEP_BYTES = 64 * 2 ** 20
+FRAME_RESIZES = ("pil", "torch")
+# The PIL filters `frame_resize="torch"` follows: torch's antialiased modes weight pixels as PIL's filters do.
+TORCH_FILTERS = {int(PIL.Image.BICUBIC): "bicubic"}
 MAX_ASPECT_RATIO = 200  # Qwen2-VL's vision tower
 CONTENT_TYPES = ("text", "image", "video")
 SOURCE_TYPES = {"image": (str, os.PathLike, PIL.Image.Image, np.ndarray, torch.Tensor),
@@ -101,11 +115,13 @@ class VambaImagesKwargs(ImagesKwargs, total=False):
     max_pixels: int
 
 
-# The video options: the sampling ones, then the pixel budget, where to normalise, and what to return.
+# The video options: the sampling ones, then the pixel budget, where to normalise, how to resize to the patch grid,
+# and what to return.
 VambaVideosKwargs = typing.TypedDict(
     "VambaVideosKwargs",
     {**{field.name: field.type for field in fields(VideoSampling)}, "min_pixels": int, "max_pixels": int,
-     "device": typing.Optional[typing.Union[str, torch.device]], "return_metadata": bool,
+     "device": typing.Optional[typing.Union[str, torch.device]], "frame_resize": typing.Optional[str],
+     "return_metadata": bool,
      "return_tensors": VideosKwargs.__annotations__.get("return_tensors", typing.Optional[str])},
     total=False,
 )
@@ -164,12 +180,13 @@ class PatchLayout:
     do_normalize: bool
     mean: tuple
     std: tuple
+    frame_resize: str = "pil"  # where frames are resized to the grid: before patching with PIL, or while patching
 
     @classmethod
-    def of(cls, image_processor, min_pixels=None, max_pixels=None) -> "PatchLayout":
+    def of(cls, image_processor, min_pixels=None, max_pixels=None, frame_resize=None) -> "PatchLayout":
         size = dict(image_processor.size)
         mean, std = image_processor.image_mean, image_processor.image_std
-        return cls(
+        layout = cls(
             image_processor.patch_size, image_processor.merge_size, image_processor.temporal_patch_size,
             size["shortest_edge"] if min_pixels is None else min_pixels,
             size["longest_edge"] if max_pixels is None else max_pixels,
@@ -177,7 +194,18 @@ class PatchLayout:
             float(image_processor.rescale_factor), bool(image_processor.do_normalize),
             tuple(mean) if isinstance(mean, (list, tuple)) else (mean,) * 3,
             tuple(std) if isinstance(std, (list, tuple)) else (std,) * 3,
+            "pil" if frame_resize is None else frame_resize,
         )
+        layout.check_frame_resize()
+        return layout
+
+    def check_frame_resize(self) -> None:
+        if self.frame_resize not in FRAME_RESIZES:
+            raise ValueError(f"frame_resize={self.frame_resize!r} is not valid: give one of "
+                             f"{', '.join(map(repr, FRAME_RESIZES))}.")
+        if self.frame_resize == "torch" and self.do_resize and self.resample not in TORCH_FILTERS:
+            raise ValueError(f"frame_resize='torch' follows PIL's bicubic filter only, and this image processor "
+                             f"resamples with {PIL.Image.Resampling(self.resample).name}: use frame_resize='pil'.")
 
     def frame_size(self, width: int, height: int) -> tuple:
         """(width, height) a frame is resized to before patching."""
@@ -186,6 +214,20 @@ class PatchLayout:
         factor = self.patch_size * self.merge_size
         new_height, new_width = smart_size(height, width, factor, self.min_pixels, self.max_pixels)
         return new_width, new_height
+
+    def patched_size(self, frames: list) -> tuple:
+        """(width, height) `video_patches_into` patches HxWx3 `frames` at: the grid size when it resizes them
+        (frame_resize "torch"), else their own size (frame_resize "pil": `resize_frames` resized them)."""
+        height, width, _ = frames[0].shape
+        return self.frame_size(width, height) if self.frame_resize == "torch" else (width, height)
+
+    def frames_to_patch(self, frames: list) -> list:
+        """The frames `video_patches_into` takes: resized to the grid with PIL here for frame_resize "pil", else as
+        they are."""
+        if self.frame_resize == "torch":
+            return frames
+        height, width, _ = frames[0].shape
+        return resize_frames(frames, self.frame_size(width, height), self.resample)
 
     @property
     def patch_dim(self) -> int:
@@ -221,22 +263,63 @@ def resize_frames(frames: list, size: tuple, resample: int) -> list:
         return list(pool.map(lambda frame: resize_frame(frame, size, resample), frames))
 
 
+@functools.lru_cache(maxsize=64)
+def pil_pass_order(source_size: tuple, size: tuple, resample: int) -> str:
+    """"hv" or "vh": which axis PIL resizes first from `source_size` to `size` (width, height), when both change.
+    Pillow (13) picks the order per pair of sizes, and each pass rounds to bytes, so the order shows in the pixels:
+    it is read off one noise frame, as the two-pass order whose bytes equal PIL's one resize."""
+    noise = np.random.default_rng(0).integers(0, 256, (source_size[1], source_size[0], 3), dtype=np.uint8)
+    probe = PIL.Image.fromarray(noise)
+    whole = np.asarray(probe.resize(size, resample=resample))
+    width_first = probe.resize((size[0], source_size[1]), resample=resample).resize(size, resample=resample)
+    height_first = probe.resize((source_size[0], size[1]), resample=resample).resize(size, resample=resample)
+    differing = {order: np.count_nonzero(np.asarray(image) != whole)
+                 for order, image in (("hv", width_first), ("vh", height_first))}
+    return min(differing, key=differing.get)
+
+
+def resized_as_pil(frames: torch.Tensor, size: tuple, resample: int) -> torch.Tensor:
+    """(n, H, W, 3) uint8 frames resized to `size` (width, height) on their device, the way PIL resizes a uint8
+    image: one antialiased pass per axis that changes, in PIL's order, each rounded half up and clamped to bytes.
+    Returns float32 (n, height, width, 3) holding byte values."""
+    width, height = size
+    source_size = (frames.shape[2], frames.shape[1])
+    order = pil_pass_order(source_size, tuple(size), resample) if width != source_size[0] and \
+        height != source_size[1] else "hv"
+    pixels = frames.permute(0, 3, 1, 2).float()
+    for axis in order:
+        target = (pixels.shape[2], width) if axis == "h" else (height, pixels.shape[3])
+        if target != tuple(pixels.shape[2:]):
+            pixels = torch.nn.functional.interpolate(pixels, size=target, mode=TORCH_FILTERS[resample],
+                                                     antialias=True, align_corners=False)
+            pixels = pixels.add_(0.5).floor_().clamp_(0, 255)
+    return pixels.permute(0, 2, 3, 1).contiguous()
+
+
 def video_patches_into(output: torch.Tensor, frames: list, layout: PatchLayout, release=None) -> tuple:
     """Writes the flattened patches `(t*h*w, C*tp*P*P)` of HxWx3 uint8 frames (a multiple of tp of them, H and W
-    multiples of P*merge) into `output`, rows (t, h/m, w/m, m, m), features (C, tp, P, P) as Qwen2-VL lays them
-    out. `release(n)`, when given, is told each time the first n frames are no longer needed.
+    multiples of P*merge, or for frame_resize "torch" any size: resized to the grid here, chunk by chunk) into
+    `output`, rows (t, h/m, w/m, m, m), features (C, tp, P, P) as Qwen2-VL lays them out. `release(n)`, when
+    given, is told each time the first n frames are no longer needed.
     Returns the grid (t, h, w)."""
     tp, patch, merge = layout.temporal_patch_size, layout.patch_size, layout.merge_size
-    height, width, _ = frames[0].shape
+    source_height, source_width, _ = frames[0].shape
+    width, height = layout.patched_size(frames)
+    resizing = (width, height) != (source_width, source_height)
     t, grid_h, grid_w = len(frames) // tp, height // patch, width // patch
     exact_division = layout.rescale_by_division()
     rows_per_group = grid_h * grid_w
-    step = max(1, STEP_BYTES // (rows_per_group * output.shape[1] * output.element_size()))
+    group_bytes = rows_per_group * output.shape[1] * output.element_size()
+    if resizing:  # float32 frames at the larger of each edge bound every buffer the resize makes
+        group_bytes = max(group_bytes, tp * 3 * 4 * max(width, source_width) * max(height, source_height))
+    step = max(1, STEP_BYTES // group_bytes)
     for first in range(0, t, step):
         groups = min(step, t - first)
         frame_range = slice(first * tp, (first + groups) * tp)
-        chunk = torch.from_numpy(np.stack(frames[frame_range])).to(output.device).view(
-            groups, tp, grid_h // merge, merge, patch, grid_w // merge, merge, patch, 3)
+        chunk = torch.from_numpy(np.stack(frames[frame_range])).to(output.device)
+        if resizing:
+            chunk = resized_as_pil(chunk, (width, height), layout.resample)
+        chunk = chunk.view(groups, tp, grid_h // merge, merge, patch, grid_w // merge, merge, patch, 3)
         if release is not None:
             release(frame_range.stop)
         target = output[first * rows_per_group:(first + groups) * rows_per_group]
@@ -247,8 +330,8 @@ def video_patches_into(output: torch.Tensor, frames: list, layout: PatchLayout, 
 
 
 def _patch_rows(frames: list, layout: PatchLayout) -> int:
-    """Patch rows of HxWx3 frames (a multiple of the temporal patch of them, H and W multiples of the patch)."""
-    height, width, _ = frames[0].shape
+    """Patch rows of HxWx3 frames (a multiple of the temporal patch of them) at their patched size."""
+    width, height = layout.patched_size(frames)
     return len(frames) // layout.temporal_patch_size * (height // layout.patch_size) * (width // layout.patch_size)
 
 
@@ -576,7 +659,8 @@ class VambaProcessor(ProcessorMixin):
         """(sampling, patch layout, frame resize) of a call's video options."""
         sampling = self.video_sampling.with_changes(
             **{name: videos_kwargs.get(name) for name in VideoSampling.option_names()})
-        layout = PatchLayout.of(self.image_processor, videos_kwargs.get("min_pixels"), videos_kwargs.get("max_pixels"))
+        layout = PatchLayout.of(self.image_processor, videos_kwargs.get("min_pixels"), videos_kwargs.get("max_pixels"),
+                                videos_kwargs.get("frame_resize"))
         resize = FrameResize(sampling.video_shortest_edge, sampling.video_longest_edge, layout.frame_size,
                              layout.resample)
         return sampling, layout, resize
@@ -588,8 +672,7 @@ class VambaProcessor(ProcessorMixin):
                   for video in videos]
         frames, releases = [], []
         for video, given in zip(loaded, videos):
-            height, width, _ = video.frames[0].shape
-            frames.append(resize_frames(video.frames, layout.frame_size(width, height), layout.resample))
+            frames.append(layout.frames_to_patch(video.frames))
             # The memory of frames decoded here is handed back as they are patched; frames a caller gave are kept.
             decoded_here = isinstance(given, (str, os.PathLike, _VideoItem)) and frames[-1] is video.frames
             releases.append(video.release if decoded_here else None)
@@ -611,8 +694,8 @@ class VambaProcessor(ProcessorMixin):
         temporal patch of frames, the last chunk shorter), `video_metadata` (a one-item list: the chunk's
         timestamps and frame indices) and `remaining_frames` (frames in the chunks still to come). The chunks'
         pixels, in order, are the rows of `processor(videos=video, ...)["pixel_values_videos"]`, bit for bit.
-        Keyword arguments: a call's video options (sampling, `min_pixels` / `max_pixels`, `device`), flat or as
-        `videos_kwargs`."""
+        Keyword arguments: a call's video options (sampling, `min_pixels` / `max_pixels`, `device`, `frame_resize`),
+        flat or as `videos_kwargs`."""
         tp = self.image_processor.temporal_patch_size
         if isinstance(chunk_frames, bool) or not isinstance(chunk_frames, int) or chunk_frames < tp \
                 or chunk_frames % tp:
@@ -655,9 +738,7 @@ class VambaProcessor(ProcessorMixin):
                 _even_length(VideoFrames(stream.frames(stream.count)), tp)  # raises: too few frames
             for start in range(0, total, chunk_frames):
                 end = min(start + chunk_frames, total)
-                frames = stream.frames(end)[start:end]
-                height, width, _ = frames[0].shape
-                frames = resize_frames(frames, layout.frame_size(width, height), layout.resample)
+                frames = layout.frames_to_patch(stream.frames(end)[start:end])
                 output = torch.empty((_patch_rows(frames, layout), layout.patch_dim), dtype=torch.float32,
                                      device=device)
                 grid = video_patches_into(output, frames, layout)
