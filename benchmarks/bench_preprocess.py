@@ -1,0 +1,109 @@
+"""Decoded frames -> model inputs on one device: our processor with each `frame_resize` against transformers' fast
+`Qwen2VLVideoProcessor` on the same frames and device, in one run.
+
+    PYTHONPATH=src python benchmarks/bench_preprocess.py --out bench_out --frames 1024 [--device cuda]
+
+The frames: `--frames` moving-gradient 640x360 uint8 frames (`--width`, `--height`), as a video decoder hands them
+over; both processors resize them to the same patch grid (min_pixels 56*56, max_pixels 28*28*1280) and return
+float32 patches on the device. Per frame count, one JSON line with, for each of ours' `frame_resize` ("pil": PIL
+bicubic on the CPU, the default; "torch": on the device) and for Qwen2-VL's video processor, the median of
+`--repeats` runs after one warm-up (device synchronised), and how far ours' "torch" pixels are from "pil"'s (max
+absolute difference and the share of differing values, in normalised pixel units).
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_utils import Budget, ResultSink, add_common_arguments, failure, frame_counts, median, start_run, timed  # noqa: E402
+
+MIN_PIXELS, MAX_PIXELS = 56 * 56, 28 * 28 * 1280
+
+
+def moving_frames(count: int, width: int, height: int) -> np.ndarray:
+    rows, columns = np.mgrid[0:height, 0:width]
+    base = np.stack([3 * columns, 4 * rows, columns + rows], axis=-1)
+    return np.stack([(base + 5 * index) % 256 for index in range(count)]).astype(np.uint8)
+
+
+def ours(processor, frames: np.ndarray, device, frame_resize: str):
+    return processor(text="<|vision_start|><|vision_end|>", videos=frames, return_tensors="pt", device=str(device), frame_resize=frame_resize,
+                     video_longest_edge=None, video_shortest_edge=None)
+
+
+def qwen2_vl(video_processor, frames: np.ndarray, device):
+    return video_processor(videos=[frames], return_tensors="pt", device=str(device), do_sample_frames=False)
+
+
+def measure(fn, repeats: int, device) -> tuple:
+    fn()
+    runs = []
+    for _ in range(repeats):
+        output, seconds = timed(fn, device)
+        runs.append(seconds)
+    return output, median(runs), runs
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_common_arguments(parser, frames="1024")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--width", type=int, default=640)
+    parser.add_argument("--height", type=int, default=360)
+    args = parser.parse_args()
+    if args.repeats < 1:
+        parser.error(f"--repeats must be at least 1, got {args.repeats}")
+    if args.tiny:
+        args.width, args.height, args.repeats = 100, 60, 1  # not multiples of 28: both resize
+    counts = frame_counts(args.frames)
+    device = torch.device(args.device)
+    sink = ResultSink(args.out, __file__)
+    start_run(__file__, args, sink)
+    budget = Budget(args.budget_s)
+    import transformers
+
+    from vamba_hf.tiny import build_tiny_processor
+
+    processor = build_tiny_processor()
+    try:
+        video_processor = transformers.Qwen2VLVideoProcessor(min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS)
+    except ImportError as error:  # its fast processor needs torchvision
+        video_processor, missing = None, str(error).strip().splitlines()[0]
+    for count in counts:
+        if budget.spent():
+            sink.log({"frames": count, "skipped": "budget spent"})
+            continue
+        record = {"frames": count, "size": [args.width, args.height], "device": str(device), "repeats": args.repeats}
+        try:
+            frames = moving_frames(count, args.width, args.height)
+            outputs = {}
+            for frame_resize in ("pil", "torch"):
+                output, seconds, runs = measure(lambda: ours(processor, frames, device, frame_resize), args.repeats,
+                                                device)
+                outputs[frame_resize] = output["pixel_values_videos"]
+                record[f"ours_{frame_resize}_s"], record[f"ours_{frame_resize}_runs_s"] = seconds, runs
+            record["video_grid_thw"] = output["video_grid_thw"].tolist()
+            if video_processor is None:
+                record["qwen2_vl_skipped"] = missing
+            else:
+                output, seconds, runs = measure(lambda: qwen2_vl(video_processor, frames, device), args.repeats,
+                                                device)
+                record.update(qwen2_vl_s=seconds, qwen2_vl_runs_s=runs,
+                              qwen2_vl_video_grid_thw=output["video_grid_thw"].tolist())
+            difference = (outputs["torch"].to(outputs["pil"].device) - outputs["pil"]).abs()
+            record.update(torch_vs_pil_max_abs=difference.max().item(),
+                          torch_vs_pil_differing=(difference > 0).float().mean().item())
+        except Exception as error:
+            record.update(failure(error))
+        sink.log(record)
+    sink.log({"done": True, "wall_s": budget.elapsed()})
+    sink.close()
+
+
+if __name__ == "__main__":
+    main()
