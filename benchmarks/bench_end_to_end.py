@@ -654,7 +654,7 @@ def parse_args():
     parser.add_argument("--cpu-repeats", type=int, default=1)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--decode-workers", type=int, default=None,
-                        help="ours: decoding threads (VideoSampling.decode_workers; default min(8, CPUs))")
+                        help="ours: decoding threads (VideoSampling.decode_workers; default min(4, CPUs))")
     parser.add_argument("--stream-workers", default="",
                         help="ours: decoding threads of the streamed path, comma-separated (default: --decode-workers)")
     parser.add_argument("--chunk-frames", default="64",

@@ -108,7 +108,7 @@ def main(argv=None) -> None:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--video", help="an existing video file (default: write the 1-minute test file)")
     parser.add_argument("--decoder", choices=["auto", "sequential", "seek"], default="auto")
-    parser.add_argument("--decode-workers", type=int, help="decoding threads (default: min(8, CPU count))")
+    parser.add_argument("--decode-workers", type=int, help="decoding threads (default: min(4, CPU count))")
     parser.add_argument("--kinds", default="pyav,processor", help=f"comma-separated, of {', '.join(KINDS)}")
     parser.add_argument("--seconds", type=int, default=60, help="length of the test file written")
     parser.add_argument("--fps", type=int, default=30, help="frame rate of the test file written")

@@ -626,7 +626,7 @@ def test_a_truncated_file_decodes_in_one_pass(tmp_path):
 
 def test_default_decode_workers_follow_the_cpu_count(monkeypatch):
     monkeypatch.setattr(os, "cpu_count", lambda: 16)
-    assert VideoSampling().worker_count() == 8
+    assert VideoSampling().worker_count() == 4
     monkeypatch.setattr(os, "cpu_count", lambda: 2)
     assert VideoSampling().worker_count() == 2
     assert VideoSampling(decode_workers=5).worker_count() == 5

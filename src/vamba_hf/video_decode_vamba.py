@@ -661,9 +661,9 @@ class _SeekingDecoder:
     def _close_after(self, threads: list, writer: _RowWriter) -> None:
         for thread in threads:
             thread.join()
-        writer.close()
-        if self.bar is not None:
+        if self.bar is not None:  # before the writer wakes its waiters, which may print next
             self.bar.close()
+        writer.close()
 
     def _work(self, runs: collections.deque, writer: _RowWriter, codec_threads: int) -> None:
         try:

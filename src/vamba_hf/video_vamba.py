@@ -50,7 +50,10 @@ from .video_decode_vamba import (
 )
 
 DECODERS = ("auto", "sequential", "seek")
-MAX_DEFAULT_DECODE_WORKERS = 8
+# Decoding threads by default. Each also runs Python per decoded frame under the interpreter lock, which the thread
+# launching the GPU work needs too: on the 16-core H200 host 4 threads decoded the hour-long file in 9.3 s against
+# 10.5 s for 8 and 8.7 s for 16, and streamed it to the first token faster than 8 (BENCHMARKS.md).
+MAX_DEFAULT_DECODE_WORKERS = 4
 # "auto" seeks when that decodes at most this share of the frames one pass from the start would.
 SEEK_WORTH_IT = 0.8
 
@@ -89,7 +92,7 @@ class VideoSampling:
       decodes fewer frames (or uses more threads) than one pass from the start; "sequential" always decodes from the
       start in one pass; "seek" seeks whenever the index allows it. All give the same frames.
     - `decode_workers`: threads (each with its own container open on the file) that decode GOPs in parallel when
-      seeking; None uses min(8, CPU count).
+      seeking; None uses min(4, CPU count) (each thread decodes with CPU count / threads codec threads).
     """
 
     num_frames: int = 128
