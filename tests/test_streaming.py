@@ -11,9 +11,9 @@ import torch
 from helpers import prompt, tiny_model
 from media_helpers import assert_same_video, write_x264
 
-from vamba_hf import video_decode_vamba, video_vamba
+from vamba_hf import stream_video, video_decode_vamba, video_vamba
 from vamba_hf.tiny import build_tiny_processor
-from vamba_hf.video_vamba import VideoSampling, load_video, stream_video
+from vamba_hf.video_vamba import VideoSampling, load_video
 
 NO_RESIZE = VideoSampling(video_shortest_edge=None, video_longest_edge=None)
 

@@ -20,6 +20,8 @@ _EXPORTS = {
     "VambaProcessor": "processing_vamba",
     "VideoFrames": "processing_vamba",
     "load_video": "processing_vamba",
+    "FrameStream": "video_vamba",
+    "stream_video": "video_vamba",
     "VideoState": "video_state_vamba",
     "load_video_state": "video_state_vamba",
 }
