@@ -185,3 +185,21 @@ def test_chunks_are_checked():
     with pytest.raises(ValueError, match="unknown key.*attention_mask"):
         model.encode_video_chunks([{"pixel_values_videos": pixels, "video_grid_thw": torch.tensor([[1, 4, 4]]),
                                     "attention_mask": torch.ones(1, 3)}])
+
+
+def test_chunks_of_a_video_served_over_http(processor, video_file):
+    import functools
+    import http.server
+
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(video_file.parent))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/{video_file.name}"
+        options = dict(num_frames=10, video_longest_edge=None, video_shortest_edge=None)
+        whole = processor(text="<|vision_start|><|vision_end|>", videos=video_file, return_tensors="pt", **options)
+        chunks = list(processor.video_chunks(url, chunk_frames=4, **options))  # decoded first, then chunked
+    finally:
+        server.shutdown()
+    assert [c["video_grid_thw"][0, 0].item() for c in chunks] == [2, 2, 1]
+    assert torch.equal(torch.cat([c["pixel_values_videos"] for c in chunks]), whole["pixel_values_videos"])
