@@ -19,6 +19,8 @@ EXPECTED_OUTPUT = {
     "streaming.py": ["first text after", "embedded demo model with random weights"],
     "streaming_video.py": ["[+8 frames in ", "48 frames, 576 visual tokens so far", "Q: What is happening now?",
                            "embedded demo model with random weights"],
+    "long_video.py": ["Encoded 64 frames while decoding them", "(2 chunks, ", "Q: What is shown at the end?",
+                      "embedded demo model with random weights"],
     "make_sample_video.py": ["sample.mp4"],
     "finetune.py": ["No --model: fine-tuning the embedded demo model", "trained 3 steps on one process, no distributed "
                     "training", "saved the model and processor to"],
