@@ -94,6 +94,10 @@ def build_tiny_tokenizer():
         _train_byte_level_bpe().save(os.path.join(folder, "tokenizer.json"))
         with open(os.path.join(folder, "tokenizer_config.json"), "w", encoding="utf-8") as f:
             json.dump(_tokenizer_config(), f)
+        # transformers 5 reads the folder's config before the tokenizer class: a config whose model type is not
+        # Qwen2's makes it load the generic TokenizersBackend instead (seen once in CI), so name Qwen2's.
+        with open(os.path.join(folder, "config.json"), "w", encoding="utf-8") as f:
+            json.dump({"model_type": "qwen2"}, f)
         tokenizer = AutoTokenizer.from_pretrained(folder)
     _check_special_token_ids(tokenizer)
     return tokenizer
