@@ -69,6 +69,7 @@ from bench_utils import (  # noqa: E402
     frame_counts,
     gpu_peaks_gib,
     median,
+    relative,
     reset_gpu_peaks,
     start_run,
     synchronize,
@@ -383,7 +384,7 @@ def streamed_stages(runner: "Ours", path: Path, frames: int, inputs, args, recor
                     logits, seconds = timed(file_to_first_token, device)
                 seconds_per_run.append(seconds)
                 peaks += gpu_peaks_gib()
-        difference = ((logits.double() - reference.double()).norm() / reference.double().norm()).item()
+        difference = relative(logits, reference)
         record["streamed"].append({
             "chunk_frames": chunk_frames, "decode_workers": decode_workers or runner.decode_workers, "file_to_first_token_s": median(seconds_per_run),
             "rss_peak_gib": rss.peak_gib, "peak_gib": max(peaks, default=None),
@@ -589,7 +590,7 @@ def fp32_streamed(ours: Ours, path: Path, args, sink) -> None:
         streamed = small.streamed_state(path, args.extras_frames, args.chunk_frames[0])
         logits = [small.model(**question, video_state=state, logits_to_keep=1).logits for state in (whole, streamed)]
         ids = [small.model.generate(**question, video_state=state, **greedy) for state in (whole, streamed)]
-    difference = ((logits[1].double() - logits[0].double()).norm() / logits[0].double().norm()).item()
+    difference = relative(logits[1], logits[0])
     sink.log({"extra": "streamed vs whole video", "label": "smaller config fp32", "frames": args.extras_frames,
               "chunk_frames": args.chunk_frames[0], "new_tokens": args.extras_tokens,
               "logits_relative_difference": difference, "ids_equal": bool(torch.equal(ids[0], ids[1]))})
@@ -685,9 +686,9 @@ def parse_args():
                  "batch_frames"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
-    args.batch_tokens = answer_lengths(parser, args.batch_tokens)
+    args.batch_tokens = positive_counts(parser, args.batch_tokens, "--batch-tokens")
     args.chunk_frames = chunk_sizes(parser, args.chunk_frames)
-    args.stream_workers = answer_lengths(parser, args.stream_workers, "--stream-workers") if args.stream_workers \
+    args.stream_workers = positive_counts(parser, args.stream_workers, "--stream-workers") if args.stream_workers \
         else []
     unknown = set(args.models.split(",")) - {"vamba", "qwen2-vl"}
     if unknown:
@@ -706,7 +707,7 @@ def chunk_sizes(parser, text: str) -> list[int]:
     return sizes
 
 
-def answer_lengths(parser, text: str, option: str = "--batch-tokens") -> list[int]:
+def positive_counts(parser, text: str, option: str) -> list[int]:
     try:
         lengths = [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
