@@ -21,7 +21,8 @@ Per frame count and model, one JSON line with:
   answer_s          `generate` of `--new-tokens` tokens (greedy, `min_new_tokens` = `max_new_tokens`);
                     decode_ms_per_token = (answer_s - first_token_s) / (new tokens - 1)
   file_to_first_token_s = decode_s + preprocess_s + first_token_s
-  streamed          ours, the file streamed, one entry per `--stream-workers` x `--chunk-frames` ('' leaves it out):
+  streamed          ours, the file streamed, one entry per `--decode-in` x `--stream-workers` x `--chunk-frames`
+                    (`--chunk-frames ""` leaves it out):
                     `processor.video_chunks` (frames decoding in background threads, each chunk patched on the GPU)
                     into `model.encode_video_chunks` (each chunk encoded while the next decode), then the
                     question's prefill from the state: file_to_first_token_s (median of `--cpu-repeats` after a
@@ -61,6 +62,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_utils import (  # noqa: E402
+    DECODE_IN,
     Budget,
     PeakRss,
     ResultSink,
@@ -232,24 +234,27 @@ class Ours:
         self.model = build_vamba(vamba_config(self.processor.tokenizer, args.tiny), device, dtype)
         self.device, self.dtype = device, dtype
         self.decode_workers = args.decode_workers
+        self.decode_processes = DECODE_IN[args.decode_in[0]]
 
     def decode(self, path: Path, frames: int):
         from vamba_hf import load_video
 
         return load_video(path, self.sampling(frames))
 
-    def sampling(self, frames: int, decode_workers=None):
+    def sampling(self, frames: int, decode_workers=None, decode_in=None):
+        processes = self.decode_processes if decode_in is None else DECODE_IN[decode_in]
         return self.processor.video_sampling.with_options(num_frames=frames, max_frames=frames, progress=False,
-                                                          decode_workers=decode_workers or self.decode_workers)
+                                                          decode_workers=decode_workers or self.decode_workers,
+                                                          decode_processes=processes)
 
     def preprocess(self, videos: list, device=None):
         prompt = self.processor.apply_chat_template(conversation("video"), add_generation_prompt=True)
         inputs = self.processor(text=[prompt] * len(videos), videos=videos, return_tensors="pt", device=device)
         return self.to_model(inputs)
 
-    def streamed_state(self, path: Path, frames: int, chunk_frames: int, decode_workers=None):
+    def streamed_state(self, path: Path, frames: int, chunk_frames: int, decode_workers=None, decode_in=None):
         """File -> video state, each chunk encoded on the device while the next ones decode."""
-        sampling = self.sampling(frames, decode_workers)
+        sampling = self.sampling(frames, decode_workers, decode_in)
         chunks = self.processor.video_chunks(path, chunk_frames=chunk_frames, device=self.device,
                                              **{name: getattr(sampling, name) for name in sampling.option_names()})
         return self.model.encode_video_chunks(chunks)
@@ -370,9 +375,10 @@ def streamed_stages(runner: "Ours", path: Path, frames: int, inputs, args, recor
     record["streamed"] = []
     with torch.inference_mode():
         reference = runner.first_token(inputs).logits
-    for decode_workers, chunk_frames in itertools.product(args.stream_workers or [None], args.chunk_frames):
+    for decode_in, decode_workers, chunk_frames in itertools.product(args.decode_in, args.stream_workers or [None],
+                                                                     args.chunk_frames):
         def file_to_first_token():
-            state = runner.streamed_state(path, frames, chunk_frames, decode_workers)
+            state = runner.streamed_state(path, frames, chunk_frames, decode_workers, decode_in)
             return runner.model(**question, video_state=state, logits_to_keep=1).logits
 
         seconds_per_run, peaks = [], []
@@ -386,7 +392,8 @@ def streamed_stages(runner: "Ours", path: Path, frames: int, inputs, args, recor
                 peaks += gpu_peaks_gib()
         difference = relative(logits, reference)
         record["streamed"].append({
-            "chunk_frames": chunk_frames, "decode_workers": decode_workers or runner.decode_workers, "file_to_first_token_s": median(seconds_per_run),
+            "chunk_frames": chunk_frames, "decode_workers": decode_workers or runner.decode_workers,
+            "decode_in": decode_in, "file_to_first_token_s": median(seconds_per_run),
             "rss_peak_gib": rss.peak_gib, "peak_gib": max(peaks, default=None),
             "logits_relative_difference": difference,
             "same_first_token": bool(torch.equal(logits.argmax(-1), reference.argmax(-1)))})
@@ -544,6 +551,7 @@ class SmallerOurs(Ours):
         self.model = build_vamba(vamba_config(processor.tokenizer, args.tiny, **sizes), device, torch.float32)
         self.device, self.dtype = device, torch.float32
         self.decode_workers = args.decode_workers
+        self.decode_processes = DECODE_IN[args.decode_in[0]]
 
 
 def extras(ours: Ours, path: Path, kept: dict, args, sink, budget: Budget) -> None:
@@ -658,6 +666,9 @@ def parse_args():
                         help="ours: decoding threads (VideoSampling.decode_workers; default min(4, CPUs))")
     parser.add_argument("--stream-workers", default="",
                         help="ours: decoding threads of the streamed path, comma-separated (default: --decode-workers)")
+    parser.add_argument("--decode-in", default="auto",
+                        help="ours: seeking decodes in 'threads', 'processes' or 'auto' (VideoSampling."
+                             "decode_processes); comma-separated for the streamed path, the first for decode_s")
     parser.add_argument("--chunk-frames", default="64",
                         help="ours: frames per chunk of the streamed path, comma-separated ('' leaves it out)")
     parser.add_argument("--extras", default="beams,batch,fp32-batch,fp32-stream", help="comma-separated; '' for none")
@@ -688,6 +699,9 @@ def parse_args():
             parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     args.batch_tokens = positive_counts(parser, args.batch_tokens, "--batch-tokens")
     args.chunk_frames = chunk_sizes(parser, args.chunk_frames)
+    args.decode_in = [name.strip() for name in args.decode_in.split(",") if name.strip()]
+    if not args.decode_in or set(args.decode_in) - set(DECODE_IN):
+        parser.error(f"--decode-in: give comma-separated names of {', '.join(DECODE_IN)}")
     args.stream_workers = positive_counts(parser, args.stream_workers, "--stream-workers") if args.stream_workers \
         else []
     unknown = set(args.models.split(",")) - {"vamba", "qwen2-vl"}

@@ -1,12 +1,12 @@
 """CPU cost of the video input path: a 1-minute 640x360 H.264 file -> model inputs, against plain PyAV decoding.
 
     python benchmarks/bench_processor_cpu.py [--frames 512] [--runs 3] [--video FILE] [--decoder auto]
-        [--decode-workers N] [--kinds pyav,processor] [--seconds 60 --fps 30 --preset veryfast --gop 250]
+        [--decode-workers N] [--decode-in auto|threads|processes] [--kinds pyav,processor] [--seconds 60 --fps 30 --preset veryfast --gop 250]
 
 Writes the test file with PyAV when `--video` is not given (by default 30 fps, 1800 frames, libx264 veryfast),
 then measures, each run in a fresh process so that peak RSS is its own:
 - `pyav`: PyAV decodes every frame (threaded) and keeps the sampled ones as RGB arrays;
-- `load_video`: `load_video(FILE, num_frames=N, decoder=..., decode_workers=...)`, frames only (default resize);
+- `load_video`: `load_video(FILE, num_frames=N, decoder=..., decode_workers=..., decode_processes=...)`, frames only (default resize);
 - `processor`: `VambaProcessor(text=..., videos=FILE, num_frames=N, return_tensors="pt")`, the default options
   (the original release's pixels) but for `--decoder` / `--decode-workers`.
 Prints one JSON line: medians of the wall and CPU times, the largest peak RSS of each, their ratios, and the load
@@ -23,6 +23,9 @@ import sys
 import tempfile
 import time
 from fractions import Fraction
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_utils import DECODE_IN  # noqa: E402
 
 WIDTH, HEIGHT = 640, 360
 KINDS = ("pyav", "load_video", "processor")
@@ -98,6 +101,7 @@ def measure(kind: str, path: str, frames: int, decoding: dict) -> dict:
                "--decoder", decoding["decoder"]]
     if decoding["decode_workers"] is not None:
         command += ["--decode-workers", str(decoding["decode_workers"])]
+    command += ["--decode-in", {value: name for name, value in DECODE_IN.items()}[decoding["decode_processes"]]]
     output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
     return json.loads(output.strip().splitlines()[-1])
 
@@ -109,6 +113,8 @@ def main(argv=None) -> None:
     parser.add_argument("--video", help="an existing video file (default: write the 1-minute test file)")
     parser.add_argument("--decoder", choices=["auto", "sequential", "seek"], default="auto")
     parser.add_argument("--decode-workers", type=int, help="decoding threads (default: min(4, CPU count))")
+    parser.add_argument("--decode-in", choices=sorted(DECODE_IN), default="auto",
+                        help="seeking decodes in threads or in processes (VideoSampling.decode_processes)")
     parser.add_argument("--kinds", default="pyav,processor", help=f"comma-separated, of {', '.join(KINDS)}")
     parser.add_argument("--seconds", type=int, default=60, help="length of the test file written")
     parser.add_argument("--fps", type=int, default=30, help="frame rate of the test file written")
@@ -117,7 +123,8 @@ def main(argv=None) -> None:
     parser.add_argument("--keep-video", help="write the test file here and keep it")
     parser.add_argument("--child", choices=KINDS, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    decoding = {"decoder": args.decoder, "decode_workers": args.decode_workers}
+    decoding = {"decoder": args.decoder, "decode_workers": args.decode_workers,
+                "decode_processes": DECODE_IN[args.decode_in]}
     if args.child:
         return child(args.child, args.video, args.frames, decoding)
     kinds = args.kinds.split(",")

@@ -218,3 +218,7 @@ def environment() -> dict:
 def start_run(script: str, args, sink: ResultSink) -> None:
     sink.log({"environment": environment(), "argv": sys.argv, "commit": git_short_hash(),
               "result_file": str(sink.path)})
+
+
+# --decode-in of the benchmarks -> VideoSampling.decode_processes
+DECODE_IN = {"auto": None, "threads": False, "processes": True}

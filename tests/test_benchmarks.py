@@ -50,7 +50,8 @@ def test_no_workplace_paths_in_the_scripts():
 def test_end_to_end_tiny(tmp_path):
     out, work = tmp_path / "out", tmp_path / "work"
     run_script("bench_end_to_end.py", out, "--tiny", "--work", str(work), "--frames", "8", "--stages",
-               "--extras-repeats", "2", "--batch-tokens", "2,3", "--chunk-frames", "4,8", "--stream-workers", "1,2")
+               "--extras-repeats", "2", "--batch-tokens", "2,3", "--chunk-frames", "4,8", "--stream-workers", "1,2",
+               "--decode-in", "threads,processes")
     rows = records(out, "bench_end_to_end.py")
     video = next(r for r in rows if "video" in r)
     assert video["reused"] is False and Path(video["video"]).is_file()
@@ -63,8 +64,8 @@ def test_end_to_end_tiny(tmp_path):
                                                           ours["first_token_s"], abs=1e-3)
     # Streamed in chunks of 4 frames (two) and of 8 (one): the same first token, logits equal up to the Mamba-2
     # chunk rounding (fp32).
-    assert [(entry["decode_workers"], entry["chunk_frames"]) for entry in ours["streamed"]] == [
-        (1, 4), (1, 8), (2, 4), (2, 8)]
+    assert [(entry["decode_in"], entry["decode_workers"], entry["chunk_frames"]) for entry in ours["streamed"]] == [
+        (mode, workers, chunk) for mode in ("threads", "processes") for workers in (1, 2) for chunk in (4, 8)]
     for entry in ours["streamed"]:
         assert math.isfinite(entry["file_to_first_token_s"]) and entry["same_first_token"] is True
         assert entry["logits_relative_difference"] < 1e-5

@@ -8,8 +8,13 @@ PyAV and tqdm are imported where they are used.
 
 import bisect
 import collections
+import functools
+import json
 import mmap
 import os
+import struct
+import subprocess
+import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -17,6 +22,11 @@ from typing import TYPE_CHECKING, Callable, Optional
 
 import numpy as np
 import PIL.Image
+
+try:
+    import fcntl
+except ImportError:  # not on Windows
+    fcntl = None
 
 if TYPE_CHECKING:
     from .video_vamba import VideoSampling
@@ -564,29 +574,40 @@ class _RowWriter:
         self.free_slots = threading.BoundedSemaphore(2 * workers)
         self.pending = []
 
-    def write(self, row: int, time: float, frame) -> None:
+    def buffer_for(self, display_size: tuple) -> FrameBuffer:
+        """The buffer, made for the first display size asked for; `_IndexMismatch` for another one."""
         with self.lock:
             if self.buffer is None:
-                self.display_size = _display_size(frame)
-                self.buffer = FrameBuffer(self.capacity, *self.resize.output_size(*self.display_size))
-        if _display_size(frame) != self.display_size:
+                self.display_size = display_size
+                self.buffer = FrameBuffer(self.capacity, *self.resize.output_size(*display_size))
+        if display_size != self.display_size:
             raise _IndexMismatch()
+        return self.buffer
+
+    def write(self, row: int, time: float, frame) -> None:
+        buffer = self.buffer_for(_display_size(frame))
         self.times[row] = time
         self.free_slots.acquire()
-        future = self.pool.submit(_convert_into, self.buffer, self.resize, frame, row)
+        future = self.pool.submit(_convert_into, buffer, self.resize, frame, row)
         future.add_done_callback(lambda done: self._converted(row, done))
         with self.lock:
             self.pending.append(future)
 
     def _converted(self, row: int, future) -> None:
         self.free_slots.release()
+        if future.exception() is not None:
+            self.fail(future.exception())
+        else:
+            self.mark_written(row)
+
+    def mark_written(self, row: int, time: Optional[float] = None) -> None:
+        """Row `row` of the buffer holds its frame (shown at `time`, when given)."""
         with self.changed:
-            if future.exception() is not None:
-                self.error = self.error or future.exception()
-            else:
-                self.written[row] = True
-                while self.ready < self.capacity and self.written[self.ready]:
-                    self.ready += 1
+            if time is not None:
+                self.times[row] = time
+            self.written[row] = True
+            while self.ready < self.capacity and self.written[self.ready]:
+                self.ready += 1
             self.changed.notify_all()
 
     def fail(self, error: BaseException) -> None:
@@ -625,11 +646,15 @@ class _SeekingDecoder:
     packet's, frames follow each other without a gap from a keyframe, which decodes as one), so the frames are
     those one pass from the start gives, or `_IndexMismatch` is raised."""
 
-    def __init__(self, location: str, facts: _StreamFacts, index: _PacketIndex, resize: FrameResize, bar):
+    def __init__(self, location: str, facts: _StreamFacts, index: _PacketIndex, resize: FrameResize, bar,
+                 processes: bool = False):
         self.location, self.facts, self.index, self.resize, self.bar = location, facts, index, resize, bar
+        self.processes = processes
         # A decoded frame is the packet of its timestamp (the index holds distinct timestamps).
         self.position_of_pts = {pts: position for position, pts in enumerate(index.pts)}
         self.stop = threading.Event()
+        self.lock = threading.Lock()
+        self.running = []  # the `_DecodingProcess`es, with `processes`
 
     def start(self, gops: list, capacity: int, workers: int) -> _RowWriter:
         """Starts decoding in the background: the returned writer's rows fill as the frames decode (`wait_rows`).
@@ -638,7 +663,11 @@ class _SeekingDecoder:
         runs = collections.deque(_split_into_runs(gops, workers * RUNS_PER_WORKER))
         workers = min(workers, len(runs))
         codec_threads = max(1, (os.cpu_count() or 1) // workers)
-        threads = [threading.Thread(target=self._work, args=(runs, writer, codec_threads), daemon=True)
+        work = self._work
+        if self.processes:
+            job = _DecodingProcess.job(self.location, self.facts, self.index, self.resize)
+            work = functools.partial(self._work_in_process, job)
+        threads = [threading.Thread(target=work, args=(runs, writer, codec_threads), daemon=True)
                    for _ in range(workers)]
         for thread in threads:
             thread.start()
@@ -657,6 +686,9 @@ class _SeekingDecoder:
 
     def cancel(self) -> None:
         self.stop.set()
+        with self.lock:
+            for process in self.running:
+                process.kill()
 
     def _close_after(self, threads: list, writer: _RowWriter) -> None:
         for thread in threads:
@@ -681,6 +713,28 @@ class _SeekingDecoder:
             self._failed(writer, _IndexMismatch())
         except BaseException as error:  # handed to the thread waiting for the frames
             self._failed(writer, error)
+
+    def _work_in_process(self, job: bytes, runs: collections.deque, writer: _RowWriter, codec_threads: int) -> None:
+        try:
+            with self.lock:
+                if self.stop.is_set():
+                    return
+                process = _DecodingProcess(job, codec_threads, self.location)
+                self.running.append(process)
+        except BaseException as error:
+            self._failed(writer, error)
+            return
+        try:
+            while not self.stop.is_set():
+                try:
+                    run = runs.popleft()
+                except IndexError:
+                    return
+                process.decode_run(run, writer, self.bar)
+        except BaseException as error:
+            self._failed(writer, _IndexMismatch() if self.stop.is_set() else error)
+        finally:
+            process.close()
 
     def _failed(self, writer: _RowWriter, error: BaseException) -> None:
         self.stop.set()
@@ -716,3 +770,178 @@ class _SeekingDecoder:
                 return position + 1
             expected += 1
         raise _IndexMismatch()
+
+
+# ----------------------------------------------------------------------------------------------
+# Decoding in worker processes: the GIL is then not shared between the decoding and the caller's GPU work
+
+# Messages from a decoding process: a one-byte kind, then a fixed part.
+FRAME_MESSAGE = struct.Struct("<iqd")  # b"F": row, frames decoded since the last message, time; then the pixels
+SIZE_MESSAGE = struct.Struct("<ii")  # b"S": display width and height of the first frame (the parent replies)
+COUNT_MESSAGE = struct.Struct("<q")  # b"R": a run is done, frames decoded since the last message; b"E": text length
+# b"M": a frame did not match the packet index.
+PIPE_BYTES = 1 << 20  # Linux's largest unprivileged pipe; a frame then passes in one or two reads
+
+DECODING_PROCESS_MAIN = """
+import importlib.util, sys
+spec = importlib.util.spec_from_file_location("vamba_decoding_process", sys.argv[1])
+module = importlib.util.module_from_spec(spec)
+sys.modules[spec.name] = module
+spec.loader.exec_module(module)
+module.serve_decoding()
+"""
+
+
+class _DecodingProcess:
+    """A Python process that decodes runs of GOPs of one file (the same `_SeekingDecoder` code, in
+    `serve_decoding`) and sends back the sampled frames, converted and resized, through its stdout pipe straight
+    into the `_RowWriter`'s buffer. It runs this module's file with the interpreter and import path of this one,
+    so it needs nothing importable by name (the module may be Hub remote code)."""
+
+    def __init__(self, job: bytes, codec_threads: int, location: str):
+        environment = dict(os.environ, PYTHONPATH=os.pathsep.join(path for path in sys.path if path))
+        self.location = location
+        self.process = subprocess.Popen([sys.executable, "-c", DECODING_PROCESS_MAIN, os.path.abspath(__file__)],
+                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=environment, bufsize=0)
+        if getattr(fcntl, "F_SETPIPE_SZ", None):
+            try:
+                fcntl.fcntl(self.process.stdout.fileno(), fcntl.F_SETPIPE_SZ, PIPE_BYTES)
+            except OSError:
+                pass  # a smaller pipe only means more reads per frame
+        self._send(job + json.dumps({"codec_threads": codec_threads}).encode() + b"\n")
+
+    @staticmethod
+    def job(location: str, facts: _StreamFacts, index: _PacketIndex, resize: FrameResize) -> bytes:
+        """The first line every process of one decode is sent (the packet index can be long: encoded once)."""
+        return json.dumps({"location": location, "start": facts.start, "pts": index.pts, "keyframes": index.keyframes,
+                           "shortest_edge": resize.shortest_edge, "longest_edge": resize.longest_edge,
+                           "final_resample": int(resize.final_resample)}).encode() + b"\n"
+
+    def decode_run(self, gops: list, writer: _RowWriter, bar) -> None:
+        self._send(json.dumps({"run": [[gop.keyframe, sorted(gop.rows.items())] for gop in gops]}).encode() + b"\n")
+        while True:
+            kind = self._read(1)
+            if kind == b"F":
+                row, decoded, time = FRAME_MESSAGE.unpack(self._read(FRAME_MESSAGE.size))
+                self._read_into(memoryview(writer.buffer.array[row]).cast("B"))
+                writer.mark_written(row, time)
+                _count(bar, decoded)
+            elif kind == b"S":
+                height, width = writer.buffer_for(SIZE_MESSAGE.unpack(self._read(SIZE_MESSAGE.size))).array.shape[1:3]
+                self._send(json.dumps({"size": [width, height]}).encode() + b"\n")
+            elif kind == b"R":
+                _count(bar, COUNT_MESSAGE.unpack(self._read(COUNT_MESSAGE.size))[0])
+                return
+            elif kind == b"M":
+                raise _IndexMismatch()
+            elif kind == b"E":
+                text = self._read(COUNT_MESSAGE.unpack(self._read(COUNT_MESSAGE.size))[0]).decode(errors="replace")
+                raise RuntimeError(f"decoding {self.location!r} in a worker process failed ({text}); "
+                                   "decode_processes=False decodes in threads instead.")
+            else:
+                raise RuntimeError(f"a process decoding {self.location!r} ended unexpectedly (exit status "
+                                   f"{self.process.wait()}; its error, if any, is on stderr above). "
+                                   "decode_processes=False decodes in threads instead.")
+
+    def _send(self, line: bytes) -> None:
+        try:
+            self.process.stdin.write(line)
+        except (BrokenPipeError, ValueError):
+            pass  # the process ended: reading its pipe says how
+
+    def _read(self, count: int) -> bytes:
+        data = bytearray(count)
+        return bytes(data[: self._read_into(memoryview(data))])
+
+    def _read_into(self, view: memoryview) -> int:
+        """Fills `view` from the pipe; returns how many bytes came (fewer at its end)."""
+        done, pipe = 0, self.process.stdout
+        while done < len(view):
+            count = pipe.readinto(view[done:])
+            if not count:
+                break
+            done += count
+        if 0 < done < len(view) or (done == 0 and len(view) > 1):
+            raise RuntimeError(f"a process decoding {self.location!r} ended in the middle of a frame (exit status "
+                               f"{self.process.wait()}). decode_processes=False decodes in threads instead.")
+        return done
+
+    def kill(self) -> None:
+        self.process.kill()
+
+    def close(self) -> None:
+        self.process.stdin.close()
+        try:
+            self.process.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        self.process.stdout.close()
+
+
+def _count(bar, frames: int) -> None:
+    if bar is not None and frames:
+        bar.update(frames)
+
+
+class _FrameSender:
+    """A decoding process's end of its pipes, standing in for the `_RowWriter` and the progress bar that its
+    `_SeekingDecoder` writes to."""
+
+    def __init__(self, replies, commands, resize: FrameResize):
+        self.replies, self.commands, self.resize = replies, commands, resize
+        self.display_size, self.output_size = None, None
+        self.decoded = 0
+
+    def update(self, frames: int) -> None:
+        self.decoded += frames
+
+    def write(self, row: int, time: float, frame) -> None:
+        display_size = _display_size(frame)
+        if self.output_size is None:
+            self.send(b"S" + SIZE_MESSAGE.pack(*display_size))
+            self.display_size, self.output_size = display_size, tuple(json.loads(self.commands.readline())["size"])
+        elif display_size != self.display_size:
+            raise _IndexMismatch()
+        pixels = self.resize.apply(_display_image(frame), self.output_size)
+        self.replies.write(b"F" + FRAME_MESSAGE.pack(row, self.decoded, time))
+        self.send(np.ascontiguousarray(pixels).data)
+        self.decoded = 0
+
+    def end_run(self) -> None:
+        self.send(b"R" + COUNT_MESSAGE.pack(self.decoded))
+        self.decoded = 0
+
+    def send(self, data) -> None:
+        self.replies.write(data)
+        self.replies.flush()
+
+
+def serve_decoding() -> None:
+    """The main of a decoding process (`_DecodingProcess` is the other end): a job line, then runs of GOPs."""
+    replies = os.fdopen(os.dup(1), "wb")
+    os.dup2(2, 1)  # anything printed in here goes to stderr, not between the frames
+    commands = sys.stdin.buffer
+    job = {**json.loads(commands.readline()), **json.loads(commands.readline())}  # the decode's, this process's
+    sender = _FrameSender(replies, commands, FrameResize(job["shortest_edge"], job["longest_edge"],
+                                                         final_resample=job["final_resample"]))
+    index = _PacketIndex([], job["pts"], job["keyframes"])
+    decoder = _SeekingDecoder(job["location"], _StreamFacts(None, 0, None, job["start"]), index, sender.resize,
+                              bar=sender)
+    av = None
+    try:
+        av = _import_av()
+        with _open_container(job["location"], timeout=None) as container:
+            stream = container.streams.video[0]
+            stream.thread_type = "AUTO"
+            stream.thread_count = job["codec_threads"]
+            for line in iter(commands.readline, b""):
+                gops = [_GopSamples(keyframe, dict(rows)) for keyframe, rows in json.loads(line)["run"]]
+                decoder._decode_run(container, stream, gops, sender)
+                sender.end_run()
+    except BaseException as error:
+        if isinstance(error, _IndexMismatch) or (av is not None and isinstance(error, av.error.FFmpegError)):
+            sender.send(b"M")
+        else:
+            text = f"{type(error).__name__}: {error}".encode()
+            sender.send(b"E" + COUNT_MESSAGE.pack(len(text)) + text)

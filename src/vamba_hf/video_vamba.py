@@ -54,6 +54,9 @@ DECODERS = ("auto", "sequential", "seek")
 # launching the GPU work needs too: on the 16-core H200 host 4 threads decoded the hour-long file in 9.3 s against
 # 10.5 s for 8 and 8.7 s for 16, and streamed it to the first token faster than 8 (BENCHMARKS.md).
 MAX_DEFAULT_DECODE_WORKERS = 4
+# Seeking decodes in worker processes by default from this many decoded frames on (starting a process takes
+# ~0.1 s; below this threads are as fast).
+MIN_FRAMES_FOR_PROCESSES = 2000
 # "auto" seeks when that decodes at most this share of the frames one pass from the start would.
 SEEK_WORTH_IT = 0.8
 
@@ -105,6 +108,7 @@ class VideoSampling:
     progress: Optional[bool] = None
     decoder: str = "auto"
     decode_workers: Optional[int] = None
+    decode_processes: Optional[bool] = None
 
     def __post_init__(self):
         _check_count("num_frames", self.num_frames)
@@ -119,6 +123,8 @@ class VideoSampling:
         if self.decoder not in DECODERS:
             raise ValueError(f"decoder={self.decoder!r} is not valid: give one of {', '.join(DECODERS)}.")
         _check_count("decode_workers", self.decode_workers, optional=True)
+        if self.decode_processes is not None and not isinstance(self.decode_processes, bool):
+            raise ValueError(f"decode_processes={self.decode_processes!r} is not valid: give True, False or None.")
 
     def worker_count(self) -> int:
         return self.decode_workers or min(MAX_DEFAULT_DECODE_WORKERS, os.cpu_count() or 1)
@@ -378,7 +384,11 @@ class _VideoSampler:
         if self.sampling.decoder == "auto" and workers == 1 and not self._seeking_pays(gops):
             return None
         bar = _progress_bar(sum(gop.cost for gop in gops), self.sampling.progress, description)
-        return _SeekingDecoder(self.location, self.facts, self.index, self.resize, bar), gops, kept, workers
+        processes = self.sampling.decode_processes
+        if processes is None:
+            processes = workers > 1 and sum(gop.cost for gop in gops) >= MIN_FRAMES_FOR_PROCESSES
+        decoder = _SeekingDecoder(self.location, self.facts, self.index, self.resize, bar, processes=processes)
+        return decoder, gops, kept, workers
 
     def frame_stream(self) -> "FrameStream":
         """The sampled frames as they decode, when the file can be decoded by seeking; else decoded here first."""
