@@ -7,7 +7,8 @@ The frames: `--frames` moving-gradient 640x360 uint8 frames (`--width`, `--heigh
 over; both processors resize them to the same patch grid (min_pixels 56*56, max_pixels 28*28*1280) and return
 float32 patches on the device. Per frame count, one JSON line with, for each of ours' `frame_resize` ("pil": PIL
 bicubic on the CPU, the default; "torch": on the device) and for Qwen2-VL's video processor, the median of
-`--repeats` runs after one warm-up (device synchronised), and how far ours' "torch" pixels are from "pil"'s (max
+`--repeats` runs after one warm-up (device synchronised), the most host memory a run added beyond the frames
+(`*_rss_growth_gib`), and how far ours' "torch" pixels are from "pil"'s (max
 absolute difference and the share of differing values, in normalised pixel units).
 """
 
@@ -19,7 +20,17 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_utils import Budget, ResultSink, add_common_arguments, failure, frame_counts, median, start_run, timed  # noqa: E402
+from bench_utils import (  # noqa: E402
+    Budget,
+    PeakRss,
+    ResultSink,
+    add_common_arguments,
+    failure,
+    frame_counts,
+    median,
+    start_run,
+    timed,
+)
 
 MIN_PIXELS, MAX_PIXELS = 56 * 56, 28 * 28 * 1280
 
@@ -40,12 +51,16 @@ def qwen2_vl(video_processor, frames: np.ndarray, device):
 
 
 def measure(fn, repeats: int, device) -> tuple:
+    """(last output, median seconds, each run's seconds, the most host memory a run added (GiB), beyond the
+    frames, which exist before it)"""
     fn()
-    runs = []
+    runs, growth = [], []
     for _ in range(repeats):
-        output, seconds = timed(fn, device)
+        with PeakRss() as rss:
+            output, seconds = timed(fn, device)
         runs.append(seconds)
-    return output, median(runs), runs
+        growth.append(round(rss.peak_gib - rss.start_gib, 3))
+    return output, median(runs), runs, max(growth)
 
 
 def main() -> None:
@@ -83,17 +98,18 @@ def main() -> None:
             frames = moving_frames(count, args.width, args.height)
             outputs = {}
             for frame_resize in ("pil", "torch"):
-                output, seconds, runs = measure(lambda: ours(processor, frames, device, frame_resize), args.repeats,
-                                                device)
+                output, seconds, runs, growth = measure(lambda: ours(processor, frames, device, frame_resize),
+                                                        args.repeats, device)
                 outputs[frame_resize] = output["pixel_values_videos"]
                 record[f"ours_{frame_resize}_s"], record[f"ours_{frame_resize}_runs_s"] = seconds, runs
+                record[f"ours_{frame_resize}_rss_growth_gib"] = growth
             record["video_grid_thw"] = output["video_grid_thw"].tolist()
             if video_processor is None:
                 record["qwen2_vl_skipped"] = missing
             else:
-                output, seconds, runs = measure(lambda: qwen2_vl(video_processor, frames, device), args.repeats,
-                                                device)
-                record.update(qwen2_vl_s=seconds, qwen2_vl_runs_s=runs,
+                output, seconds, runs, growth = measure(lambda: qwen2_vl(video_processor, frames, device),
+                                                        args.repeats, device)
+                record.update(qwen2_vl_s=seconds, qwen2_vl_runs_s=runs, qwen2_vl_rss_growth_gib=growth,
                               qwen2_vl_video_grid_thw=output["video_grid_thw"].tolist())
             difference = (outputs["torch"].to(outputs["pil"].device) - outputs["pil"]).abs()
             record.update(torch_vs_pil_max_abs=difference.max().item(),
