@@ -8,6 +8,8 @@ from fractions import Fraction
 import av
 import numpy as np
 
+from vamba_hf import video_decode_vamba
+
 LEVEL_STEP = 4
 
 
@@ -109,3 +111,16 @@ def assert_same_video(seeking, sequential):
     for seeking_frame, sequential_frame in zip(seeking.frames, sequential.frames):
         assert seeking_frame.shape == sequential_frame.shape
         assert np.array_equal(seeking_frame, sequential_frame)
+
+
+def counted_decoding_processes(monkeypatch) -> list:
+    """The list that every `_DecodingProcess` started from now on is appended to."""
+    started = []
+
+    class Counted(video_decode_vamba._DecodingProcess):
+        def __init__(self, *args):
+            super().__init__(*args)
+            started.append(self)
+
+    monkeypatch.setattr(video_decode_vamba, "_DecodingProcess", Counted)
+    return started

@@ -5,6 +5,8 @@ import filecmp
 import json
 import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -72,6 +74,26 @@ def test_converted_processor_uses_the_vamba_template(video_short_source, tmp_pat
     prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
     assert prompt == ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
                       "<|vision_start|><|vision_end|>What happens?<|im_end|>\n<|im_start|>assistant\n")
+
+
+def test_the_converted_processor_decodes_in_processes_from_its_remote_code(video_short_source, tmp_path):
+    from media_helpers import write_x264
+
+    convert_quietly(video_short_source, tmp_path / "hub")
+    video = write_x264(tmp_path / "gops.mp4")
+    # A fresh interpreter, where vamba_hf is not imported: the processor is the folder's remote code.
+    script = f"""
+import torch
+from transformers import AutoProcessor
+processor = AutoProcessor.from_pretrained({str(tmp_path / "hub")!r}, trust_remote_code=True)
+assert type(processor).__module__.startswith("transformers_modules"), type(processor).__module__
+inputs = [processor(text="<|vision_start|><|vision_end|>", videos={str(video)!r}, num_frames=8, decoder="seek",
+                    decode_workers=2, decode_processes=processes, return_tensors="pt") for processes in (False, True)]
+assert torch.equal(inputs[0]["pixel_values_videos"], inputs[1]["pixel_values_videos"])
+print("same pixels")
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and "same pixels" in done.stdout, done.stderr[-3000:]
 
 
 def test_copies_weights_across_filesystems(video_short_source, tmp_path, monkeypatch):

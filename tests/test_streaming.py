@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 from helpers import prompt, tiny_model
-from media_helpers import assert_same_video, write_x264
+from media_helpers import assert_same_video, counted_decoding_processes, write_x264
 
 from vamba_hf import stream_video, video_decode_vamba, video_vamba
 from vamba_hf.tiny import build_tiny_processor
@@ -27,7 +27,8 @@ def video_file(tmp_path_factory):
 
 
 @pytest.mark.parametrize("options", [dict(num_frames=24, decode_workers=1), dict(num_frames=24, decode_workers=3),
-                                     dict(num_frames=5, decode_workers=2), dict(fps=2.0, start_time=1.0)])
+                                     dict(num_frames=5, decode_workers=2), dict(fps=2.0, start_time=1.0),
+                                     dict(num_frames=24, decode_workers=3, decode_processes=True)])
 def test_a_stream_gives_the_frames_of_one_pass(video_file, options):
     expected = load_video(video_file, NO_RESIZE, decoder="sequential", **options)
     with stream_video(video_file, NO_RESIZE, decoder="seek", **options) as stream:
@@ -91,6 +92,18 @@ def test_closing_a_stream_stops_its_threads(video_file):
             break
         threading.Event().wait(0.05)
     assert threading.active_count() <= before
+
+
+def test_closing_a_stream_ends_its_decoding_processes(video_file, monkeypatch):
+    started = counted_decoding_processes(monkeypatch)
+    stream = stream_video(video_file, NO_RESIZE, num_frames=60, decoder="seek", decode_workers=3,
+                          decode_processes=True)
+    first = stream.frames(2)
+    stream.close()
+    assert stream._writer.closed and len(started) == 3
+    assert all(entry.process.poll() is not None for entry in started)  # ended (killed or done), none left behind
+    expected = load_video(video_file, NO_RESIZE, num_frames=60, decoder="sequential")
+    assert all(np.array_equal(a, b) for a, b in zip(first, expected.frames[:2]))
 
 
 def test_frames_given_as_arrays_are_a_complete_stream():

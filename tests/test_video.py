@@ -12,10 +12,12 @@ import av
 import numpy as np
 import PIL.Image
 import pytest
+import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from media_helpers import (
     assert_same_video,
+    counted_decoding_processes,
     frame_index_of,
     moving_frames,
     write_audio_only,
@@ -515,22 +517,35 @@ SAMPLINGS = [
 ]
 
 
+@pytest.mark.parametrize("processes", [False, True])
 @pytest.mark.parametrize("workers", [1, 3])
 @pytest.mark.parametrize("options", SAMPLINGS)
-def test_seeking_gives_the_frames_of_one_pass(tmp_path, options, workers):
+def test_seeking_gives_the_frames_of_one_pass(tmp_path, options, workers, processes):
     path = write_x264(tmp_path / "gops.mp4")
     sampling = NO_RESIZE.with_options(**options)
     expected = one_pass(path, sampling)
-    assert_same_video(load_by_seeking(path, sampling, decode_workers=workers), expected)
+    assert_same_video(load_by_seeking(path, sampling, decode_workers=workers, decode_processes=processes), expected)
 
 
+@pytest.mark.parametrize("processes", [False, True])
 @pytest.mark.parametrize("workers", [1, 2])
-def test_seeking_a_resized_rotated_file(tmp_path, workers):
+def test_seeking_a_resized_rotated_file(tmp_path, workers, processes):
     path = write_x264(tmp_path / "rotated.mp4", rotation=90)
     sampling = VideoSampling(num_frames=7, video_shortest_edge=100, video_longest_edge=None)
     expected = one_pass(path, sampling)
     assert expected.frames[0].shape == (100, 100, 3) and not np.array_equal(expected.frames[0], expected.frames[1])
-    assert_same_video(load_by_seeking(path, sampling, decode_workers=workers), expected)
+    assert_same_video(load_by_seeking(path, sampling, decode_workers=workers, decode_processes=processes), expected)
+
+
+def test_processes_resize_to_the_processors_grid_as_threads_do(tmp_path):
+    from vamba_hf.tiny import build_tiny_processor
+
+    path = write_x264(tmp_path / "gops.mp4")
+    processor = build_tiny_processor(num_frames=8, video_longest_edge=90)
+    inputs = [processor(text="<|vision_start|><|vision_end|>", videos=str(path), decoder="seek", decode_workers=2,
+                        decode_processes=processes, return_tensors="pt") for processes in (False, True)]
+    assert torch.equal(inputs[0]["pixel_values_videos"], inputs[1]["pixel_values_videos"])
+    assert torch.equal(inputs[0]["video_grid_thw"], inputs[1]["video_grid_thw"])
 
 
 @pytest.mark.parametrize("extension", ["mp4", "mkv"])
@@ -578,7 +593,8 @@ def test_a_file_without_a_packet_index_decodes_in_one_pass(tmp_path, monkeypatch
     assert_same_video(load_video(path, NO_RESIZE, num_frames=5, decoder="seek"), expected)
 
 
-@pytest.mark.parametrize("options", [dict(num_frames=5), dict(num_frames=2, decode_workers=1)])
+@pytest.mark.parametrize("options", [dict(num_frames=5), dict(num_frames=2, decode_workers=1),
+                                     dict(num_frames=5, decode_workers=2, decode_processes=True)])
 def test_an_index_that_does_not_match_the_frames_falls_back_to_one_pass(tmp_path, monkeypatch, options):
     path = write_x264(tmp_path / "gops.mp4")
     expected = one_pass(path, NO_RESIZE.with_options(**options))
@@ -596,7 +612,8 @@ def test_an_index_that_does_not_match_the_frames_falls_back_to_one_pass(tmp_path
     assert passes == [True]
 
 
-def test_keyframe_flags_on_frames_that_are_no_keyframes_fall_back_to_one_pass(tmp_path, monkeypatch):
+@pytest.mark.parametrize("processes", [False, True])
+def test_keyframe_flags_on_frames_that_are_no_keyframes_fall_back_to_one_pass(tmp_path, monkeypatch, processes):
     path = write_x264(tmp_path / "gops.mp4")
     expected = one_pass(path, NO_RESIZE.with_options(num_frames=7))
     packet_index = video_vamba._packet_index
@@ -609,7 +626,8 @@ def test_keyframe_flags_on_frames_that_are_no_keyframes_fall_back_to_one_pass(tm
     decode_plan = video_vamba._decode_plan
     monkeypatch.setattr(video_vamba, "_packet_index", every_packet_a_keyframe)
     monkeypatch.setattr(video_vamba, "_decode_plan", lambda *args: passes.append(True) or decode_plan(*args))
-    assert_same_video(load_video(path, NO_RESIZE, num_frames=7, decoder="seek", decode_workers=2), expected)
+    assert_same_video(load_video(path, NO_RESIZE, num_frames=7, decoder="seek", decode_workers=2,
+                                 decode_processes=processes), expected)
     assert passes == [True]
 
 
@@ -622,6 +640,39 @@ def test_a_truncated_file_decodes_in_one_pass(tmp_path):
     with pytest.warns(UserWarning, match="declares 60 frames but"):
         video = load_video(path, NO_RESIZE, num_frames=6, decoder="seek", decode_workers=2)
     assert_same_video(video, expected)
+
+
+def test_long_decodes_run_in_processes_by_default(tmp_path, monkeypatch):
+    path = write_x264(tmp_path / "gops.mp4")
+    started = counted_decoding_processes(monkeypatch)
+    expected = one_pass(path, NO_RESIZE.with_options(num_frames=20))
+    load_by_seeking(path, NO_RESIZE, num_frames=20, decode_workers=2)  # 60 frames decoded: threads
+    assert not started
+    monkeypatch.setattr(video_vamba, "MIN_FRAMES_FOR_PROCESSES", 40)
+    assert_same_video(load_by_seeking(path, NO_RESIZE, num_frames=20, decode_workers=2), expected)
+    assert len(started) == 2
+    load_by_seeking(path, NO_RESIZE, num_frames=20, decode_workers=1)  # one worker: a thread
+    load_by_seeking(path, NO_RESIZE, num_frames=20, decode_workers=2, decode_processes=False)
+    assert len(started) == 2
+
+
+def test_a_decoding_process_that_fails_names_the_way_out(tmp_path, monkeypatch):
+    path = write_x264(tmp_path / "gops.mp4")
+    monkeypatch.setattr(video_decode_vamba, "DECODING_PROCESS_MAIN", "raise SystemExit(3)")
+    with pytest.raises(RuntimeError, match=r"ended unexpectedly \(exit status 3.*decode_processes=False"):
+        load_video(path, NO_RESIZE, num_frames=20, decoder="seek", decode_workers=2, decode_processes=True)
+    monkeypatch.setattr(video_decode_vamba, "DECODING_PROCESS_MAIN", "import sys; sys.stdout.write('F'); sys.exit(4)")
+    with pytest.raises(RuntimeError, match=r"ended in the middle of a frame \(exit status 4"):
+        load_video(path, NO_RESIZE, num_frames=20, decoder="seek", decode_workers=2, decode_processes=True)
+
+
+def test_an_error_in_a_decoding_process_is_raised_with_its_text(tmp_path, monkeypatch):
+    path = write_x264(tmp_path / "gops.mp4")
+    monkeypatch.setattr(video_decode_vamba._DecodingProcess, "job", staticmethod(
+        lambda *args: b'{"location": "/nonexistent/video.mp4", "start": 0, "pts": [], "keyframes": [], '
+                      b'"shortest_edge": null, "longest_edge": null, "final_resample": 3}\n'))
+    with pytest.raises(RuntimeError, match=r"worker process failed \(ValueError: cannot read '/nonexistent/video"):
+        load_video(path, NO_RESIZE, num_frames=20, decoder="seek", decode_workers=2, decode_processes=True)
 
 
 def test_default_decode_workers_follow_the_cpu_count(monkeypatch):

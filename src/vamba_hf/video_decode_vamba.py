@@ -1,6 +1,6 @@
 """Decoding video and image files for Vamba with PyAV and PIL: opening files and URLs, the stream's packet index,
-sampled frames decoded in one pass or by seeking to the keyframes before them (in worker threads, one container
-each), converted to RGB, rotated as the display matrix says and resized (PIL bicubic) into one uint8 array.
+sampled frames decoded in one pass or by seeking to the keyframes before them (in worker threads or processes, one
+container each), converted to RGB, rotated as the display matrix says and resized (PIL bicubic) into one uint8 array.
 
 Served as Hub remote code beside `video_vamba.py`, which holds the sampling options and the public `load_video`;
 PyAV and tqdm are imported where they are used.

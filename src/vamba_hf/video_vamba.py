@@ -4,10 +4,11 @@ samples a file's frames through `video_decode_vamba` (PyAV).
 Served as Hub remote code beside `processing_vamba.py`, so it imports only numpy, PIL, torch, transformers and the
 standard library at top level; PyAV and tqdm are imported where they are used.
 
-A video file is opened once per decoding thread. Which frames are sampled is decided from the stream's packet index
+A video file is opened once per decoding worker. Which frames are sampled is decided from the stream's packet index
 (or, without one, frame by frame as the stream decodes). Local files with a sound keyframe index decode only the
-groups of pictures (GOPs) that hold a sampled frame: each worker thread opens its own container on the file, seeks
-to the keyframe at or before its samples and decodes forward to them; other sources decode in order from the start.
+groups of pictures (GOPs) that hold a sampled frame: each worker (a thread, or a process for long decodes) opens its
+own container on the file, seeks to the keyframe at or before its samples and decodes forward to them; other
+sources decode in order from the start.
 Both give the same frames, bit for bit. Only the sampled frames are converted to RGB, rotated as the display matrix
 says and resized (PIL bicubic, the original release's resize), straight into one uint8 array of the output size.
 """
@@ -94,8 +95,11 @@ class VideoSampling:
     - `decoder`: "auto" seeks to the GOPs that hold sampled frames when the file's keyframe index allows it and that
       decodes fewer frames (or uses more threads) than one pass from the start; "sequential" always decodes from the
       start in one pass; "seek" seeks whenever the index allows it. All give the same frames.
-    - `decode_workers`: threads (each with its own container open on the file) that decode GOPs in parallel when
-      seeking; None uses min(4, CPU count) (each thread decodes with CPU count / threads codec threads).
+    - `decode_workers`: workers (each with its own container open on the file) that decode GOPs in parallel when
+      seeking; None uses min(4, CPU count) (each decodes with CPU count / workers codec threads).
+    - `decode_processes`: the workers are Python processes (True), which share no interpreter lock with each other
+      or with the caller, or threads (False); None: processes when there are several workers and they decode at
+      least `MIN_FRAMES_FOR_PROCESSES` frames, where starting them pays. The frames are the same either way.
     """
 
     num_frames: int = 128
