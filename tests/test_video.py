@@ -375,7 +375,8 @@ def test_num_frames_above_max_frames_is_capped_with_a_warning(tmp_path):
 
 @pytest.mark.parametrize("options", [{"num_frames": -1}, {"num_frames": 0}, {"fps": float("nan")},
                                      {"fps": float("inf")}, {"fps": 0}, {"fps": -1}, {"video_timeout": float("nan")},
-                                     {"decoder": "fast"}, {"decode_workers": 0}, {"decode_workers": 1.5}])
+                                     {"decoder": "fast"}, {"decode_workers": 0}, {"decode_workers": 1.5},
+                                     {"decode_processes": "yes"}, {"decode_processes": 1}])
 def test_bad_sampling_values_are_refused_in_one_line(tmp_path, options):
     path = write_video(tmp_path / "clip.mp4", num_frames=4)
     with pytest.raises(ValueError, match="is not (a )?valid") as error:
@@ -653,6 +654,8 @@ def test_long_decodes_run_in_processes_by_default(tmp_path, monkeypatch):
     assert len(started) == 2
     load_by_seeking(path, NO_RESIZE, num_frames=20, decode_workers=1)  # one worker: a thread
     load_by_seeking(path, NO_RESIZE, num_frames=20, decode_workers=2, decode_processes=False)
+    monkeypatch.setattr(sys, "frozen", True, raising=False)  # a frozen application runs no `python -c`
+    assert_same_video(load_by_seeking(path, NO_RESIZE, num_frames=20, decode_workers=2), expected)
     assert len(started) == 2
 
 

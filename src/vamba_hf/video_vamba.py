@@ -15,6 +15,7 @@ says and resized (PIL bicubic, the original release's resize), straight into one
 
 import math
 import os
+import sys
 import warnings
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Callable, Optional
@@ -60,6 +61,11 @@ MAX_DEFAULT_DECODE_WORKERS = 4
 MIN_FRAMES_FOR_PROCESSES = 2000
 # "auto" seeks when that decodes at most this share of the frames one pass from the start would.
 SEEK_WORTH_IT = 0.8
+
+
+def _can_start_interpreters() -> bool:
+    """Whether `sys.executable` runs Python code given with -c (not in an embedded or frozen application)."""
+    return bool(sys.executable) and not getattr(sys, "frozen", False)
 
 
 def _check_count(name: str, value, optional: bool = False) -> None:
@@ -390,7 +396,8 @@ class _VideoSampler:
         bar = _progress_bar(sum(gop.cost for gop in gops), self.sampling.progress, description)
         processes = self.sampling.decode_processes
         if processes is None:
-            processes = workers > 1 and sum(gop.cost for gop in gops) >= MIN_FRAMES_FOR_PROCESSES
+            processes = workers > 1 and sum(gop.cost for gop in gops) >= MIN_FRAMES_FOR_PROCESSES and \
+                _can_start_interpreters()
         decoder = _SeekingDecoder(self.location, self.facts, self.index, self.resize, bar, processes=processes)
         return decoder, gops, kept, workers
 
