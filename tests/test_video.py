@@ -647,16 +647,16 @@ def test_long_decodes_run_in_processes_by_default(tmp_path, monkeypatch):
     path = write_x264(tmp_path / "gops.mp4")
     started = counted_decoding_processes(monkeypatch)
     expected = one_pass(path, NO_RESIZE.with_options(num_frames=20))
-    load_by_seeking(path, NO_RESIZE, num_frames=20, decode_workers=2)  # 60 frames decoded: threads
+    load_by_seeking(path, NO_RESIZE, num_frames=20, decode_workers=4)  # 60 frames decoded: threads
     assert not started
     monkeypatch.setattr(video_vamba, "MIN_FRAMES_FOR_PROCESSES", 40)
-    assert_same_video(load_by_seeking(path, NO_RESIZE, num_frames=20, decode_workers=2), expected)
-    assert len(started) == 2
-    load_by_seeking(path, NO_RESIZE, num_frames=20, decode_workers=1)  # one worker: a thread
-    load_by_seeking(path, NO_RESIZE, num_frames=20, decode_workers=2, decode_processes=False)
+    assert_same_video(load_by_seeking(path, NO_RESIZE, num_frames=20, decode_workers=4), expected)
+    assert len(started) == 4
+    load_by_seeking(path, NO_RESIZE, num_frames=20, decode_workers=3)  # fewer workers: threads
+    load_by_seeking(path, NO_RESIZE, num_frames=20, decode_workers=4, decode_processes=False)
     monkeypatch.setattr(sys, "frozen", True, raising=False)  # a frozen application runs no `python -c`
-    assert_same_video(load_by_seeking(path, NO_RESIZE, num_frames=20, decode_workers=2), expected)
-    assert len(started) == 2
+    assert_same_video(load_by_seeking(path, NO_RESIZE, num_frames=20, decode_workers=4), expected)
+    assert len(started) == 4
 
 
 def test_a_decoding_process_that_fails_names_the_way_out(tmp_path, monkeypatch):

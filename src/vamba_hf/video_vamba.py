@@ -56,8 +56,11 @@ DECODERS = ("auto", "sequential", "seek")
 # launching the GPU work needs too: on the 16-core H200 host 4 threads decoded the hour-long file in 9.3 s against
 # 10.5 s for 8 and 8.7 s for 16, and streamed it to the first token faster than 8 (BENCHMARKS.md).
 MAX_DEFAULT_DECODE_WORKERS = 4
-# Seeking decodes in worker processes by default from this many decoded frames on (starting a process takes
-# ~0.1 s; below this threads are as fast).
+# Seeking decodes in worker processes by default with at least this many workers decoding at least this many
+# frames: then the threads' shared interpreter lock costs more than starting processes and piping the frames back.
+# Measured (BENCHMARKS.md): 4-16 workers on 16 CPUs, an hour-long file: processes 1.1-1.2x faster, and 1.4x to the
+# first token streamed; 2 workers on 2 CPUs, a 10-minute file: threads 4.5 s, processes 5.4 s.
+MIN_WORKERS_FOR_PROCESSES = 4
 MIN_FRAMES_FOR_PROCESSES = 2000
 # "auto" seeks when that decodes at most this share of the frames one pass from the start would.
 SEEK_WORTH_IT = 0.8
@@ -104,8 +107,8 @@ class VideoSampling:
     - `decode_workers`: workers (each with its own container open on the file) that decode GOPs in parallel when
       seeking; None uses min(4, CPU count) (each decodes with CPU count / workers codec threads).
     - `decode_processes`: the workers are Python processes (True), which share no interpreter lock with each other
-      or with the caller, or threads (False); None: processes when there are several workers and they decode at
-      least `MIN_FRAMES_FOR_PROCESSES` frames, where starting them pays. The frames are the same either way.
+      or with the caller, or threads (False); None: processes when at least `MIN_WORKERS_FOR_PROCESSES` workers
+      decode at least `MIN_FRAMES_FOR_PROCESSES` frames, where they pay. The frames are the same either way.
     """
 
     num_frames: int = 128
@@ -396,8 +399,8 @@ class _VideoSampler:
         bar = _progress_bar(sum(gop.cost for gop in gops), self.sampling.progress, description)
         processes = self.sampling.decode_processes
         if processes is None:
-            processes = workers > 1 and sum(gop.cost for gop in gops) >= MIN_FRAMES_FOR_PROCESSES and \
-                _can_start_interpreters()
+            processes = workers >= MIN_WORKERS_FOR_PROCESSES and _can_start_interpreters() and \
+                sum(gop.cost for gop in gops) >= MIN_FRAMES_FOR_PROCESSES
         decoder = _SeekingDecoder(self.location, self.facts, self.index, self.resize, bar, processes=processes)
         return decoder, gops, kept, workers
 
