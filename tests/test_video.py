@@ -667,6 +667,22 @@ def test_a_decoding_process_that_fails_names_the_way_out(tmp_path, monkeypatch):
     monkeypatch.setattr(video_decode_vamba, "DECODING_PROCESS_MAIN", "import sys; sys.stdout.write('F'); sys.exit(4)")
     with pytest.raises(RuntimeError, match=r"ended in the middle of a frame \(exit status 4"):
         load_video(path, NO_RESIZE, num_frames=20, decoder="seek", decode_workers=2, decode_processes=True)
+    # A process that prints and then waits is stopped, not waited for.
+    monkeypatch.setattr(video_decode_vamba, "DECODING_PROCESS_MAIN",
+                        "import sys, time; sys.stdout.write('hello'); sys.stdout.flush(); time.sleep(600)")
+    with pytest.raises(RuntimeError, match=r"sent b'h', which is no message"):
+        load_video(path, NO_RESIZE, num_frames=20, decoder="seek", decode_workers=2, decode_processes=True)
+
+
+def test_what_a_decoding_process_prints_does_not_mix_with_its_frames(tmp_path, monkeypatch):
+    path = write_x264(tmp_path / "gops.mp4")
+    expected = one_pass(path, NO_RESIZE.with_options(num_frames=20))
+    main = video_decode_vamba.DECODING_PROCESS_MAIN.replace("module.serve_decoding", "print('hello'); "
+                                                                                    "module.serve_decoding")
+    assert main != video_decode_vamba.DECODING_PROCESS_MAIN
+    monkeypatch.setattr(video_decode_vamba, "DECODING_PROCESS_MAIN", main)
+    assert_same_video(load_by_seeking(path, NO_RESIZE, num_frames=20, decode_workers=2, decode_processes=True),
+                      expected)
 
 
 def test_an_error_in_a_decoding_process_is_raised_with_its_text(tmp_path, monkeypatch):

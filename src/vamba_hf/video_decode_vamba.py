@@ -641,8 +641,8 @@ class _RowWriter:
 
 
 class _SeekingDecoder:
-    """Decodes the sampled GOPs of a local file in worker threads, each with its own container open on the file,
-    taking runs of GOPs in time order. Every decoded frame is checked against the packet index (its time is a
+    """Decodes the sampled GOPs of a local file in worker threads, or in worker processes (`_DecodingProcess`,
+    with `processes`), each with its own container open on the file, taking runs of GOPs in time order. Every decoded frame is checked against the packet index (its time is a
     packet's, frames follow each other without a gap from a keyframe, which decodes as one), so the frames are
     those one pass from the start gives, or `_IndexMismatch` is raised."""
 
@@ -782,13 +782,17 @@ COUNT_MESSAGE = struct.Struct("<q")  # b"R": a run is done, frames decoded since
 # b"M": a frame did not match the packet index.
 PIPE_BYTES = 1 << 20  # Linux's largest unprivileged pipe; a frame then passes in one or two reads
 
+# The frames go to the parent through the process's stdout, which is first set aside for them: anything printed
+# after (by an import, say) goes to stderr.
 DECODING_PROCESS_MAIN = """
-import importlib.util, sys
+import importlib.util, os, sys
+replies = os.fdopen(os.dup(1), "wb")
+os.dup2(2, 1)
 spec = importlib.util.spec_from_file_location("vamba_decoding_process", sys.argv[1])
 module = importlib.util.module_from_spec(spec)
 sys.modules[spec.name] = module
 spec.loader.exec_module(module)
-module.serve_decoding()
+module.serve_decoding(replies)
 """
 
 
@@ -838,10 +842,14 @@ class _DecodingProcess:
                 text = self._read(COUNT_MESSAGE.unpack(self._read(COUNT_MESSAGE.size))[0]).decode(errors="replace")
                 raise RuntimeError(f"decoding {self.location!r} in a worker process failed ({text}); "
                                    "decode_processes=False decodes in threads instead.")
-            else:
+            elif kind == b"":
                 raise RuntimeError(f"a process decoding {self.location!r} ended unexpectedly (exit status "
                                    f"{self.process.wait()}; its error, if any, is on stderr above). "
                                    "decode_processes=False decodes in threads instead.")
+            else:
+                self.kill()
+                raise RuntimeError(f"a process decoding {self.location!r} sent {kind!r}, which is no message of "
+                                   "its protocol. decode_processes=False decodes in threads instead.")
 
     def _send(self, line: bytes) -> None:
         try:
@@ -917,10 +925,9 @@ class _FrameSender:
         self.replies.flush()
 
 
-def serve_decoding() -> None:
-    """The main of a decoding process (`_DecodingProcess` is the other end): a job line, then runs of GOPs."""
-    replies = os.fdopen(os.dup(1), "wb")
-    os.dup2(2, 1)  # anything printed in here goes to stderr, not between the frames
+def serve_decoding(replies) -> None:
+    """The main of a decoding process (`_DecodingProcess` is the other end): a job line, then runs of GOPs; the
+    frames and other messages go to the binary file `replies`."""
     commands = sys.stdin.buffer
     job = {**json.loads(commands.readline()), **json.loads(commands.readline())}  # the decode's, this process's
     sender = _FrameSender(replies, commands, FrameResize(job["shortest_edge"], job["longest_edge"],
