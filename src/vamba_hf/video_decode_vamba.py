@@ -641,10 +641,11 @@ class _RowWriter:
 
 
 class _SeekingDecoder:
-    """Decodes the sampled GOPs of a local file in worker threads, or in worker processes (`_DecodingProcess`,
-    with `processes`), each with its own container open on the file, taking runs of GOPs in time order. Every decoded frame is checked against the packet index (its time is a
-    packet's, frames follow each other without a gap from a keyframe, which decodes as one), so the frames are
-    those one pass from the start gives, or `_IndexMismatch` is raised."""
+    """Decodes the sampled GOPs of a local file in worker threads, or in worker processes (`_DecodingProcess`, with
+    `processes`), each with its own container open on the file, taking runs of GOPs in time order. Every decoded
+    frame is checked against the packet index (its time is a packet's, frames follow each other without a gap from a
+    keyframe, which decodes as one), so the frames are those one pass from the start gives, or `_IndexMismatch` is
+    raised."""
 
     def __init__(self, location: str, facts: _StreamFacts, index: _PacketIndex, resize: FrameResize, bar,
                  processes: bool = False):
