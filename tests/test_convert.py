@@ -83,13 +83,19 @@ def test_the_converted_processor_decodes_in_processes_from_its_remote_code(video
     video = write_x264(tmp_path / "gops.mp4")
     # A fresh interpreter, where vamba_hf is not imported: the processor is the folder's remote code.
     script = f"""
+import sys
 import torch
 from transformers import AutoProcessor
 processor = AutoProcessor.from_pretrained({str(tmp_path / "hub")!r}, trust_remote_code=True)
 assert type(processor).__module__.startswith("transformers_modules"), type(processor).__module__
+decoding = next(module for name, module in sys.modules.items()
+                if name.startswith("transformers_modules") and name.endswith(".video_decode_vamba"))
+started, start = [], decoding._DecodingProcess.__init__
+decoding._DecodingProcess.__init__ = lambda self, *args: started.append(1) or start(self, *args)
 inputs = [processor(text="<|vision_start|><|vision_end|>", videos={str(video)!r}, num_frames=8, decoder="seek",
                     decode_workers=2, decode_processes=processes, return_tensors="pt") for processes in (False, True)]
 assert torch.equal(inputs[0]["pixel_values_videos"], inputs[1]["pixel_values_videos"])
+assert started, "no decoding process was started"
 print("same pixels")
 """
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)

@@ -100,7 +100,7 @@ def test_closing_a_stream_ends_its_decoding_processes(video_file, monkeypatch):
                           decode_processes=True)
     first = stream.frames(2)
     stream.close()
-    assert stream._writer.closed and len(started) == 3
+    assert stream._writer.closed and 1 <= len(started) <= 3  # a worker not started by then starts none
     assert all(entry.process.poll() is not None for entry in started)  # ended (killed or done), none left behind
     expected = load_video(video_file, NO_RESIZE, num_frames=60, decoder="sequential")
     assert all(np.array_equal(a, b) for a, b in zip(first, expected.frames[:2]))

@@ -651,12 +651,13 @@ def test_long_decodes_run_in_processes_by_default(tmp_path, monkeypatch):
     assert not started
     monkeypatch.setattr(video_vamba, "MIN_FRAMES_FOR_PROCESSES", 40)
     assert_same_video(load_by_seeking(path, NO_RESIZE, num_frames=20, decode_workers=4), expected)
-    assert len(started) == 4
+    count = len(started)
+    assert 1 <= count <= 4  # a worker that starts after the others decoded everything starts no process
     load_by_seeking(path, NO_RESIZE, num_frames=20, decode_workers=3)  # fewer workers: threads
     load_by_seeking(path, NO_RESIZE, num_frames=20, decode_workers=4, decode_processes=False)
     monkeypatch.setattr(sys, "frozen", True, raising=False)  # a frozen application runs no `python -c`
     assert_same_video(load_by_seeking(path, NO_RESIZE, num_frames=20, decode_workers=4), expected)
-    assert len(started) == 4
+    assert len(started) == count
 
 
 def test_a_decoding_process_that_fails_names_the_way_out(tmp_path, monkeypatch):
