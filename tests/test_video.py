@@ -675,6 +675,16 @@ def test_a_decoding_process_that_fails_names_the_way_out(tmp_path, monkeypatch):
         load_video(path, NO_RESIZE, num_frames=20, decoder="seek", decode_workers=2, decode_processes=True)
 
 
+def test_a_job_longer_than_the_pipes_reaches_the_decoding_processes(tmp_path, monkeypatch):
+    path = write_x264(tmp_path / "gops.mp4")  # an hour's packet index is ~1 MB of JSON: here 3 MB
+    expected = one_pass(path, NO_RESIZE.with_options(num_frames=20))
+    job = video_decode_vamba._DecodingProcess.job
+    monkeypatch.setattr(video_decode_vamba._DecodingProcess, "job", staticmethod(
+        lambda *args: job(*args)[:-2] + b', "padding": "' + b"x" * 3_000_000 + b'"}\n'))
+    assert_same_video(load_by_seeking(path, NO_RESIZE, num_frames=20, decode_workers=2, decode_processes=True),
+                      expected)
+
+
 def test_what_a_decoding_process_prints_does_not_mix_with_its_frames(tmp_path, monkeypatch):
     path = write_x264(tmp_path / "gops.mp4")
     expected = one_pass(path, NO_RESIZE.with_options(num_frames=20))

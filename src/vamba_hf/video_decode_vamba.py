@@ -720,12 +720,13 @@ class _SeekingDecoder:
             with self.lock:
                 if self.stop.is_set():
                     return
-                process = _DecodingProcess(job, codec_threads, self.location)
+                process = _DecodingProcess(self.location)
                 self.running.append(process)
         except BaseException as error:
             self._failed(writer, error)
             return
         try:
+            process.send_job(job, codec_threads)
             while not self.stop.is_set():
                 try:
                     run = runs.popleft()
@@ -803,16 +804,19 @@ class _DecodingProcess:
     into the `_RowWriter`'s buffer. It runs this module's file with the interpreter and import path of this one,
     so it needs nothing importable by name (the module may be Hub remote code)."""
 
-    def __init__(self, job: bytes, codec_threads: int, location: str):
+    def __init__(self, location: str):
         environment = dict(os.environ, PYTHONPATH=os.pathsep.join(path for path in sys.path if path))
         self.location = location
         self.process = subprocess.Popen([sys.executable, "-c", DECODING_PROCESS_MAIN, os.path.abspath(__file__)],
                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=environment, bufsize=0)
-        if getattr(fcntl, "F_SETPIPE_SZ", None):
+        for pipe in (self.process.stdin, self.process.stdout) if getattr(fcntl, "F_SETPIPE_SZ", None) else ():
             try:
-                fcntl.fcntl(self.process.stdout.fileno(), fcntl.F_SETPIPE_SZ, PIPE_BYTES)
+                fcntl.fcntl(pipe.fileno(), fcntl.F_SETPIPE_SZ, PIPE_BYTES)
             except OSError:
-                pass  # a smaller pipe only means more reads per frame
+                pass  # a smaller pipe only means more reads and writes
+
+    def send_job(self, job: bytes, codec_threads: int) -> None:
+        """Sends the decode's `job` line, then this process's own (it blocks until the process reads them)."""
         self._send(job + json.dumps({"codec_threads": codec_threads}).encode() + b"\n")
 
     @staticmethod
@@ -853,8 +857,10 @@ class _DecodingProcess:
                                    "its protocol. decode_processes=False decodes in threads instead.")
 
     def _send(self, line: bytes) -> None:
+        view = memoryview(line)
         try:
-            self.process.stdin.write(line)
+            while view:
+                view = view[self.process.stdin.write(view):]
         except (BrokenPipeError, ValueError):
             pass  # the process ended: reading its pipe says how
 
