@@ -2,9 +2,10 @@
 
     python examples/long_video.py --model ./Vamba-Qwen2-VL-7B-hf --video lecture.mp4 --frames 1024
 
-The file's sampled frames decode in background threads; `processor.video_chunks` hands out their inputs a chunk at a
-time and `model.encode_video_chunks` encodes each chunk on the model's device while the next ones decode, into one
-video state. Every question is then answered from the state (its first token costs the question's prefill only).
+The file's sampled frames decode in background workers (threads, or processes for long decodes);
+`processor.video_chunks` hands out their inputs a chunk at a time and `model.encode_video_chunks` encodes each chunk
+on the model's device while the next ones decode, into one video state. Every question is then answered from the state
+(its first token costs the question's prefill only).
 Without --model it runs the embedded demo model (tiny, random weights: meaningless answers); without --video it makes
 a sample clip.
 """

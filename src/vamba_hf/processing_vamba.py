@@ -687,7 +687,7 @@ class VambaProcessor(ProcessorMixin):
 
     def video_chunks(self, video, chunk_frames: int = 64, **kwargs):
         """One video's inputs, `chunk_frames` frames at a time, as its frames decode: for a local file the frames
-        decode in background threads (`stream_video`), so a model can encode each chunk while the next ones decode
+        decode in background workers (`stream_video`), so a model can encode each chunk while the next ones decode
         (`model.encode_video_chunks(processor.video_chunks(path, device="cuda"))`).
 
         Yields `BatchFeature`s with `pixel_values_videos` and `video_grid_thw` (torch tensors; a multiple of the

@@ -556,9 +556,10 @@ MAX_GAP_DECODED = 16
 
 class _RowWriter:
     """Converts frames into given rows of one `FrameBuffer` in conversion threads, taking frames from several
-    decoding threads, and tells which rows are written (`wait_rows`). The buffer takes the size of the first frame
-    written; a frame of another display size raises `_IndexMismatch` (one pass resizes every frame to the size of
-    the first sampled one, which a worker cannot know)."""
+    decoding threads (`write`), or takes rows that decoding processes filled (`buffer_for`, `mark_written`), and
+    tells which rows are written (`wait_rows`). The buffer takes the size of the first frame written; a frame of
+    another display size raises `_IndexMismatch` (one pass resizes every frame to the size of the first sampled
+    one, which a worker cannot know)."""
 
     def __init__(self, capacity: int, resize: FrameResize, workers: int):
         self.capacity, self.resize = capacity, resize

@@ -472,7 +472,7 @@ def load_video(source, sampling: VideoSampling = None, resize: FrameResize = Non
 
 
 class FrameStream:
-    """The sampled frames of one video as its decoding threads write them, first to last: `frames(n)` waits for
+    """The sampled frames of one video as its decoding workers write them, first to last: `frames(n)` waits for
     the first n. Made by `stream_video`; `video()` waits for all and gives the `VideoFrames`. A file whose frames
     turn out not to match its packet index is decoded again in one pass (as `load_video` does); frames already
     handed out must then be the same ones, else the stream raises."""
@@ -536,7 +536,7 @@ class FrameStream:
             self._video.release(count)
 
     def video(self) -> VideoFrames:
-        """All the frames, with their timestamps and indices (waits for the decoding threads)."""
+        """All the frames, with their timestamps and indices (waits for the decoding workers)."""
         frames = self.frames(self.count)
         if self._writer is None:
             return self._video
@@ -558,7 +558,7 @@ class FrameStream:
 
 
 def stream_video(source, sampling: VideoSampling = None, resize: FrameResize = None, **options) -> FrameStream:
-    """`load_video`, returning as soon as the frames to sample are planned: the frames decode in background threads
+    """`load_video`, returning as soon as the frames to sample are planned: the frames decode in background workers
     (seeking, for local files with a usable packet index) while the caller uses the first ones. Other sources are
     decoded before this returns. The frames are those `load_video` gives, bit for bit."""
     sampling = (sampling or VideoSampling()).with_options(**options)
