@@ -8,8 +8,8 @@ over; both processors resize them to the same patch grid (min_pixels 56*56, max_
 float32 patches on the device. Per frame count, one JSON line with, for each of ours' `frame_resize` ("pil": PIL
 bicubic on the CPU, the default; "torch": on the device) and for Qwen2-VL's video processor, the median of
 `--repeats` runs after one warm-up (device synchronised), the most host memory a run added beyond the frames
-(`*_rss_growth_gib`), and how far ours' "torch" pixels are from "pil"'s (max
-absolute difference and the share of differing values, in normalised pixel units).
+(`*_rss_growth_gib`), and how far ours' "torch" pixels are from "pil"'s (max absolute difference and the share of
+differing values, in normalised pixel units).
 """
 
 import argparse
@@ -42,8 +42,8 @@ def moving_frames(count: int, width: int, height: int) -> np.ndarray:
 
 
 def ours(processor, frames: np.ndarray, device, frame_resize: str):
-    return processor(text="<|vision_start|><|vision_end|>", videos=frames, return_tensors="pt", device=str(device), frame_resize=frame_resize,
-                     video_longest_edge=None, video_shortest_edge=None)
+    return processor(text="<|vision_start|><|vision_end|>", videos=frames, return_tensors="pt", device=str(device),
+                     frame_resize=frame_resize, video_longest_edge=None, video_shortest_edge=None)
 
 
 def qwen2_vl(video_processor, frames: np.ndarray, device):

@@ -1,8 +1,8 @@
 """Questions about a video encoded once: what `vamba-hf chat` and examples/streaming_video.py share.
 
 `encode_video_file` samples and processes a video (a progress bar while it decodes) and encodes it into a
-`VideoState`, chunk by chunk as it decodes; `question_inputs` tokenizes one question whose prompt keeps the <|vision_start|><|vision_end|>
-placeholder the state fills; `answer` streams the answer to one question from the state.
+`VideoState`, chunk by chunk as it decodes; `question_inputs` tokenizes one question whose prompt keeps the
+<|vision_start|><|vision_end|> placeholder the state fills; `answer` streams the answer to one question from the state.
 """
 
 import time

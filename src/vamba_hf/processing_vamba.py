@@ -12,10 +12,11 @@ a file), then:
 - `device`: where frames are patched and normalised ("cpu" by default; e.g. "cuda"); uint8 frames go there in chunks.
 - `frame_resize`: how frames that are not at the patch-grid size (frames given as arrays or `VideoFrames`) are resized
   to it. "pil" (the default): PIL's bicubic on the CPU, the original release's pixels bit for bit. "torch": torch's
-  antialiased bicubic on `device`, one pass per axis in PIL's order with PIL's rounding to bytes after each: bytes
-  at most 1 apart from PIL's, and equal to them for all but at most 1 in 1000 (1.4e-4 of them at 640x360 ->
-  644x364; tests/test_processor_resize.py measures it, and its effect on logits). Frames decoded from a file are
-  decoded at the grid size, so both give the same pixels for files.
+  antialiased bicubic on `device`, one pass per axis in PIL's order with PIL's rounding to bytes after each: on the
+  CPU bytes at most 1 apart from PIL's, and equal to them for all but at most 1 in 1000 (1.4e-4 of them at 640x360
+  -> 644x364; tests/test_processor_resize.py measures it, and its effect on logits); on an H200 up to 2 apart, 3.2e-4
+  of them differing (BENCHMARKS.md). Frames decoded from a file are decoded at the grid size, so both give the same
+  pixels for files.
 - `return_metadata`: also return each video's sampled timestamps and frame indices.
 
 This file is also served as Hub remote code (with `video_vamba.py`), so it imports only transformers, torch, numpy,

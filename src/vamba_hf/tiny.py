@@ -94,8 +94,8 @@ def build_tiny_tokenizer():
         _train_byte_level_bpe().save(os.path.join(folder, "tokenizer.json"))
         with open(os.path.join(folder, "tokenizer_config.json"), "w", encoding="utf-8") as f:
             json.dump(_tokenizer_config(), f)
-        # transformers 5 reads the folder's config before the tokenizer class: a config whose model type is not
-        # Qwen2's makes it load the generic TokenizersBackend instead (seen once in CI), so name Qwen2's.
+        # transformers 5 reads the folder's config to choose the tokenizer class: without Qwen2's model type it may
+        # load the generic TokenizersBackend instead.
         with open(os.path.join(folder, "config.json"), "w", encoding="utf-8") as f:
             json.dump({"model_type": "qwen2"}, f)
         tokenizer = AutoTokenizer.from_pretrained(folder)
