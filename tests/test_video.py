@@ -34,6 +34,7 @@ from vamba_hf.video_vamba import (
     VideoSampling,
     load_video,
     sample_frame_indices,
+    stream_video,
     to_video_frames,
 )
 
@@ -376,7 +377,10 @@ def test_num_frames_above_max_frames_is_capped_with_a_warning(tmp_path):
 @pytest.mark.parametrize("options", [{"num_frames": -1}, {"num_frames": 0}, {"fps": float("nan")},
                                      {"fps": float("inf")}, {"fps": 0}, {"fps": -1}, {"video_timeout": float("nan")},
                                      {"decoder": "fast"}, {"decode_workers": 0}, {"decode_workers": 1.5},
-                                     {"decode_processes": "yes"}, {"decode_processes": 1}])
+                                     {"decode_processes": "yes"}, {"decode_processes": 1},
+                                     {"decode_device": "gpu"}, {"decode_device": "cuda:"}, {"decode_device": "cuda:-1"},
+                                     {"decode_device": "CUDA"}, {"decode_device": 0},
+                                     {"decode_processes": True, "decode_device": "cuda"}])
 def test_bad_sampling_values_are_refused_in_one_line(tmp_path, options):
     path = write_video(tmp_path / "clip.mp4", num_frames=4)
     with pytest.raises(ValueError, match="is not (a )?valid") as error:
@@ -728,3 +732,136 @@ def test_the_index_of_an_mp4_without_b_frames_comes_from_its_sample_table(tmp_pa
     expected = one_pass(path, NO_RESIZE.with_options(num_frames=7))
     monkeypatch.setattr(video_decode_vamba, "_index_from_demuxing", lambda *args: pytest.fail("demuxed"))
     assert_same_video(load_by_seeking(path, NO_RESIZE, num_frames=7, decode_workers=2), expected)
+
+
+# -- decoding on a GPU's NVDEC (decode_device); tests/test_video_gpu.py decodes on one ---------------------------
+
+
+def test_decode_device_values():
+    assert VideoSampling().decode_device is None
+    for device in ("cuda", "cuda:0", "cuda:12"):
+        assert VideoSampling(decode_device=device, decode_processes=False).decode_device == device
+    with pytest.raises(ValueError, match=r"decode_device='cuda:x' is not valid: give None \(the CPU\), \"cuda\" or "
+                                         r"\"cuda:N\""):
+        VideoSampling(decode_device="cuda:x")
+    with pytest.raises(ValueError, match=r"decode_processes=True with decode_device='cuda:1' is not valid: hardware "
+                                         r"decoding runs in threads.*Give decode_processes=None or False"):
+        VideoSampling(decode_device="cuda:1", decode_processes=True)
+
+
+needs_no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA device: "
+                                   "tests/test_video_gpu.py decodes on it")
+
+
+@needs_no_cuda
+@pytest.mark.parametrize("decoder", ["sequential", "seek"])
+def test_decode_device_without_cuda_raises_a_clear_error(tmp_path, monkeypatch, decoder):
+    path = write_x264(tmp_path / "gops.mp4")
+    monkeypatch.setattr(video_vamba, "_decode_plan", lambda *args: pytest.fail("decoded on the CPU"))
+    message = r"decode_device='cuda' cannot decode .*gops.mp4.*NVIDIA driver with NVDEC.*decode_device=None\.$"
+    with pytest.raises(RuntimeError, match=message) as error:
+        load_video(path, NO_RESIZE, num_frames=5, decoder=decoder, decode_workers=3, decode_device="cuda")
+    assert "\n" not in str(error.value) and error.value.__cause__ is not None  # FFmpeg's own error, chained
+    with pytest.raises(RuntimeError, match=message):
+        stream_video(path, NO_RESIZE, num_frames=5, decoder=decoder, decode_device="cuda")
+
+
+@needs_no_cuda
+def test_the_processor_takes_decode_device_as_its_other_sampling_options(tmp_path):
+    from vamba_hf.tiny import build_tiny_processor
+
+    path = str(write_x264(tmp_path / "gops.mp4"))
+    message = r"decode_device='cuda' cannot decode"
+    with pytest.raises(RuntimeError, match=message):
+        build_tiny_processor()(text="<|vision_start|><|vision_end|>", videos=path, decode_device="cuda")
+    processor = build_tiny_processor(video_sampling={"decode_device": "cuda"})
+    assert processor.video_sampling.decode_device == "cuda"
+    with pytest.raises(RuntimeError, match=message):
+        processor(text="<|vision_start|><|vision_end|>", videos=path)
+    item = {"type": "video", "path": path, "decode_device": "cuda:0"}
+    with pytest.raises(RuntimeError, match=r"decode_device='cuda:0' cannot decode"):
+        build_tiny_processor().apply_chat_template([{"role": "user", "content": [item]}], tokenize=True)
+
+
+@needs_no_cuda
+def test_a_seeking_thread_that_cannot_open_the_device_raises_rather_than_decode_in_one_pass(tmp_path, monkeypatch):
+    path = write_x264(tmp_path / "gops.mp4")
+    open_container = video_vamba._open_container
+    monkeypatch.setattr(video_vamba, "_open_container", lambda location, timeout, device: open_container(location,
+                                                                                                         timeout))
+    monkeypatch.setattr(video_vamba, "_decode_plan", lambda *args: pytest.fail("decoded in one pass"))
+    with pytest.raises(RuntimeError, match=r"decode_device='cuda:0' cannot decode .*decode_device=None"):
+        load_video(path, NO_RESIZE, num_frames=5, decoder="seek", decode_workers=2, decode_device="cuda:0")
+
+
+def test_an_unreadable_file_says_so_before_the_device(tmp_path):
+    path = tmp_path / "not_a_video.mp4"
+    path.write_bytes(b"not a video" * 100)
+    with pytest.raises(ValueError, match="cannot read .* as a video"):
+        load_video(path, decode_device="cuda")
+    with pytest.raises(ValueError, match="has no video stream"):
+        load_video(write_audio_only(tmp_path / "sound.wav"), decode_device="cuda")
+
+
+def test_every_container_opened_for_decoding_gets_the_device_and_the_workers_are_threads(tmp_path, monkeypatch):
+    path = write_x264(tmp_path / "gops.mp4")
+    expected = one_pass(path, NO_RESIZE.with_options(num_frames=20))
+    devices, open_container = [], video_decode_vamba._open_container
+
+    def open_on_the_cpu(location, timeout, device=None):  # records the device, decodes on the CPU
+        devices.append(device)
+        return open_container(location, timeout)
+
+    monkeypatch.setattr(video_vamba, "_open_container", open_on_the_cpu)
+    monkeypatch.setattr(video_decode_vamba, "_open_container", open_on_the_cpu)
+    monkeypatch.setattr(video_vamba, "MIN_FRAMES_FOR_PROCESSES", 1)
+    started = counted_decoding_processes(monkeypatch)
+    assert_same_video(load_by_seeking(path, NO_RESIZE, num_frames=20, decode_workers=4, decode_device="cuda:1"),
+                      expected)
+    assert not started and 2 <= len(devices) <= 5 and set(devices) == {"cuda:1"}
+    devices.clear()
+    assert_same_video(load_video(path, NO_RESIZE, num_frames=20, decoder="sequential", decode_device="cuda"), expected)
+    assert devices == ["cuda"]
+    with stream_video(path, NO_RESIZE, num_frames=20, decode_workers=2, decode_device="cuda") as stream:
+        assert_same_video(stream.video(), expected)
+    assert set(devices) == {"cuda"}
+
+
+class _FailingPacket:
+    def decode(self):
+        raise av.error.InvalidDataError(22, "Invalid data found when processing input")
+
+
+class _Container:
+    name = "clip.mp4"
+
+    def __init__(self, packets):
+        self.packets = packets
+
+    def demux(self, stream):
+        return iter(self.packets)
+
+
+def test_a_device_that_decodes_no_packet_raises():
+    frame = av.VideoFrame(16, 16, "yuv420p")
+
+    class Decoding:
+        def decode(self):
+            return [frame]
+
+    failing = _Container([_FailingPacket()] * 3)
+    assert list(video_decode_vamba._decoded_frames(failing, None)) == []  # the CPU skips undecodable packets
+    with pytest.raises(RuntimeError, match=r"decode_device='cuda' cannot decode 'clip.mp4' \(.*Invalid data"):
+        list(video_decode_vamba._decoded_frames(failing, None, "cuda"))
+    with pytest.raises(RuntimeError, match="cannot decode"):  # more errors than a stream may have in a row
+        list(video_decode_vamba._decoded_frames(_Container([_FailingPacket()] * 100 + [Decoding()]), None, "cuda"))
+    some_decode = _Container([_FailingPacket(), Decoding(), _FailingPacket()])
+    assert list(video_decode_vamba._decoded_frames(some_decode, None, "cuda")) == [frame]
+
+
+def test_software_frames_stay_as_they_are(tmp_path):
+    frame = av.VideoFrame(16, 16, "yuv420p")
+    assert video_decode_vamba._in_system_memory(frame) is frame
+    with av.open(str(write_x264(tmp_path / "gops.mp4"))) as container:
+        decoded = next(container.decode(video=0))
+    assert video_decode_vamba._in_system_memory(decoded) is decoded

@@ -1,6 +1,7 @@
 """Decoding video and image files for Vamba with PyAV and PIL: opening files and URLs, the stream's packet index,
-sampled frames decoded in one pass or by seeking to the keyframes before them (in worker threads or processes, one
-container each), converted to RGB, rotated as the display matrix says and resized (PIL bicubic) into one uint8 array.
+sampled frames decoded (on the CPU, or on a GPU's NVDEC) in one pass or by seeking to the keyframes before them (in
+worker threads or processes, one container each), converted to RGB, rotated as the display matrix says and resized
+(PIL bicubic) into one uint8 array.
 
 Served as Hub remote code beside `video_vamba.py`, which holds the sampling options and the public `load_video`;
 PyAV and tqdm are imported where they are used.
@@ -144,10 +145,12 @@ def _import_av():
     return av
 
 
-def _open_container(location: str, timeout: float):
+def _open_container(location: str, timeout: float, device: Optional[str] = None):
+    """The container of a video; with `device` ("cuda" or "cuda:N"), its first video stream decodes on that GPU's
+    NVDEC, with no fallback to the CPU."""
     av = _import_av()
     try:
-        container = av.open(location, timeout=(timeout, timeout)) if is_url(location) else av.open(location)
+        container = _open(av, location, timeout, device)
     except av.error.FFmpegError as error:
         if is_url(location) and _is_timeout(av, error):
             raise TimeoutError(f"{location!r}: timed out after {timeout} s waiting for the server. Check the "
@@ -158,7 +161,38 @@ def _open_container(location: str, timeout: float):
     if not container.streams.video:
         container.close()
         raise ValueError(f"{location!r} has no video stream (an audio-only or data file?). Give a video file.")
+    if device is not None and not container.streams.video[0].codec_context.is_hwaccel:
+        codec = container.streams.video[0].codec_context.name
+        container.close()
+        raise _device_error(device, location, f"FFmpeg has no NVDEC decoder for its {codec} stream")
     return container
+
+
+AV_CUDA_USE_PRIMARY_CONTEXT = 1  # FFmpeg's hwcontext_cuda.h
+
+
+def _open(av, location: str, timeout: float, device: Optional[str]):
+    options = {"timeout": (timeout, timeout)} if is_url(location) else {}
+    if device is None:
+        return av.open(location, **options)
+    if not hasattr(av.VideoFrame, "sw_format"):  # a hardware frame's layout, which `_in_system_memory` reads
+        raise _device_error(device, location, f"PyAV {av.__version__} is too old for it; `pip install -U av`")
+    # Frames stay in GPU memory (is_hw_owned): only the sampled ones are copied out, by `_in_system_memory`. Every
+    # container shares the device's primary CUDA context (torch's) rather than creating one of its own.
+    hwaccel = av.codec.hwaccel.HWAccel("cuda", device=device.partition(":")[2] or None,
+                                       allow_software_fallback=False, is_hw_owned=True,
+                                       flags=AV_CUDA_USE_PRIMARY_CONTEXT)
+    try:
+        return av.open(location, hwaccel=hwaccel, **options)
+    except (av.error.FFmpegError, RuntimeError) as error:
+        _open_container(location, timeout).close()  # a file that cannot be read says so first
+        raise _device_error(device, location, error) from error
+
+
+def _device_error(device: str, location: str, reason) -> RuntimeError:
+    return RuntimeError(f"decode_device={device!r} cannot decode {location!r} ({reason}): decoding on the GPU needs "
+                        "an NVIDIA driver with NVDEC, a PyAV whose FFmpeg has the cuda device, and a codec NVDEC "
+                        "decodes (H.264, HEVC, VP9, AV1). Decode on the CPU: decode_device=None.")
 
 
 def _is_timeout(av, error) -> bool:
@@ -276,25 +310,35 @@ def _demux_packet_times(container, stream, facts: _StreamFacts) -> list:
     return sorted(times)
 
 
-def _decoded_frames(container, stream):
-    """Decoded frames of `stream`, in order; undecodable packets are skipped, a broken container ends the stream."""
+def _decoded_frames(container, stream, device: Optional[str] = None):
+    """Decoded frames of `stream`, in order; undecodable packets are skipped, a broken container ends the stream.
+    When the stream decodes on `device` and no packet decodes (NVDEC set up, but not for this stream), raises."""
     av = _import_av()
-    consecutive_errors = 0
+    consecutive_errors, any_decoded, last_error = 0, False, None
     try:
         for packet in container.demux(stream):
             try:
                 frames = packet.decode()
-            except av.error.FFmpegError:
-                consecutive_errors += 1
+            except av.error.FFmpegError as error:
+                consecutive_errors, last_error = consecutive_errors + 1, error
                 if consecutive_errors > MAX_CONSECUTIVE_DECODE_ERRORS:
-                    return
+                    break
                 continue
-            consecutive_errors = 0
+            consecutive_errors, any_decoded = 0, any_decoded or bool(frames)
             yield from frames
     except av.error.FFmpegError as error:
         if _is_timeout(av, error):
             raise
         return
+    if device is not None and last_error is not None and not any_decoded:
+        raise _device_error(device, container.name, last_error) from last_error
+
+
+def _set_codec_threads(stream, count: int = 0) -> None:
+    """Frame and slice threads, `count` of them (0: FFmpeg's choice); one for a hardware decoder, which
+    decodes on the GPU."""
+    stream.thread_type = "AUTO"
+    stream.thread_count = 1 if stream.codec_context.is_hwaccel else count
 
 
 def _progress_bar(total: int, progress, description: str):
@@ -316,9 +360,19 @@ QUARTER_TURN_TRANSPOSES = {1: PIL.Image.Transpose.ROTATE_90, 2: PIL.Image.Transp
                            3: PIL.Image.Transpose.ROTATE_270}
 
 
+def _in_system_memory(frame):
+    """A hardware (NVDEC) frame copied to system memory; other frames as they are. NVDEC's 8-bit 4:2:0 frames (all
+    of its H.264) come as NV12, the software decoder's yuv420p samples interleaved: FFmpeg deinterleaves them, so
+    their RGB is the CPU decoder's bit for bit. Other layouts are copied as NVDEC gives them."""
+    if frame.format.name != "cuda":
+        return frame
+    layout = frame.sw_format.name
+    return frame.reformat(format="yuv420p" if layout == "nv12" else layout)
+
+
 def _display_image(frame) -> PIL.Image.Image:
-    """The frame as an RGB PIL image, turned as its display matrix says."""
-    image = frame.to_image()
+    """The frame (in system memory or not) as an RGB PIL image, turned as its display matrix says."""
+    image = _in_system_memory(frame).to_image()
     turns = _quarter_turns(frame)
     return image.transpose(QUARTER_TURN_TRANSPOSES[turns]) if turns else image
 
@@ -402,7 +456,7 @@ def _decode_plan(container, stream, facts: _StreamFacts, plan, sampling: "VideoS
     if sampling.start_time > 0:
         container.seek(int((sampling.start_time + facts.start) / stream.time_base), stream=stream, backward=True)
     try:
-        for frame in _decoded_frames(container, stream):
+        for frame in _decoded_frames(container, stream, sampling.decode_device):
             time = float(frame.time) - facts.start if frame.time is not None else None
             index = decoded if facts.packet_times is None or time is None else _index_at(facts.packet_times, time)
             decoded += 1
@@ -642,16 +696,16 @@ class _RowWriter:
 
 
 class _SeekingDecoder:
-    """Decodes the sampled GOPs of a local file in worker threads, or in worker processes (`_DecodingProcess`, with
-    `processes`), each with its own container open on the file, taking runs of GOPs in time order. Every decoded
-    frame is checked against the packet index (its time is a packet's, frames follow each other without a gap from a
-    keyframe, which decodes as one), so the frames are those one pass from the start gives, or `_IndexMismatch` is
-    raised."""
+    """Decodes the sampled GOPs of a local file in worker threads (on `device`'s NVDEC when given), or in worker
+    processes (`_DecodingProcess`, with `processes`), each with its own container open on the file, taking runs of
+    GOPs in time order. Every decoded frame is checked against the packet index (its time is a packet's, frames
+    follow each other without a gap from a keyframe, which decodes as one), so the frames are those one pass from
+    the start gives, or `_IndexMismatch` is raised."""
 
     def __init__(self, location: str, facts: _StreamFacts, index: _PacketIndex, resize: FrameResize, bar,
-                 processes: bool = False):
+                 processes: bool = False, device: Optional[str] = None):
         self.location, self.facts, self.index, self.resize, self.bar = location, facts, index, resize, bar
-        self.processes = processes
+        self.processes, self.device = processes, device
         # A decoded frame is the packet of its timestamp (the index holds distinct timestamps).
         self.position_of_pts = {pts: position for position, pts in enumerate(index.pts)}
         self.stop = threading.Event()
@@ -701,17 +755,16 @@ class _SeekingDecoder:
 
     def _work(self, runs: collections.deque, writer: _RowWriter, codec_threads: int) -> None:
         try:
-            with _open_container(self.location, timeout=None) as container:
+            with _open_container(self.location, timeout=None, device=self.device) as container:
                 stream = container.streams.video[0]
-                stream.thread_type = "AUTO"
-                stream.thread_count = codec_threads
+                _set_codec_threads(stream, codec_threads)
                 while not self.stop.is_set():
                     try:
                         run = runs.popleft()
                     except IndexError:
                         return
                     self._decode_run(container, stream, run, writer)
-        except _import_av().error.FFmpegError:
+        except _import_av().error.FFmpegError:  # a device that fails raises a `_device_error`, no FFmpegError
             self._failed(writer, _IndexMismatch())
         except BaseException as error:  # handed to the thread waiting for the frames
             self._failed(writer, error)
@@ -748,7 +801,7 @@ class _SeekingDecoder:
         for gop in gops:
             if frames is None or gop.keyframe - expected > MAX_GAP_DECODED:
                 container.seek(self.index.pts[gop.keyframe], stream=stream, backward=True)
-                frames, expected = _decoded_frames(container, stream), gop.keyframe
+                frames, expected = _decoded_frames(container, stream, self.device), gop.keyframe
             expected = self._decode_gop(frames, expected, gop, writer)
 
     def _decode_gop(self, frames, expected: int, gop: _GopSamples, writer: _RowWriter) -> int:
@@ -948,8 +1001,7 @@ def serve_decoding(replies) -> None:
         av = _import_av()
         with _open_container(job["location"], timeout=None) as container:
             stream = container.streams.video[0]
-            stream.thread_type = "AUTO"
-            stream.thread_count = job["codec_threads"]
+            _set_codec_threads(stream, job["codec_threads"])
             for line in iter(commands.readline, b""):
                 gops = [_GopSamples(keyframe, dict(rows)) for keyframe, rows in json.loads(line)["run"]]
                 decoder._decode_run(container, stream, gops, sender)
