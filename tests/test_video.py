@@ -715,6 +715,28 @@ def test_default_decode_workers_follow_the_cpu_count(monkeypatch):
     monkeypatch.setattr(os, "cpu_count", lambda: 2)
     assert VideoSampling().worker_count() == 2
     assert VideoSampling(decode_workers=5).worker_count() == 5
+    monkeypatch.setattr(os, "cpu_count", lambda: 16)
+    assert VideoSampling().worker_count(processes=True) == 16
+    assert VideoSampling(decode_workers=5).worker_count(processes=True) == 5
+
+
+def test_decoding_processes_are_one_per_cpu_by_default(tmp_path, monkeypatch):
+    path = write_x264(tmp_path / "gops.mp4")  # 10 GOPs
+    expected = one_pass(path, NO_RESIZE.with_options(num_frames=20))
+    workers, start = [], video_decode_vamba._SeekingDecoder.start
+
+    def counted_start(decoder, gops, capacity, count):
+        workers.append((decoder.processes, count))
+        return start(decoder, gops, capacity, count)
+
+    monkeypatch.setattr(video_decode_vamba._SeekingDecoder, "start", counted_start)
+    monkeypatch.setattr(video_vamba, "MIN_FRAMES_FOR_PROCESSES", 40)
+    monkeypatch.setattr(os, "cpu_count", lambda: 6)
+    assert_same_video(load_by_seeking(path, NO_RESIZE, num_frames=20), expected)
+    assert_same_video(load_by_seeking(path, NO_RESIZE, num_frames=20, decode_processes=True), expected)
+    assert_same_video(load_by_seeking(path, NO_RESIZE, num_frames=20, decode_processes=False), expected)
+    assert_same_video(load_by_seeking(path, NO_RESIZE, num_frames=20, decode_workers=5), expected)
+    assert workers == [(True, 6), (True, 6), (False, 4), (True, 5)]
 
 
 def test_the_index_of_an_mp4_without_b_frames_comes_from_its_sample_table(tmp_path, monkeypatch):

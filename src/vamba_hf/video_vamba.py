@@ -56,12 +56,14 @@ from .video_decode_vamba import (
 DECODERS = ("auto", "sequential", "seek")
 # Decoding threads by default. Each also runs Python per decoded frame under the interpreter lock, which the thread
 # launching the GPU work needs too: on the 16-core H200 host 4 threads decoded the hour-long file in 9.3 s against
-# 10.5 s for 8 and 8.7 s for 16, and streamed it to the first token faster than 8 (BENCHMARKS.md).
+# 10.5 s for 8 and 8.7 s for 16, and streamed it to the first token faster than 8 (BENCHMARKS.md). Processes share
+# no lock: by default there is one per CPU (16 decoded that file's 1024 samples in 5.8 s, and streamed it to the
+# first token in 6.8 s).
 MAX_DEFAULT_DECODE_WORKERS = 4
 # Seeking decodes in worker processes by default with at least this many workers decoding at least this many
 # frames: then the threads' shared interpreter lock costs more than starting processes and piping the frames back.
-# Measured (BENCHMARKS.md): 4-16 workers on 16 CPUs, an hour-long file: processes 1.1-1.2x faster, and 1.4x to the
-# first token streamed; 2 workers on 2 CPUs, a 10-minute file: threads 4.5 s, processes 5.4 s.
+# Measured (BENCHMARKS.md): 16 workers on 16 CPUs, an hour-long file: processes 1.46x faster than threads; 2 workers
+# on 2 CPUs, a 10-minute file: threads 4.5 s, processes 5.4 s.
 MIN_WORKERS_FOR_PROCESSES = 4
 MIN_FRAMES_FOR_PROCESSES = 2000
 # "auto" seeks when that decodes at most this share of the frames one pass from the start would.
@@ -107,7 +109,8 @@ class VideoSampling:
       decodes fewer frames (or uses more threads) than one pass from the start; "sequential" always decodes from the
       start in one pass; "seek" seeks whenever the index allows it. All give the same frames.
     - `decode_workers`: workers (each with its own container open on the file) that decode GOPs in parallel when
-      seeking; None uses min(4, CPU count) (each decodes with CPU count / workers codec threads).
+      seeking; None uses min(4, CPU count) threads or one process per CPU (each decodes with CPU count / workers
+      codec threads).
     - `decode_processes`: the workers are Python processes (True), which share no interpreter lock with each other
       or with the caller, or threads (False); None: processes when at least `MIN_WORKERS_FOR_PROCESSES` workers
       decode at least `MIN_FRAMES_FOR_PROCESSES` frames, where they pay (threads with `decode_device`). The frames
@@ -116,9 +119,9 @@ class VideoSampling:
       through PyAV, in worker threads: not with `decode_processes=True`). The frames are the CPU decoder's bit for
       bit: H.264 decoding is exact, and only the sampled frames are copied to host memory and converted there by the
       same code. It needs a PyAV whose FFmpeg has the cuda device and an NVIDIA driver with NVDEC; a file or
-      machine it cannot decode on raises (there is no fallback to the CPU). Whether it pays depends on the host:
-      measured on an H200 host with 16 CPU cores, 4-8 NVDEC decoders reach ~5-7k frames/s of 640x360 H.264 against
-      ~10k for 16 CPU decoders.
+      machine it cannot decode on raises (there is no fallback to the CPU). It pays where the GPU has few CPU
+      cores beside it: on the H200 host, 1024 frames of an hour-long 640x360 H.264 file decode in 12.0 s on NVDEC
+      against 19.1 s on 4 of its cores, but in 5.8 s in 16 processes on all 16 (BENCHMARKS.md).
     """
 
     num_frames: int = 128
@@ -158,8 +161,9 @@ class VideoSampling:
                              "hardware decoding runs in threads (each process would create its own CUDA context). "
                              "Give decode_processes=None or False.")
 
-    def worker_count(self) -> int:
-        return self.decode_workers or min(MAX_DEFAULT_DECODE_WORKERS, os.cpu_count() or 1)
+    def worker_count(self, processes: bool = False) -> int:
+        cpus = os.cpu_count() or 1
+        return self.decode_workers or (cpus if processes else min(MAX_DEFAULT_DECODE_WORKERS, cpus))
 
     @classmethod
     def option_names(cls) -> tuple:
@@ -420,6 +424,8 @@ class _VideoSampler:
         if processes is None:
             processes = self.sampling.decode_device is None and workers >= MIN_WORKERS_FOR_PROCESSES and \
                 _can_start_interpreters() and sum(gop.cost for gop in gops) >= MIN_FRAMES_FOR_PROCESSES
+        if processes:
+            workers = min(self.sampling.worker_count(processes=True), len(gops))
         decoder = _SeekingDecoder(self.location, self.facts, self.index, self.resize, bar, processes=processes,
                                   device=self.sampling.decode_device)
         return decoder, gops, kept, workers
