@@ -175,16 +175,16 @@ def _open(av, location: str, timeout: float, device: Optional[str]):
     options = {"timeout": (timeout, timeout)} if is_url(location) else {}
     if device is None:
         return av.open(location, **options)
-    if not hasattr(av.VideoFrame, "sw_format"):  # a hardware frame's layout, which `_in_system_memory` reads
-        raise _device_error(device, location, f"PyAV {av.__version__} is too old for it; `pip install -U av`")
-    # Frames stay in GPU memory (is_hw_owned): only the sampled ones are copied out, by `_in_system_memory`. Every
-    # container shares the device's primary CUDA context (torch's) rather than creating one of its own.
-    hwaccel = av.codec.hwaccel.HWAccel("cuda", device=device.partition(":")[2] or None,
-                                       allow_software_fallback=False, is_hw_owned=True,
-                                       flags=AV_CUDA_USE_PRIMARY_CONTEXT)
     try:
+        if not hasattr(av.VideoFrame, "sw_format"):  # a hardware frame's layout, which `_in_system_memory` reads
+            raise RuntimeError(f"PyAV {av.__version__} is too old for it; `pip install -U av`")
+        # Frames stay in GPU memory (is_hw_owned): only the sampled ones are copied out, by `_in_system_memory`.
+        # Every container shares the device's primary CUDA context (torch's) rather than creating one of its own.
+        hwaccel = av.codec.hwaccel.HWAccel("cuda", device=device.partition(":")[2] or None,
+                                           allow_software_fallback=False, is_hw_owned=True,
+                                           flags=AV_CUDA_USE_PRIMARY_CONTEXT)
         return av.open(location, hwaccel=hwaccel, **options)
-    except (av.error.FFmpegError, RuntimeError) as error:
+    except (av.error.FFmpegError, RuntimeError, TypeError) as error:
         _open_container(location, timeout).close()  # a file that cannot be read says so first
         raise _device_error(device, location, error) from error
 
@@ -334,11 +334,10 @@ def _decoded_frames(container, stream, device: Optional[str] = None):
         raise _device_error(device, container.name, last_error) from last_error
 
 
-def _set_codec_threads(stream, count: int = 0) -> None:
-    """Frame and slice threads, `count` of them (0: FFmpeg's choice); one for a hardware decoder, which
-    decodes on the GPU."""
+def _set_codec_threads(stream, count: int = 0, on_device: bool = False) -> None:
+    """Frame and slice threads, `count` of them (0: FFmpeg's choice); one for a decoder on a GPU's NVDEC."""
     stream.thread_type = "AUTO"
-    stream.thread_count = 1 if stream.codec_context.is_hwaccel else count
+    stream.thread_count = 1 if on_device else count
 
 
 def _progress_bar(total: int, progress, description: str):
@@ -757,7 +756,7 @@ class _SeekingDecoder:
         try:
             with _open_container(self.location, timeout=None, device=self.device) as container:
                 stream = container.streams.video[0]
-                _set_codec_threads(stream, codec_threads)
+                _set_codec_threads(stream, codec_threads, on_device=self.device is not None)
                 while not self.stop.is_set():
                     try:
                         run = runs.popleft()

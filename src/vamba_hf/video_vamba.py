@@ -348,7 +348,7 @@ class _VideoSampler:
     def __init__(self, container, location: str, sampling: VideoSampling, resize: FrameResize):
         self.container, self.location, self.sampling, self.resize = container, location, sampling, resize
         self.stream = container.streams.video[0]
-        _set_codec_threads(self.stream)
+        _set_codec_threads(self.stream, on_device=sampling.decode_device is not None)
         self.facts = _stream_facts(self.stream)
         needs_packet_times = sampling.start_time > 0 or not self.facts.declared_frames or (
             sampling.fps is not None and self.facts.duration is None)
