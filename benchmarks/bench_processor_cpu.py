@@ -112,10 +112,10 @@ def measure(kind: str, path: str, frames: int, decoding: dict) -> dict:
     command += ["--decode-in", {value: name for name, value in DECODE_IN.items()}[decoding["decode_processes"]]]
     if decoding["decode_device"] is not None:
         command += ["--decode-device", decoding["decode_device"]]
-    child = subprocess.run(command, capture_output=True, text=True)
-    if child.returncode:
-        sys.exit(f"the {kind} run failed: {(child.stderr.strip().splitlines() or ['no output'])[-1]}")
-    return json.loads(child.stdout.strip().splitlines()[-1])
+    run = subprocess.run(command, capture_output=True, text=True)
+    if run.returncode:
+        sys.exit(f"the {kind} run failed: {(run.stderr.strip().splitlines() or ['no output'])[-1]}")
+    return json.loads(run.stdout.strip().splitlines()[-1])
 
 
 def main(argv=None) -> None:
