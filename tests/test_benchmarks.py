@@ -285,8 +285,8 @@ def test_bench_preprocess_tiny(tmp_path):
     rows = records(tmp_path, "bench_preprocess.py")
     record = next(r for r in rows if r.get("frames") == 8)
     assert "error" not in record, record
-    assert record["ours_pil_s"] > 0 and record["ours_torch_s"] > 0 and record["video_grid_thw"] == [[4, 4, 8]]
-    assert all(math.isfinite(record[f"ours_{name}_rss_growth_gib"]) for name in ("pil", "torch"))
-    one_byte = 1 / 255 / min(0.26862954, 0.26130258, 0.27577711)  # a byte in normalised units (CLIP's std)
-    assert 0 <= record["torch_vs_pil_max_abs"] <= one_byte + 1e-6 and record["torch_vs_pil_differing"] <= 1e-3
+    names = ("default", "pil", "torch")
+    assert all(record[f"ours_{name}_s"] > 0 for name in names) and record["video_grid_thw"] == [[4, 4, 8]]
+    assert all(math.isfinite(record[f"ours_{name}_rss_growth_gib"]) for name in names)
+    assert record["ours_pixels_equal"] is True and record["default_frame_resize"] == "pil"  # on the CPU
     assert ("qwen2_vl_s" in record) != ("qwen2_vl_skipped" in record)

@@ -1,5 +1,6 @@
-"""The `frame_resize` video option: "pil" (the default, the original release's pixels) and "torch" (the resize to the
-patch grid on the processor's device), with the measured difference between them in bytes and in logits."""
+"""The `frame_resize` video option: "pil" (PIL on the CPU) and "torch" (PIL's fixed-point resize written in torch, on
+the processor's device) give PIL's bytes, bit for bit; the default picks "torch" on accelerators; a resize torch does
+not reproduce is never used silently. tests/test_processor_gpu.py checks the same bytes on a CUDA GPU."""
 
 import re
 
@@ -7,7 +8,7 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
-from helpers import relative_error, tiny_model
+from helpers import tiny_model
 from media_helpers import moving_frames, write_video
 
 import vamba_hf.processing_vamba as processing
@@ -15,23 +16,19 @@ from vamba_hf.processing_vamba import PatchLayout, VambaProcessor, default_image
 from vamba_hf.tiny import build_tiny_processor, build_tiny_tokenizer, special_token_ids
 
 PROMPT = "<|vision_start|><|vision_end|>"
-
-# Measured on moving_frames (torch 2.13, Pillow 13, CPU) for the sizes below, "torch" against PIL's bytes: at most 1
-# apart everywhere, and differing bytes 7.5e-4 (64x48 -> 56x56), 2.9e-4 (64x48 -> 336x252), 9.9e-5 (320x180 ->
-# 308x168), 8.6e-5 (333x201 -> 336x196), 1.4e-4 (640x360 -> 644x364). The same frames, resized instead in one
-# bicubic pass rounded once: 0.19-0.22 of the bytes differ (up to 9 apart); torch's bicubic without antialiasing:
-# 0.41-0.61 (up to 15 apart); antialiased bilinear: 0.70-0.72 (up to 18 apart).
-MAX_BYTE_DIFFERENCE = 1
-MAX_DIFFERING_FRACTION = 1e-3
-# Measured with the tiny model, logits of "torch" pixels against "pil" pixels: 2.9e-7 (320x180 frames) and 2.5e-7
-# (640x360); PIL's bilinear in place of its bicubic: 5.4e-5 and 4.6e-5.
-MAX_LOGITS_RELATIVE_ERROR = 1e-6
+FILTERS = [PIL.Image.BICUBIC, PIL.Image.BILINEAR, PIL.Image.LANCZOS, PIL.Image.HAMMING, PIL.Image.BOX]
+FILTER_IDS = [PIL.Image.Resampling(resample).name for resample in FILTERS]
 
 # (source width, height), the call's min_pixels (None: the image processor's), which axis PIL resizes first
 SIZES = [((64, 48), None, "hv"), ((64, 48), 320 * 240, "hv"), ((320, 180), None, "hv"), ((333, 201), None, "vh"),
          ((640, 360), None, "hv")]
 SIZE_IDS = ["64x48-to-56x56", "64x48-up-to-336x252", "320x180-to-308x168", "333x201-to-336x196",
             "640x360-to-644x364"]
+# (source, target) (width, height): down by large factors, up, one axis only, sizes of one or two pixels, windows
+# wider than the source
+RESIZES = [((1920, 1080), (644, 364)), ((1280, 720), (1288, 728)), ((97, 61), (112, 56)), ((51, 122), (51, 182)),
+           ((247, 111), (367, 4)), ((3, 5), (28, 28)), ((2, 2), (1, 1)), ((1, 1), (5, 3)), ((28, 28), (3, 1)),
+           ((358, 61), (18, 193)), ((9, 300), (26, 113))]
 
 
 @pytest.fixture(scope="module")
@@ -43,38 +40,27 @@ def pil_resized(frames, size, resample=PIL.Image.BICUBIC) -> np.ndarray:
     return np.stack([np.asarray(PIL.Image.fromarray(frame).resize(size, resample=resample)) for frame in frames])
 
 
+def torch_resized(frames, size, resample=PIL.Image.BICUBIC) -> np.ndarray:
+    return resized_as_pil(torch.from_numpy(np.stack(frames)), size, resample).to(torch.uint8).numpy()
+
+
+def noise_frames(count, width, height, seed=0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (count, height, width, 3), dtype=np.uint8)
+
+
 def grid_size(processor, width, height, min_pixels=None) -> tuple:
     return PatchLayout.of(processor.image_processor, min_pixels).frame_size(width, height)
-
-
-def byte_difference(ours: np.ndarray, reference: np.ndarray) -> tuple:
-    """(largest absolute difference, fraction of bytes that differ)."""
-    difference = np.abs(ours.astype(np.int16) - reference.astype(np.int16))
-    return int(difference.max()), float(np.count_nonzero(difference)) / difference.size
-
-
-def within_bounds(ours: np.ndarray, reference: np.ndarray) -> bool:
-    largest, fraction = byte_difference(ours, reference)
-    return largest <= MAX_BYTE_DIFFERENCE and fraction <= MAX_DIFFERING_FRACTION
-
-
-def torch_one_pass(frames: np.ndarray, size: tuple, mode: str, antialias: bool) -> np.ndarray:
-    """One torch resize of both axes, rounded to bytes once."""
-    pixels = torch.from_numpy(frames).permute(0, 3, 1, 2).float()
-    resized = torch.nn.functional.interpolate(pixels, size=(size[1], size[0]), mode=mode, antialias=antialias,
-                                              align_corners=False)
-    return resized.add(0.5).floor().clamp(0, 255).permute(0, 2, 3, 1).to(torch.uint8).numpy()
 
 
 def pixels(processor, frames, **kwargs) -> torch.Tensor:
     return processor(text=PROMPT, videos=frames, return_tensors="pt", **kwargs)["pixel_values_videos"]
 
 
-# -- the default: PIL, bit for bit ----------------------------------------------------------------------------------
+# -- PIL's bytes, both ways -----------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("source", [(640, 360), (97, 61)], ids=["640x360", "odd-97x61"])
-def test_the_default_is_pil_bit_for_bit(processor, source):
+def test_the_default_on_the_cpu_is_pil(processor, source):
     frames = np.stack(moving_frames(4, *source))
     size = grid_size(processor, *source)
     assert size != source
@@ -84,46 +70,55 @@ def test_the_default_is_pil_bit_for_bit(processor, source):
     assert torch.equal(default, at_grid_size)
 
 
-# -- "torch": the measured difference from PIL ---------------------------------------------------------------------
-
-
 @pytest.mark.parametrize("source, min_pixels, order", SIZES, ids=SIZE_IDS)
-def test_torch_resize_is_within_the_measured_difference_from_pil(processor, source, min_pixels, order):
+def test_torch_resize_gives_pils_bytes_in_pils_pass_order(processor, source, min_pixels, order):
     frames = np.stack(moving_frames(8, *source))
     size = grid_size(processor, *source, min_pixels)
     reference = pil_resized(frames, size)
-    ours = resized_as_pil(torch.from_numpy(frames), size, PIL.Image.BICUBIC).to(torch.uint8).numpy()
-    assert within_bounds(ours, reference), byte_difference(ours, reference)
+    assert np.array_equal(torch_resized(frames, size), reference)
     assert processing.pil_pass_order(source, size, PIL.Image.BICUBIC) == order
-    # the bounds tell apart the resizes that are not PIL's
-    for mode, antialias in (("bilinear", True), ("bicubic", False), ("bicubic", True)):
-        other = torch_one_pass(frames, size, mode, antialias)
-        assert not within_bounds(other, reference), (mode, antialias, byte_difference(other, reference))
+    # the order matters: the other one rounds the intermediate image differently
+    other = {"hv": "vh", "vh": "hv"}[order]
+    passes = processing._pil_passes(torch.from_numpy(frames), size, PIL.Image.BICUBIC, other).to(torch.uint8)
+    assert not np.array_equal(passes.numpy(), reference)
+
+
+@pytest.mark.parametrize("resample", FILTERS, ids=FILTER_IDS)
+@pytest.mark.parametrize("source, size", RESIZES, ids=[f"{s[0]}x{s[1]}-to-{t[0]}x{t[1]}" for s, t in RESIZES])
+def test_torch_resize_gives_pils_bytes_for_every_filter_and_size(source, size, resample):
+    frames = noise_frames(2, *source, seed=source[0] * 7 + size[1])
+    assert np.array_equal(torch_resized(frames, size, resample), pil_resized(frames, size, resample))
+
+
+def test_rounding_the_weights_another_way_is_caught(monkeypatch):
+    """The byte equality is strict: PIL's weights rounded toward zero instead of half away give other bytes."""
+    frames = torch.from_numpy(noise_frames(2, 640, 360)).to(torch.int32)
+    reference = pil_resized(frames.to(torch.uint8).numpy(), (644, 360))
+    exact = processing._pil_axis_pass(frames, 2, 644, PIL.Image.BICUBIC)
+    first, weights = processing.pil_axis_weights(640, 644, PIL.Image.BICUBIC)
+    monkeypatch.setattr(processing, "pil_axis_weights", lambda *args: (first, weights - (weights > 0)))
+    truncated = processing._pil_axis_pass(frames, 2, 644, PIL.Image.BICUBIC)
+    assert np.array_equal(exact.to(torch.uint8).numpy(), reference)
+    assert not np.array_equal(truncated.to(torch.uint8).numpy(), reference)
 
 
 @pytest.mark.parametrize("source, min_pixels, order", SIZES, ids=SIZE_IDS)
-def test_torch_pixels_are_those_of_its_resized_frames(processor, source, min_pixels, order):
+def test_torch_pixels_are_pils(processor, source, min_pixels, order):
     frames = np.stack(moving_frames(4, *source))
-    size = grid_size(processor, *source, min_pixels)
-    resized = resized_as_pil(torch.from_numpy(frames), size, PIL.Image.BICUBIC).to(torch.uint8).numpy()
     budget = {} if min_pixels is None else {"min_pixels": min_pixels}
-    ours = pixels(processor, frames, frame_resize="torch", **budget)
-    assert torch.equal(ours, pixels(processor, resized, **budget))
-    assert not torch.equal(ours, pixels(processor, frames, **budget))
+    by_pil = pixels(processor, frames, **budget)
+    assert torch.equal(pixels(processor, frames, frame_resize="torch", **budget), by_pil)
+    chunks = list(processor.video_chunks(frames, chunk_frames=2, frame_resize="torch", **budget))
+    assert torch.equal(torch.cat([chunk["pixel_values_videos"] for chunk in chunks]), by_pil)
 
 
-def test_torch_resize_in_the_wrong_pass_order_is_out_of_bounds():
-    frames = np.stack(moving_frames(4, 333, 201))
-    size = (336, 196)
-    reference = pil_resized(frames, size)
-    width_first = pil_resized(pil_resized(frames, (size[0], 201)), size)
-    assert not within_bounds(width_first, reference), byte_difference(width_first, reference)
-
-
-def test_torch_logits_are_within_the_measured_difference(processor):
+def test_torch_resizes_in_the_processor_and_gives_the_same_logits(processor, monkeypatch):
     ids = special_token_ids(processor.tokenizer)
     ids.pop("im_start_token_id")
     model = tiny_model(**ids)
+    calls = []
+    resize = processing.resized_as_pil
+    monkeypatch.setattr(processing, "resized_as_pil", lambda *args: calls.append(args[1]) or resize(*args))
 
     def logits(frames, **kwargs):
         messages = [{"role": "user", "content": [{"type": "video", "video": frames},
@@ -134,23 +129,76 @@ def test_torch_logits_are_within_the_measured_difference(processor):
             return model(**inputs).logits
 
     frames = np.stack(moving_frames(8, 320, 180))
-    by_pil, by_torch = logits(frames), logits(frames, frame_resize="torch")
-    assert 0 < relative_error(by_torch, by_pil) <= MAX_LOGITS_RELATIVE_ERROR
-    bilinear = logits(pil_resized(frames, grid_size(processor, 320, 180), PIL.Image.BILINEAR))
-    assert relative_error(bilinear, by_pil) > 10 * MAX_LOGITS_RELATIVE_ERROR
+    by_pil = logits(frames)
+    assert not calls
+    assert torch.equal(logits(frames, frame_resize="torch"), by_pil)
+    assert calls == [grid_size(processor, 320, 180)]
+
+
+# -- the default, and what torch does not reproduce -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("device, expected", [(None, "pil"), ("cpu", "pil"), (torch.device("cpu"), "pil"),
+                                              ("cuda", "torch"), ("cuda:1", "torch"), ("mps", "torch"),
+                                              (torch.device("cuda", 0), "torch")])
+def test_the_default_is_torch_on_an_accelerator(processor, device, expected):
+    layout = PatchLayout.of(processor.image_processor, device=device)
+    assert (layout.frame_resize, layout.frame_resize_given) == (expected, False)
+    given = PatchLayout.of(processor.image_processor, frame_resize="pil", device=device)
+    assert (given.frame_resize, given.frame_resize_given) == ("pil", True)
+
+
+def test_the_default_torch_resize_is_used_and_gives_pils_pixels(processor, monkeypatch):
+    frames = np.stack(moving_frames(4, 333, 201))
+    by_pil = pixels(processor, frames)
+    calls = []
+    resize = processing.resized_as_pil
+    monkeypatch.setattr(processing, "resized_as_pil", lambda *args: calls.append(args[1]) or resize(*args))
+    monkeypatch.setattr(processing, "default_frame_resize", lambda device: "torch")  # as on an accelerator
+    assert torch.equal(pixels(processor, frames), by_pil)
+    assert calls == [grid_size(processor, 333, 201)]
+
+
+def test_a_resize_torch_does_not_reproduce_falls_back_to_pil_by_default_and_raises_when_asked(processor,
+                                                                                              monkeypatch):
+    frames = np.stack(moving_frames(4, 320, 180))
+    by_pil = pixels(processor, frames)
+    monkeypatch.setattr(processing, "pil_pass_order", lambda *args: None)  # as with a Pillow of other arithmetic
+    monkeypatch.setattr(processing, "default_frame_resize", lambda device: "torch")
+    assert torch.equal(pixels(processor, frames), by_pil)
+    message = (rf"^this Pillow \({re.escape(PIL.__version__)}\) resizes 320x180 frames to 308x168 in a way "
+               r"frame_resize='torch' does not reproduce: use frame_resize='pil'\.$")
+    with pytest.raises(RuntimeError, match=message):
+        pixels(processor, frames, frame_resize="torch")
+
+
+def test_a_filter_torch_does_not_follow_is_refused_when_asked_and_left_to_pil_by_default(monkeypatch):
+    image_processor = default_image_processor(resample=PIL.Image.NEAREST)
+    processor = VambaProcessor(image_processor=image_processor, tokenizer=build_tiny_tokenizer())
+    frames = np.stack(moving_frames(2, 64, 48))
+    with pytest.raises(ValueError, match=r"^frame_resize='torch' follows PIL's BOX, BILINEAR, HAMMING, BICUBIC, "
+                                         r"LANCZOS filters, and this image processor resamples with NEAREST: "
+                                         r"use frame_resize='pil'\.$"):
+        pixels(processor, frames, frame_resize="torch")
+    by_pil = pixels(processor, frames)
+    monkeypatch.setattr(processing, "default_frame_resize", lambda device: "torch")
+    assert torch.equal(pixels(processor, frames), by_pil)
 
 
 # -- the option's forms and errors ----------------------------------------------------------------------------------
 
 
-def test_the_option_is_a_video_kwarg_in_every_form(processor):
+def test_the_option_is_a_video_kwarg_in_every_form(processor, monkeypatch):
     frames = np.stack(moving_frames(4, 320, 180))
+    calls = []
+    resize = processing.resized_as_pil
+    monkeypatch.setattr(processing, "resized_as_pil", lambda *args: calls.append(args[1]) or resize(*args))
     flat = pixels(processor, frames, frame_resize="torch")
     assert torch.equal(flat, pixels(processor, frames, videos_kwargs={"frame_resize": "torch"}))
     assert torch.equal(flat, pixels(processor, frames, frame_resize="torch", device="cpu"))
+    assert len(calls) == 3
     assert torch.equal(pixels(processor, frames), pixels(processor, frames, frame_resize=None))
-    chunks = list(processor.video_chunks(frames, chunk_frames=2, frame_resize="torch"))
-    assert torch.equal(torch.cat([chunk["pixel_values_videos"] for chunk in chunks]), flat)
+    assert len(calls) == 3
 
 
 @pytest.mark.parametrize("value", ["cuda", "PIL", "bicubic", 1, True])
@@ -163,21 +211,11 @@ def test_a_bad_value_gets_one_line_naming_the_valid_ones(processor, value):
         next(processor.video_chunks(frames, chunk_frames=2, frame_resize=value))
 
 
-def test_torch_refuses_a_filter_it_does_not_follow():
-    image_processor = default_image_processor(resample=PIL.Image.LANCZOS)
-    processor = VambaProcessor(image_processor=image_processor, tokenizer=build_tiny_tokenizer())
-    frames = np.stack(moving_frames(2, 64, 48))
-    with pytest.raises(ValueError, match=r"^frame_resize='torch' follows PIL's bicubic filter only, .* LANCZOS: "
-                                         r"use frame_resize='pil'\.$"):
-        pixels(processor, frames, frame_resize="torch")
-    assert pixels(processor, frames).shape[0] > 0
-
-
 def test_torch_resizes_in_chunks_that_stay_within_step_bytes(processor, monkeypatch):
     frames = np.stack(moving_frames(12, 320, 180))
     whole = pixels(processor, frames, frame_resize="torch")
     size = grid_size(processor, 320, 180)
-    group_bytes = 2 * 3 * 4 * max(size[0], 320) * max(size[1], 180)  # two frames in float32, at the larger edges
+    group_bytes = 2 * 3 * 4 * max(size[0], 320) * max(size[1], 180)  # two frames in int32, at the larger edges
     chunk_frames = []
     resize = processing.resized_as_pil
 

@@ -10,13 +10,13 @@ defaults by `ProcessorMixin._merge_kwargs`. The video options are `VideoSampling
 a file), then:
 - `min_pixels` / `max_pixels`: the pixel budget of a frame's patch grid (the image processor's by default).
 - `device`: where frames are patched and normalised ("cpu" by default; e.g. "cuda"); uint8 frames go there in chunks.
-- `frame_resize`: how frames that are not at the patch-grid size (frames given as arrays or `VideoFrames`) are resized
-  to it. "pil" (the default): PIL's bicubic on the CPU, the original release's pixels bit for bit. "torch": torch's
-  antialiased bicubic on `device`, one pass per axis in PIL's order with PIL's rounding to bytes after each: on the
-  CPU bytes at most 1 apart from PIL's, and equal to them for all but at most 1 in 1000 (1.4e-4 of them at 640x360
-  -> 644x364; tests/test_processor_resize.py measures it, and its effect on logits); on an H200 up to 2 apart, 3.2e-4
-  of them differing (BENCHMARKS.md). Frames decoded from a file are decoded at the grid size, so both give the same
-  pixels for files.
+- `frame_resize`: where frames that are not at the patch-grid size (frames given as arrays or `VideoFrames`) are
+  resized to it; both give PIL's bytes, the original release's pixels, bit for bit. "pil": PIL on the CPU, a thread
+  per CPU. "torch": on `device`, chunk by chunk as frames are patched: PIL's fixed-point weights and integer sums in
+  torch, one pass per axis in PIL's order (tests/test_processor_resize.py checks the bytes for every filter PIL
+  resizes with, on sizes up and down). By default "torch" when `device` is an accelerator, "pil" on the CPU (and
+  "pil" for any size whose bytes a noise frame shows torch's passes not to reproduce, should a Pillow change its
+  arithmetic; given explicitly, "torch" then raises). Frames decoded from a file are decoded at the grid size.
 - `return_metadata`: also return each video's sampled timestamps and frame indices.
 
 This file is also served as Hub remote code (with `video_vamba.py`), so it imports only transformers, torch, numpy,
@@ -102,8 +102,6 @@ VAMBA_CHAT_TEMPLATE = (
 # machine a small step waits for descheduled threads), small enough that frames are handed back as they go.
 STEP_BYTES = 64 * 2 ** 20
 FRAME_RESIZES = ("pil", "torch")
-# The PIL filters `frame_resize="torch"` follows: torch's antialiased modes weight pixels as PIL's filters do.
-TORCH_FILTERS = {int(PIL.Image.BICUBIC): "bicubic"}
 MAX_ASPECT_RATIO = 200  # Qwen2-VL's vision tower
 CONTENT_TYPES = ("text", "image", "video")
 SOURCE_TYPES = {"image": (str, os.PathLike, PIL.Image.Image, np.ndarray, torch.Tensor),
@@ -182,9 +180,11 @@ class PatchLayout:
     mean: tuple
     std: tuple
     frame_resize: str = "pil"  # where frames are resized to the grid: before patching with PIL, or while patching
+    frame_resize_given: bool = True  # False: chosen by the device, and PIL's own resize wherever torch's is not PIL's
 
     @classmethod
-    def of(cls, image_processor, min_pixels=None, max_pixels=None, frame_resize=None) -> "PatchLayout":
+    def of(cls, image_processor, min_pixels=None, max_pixels=None, frame_resize=None,
+           device=None) -> "PatchLayout":
         size = dict(image_processor.size)
         mean, std = image_processor.image_mean, image_processor.image_std
         layout = cls(
@@ -195,7 +195,7 @@ class PatchLayout:
             float(image_processor.rescale_factor), bool(image_processor.do_normalize),
             tuple(mean) if isinstance(mean, (list, tuple)) else (mean,) * 3,
             tuple(std) if isinstance(std, (list, tuple)) else (std,) * 3,
-            "pil" if frame_resize is None else frame_resize,
+            default_frame_resize(device) if frame_resize is None else frame_resize, frame_resize is not None,
         )
         layout.check_frame_resize()
         return layout
@@ -204,9 +204,11 @@ class PatchLayout:
         if self.frame_resize not in FRAME_RESIZES:
             raise ValueError(f"frame_resize={self.frame_resize!r} is not valid: give one of "
                              f"{', '.join(map(repr, FRAME_RESIZES))}.")
-        if self.frame_resize == "torch" and self.do_resize and self.resample not in TORCH_FILTERS:
-            raise ValueError(f"frame_resize='torch' follows PIL's bicubic filter only, and this image processor "
-                             f"resamples with {PIL.Image.Resampling(self.resample).name}: use frame_resize='pil'.")
+        if self.frame_resize_given and self.frame_resize == "torch" and self.do_resize \
+                and self.resample not in PIL_FILTERS:
+            raise ValueError(f"frame_resize='torch' follows PIL's {', '.join(PIL_FILTER_NAMES)} filters, and this "
+                             f"image processor resamples with {PIL.Image.Resampling(self.resample).name}: use "
+                             "frame_resize='pil'.")
 
     def frame_size(self, width: int, height: int) -> tuple:
         """(width, height) a frame is resized to before patching."""
@@ -216,18 +218,25 @@ class PatchLayout:
         new_height, new_width = smart_size(height, width, factor, self.min_pixels, self.max_pixels)
         return new_width, new_height
 
+    def resizes_while_patching(self, width: int, height: int) -> bool:
+        """Whether `video_patches_into` resizes frames of this size to the grid (frame_resize "torch"), rather than
+        PIL before it ("pil", or frames already at the grid size)."""
+        size = self.frame_size(width, height)
+        if self.frame_resize != "torch" or size == (width, height):
+            return False
+        return self.frame_resize_given or torch_resizes_as_pil((width, height), size, self.resample)
+
     def patched_size(self, frames: list) -> tuple:
-        """(width, height) `video_patches_into` patches HxWx3 `frames` at: the grid size when it resizes them
-        (frame_resize "torch"), else their own size (frame_resize "pil": `resize_frames` resized them)."""
+        """(width, height) `video_patches_into` patches HxWx3 `frames` at: the grid size when it resizes them,
+        else their own size (`frames_to_patch` resized them)."""
         height, width, _ = frames[0].shape
-        return self.frame_size(width, height) if self.frame_resize == "torch" else (width, height)
+        return self.frame_size(width, height) if self.resizes_while_patching(width, height) else (width, height)
 
     def frames_to_patch(self, frames: list) -> list:
-        """The frames `video_patches_into` takes: resized to the grid with PIL here for frame_resize "pil", else as
-        they are."""
-        if self.frame_resize == "torch":
-            return frames
+        """The frames `video_patches_into` takes: resized to the grid with PIL here unless it resizes them."""
         height, width, _ = frames[0].shape
+        if self.resizes_while_patching(width, height):
+            return frames
         return resize_frames(frames, self.frame_size(width, height), self.resample)
 
     @property
@@ -256,50 +265,163 @@ def _normalize_(patches: torch.Tensor, layout: PatchLayout, exact_division: bool
         patches.div_(torch.tensor(layout.std, dtype=torch.float32, device=patches.device).view(shape))
 
 
+def default_frame_resize(device) -> str:
+    """"torch" on an accelerator, where it is the faster of two resizes that give the same bytes; "pil" on the CPU,
+    where PIL's SIMD code is."""
+    return "pil" if device is None or torch.device(device).type == "cpu" else "torch"
+
+
 def resize_frames(frames: list, size: tuple, resample: int) -> list:
-    """HxWx3 uint8 frames resized to `size` (width, height) with PIL, in threads."""
+    """HxWx3 uint8 frames resized to `size` (width, height) with PIL, in a thread per CPU (PIL lets go of the
+    interpreter while it resizes)."""
     if (frames[0].shape[1], frames[0].shape[0]) == tuple(size):
         return frames
-    with ThreadPoolExecutor(max_workers=4) as pool:
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
         return list(pool.map(lambda frame: resize_frame(frame, size, resample), frames))
 
 
+# PIL's resampling filters for 8-bit images (libImaging/Resample.c), written with the same double arithmetic so
+# that the fixed-point weights come out the same: resample -> (support, kernel).
+def _box_kernel(x: float) -> float:
+    return 1.0 if -0.5 < x <= 0.5 else 0.0
+
+
+def _bilinear_kernel(x: float) -> float:
+    x = abs(x)
+    return 1.0 - x if x < 1.0 else 0.0
+
+
+def _hamming_kernel(x: float) -> float:
+    x = abs(x)
+    if x == 0.0:
+        return 1.0
+    if x >= 1.0:
+        return 0.0
+    x = x * math.pi
+    return math.sin(x) / x * (_FLOAT_0_54 + _FLOAT_0_46 * math.cos(x))
+
+
+def _bicubic_kernel(x: float) -> float:
+    a = -0.5
+    x = abs(x)
+    if x < 1.0:
+        return ((a + 2.0) * x - (a + 3.0)) * x * x + 1
+    if x < 2.0:
+        return (((x - 5) * x + 8) * x - 4) * a
+    return 0.0
+
+
+def _sinc(x: float) -> float:
+    if x == 0.0:
+        return 1.0
+    x = x * math.pi
+    return math.sin(x) / x
+
+
+def _lanczos_kernel(x: float) -> float:
+    return _sinc(x) * _sinc(x / 3) if -3.0 <= x < 3.0 else 0.0
+
+
+_FLOAT_0_54, _FLOAT_0_46 = float(np.float32(0.54)), float(np.float32(0.46))  # single-precision constants in PIL
+PIL_FILTERS = {int(PIL.Image.BOX): (0.5, _box_kernel), int(PIL.Image.BILINEAR): (1.0, _bilinear_kernel),
+               int(PIL.Image.HAMMING): (1.0, _hamming_kernel), int(PIL.Image.BICUBIC): (2.0, _bicubic_kernel),
+               int(PIL.Image.LANCZOS): (3.0, _lanczos_kernel)}
+PIL_FILTER_NAMES = [PIL.Image.Resampling(resample).name for resample in PIL_FILTERS]
+# PIL's fixed-point weights for 8-bit images: 32 bits less 8 for the value and 2 for sums above 1 or below 0.
+PIL_PRECISION_BITS = 22
+
+
+@functools.lru_cache(maxsize=128)
+def pil_axis_weights(in_size: int, out_size: int, resample: int) -> tuple:
+    """PIL's resize of one axis from `in_size` to `out_size` pixels, as (first, weights): output pixel i is the sum
+    over taps t of input pixel first[i] + t times weights[i, t] (int32 fixed point, PIL_PRECISION_BITS), with
+    taps past an output's window weighted 0 and pointed at a valid pixel."""
+    support, kernel = PIL_FILTERS[resample]
+    scale = float(in_size) / out_size
+    filter_scale = max(scale, 1.0)
+    support = support * filter_scale
+    taps = int(math.ceil(support)) * 2 + 1
+    first = np.zeros(out_size, dtype=np.int64)
+    weights = np.zeros((out_size, taps), dtype=np.int32)
+    for index in range(out_size):
+        center = (index + 0.5) * scale
+        low = max(int(center - support + 0.5), 0)
+        count = min(int(center + support + 0.5), in_size) - low
+        window = [kernel((tap + low - center + 0.5) * (1.0 / filter_scale)) for tap in range(count)]
+        total = 0.0
+        for weight in window:
+            total += weight
+        if total != 0.0:
+            window = [weight / total for weight in window]
+        # Rounded half away from zero, as PIL's (int)(w * 2^bits -/+ 0.5).
+        weights[index, :count] = [int(weight * (1 << PIL_PRECISION_BITS) + (-0.5 if weight < 0 else 0.5))
+                                  for weight in window]
+        first[index] = min(low, in_size - taps) if in_size >= taps else 0
+        weights[index] = np.roll(weights[index], low - first[index])
+    return first, weights
+
+
+def _pil_axis_pass(pixels: torch.Tensor, dim: int, out_size: int, resample: int) -> torch.Tensor:
+    """int32 byte values resized along `dim` as PIL's 8-bit pass does: the fixed-point sum plus one half,
+    shifted down and clamped to bytes (its clip8)."""
+    first, weights = pil_axis_weights(pixels.shape[dim], out_size, resample)
+    taps = min(weights.shape[1], pixels.shape[dim])
+    first = torch.from_numpy(first).to(pixels.device)
+    weights = torch.from_numpy(weights).to(pixels.device)
+    shape = [1] * pixels.dim()
+    shape[dim] = out_size
+    output_shape = list(pixels.shape)
+    output_shape[dim] = out_size
+    total = torch.full(output_shape, 1 << (PIL_PRECISION_BITS - 1), dtype=torch.int32, device=pixels.device)
+    for tap in range(taps):
+        total += pixels.index_select(dim, first + tap) * weights[:, tap].view(shape)
+    return total.bitwise_right_shift_(PIL_PRECISION_BITS).clamp_(0, 255)
+def _pil_passes(frames: torch.Tensor, size: tuple, resample: int, order: str) -> torch.Tensor:
+    """(n, H, W, 3) uint8 frames resized to `size` (width, height), one PIL pass per axis that changes, in `order`
+    ("hv": width first). Returns int32 byte values."""
+    pixels = frames.to(torch.int32)
+    for axis in order:
+        dim, out_size = (2, size[0]) if axis == "h" else (1, size[1])
+        if pixels.shape[dim] != out_size:
+            pixels = _pil_axis_pass(pixels, dim, out_size, resample)
+    return pixels
+
+
 @functools.lru_cache(maxsize=64)
-def pil_pass_order(source_size: tuple, size: tuple, resample: int) -> str:
-    """"hv" or "vh": which axis PIL resizes first from `source_size` to `size` (width, height), when both change.
-    Pillow (13) picks the order per pair of sizes, and each pass rounds to bytes, so the order shows in the pixels:
-    it is read off one noise frame, as the two-pass order whose bytes equal PIL's one resize."""
-    noise = np.random.default_rng(0).integers(0, 256, (source_size[1], source_size[0], 3), dtype=np.uint8)
-    probe = PIL.Image.fromarray(noise)
-    whole = np.asarray(probe.resize(size, resample=resample))
-    width_first = probe.resize((size[0], source_size[1]), resample=resample).resize(size, resample=resample)
-    height_first = probe.resize((source_size[0], size[1]), resample=resample).resize(size, resample=resample)
-    differing = {order: np.count_nonzero(np.asarray(image) != whole)
-                 for order, image in (("hv", width_first), ("vh", height_first))}
-    return min(differing, key=differing.get)
+def pil_pass_order(source_size: tuple, size: tuple, resample: int) -> typing.Optional[str]:
+    """"hv" or "vh": the order of the two axis passes in which `_pil_passes` gives this Pillow's bytes for a resize
+    from `source_size` to `size` (width, height), or None if neither does. Pillow (13) resizes width or height first
+    depending on the sizes, and each pass rounds to bytes, so the order shows in the pixels; it is read off one noise
+    frame, which also checks that this Pillow's arithmetic is the one `_pil_axis_pass` follows."""
+    noise = np.random.default_rng(0).integers(0, 256, (1, source_size[1], source_size[0], 3), dtype=np.uint8)
+    whole = torch.from_numpy(np.array(PIL.Image.fromarray(noise[0]).resize(size, resample=resample)))
+    for order in ("hv", "vh"):
+        if torch.equal(_pil_passes(torch.from_numpy(noise), size, resample, order)[0], whole.to(torch.int32)):
+            return order
+    return None
+
+
+def torch_resizes_as_pil(source_size: tuple, size: tuple, resample: int) -> bool:
+    """Whether `resized_as_pil` gives PIL's bytes for this resize (checked on a noise frame, once per sizes)."""
+    return resample in PIL_FILTERS and pil_pass_order(tuple(source_size), tuple(size), resample) is not None
 
 
 def resized_as_pil(frames: torch.Tensor, size: tuple, resample: int) -> torch.Tensor:
-    """(n, H, W, 3) uint8 frames resized to `size` (width, height) on their device, the way PIL resizes a uint8
-    image: one antialiased pass per axis that changes, in PIL's order, each rounded half up and clamped to bytes.
-    Returns float32 (n, height, width, 3) holding byte values."""
-    width, height = size
-    source_size = (frames.shape[2], frames.shape[1])
-    order = pil_pass_order(source_size, tuple(size), resample) if width != source_size[0] and \
-        height != source_size[1] else "hv"
-    pixels = frames.permute(0, 3, 1, 2).float()
-    for axis in order:
-        target = (pixels.shape[2], width) if axis == "h" else (height, pixels.shape[3])
-        if target != tuple(pixels.shape[2:]):
-            pixels = torch.nn.functional.interpolate(pixels, size=target, mode=TORCH_FILTERS[resample],
-                                                     antialias=True, align_corners=False)
-            pixels = pixels.add_(0.5).floor_().clamp_(0, 255)
-    return pixels.permute(0, 2, 3, 1).contiguous()
+    """(n, H, W, 3) uint8 frames resized to `size` (width, height) on their device, PIL's bytes exactly: PIL's
+    fixed-point weights and integer sums, pass by pass in PIL's order (`torch_resizes_as_pil` must hold).
+    Returns int32 (n, height, width, 3) byte values."""
+    order = pil_pass_order((frames.shape[2], frames.shape[1]), tuple(size), resample)
+    if order is None:
+        raise RuntimeError(f"this Pillow ({PIL.__version__}) resizes {frames.shape[2]}x{frames.shape[1]} frames to "
+                           f"{size[0]}x{size[1]} in a way frame_resize='torch' does not reproduce: use "
+                           "frame_resize='pil'.")
+    return _pil_passes(frames, size, resample, order)
 
 
 def video_patches_into(output: torch.Tensor, frames: list, layout: PatchLayout, release=None) -> tuple:
     """Writes the flattened patches `(t*h*w, C*tp*P*P)` of HxWx3 uint8 frames (a multiple of tp of them, H and W
-    multiples of P*merge, or for frame_resize "torch" any size: resized to the grid here, chunk by chunk) into
+    multiples of P*merge, or any size where `layout.resizes_while_patching`: resized to the grid here, chunk by
+    chunk) into
     `output`, rows (t, h/m, w/m, m, m), features (C, tp, P, P) as Qwen2-VL lays them out. `release(n)`, when
     given, is told each time the first n frames are no longer needed.
     Returns the grid (t, h, w)."""
@@ -311,7 +433,7 @@ def video_patches_into(output: torch.Tensor, frames: list, layout: PatchLayout, 
     exact_division = layout.rescale_by_division()
     rows_per_group = grid_h * grid_w
     group_bytes = rows_per_group * output.shape[1] * output.element_size()
-    if resizing:  # float32 frames at the larger of each edge bound every buffer the resize makes
+    if resizing:  # int32 frames at the larger of each edge bound every buffer the resize makes
         group_bytes = max(group_bytes, tp * 3 * 4 * max(width, source_width) * max(height, source_height))
     step = max(1, STEP_BYTES // group_bytes)
     for first in range(0, t, step):
@@ -661,7 +783,7 @@ class VambaProcessor(ProcessorMixin):
         sampling = self.video_sampling.with_changes(
             **{name: videos_kwargs.get(name) for name in VideoSampling.option_names()})
         layout = PatchLayout.of(self.image_processor, videos_kwargs.get("min_pixels"), videos_kwargs.get("max_pixels"),
-                                videos_kwargs.get("frame_resize"))
+                                videos_kwargs.get("frame_resize"), videos_kwargs.get("device"))
         resize = FrameResize(sampling.video_shortest_edge, sampling.video_longest_edge, layout.frame_size,
                              layout.resample)
         return sampling, layout, resize
