@@ -1,5 +1,6 @@
 """Video decoding and frame sampling: real small videos written with PyAV, corrupt files, properties."""
 
+import errno
 import os
 import socket
 import subprocess
@@ -814,6 +815,31 @@ def test_a_seeking_thread_that_cannot_open_the_device_raises_rather_than_decode_
     monkeypatch.setattr(video_vamba, "_decode_plan", lambda *args: pytest.fail("decoded in one pass"))
     with pytest.raises(RuntimeError, match=r"decode_device='cuda:0' cannot decode .*decode_device=None"):
         load_video(path, NO_RESIZE, num_frames=5, decoder="seek", decode_workers=2, decode_device="cuda:0")
+
+
+@pytest.mark.parametrize("refusal, opened", [(errno.EOPNOTSUPP, [1, 0]), (errno.EINVAL, [1])],
+                         ids=["primary-context-taken", "other-error"])
+def test_a_primary_cuda_context_ffmpeg_cannot_share_gives_the_container_its_own(tmp_path, monkeypatch, refusal,
+                                                                                 opened):
+    """FFmpeg refuses the primary context (ENOTSUP) once torch made it with other flags, as a model on the GPU does:
+    the container then opens with a context of its own; any other refusal is the device's error."""
+    path = str(write_x264(tmp_path / "gops.mp4"))
+    flags = []
+
+    def open_on_device(av_module, location, device, options, context_flags):
+        flags.append(context_flags)
+        if context_flags == video_decode_vamba.AV_CUDA_USE_PRIMARY_CONTEXT or refusal != errno.EOPNOTSUPP:
+            raise av.error.OSError(refusal, os.strerror(refusal))
+        return av_module.open(location)
+
+    monkeypatch.setattr(video_decode_vamba, "_open_on_device", open_on_device)
+    if refusal == errno.EOPNOTSUPP:
+        with video_decode_vamba._open(av, path, 10.0, "cuda") as container:
+            assert container.streams.video
+    else:
+        with pytest.raises(RuntimeError, match=r"decode_device='cuda' cannot decode .*Invalid argument"):
+            video_decode_vamba._open(av, path, 10.0, "cuda")
+    assert flags == opened
 
 
 def test_an_unreadable_file_says_so_before_the_device(tmp_path):

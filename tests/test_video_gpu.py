@@ -1,11 +1,17 @@
 """Decoding on a GPU's NVDEC (`decode_device`): the frames and times are the CPU decoder's, bit for bit. Runs on a
 machine with a CUDA GPU and a PyAV whose FFmpeg has the cuda device; tests/test_video.py checks the rest on the CPU."""
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import av
 import pytest
 import torch
 from media_helpers import assert_same_video, write_video, write_x264
 
+import vamba_hf
 from vamba_hf import video_decode_vamba
 from vamba_hf.video_vamba import VideoSampling, load_video, stream_video
 
@@ -68,3 +74,36 @@ def test_a_codec_without_nvdec_raises_rather_than_decode_on_the_cpu(tmp_path):
     path = write_video(tmp_path / "clip.mkv", codec="ffv1")
     with pytest.raises(RuntimeError, match=r"decode_device='cuda' cannot decode .*decode_device=None"):
         load_video(path, decode_device="cuda")
+
+
+# Run in a fresh interpreter: which of torch and FFmpeg first makes the device's primary CUDA context decides the
+# flags it has, and so whether FFmpeg can share it (decoder first) or opens a context of its own (torch first).
+DECODE_AROUND_TORCH = """
+import sys
+import numpy as np
+import torch
+from vamba_hf.video_vamba import VideoSampling, load_video
+
+path, torch_first = sys.argv[1], sys.argv[2] == "torch-first"
+sampling = VideoSampling(video_shortest_edge=None, video_longest_edge=None, num_frames=7, decode_workers=2)
+expected = load_video(path, sampling).frames
+if torch_first:
+    torch.zeros(1, device="cuda")
+decoded = load_video(path, sampling, decode_device="cuda").frames
+on_gpu = torch.zeros(1, device="cuda") + 1  # torch works beside the decoder's context either way
+decoded_again = load_video(path, sampling, decode_device="cuda").frames
+same = all(len(frames) == 7 and all(np.array_equal(a, b) for a, b in zip(frames, expected))
+           for frames in (decoded, decoded_again))
+print("same" if same and on_gpu.item() == 1 else "different")
+"""
+
+
+@pytest.mark.parametrize("order", ["torch-first", "decoder-first"])
+def test_nvdec_decodes_whether_torch_or_the_decoder_makes_the_cuda_context_first(tmp_path, order):
+    path = write_x264(tmp_path / "gops.mp4")
+    source_root = str(Path(vamba_hf.__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [source_root, os.environ.get("PYTHONPATH")]))}
+    result = subprocess.run([sys.executable, "-c", DECODE_AROUND_TORCH, str(path), order], capture_output=True,
+                            text=True, timeout=120, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip() == "same"

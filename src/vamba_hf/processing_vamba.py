@@ -256,7 +256,8 @@ def _normalize_(patches: torch.Tensor, layout: PatchLayout, exact_division: bool
     """In place on (rows, 3, tp*p*p) float32 patches holding byte values."""
     if layout.do_rescale:
         if exact_division:
-            patches.div_(float(np.float32(1 / layout.rescale_factor)))
+            # A tensor on the device: CUDA multiplies by the reciprocal of a Python-number divisor, a bit off.
+            patches.div_(torch.tensor(np.float32(1 / layout.rescale_factor), device=patches.device))
         else:
             patches.copy_(patches.double().mul_(layout.rescale_factor))
     if layout.do_normalize:

@@ -9,6 +9,7 @@ PyAV and tqdm are imported where they are used.
 
 import bisect
 import collections
+import errno
 import functools
 import json
 import mmap
@@ -178,15 +179,24 @@ def _open(av, location: str, timeout: float, device: Optional[str]):
     try:
         if not hasattr(av.VideoFrame, "sw_format"):  # a hardware frame's layout, which `_in_system_memory` reads
             raise RuntimeError(f"PyAV {av.__version__} is too old for it; `pip install -U av`")
-        # Frames stay in GPU memory (is_hw_owned): only the sampled ones are copied out, by `_in_system_memory`.
-        # Every container shares the device's primary CUDA context (torch's) rather than creating one of its own.
-        hwaccel = av.codec.hwaccel.HWAccel("cuda", device=device.partition(":")[2] or None,
-                                           allow_software_fallback=False, is_hw_owned=True,
-                                           flags=AV_CUDA_USE_PRIMARY_CONTEXT)
-        return av.open(location, hwaccel=hwaccel, **options)
+        try:
+            return _open_on_device(av, location, device, options, AV_CUDA_USE_PRIMARY_CONTEXT)
+        except av.error.OSError as error:
+            if error.errno != errno.EOPNOTSUPP:
+                raise
+            # FFmpeg shares the device's primary CUDA context only if it is inactive or was made with blocking
+            # sync; one that torch made first (a model on the GPU) has other flags: the container gets its own.
+            return _open_on_device(av, location, device, options, 0)
     except (av.error.FFmpegError, RuntimeError, TypeError) as error:
         _open_container(location, timeout).close()  # a file that cannot be read says so first
         raise _device_error(device, location, error) from error
+
+
+def _open_on_device(av, location: str, device: str, options: dict, context_flags: int):
+    # Frames stay in GPU memory (is_hw_owned): only the sampled ones are copied out, by `_in_system_memory`.
+    hwaccel = av.codec.hwaccel.HWAccel("cuda", device=device.partition(":")[2] or None, allow_software_fallback=False,
+                                       is_hw_owned=True, flags=context_flags)
+    return av.open(location, hwaccel=hwaccel, **options)
 
 
 def _device_error(device: str, location: str, reason) -> RuntimeError:
