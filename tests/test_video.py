@@ -817,18 +817,18 @@ def test_a_seeking_thread_that_cannot_open_the_device_raises_rather_than_decode_
         load_video(path, NO_RESIZE, num_frames=5, decoder="seek", decode_workers=2, decode_device="cuda:0")
 
 
-@pytest.mark.parametrize("refusal, opened", [(errno.EOPNOTSUPP, [1, 0]), (errno.EINVAL, [1])],
+@pytest.mark.parametrize("refusal, opened", [(errno.EOPNOTSUPP, [True, False]), (errno.EINVAL, [True])],
                          ids=["primary-context-taken", "other-error"])
 def test_a_primary_cuda_context_ffmpeg_cannot_share_gives_the_container_its_own(tmp_path, monkeypatch, refusal,
                                                                                  opened):
     """FFmpeg refuses the primary context (ENOTSUP) once torch made it with other flags, as a model on the GPU does:
     the container then opens with a context of its own; any other refusal is the device's error."""
     path = str(write_x264(tmp_path / "gops.mp4"))
-    flags = []
+    shared = []
 
-    def open_on_device(av_module, location, device, options, context_flags):
-        flags.append(context_flags)
-        if context_flags == video_decode_vamba.AV_CUDA_USE_PRIMARY_CONTEXT or refusal != errno.EOPNOTSUPP:
+    def open_on_device(av_module, location, device, options, share_primary_context):
+        shared.append(share_primary_context)
+        if share_primary_context or refusal != errno.EOPNOTSUPP:
             raise av.error.OSError(refusal, os.strerror(refusal))
         return av_module.open(location)
 
@@ -839,7 +839,22 @@ def test_a_primary_cuda_context_ffmpeg_cannot_share_gives_the_container_its_own(
     else:
         with pytest.raises(RuntimeError, match=r"decode_device='cuda' cannot decode .*Invalid argument"):
             video_decode_vamba._open(av, path, 10.0, "cuda")
-    assert flags == opened
+    assert shared == opened
+
+
+def test_the_device_context_is_chosen_by_ffmpegs_primary_ctx_option(monkeypatch):
+    """PyAV passes a HWAccel's options on to FFmpeg (its `flags` it drops before PyAV 19), and keeps decoded frames
+    on the device only with is_hw_owned."""
+    made, opened = [], []
+    monkeypatch.setattr(av.codec.hwaccel, "HWAccel", lambda *args, **kwargs: made.append((args, kwargs)) or "accel")
+    monkeypatch.setattr(av, "open", lambda location, **kwargs: opened.append((location, kwargs)) or "container")
+    for share, option in ((True, "1"), (False, "0")):
+        made.clear()
+        assert video_decode_vamba._open_on_device(av, "clip.mp4", "cuda:1", {}, share) == "container"
+        assert made == [(("cuda",), {"device": "1", "allow_software_fallback": False, "is_hw_owned": True,
+                                     "options": {"primary_ctx": option}})]
+    video_decode_vamba._open_on_device(av, "clip.mp4", "cuda", {}, True)
+    assert made[-1][1]["device"] is None and opened[-1] == ("clip.mp4", {"hwaccel": "accel"})
 
 
 def test_an_unreadable_file_says_so_before_the_device(tmp_path):

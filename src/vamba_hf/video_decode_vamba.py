@@ -169,9 +169,6 @@ def _open_container(location: str, timeout: float, device: Optional[str] = None)
     return container
 
 
-AV_CUDA_USE_PRIMARY_CONTEXT = 1  # FFmpeg's hwcontext_cuda.h
-
-
 def _open(av, location: str, timeout: float, device: Optional[str]):
     options = {"timeout": (timeout, timeout)} if is_url(location) else {}
     if device is None:
@@ -180,22 +177,23 @@ def _open(av, location: str, timeout: float, device: Optional[str]):
         if not hasattr(av.VideoFrame, "sw_format"):  # a hardware frame's layout, which `_in_system_memory` reads
             raise RuntimeError(f"PyAV {av.__version__} is too old for it; `pip install -U av`")
         try:
-            return _open_on_device(av, location, device, options, AV_CUDA_USE_PRIMARY_CONTEXT)
+            return _open_on_device(av, location, device, options, share_primary_context=True)
         except av.error.OSError as error:
             if error.errno != errno.EOPNOTSUPP:
                 raise
             # FFmpeg shares the device's primary CUDA context only if it is inactive or was made with blocking
             # sync; one that torch made first (a model on the GPU) has other flags: the container gets its own.
-            return _open_on_device(av, location, device, options, 0)
+            return _open_on_device(av, location, device, options, share_primary_context=False)
     except (av.error.FFmpegError, RuntimeError, TypeError) as error:
         _open_container(location, timeout).close()  # a file that cannot be read says so first
         raise _device_error(device, location, error) from error
 
 
-def _open_on_device(av, location: str, device: str, options: dict, context_flags: int):
-    # Frames stay in GPU memory (is_hw_owned): only the sampled ones are copied out, by `_in_system_memory`.
+def _open_on_device(av, location: str, device: str, options: dict, share_primary_context: bool):
+    # Frames stay in GPU memory (is_hw_owned): only the sampled ones are copied out, by `_in_system_memory`. The
+    # context is chosen by FFmpeg's cuda device option (PyAV passes it on; it drops `flags` before PyAV 19).
     hwaccel = av.codec.hwaccel.HWAccel("cuda", device=device.partition(":")[2] or None, allow_software_fallback=False,
-                                       is_hw_owned=True, flags=context_flags)
+                                       is_hw_owned=True, options={"primary_ctx": "1" if share_primary_context else "0"})
     return av.open(location, hwaccel=hwaccel, **options)
 
 
