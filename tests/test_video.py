@@ -1,5 +1,6 @@
 """Video decoding and frame sampling: real small videos written with PyAV, corrupt files, properties."""
 
+import contextlib
 import errno
 import os
 import socket
@@ -817,44 +818,52 @@ def test_a_seeking_thread_that_cannot_open_the_device_raises_rather_than_decode_
         load_video(path, NO_RESIZE, num_frames=5, decoder="seek", decode_workers=2, decode_device="cuda:0")
 
 
-@pytest.mark.parametrize("refusal, opened", [(errno.EOPNOTSUPP, [True, False]), (errno.EINVAL, [True])],
-                         ids=["primary-context-taken", "other-error"])
-def test_a_primary_cuda_context_ffmpeg_cannot_share_gives_the_container_its_own(tmp_path, monkeypatch, refusal,
-                                                                                 opened):
-    """FFmpeg refuses the primary context (ENOTSUP) once torch made it with other flags, as a model on the GPU does:
-    the container then opens with a context of its own; any other refusal is the device's error."""
+@pytest.mark.parametrize("torch_holds_cuda, refusal, opened",
+                         [(True, None, ["current"]), (False, None, ["primary"]),
+                          (False, errno.EOPNOTSUPP, ["primary", "own"]), (False, errno.EINVAL, ["primary"])],
+                         ids=["torch-made-the-context", "no-context-yet", "primary-context-taken", "other-error"])
+def test_the_cuda_context_a_container_decodes_in(tmp_path, monkeypatch, torch_holds_cuda, refusal, opened):
+    """torch's context when torch made one (as current: FFmpeg will not take a primary context of other flags);
+    else the primary one, or the container's own if another library made it with other flags (ENOTSUP); any
+    other refusal is the device's error."""
     path = str(write_x264(tmp_path / "gops.mp4"))
-    shared = []
+    contexts, made_current = [], []
 
-    def open_on_device(av_module, location, device, options, share_primary_context):
-        shared.append(share_primary_context)
-        if share_primary_context or refusal != errno.EOPNOTSUPP:
+    def open_on_device(av_module, location, device, options, context):
+        contexts.append(context)
+        if refusal is not None and context != "own":
             raise av.error.OSError(refusal, os.strerror(refusal))
         return av_module.open(location)
 
     monkeypatch.setattr(video_decode_vamba, "_open_on_device", open_on_device)
-    if refusal == errno.EOPNOTSUPP:
-        with video_decode_vamba._open(av, path, 10.0, "cuda") as container:
+    monkeypatch.setattr(video_decode_vamba, "_torch_holds_cuda", lambda: torch_holds_cuda)
+    monkeypatch.setattr(video_decode_vamba, "_torch_context_current",
+                        lambda device: made_current.append(device) or contextlib.nullcontext())
+    if refusal in (None, errno.EOPNOTSUPP):
+        with video_decode_vamba._open(av, path, 10.0, "cuda:0") as container:
             assert container.streams.video
     else:
-        with pytest.raises(RuntimeError, match=r"decode_device='cuda' cannot decode .*Invalid argument"):
-            video_decode_vamba._open(av, path, 10.0, "cuda")
-    assert shared == opened
+        with pytest.raises(RuntimeError, match=r"decode_device='cuda:0' cannot decode .*Invalid argument"):
+            video_decode_vamba._open(av, path, 10.0, "cuda:0")
+    assert contexts == opened
+    assert made_current == (["cuda:0"] if torch_holds_cuda else [])
 
 
-def test_the_device_context_is_chosen_by_ffmpegs_primary_ctx_option(monkeypatch):
+def test_the_device_context_is_chosen_by_ffmpegs_cuda_options(monkeypatch):
     """PyAV passes a HWAccel's options on to FFmpeg (its `flags` it drops before PyAV 19), and keeps decoded frames
     on the device only with is_hw_owned."""
     made, opened = [], []
     monkeypatch.setattr(av.codec.hwaccel, "HWAccel", lambda *args, **kwargs: made.append((args, kwargs)) or "accel")
     monkeypatch.setattr(av, "open", lambda location, **kwargs: opened.append((location, kwargs)) or "container")
-    for share, option in ((True, "1"), (False, "0")):
+    for context, options in (("primary", {"primary_ctx": "1"}), ("current", {"primary_ctx": "0", "current_ctx": "1"}),
+                             ("own", {"primary_ctx": "0"})):
         made.clear()
-        assert video_decode_vamba._open_on_device(av, "clip.mp4", "cuda:1", {}, share) == "container"
+        assert video_decode_vamba._open_on_device(av, "clip.mp4", "cuda:1", {}, context) == "container"
         assert made == [(("cuda",), {"device": "1", "allow_software_fallback": False, "is_hw_owned": True,
-                                     "options": {"primary_ctx": option}})]
-    video_decode_vamba._open_on_device(av, "clip.mp4", "cuda", {}, True)
+                                     "options": options})]
+    video_decode_vamba._open_on_device(av, "clip.mp4", "cuda", {}, "primary")
     assert made[-1][1]["device"] is None and opened[-1] == ("clip.mp4", {"hwaccel": "accel"})
+    assert not video_decode_vamba._torch_holds_cuda() or torch.cuda.is_available()
 
 
 def test_an_unreadable_file_says_so_before_the_device(tmp_path):

@@ -9,6 +9,7 @@ PyAV and tqdm are imported where they are used.
 
 import bisect
 import collections
+import contextlib
 import errno
 import functools
 import json
@@ -176,24 +177,49 @@ def _open(av, location: str, timeout: float, device: Optional[str]):
     try:
         if not hasattr(av.VideoFrame, "sw_format"):  # a hardware frame's layout, which `_in_system_memory` reads
             raise RuntimeError(f"PyAV {av.__version__} is too old for it; `pip install -U av`")
+        # FFmpeg takes the device's primary CUDA context only if it is inactive or was made with blocking sync.
+        # torch makes it with other flags (a model on the GPU): FFmpeg then uses it as this thread's current one.
+        if _torch_holds_cuda():
+            with _torch_context_current(device):
+                return _open_on_device(av, location, device, options, "current")
         try:
-            return _open_on_device(av, location, device, options, share_primary_context=True)
+            return _open_on_device(av, location, device, options, "primary")
         except av.error.OSError as error:
             if error.errno != errno.EOPNOTSUPP:
                 raise
-            # FFmpeg shares the device's primary CUDA context only if it is inactive or was made with blocking
-            # sync; one that torch made first (a model on the GPU) has other flags: the container gets its own.
-            return _open_on_device(av, location, device, options, share_primary_context=False)
+            # Another library made the primary context with other flags: the container gets one of its own.
+            return _open_on_device(av, location, device, options, "own")
     except (av.error.FFmpegError, RuntimeError, TypeError) as error:
         _open_container(location, timeout).close()  # a file that cannot be read says so first
         raise _device_error(device, location, error) from error
 
 
-def _open_on_device(av, location: str, device: str, options: dict, share_primary_context: bool):
-    # Frames stay in GPU memory (is_hw_owned): only the sampled ones are copied out, by `_in_system_memory`. The
-    # context is chosen by FFmpeg's cuda device option (PyAV passes it on; it drops `flags` before PyAV 19).
+# FFmpeg's cuda device options for each CUDA context a container can decode in (PyAV passes a HWAccel's options on;
+# its `flags` it drops before PyAV 19, and it asks for the primary context itself unless told otherwise).
+CUDA_CONTEXT_OPTIONS = {"primary": {"primary_ctx": "1"}, "current": {"primary_ctx": "0", "current_ctx": "1"},
+                        "own": {"primary_ctx": "0"}}
+
+
+def _torch_holds_cuda() -> bool:
+    torch = sys.modules.get("torch")
+    return torch is not None and torch.cuda.is_initialized()
+
+
+@contextlib.contextmanager
+def _torch_context_current(device: str):
+    """The device's primary context current in this thread while FFmpeg takes it; the thread's torch device is
+    restored after."""
+    import torch
+
+    with torch.cuda.device(int(device.partition(":")[2] or 0)):
+        torch.cuda.mem_get_info()  # a runtime call, which makes the primary context current in this thread
+        yield
+
+
+def _open_on_device(av, location: str, device: str, options: dict, context: str):
+    # Frames stay in GPU memory (is_hw_owned): only the sampled ones are copied out, by `_in_system_memory`.
     hwaccel = av.codec.hwaccel.HWAccel("cuda", device=device.partition(":")[2] or None, allow_software_fallback=False,
-                                       is_hw_owned=True, options={"primary_ctx": "1" if share_primary_context else "0"})
+                                       is_hw_owned=True, options=dict(CUDA_CONTEXT_OPTIONS[context]))
     return av.open(location, hwaccel=hwaccel, **options)
 
 
