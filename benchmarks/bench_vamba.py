@@ -30,7 +30,6 @@ decode GB/s for ours.
 """
 
 import argparse
-import contextlib
 import json
 import statistics
 import subprocess
@@ -406,13 +405,14 @@ def tune_mamba(model, setup: Setup, tokens: int, sink) -> None:
 
 
 def tune_vision(model, setup: Setup, frames: int, sink) -> None:
-    from vamba_hf import vision_vamba
+    from vamba_hf import layers_vamba, vision_vamba
 
     _, pixels, grid = video_inputs(setup, frames)
     device = setup.device
     with torch.inference_mode():
-        for name, backends in (("no cudnn", vision_vamba.sdpa_backends), ("torch default", contextlib.nullcontext)):
-            with attributes_set(vision_vamba, sdpa_backends=backends):
+        for name, backends in (("cudnn first", vision_vamba.vision_sdpa_backends),
+                               ("no cudnn", layers_vamba.sdpa_backends)):
+            with attributes_set(vision_vamba, vision_sdpa_backends=backends):
                 model.encode_visual(pixels, grid)
                 times = [timed(lambda: model.encode_visual(pixels, grid), device)[1] for _ in range(3)]
             sink.log({"tune": "vision attention backends", "frames": frames, "backends": name,

@@ -188,7 +188,7 @@ def test_tuning_restores_what_it_changes(tmp_path):
         mixers = [m for m in model.modules() if isinstance(m, mamba2_vamba.Mamba2)]
         return {"config": model.config.to_dict(), "max_tokens": [m.max_tokens for m in mixers],
                 "chunk_size": [m.config.chunk_size for m in mixers], "use_kernels": [m.use_kernels for m in mixers],
-                "vision_max_frames": model.visual.max_frames, "sdpa_backends": vision_vamba.sdpa_backends}
+                "vision_max_frames": model.visual.max_frames, "sdpa_backends": vision_vamba.vision_sdpa_backends}
 
     before = settings()
     sink = bench_utils.ResultSink(tmp_path, "bench_vamba.py")

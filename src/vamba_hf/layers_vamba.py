@@ -115,6 +115,14 @@ def sdpa_backends():
     return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
 
 
+def vision_sdpa_backends():
+    """SDPA with cuDNN attention where torch tries it first (Hopper): the vision tower's shapes repeat, so it plans
+    once per video, and on an H200 it attends within 1024 frames' rows (head_dim 80) in 0.39 s against flash's 0.51 s
+    (BENCHMARKS.md)."""
+    return sdpa_kernel([SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
+                        SDPBackend.MATH])
+
+
 def _compile_error_types() -> tuple[type, ...]:
     """The exceptions by which torch.compile says it cannot compile on this machine: the backend failed (Inductor,
     Triton), Triton is missing or the GPU is too old for it, no working C++ compiler."""

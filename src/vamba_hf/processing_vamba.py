@@ -268,21 +268,21 @@ def _normalize_(patches: torch.Tensor, layout: PatchLayout, exact_division: bool
 
 def default_frame_resize(device) -> str:
     """"torch" on an accelerator, where it is the faster of two resizes that give the same bytes; "pil" on the CPU,
-    where PIL's SIMD code is."""
+    where PIL's own loops are (torch's passes there make and add a whole intermediate tensor per filter tap)."""
     return "pil" if device is None or torch.device(device).type == "cpu" else "torch"
 
 
 def resize_frames(frames: list, size: tuple, resample: int) -> list:
-    """HxWx3 uint8 frames resized to `size` (width, height) with PIL, in a thread per CPU (PIL lets go of the
-    interpreter while it resizes)."""
+    """HxWx3 uint8 frames resized to `size` (width, height) with PIL, in a thread per CPU up to 32, as Python's own
+    pools (PIL lets go of the interpreter while it resizes)."""
     if (frames[0].shape[1], frames[0].shape[0]) == tuple(size):
         return frames
-    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+    with ThreadPoolExecutor(max_workers=min(len(frames), 32, os.cpu_count() or 1)) as pool:
         return list(pool.map(lambda frame: resize_frame(frame, size, resample), frames))
 
 
-# PIL's resampling filters for 8-bit images (libImaging/Resample.c), written with the same double arithmetic so
-# that the fixed-point weights come out the same: resample -> (support, kernel).
+# PIL's resampling filters (libImaging/Resample.c), written with the same double arithmetic so that the fixed-point
+# weights come out the same.
 def _box_kernel(x: float) -> float:
     return 1.0 if -0.5 < x <= 0.5 else 0.0
 
@@ -324,6 +324,7 @@ def _lanczos_kernel(x: float) -> float:
 
 
 _FLOAT_0_54, _FLOAT_0_46 = float(np.float32(0.54)), float(np.float32(0.46))  # single-precision constants in PIL
+# resample -> (support, kernel)
 PIL_FILTERS = {int(PIL.Image.BOX): (0.5, _box_kernel), int(PIL.Image.BILINEAR): (1.0, _bilinear_kernel),
                int(PIL.Image.HAMMING): (1.0, _hamming_kernel), int(PIL.Image.BICUBIC): (2.0, _bicubic_kernel),
                int(PIL.Image.LANCZOS): (3.0, _lanczos_kernel)}
@@ -342,13 +343,14 @@ def pil_axis_weights(in_size: int, out_size: int, resample: int) -> tuple:
     filter_scale = max(scale, 1.0)
     support = support * filter_scale
     taps = int(math.ceil(support)) * 2 + 1
+    inverse_scale = 1.0 / filter_scale
     first = np.zeros(out_size, dtype=np.int64)
     weights = np.zeros((out_size, taps), dtype=np.int32)
     for index in range(out_size):
         center = (index + 0.5) * scale
         low = max(int(center - support + 0.5), 0)
         count = min(int(center + support + 0.5), in_size) - low
-        window = [kernel((tap + low - center + 0.5) * (1.0 / filter_scale)) for tap in range(count)]
+        window = [kernel((tap + low - center + 0.5) * inverse_scale) for tap in range(count)]
         total = 0.0
         for weight in window:
             total += weight
@@ -377,6 +379,8 @@ def _pil_axis_pass(pixels: torch.Tensor, dim: int, out_size: int, resample: int)
     for tap in range(taps):
         total += pixels.index_select(dim, first + tap) * weights[:, tap].view(shape)
     return total.bitwise_right_shift_(PIL_PRECISION_BITS).clamp_(0, 255)
+
+
 def _pil_passes(frames: torch.Tensor, size: tuple, resample: int, order: str) -> torch.Tensor:
     """(n, H, W, 3) uint8 frames resized to `size` (width, height), one PIL pass per axis that changes, in `order`
     ("hv": width first). Returns int32 byte values."""

@@ -14,7 +14,7 @@ from transformers.activations import ACT2FN
 from transformers.modeling_layers import GradientCheckpointingLayer
 
 from .configuration_vamba import VambaVisionConfig
-from .layers_vamba import FusedOnCuda, apply_rotary, attention_interface, sdpa_backends
+from .layers_vamba import FusedOnCuda, apply_rotary, attention_interface, vision_sdpa_backends
 
 try:
     from flash_attn import flash_attn_varlen_func
@@ -130,7 +130,7 @@ class VambaVisionAttention(nn.Module):
         if implementation == "flash_attention_2" and flash_attn_varlen_func is not None:
             out = self.attend_varlen(query, key, value)
         elif implementation == "sdpa":
-            with sdpa_backends():
+            with vision_sdpa_backends():
                 out = F.scaled_dot_product_attention(query, key, value, scale=self.scaling).transpose(1, 2)
         else:
             out, _ = attention_interface(implementation)(self, query, key, value, None, scaling=self.scaling,
