@@ -863,7 +863,23 @@ def test_the_device_context_is_chosen_by_ffmpegs_cuda_options(monkeypatch):
                                      "options": options})]
     video_decode_vamba._open_on_device(av, "clip.mp4", "cuda", {}, "primary")
     assert made[-1][1]["device"] is None and opened[-1] == ("clip.mp4", {"hwaccel": "accel"})
-    assert not video_decode_vamba._torch_holds_cuda() or torch.cuda.is_available()
+
+
+def test_torch_holds_cuda_only_once_it_has_made_its_context(monkeypatch):
+    """Read from the torch already imported (decoding does not import it), after torch's own CUDA start."""
+    class Cuda:
+        started = False
+
+        def is_initialized(self):
+            return self.started
+
+    fake_torch = type("torch", (), {"cuda": Cuda()})()
+    monkeypatch.setitem(sys.modules, "torch", fake_torch)
+    assert not video_decode_vamba._torch_holds_cuda()
+    fake_torch.cuda.started = True
+    assert video_decode_vamba._torch_holds_cuda()
+    monkeypatch.delitem(sys.modules, "torch")
+    assert not video_decode_vamba._torch_holds_cuda()
 
 
 def test_an_unreadable_file_says_so_before_the_device(tmp_path):
