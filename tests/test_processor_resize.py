@@ -1,5 +1,5 @@
 """The `frame_resize` video option: "pil" (PIL on the CPU) and "torch" (PIL's fixed-point resize written in torch, on
-the processor's device) give PIL's bytes, bit for bit; the default picks "torch" on accelerators; a resize torch does
+the processor's device) give PIL's bytes, bit for bit; the default picks "torch" on CUDA GPUs; a resize torch does
 not reproduce is never used silently. tests/test_processor_gpu.py checks the same bytes on a CUDA GPU."""
 
 import re
@@ -139,9 +139,9 @@ def test_torch_resizes_in_the_processor_and_gives_the_same_logits(processor, mon
 
 
 @pytest.mark.parametrize("device, expected", [(None, "pil"), ("cpu", "pil"), (torch.device("cpu"), "pil"),
-                                              ("cuda", "torch"), ("cuda:1", "torch"), ("mps", "torch"),
+                                              ("cuda", "torch"), ("cuda:1", "torch"), ("mps", "pil"),
                                               (torch.device("cuda", 0), "torch")])
-def test_the_default_is_torch_on_an_accelerator(processor, device, expected):
+def test_the_default_is_torch_on_a_cuda_gpu(processor, device, expected):
     layout = PatchLayout.of(processor.image_processor, device=device)
     assert (layout.frame_resize, layout.frame_resize_given) == (expected, False)
     given = PatchLayout.of(processor.image_processor, frame_resize="pil", device=device)
@@ -154,7 +154,7 @@ def test_the_default_torch_resize_is_used_and_gives_pils_pixels(processor, monke
     calls = []
     resize = processing.resized_as_pil
     monkeypatch.setattr(processing, "resized_as_pil", lambda *args: calls.append(args[1]) or resize(*args))
-    monkeypatch.setattr(processing, "default_frame_resize", lambda device: "torch")  # as on an accelerator
+    monkeypatch.setattr(processing, "default_frame_resize", lambda device: "torch")  # as on a CUDA GPU
     assert torch.equal(pixels(processor, frames), by_pil)
     assert calls == [grid_size(processor, 333, 201)]
 

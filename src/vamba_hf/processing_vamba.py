@@ -14,7 +14,7 @@ a file), then:
   resized to it; both give PIL's bytes, the original release's pixels, bit for bit. "pil": PIL on the CPU, a thread
   per CPU. "torch": on `device`, chunk by chunk as frames are patched: PIL's fixed-point weights and integer sums in
   torch, one pass per axis in PIL's order (tests/test_processor_resize.py checks the bytes for every filter PIL
-  resizes with, on sizes up and down). By default "torch" when `device` is an accelerator, "pil" on the CPU (and
+  resizes with, on sizes up and down). By default "torch" when `device` is a CUDA GPU, else "pil" (and
   "pil" for any size whose bytes a noise frame shows torch's passes not to reproduce, should a Pillow change its
   arithmetic; given explicitly, "torch" then raises). Frames decoded from a file are decoded at the grid size.
 - `return_metadata`: also return each video's sampled timestamps and frame indices.
@@ -267,9 +267,10 @@ def _normalize_(patches: torch.Tensor, layout: PatchLayout, exact_division: bool
 
 
 def default_frame_resize(device) -> str:
-    """"torch" on an accelerator, where it is the faster of two resizes that give the same bytes; "pil" on the CPU,
-    where PIL's own loops are (torch's passes there make and add a whole intermediate tensor per filter tap)."""
-    return "pil" if device is None or torch.device(device).type == "cpu" else "torch"
+    """"torch" on a CUDA GPU, where it is the faster of two resizes that give the same bytes (and where its bytes
+    are tested); "pil" elsewhere: on the CPU PIL's own loops are faster (torch's passes make and add a whole
+    intermediate tensor per filter tap)."""
+    return "torch" if device is not None and torch.device(device).type == "cuda" else "pil"
 
 
 def resize_frames(frames: list, size: tuple, resample: int) -> list:
