@@ -116,9 +116,9 @@ def sdpa_backends():
 
 
 def vision_sdpa_backends():
-    """SDPA with cuDNN attention where torch tries it first (Hopper): the vision tower's shapes repeat, so it plans
-    once per video, and on an H200 it attends within 1024 frames' rows (head_dim 80) in 0.39 s against flash's 0.51 s
-    (BENCHMARKS.md)."""
+    """SDPA with cuDNN attention where torch tries it first (Hopper): the vision tower's shapes repeat within a
+    video, so its plans are reused, and on an H200 it attends within 1024 frames' rows (head_dim 80) in 0.39 s
+    against flash's 0.51 s (BENCHMARKS.md)."""
     return sdpa_kernel([SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
                         SDPBackend.MATH])
 

@@ -365,20 +365,27 @@ def pil_axis_weights(in_size: int, out_size: int, resample: int) -> tuple:
     return first, weights
 
 
+@functools.lru_cache(maxsize=128)
+def _axis_taps_on(in_size: int, out_size: int, resample: int, device: torch.device) -> tuple:
+    """`pil_axis_weights` on `device`, once per sizes (the resize runs chunk by chunk): per tap, the input pixel of
+    every output pixel (taps, out_size) and its weight (taps, out_size); only the taps an input this short has."""
+    first, weights = pil_axis_weights(in_size, out_size, resample)
+    taps = min(weights.shape[1], in_size)
+    pixels = torch.from_numpy(first[None, :] + np.arange(taps)[:, None])
+    return pixels.to(device), torch.from_numpy(np.ascontiguousarray(weights[:, :taps].T)).to(device)
+
+
 def _pil_axis_pass(pixels: torch.Tensor, dim: int, out_size: int, resample: int) -> torch.Tensor:
     """int32 byte values resized along `dim` as PIL's 8-bit pass does: the fixed-point sum plus one half,
     shifted down and clamped to bytes (its clip8)."""
-    first, weights = pil_axis_weights(pixels.shape[dim], out_size, resample)
-    taps = min(weights.shape[1], pixels.shape[dim])
-    first = torch.from_numpy(first).to(pixels.device)
-    weights = torch.from_numpy(weights).to(pixels.device)
+    sources, weights = _axis_taps_on(pixels.shape[dim], out_size, resample, pixels.device)
     shape = [1] * pixels.dim()
     shape[dim] = out_size
     output_shape = list(pixels.shape)
     output_shape[dim] = out_size
     total = torch.full(output_shape, 1 << (PIL_PRECISION_BITS - 1), dtype=torch.int32, device=pixels.device)
-    for tap in range(taps):
-        total += pixels.index_select(dim, first + tap) * weights[:, tap].view(shape)
+    for tap_sources, tap_weights in zip(sources, weights):
+        total += pixels.index_select(dim, tap_sources) * tap_weights.view(shape)
     return total.bitwise_right_shift_(PIL_PRECISION_BITS).clamp_(0, 255)
 
 
@@ -427,9 +434,8 @@ def resized_as_pil(frames: torch.Tensor, size: tuple, resample: int) -> torch.Te
 def video_patches_into(output: torch.Tensor, frames: list, layout: PatchLayout, release=None) -> tuple:
     """Writes the flattened patches `(t*h*w, C*tp*P*P)` of HxWx3 uint8 frames (a multiple of tp of them, H and W
     multiples of P*merge, or any size where `layout.resizes_while_patching`: resized to the grid here, chunk by
-    chunk) into
-    `output`, rows (t, h/m, w/m, m, m), features (C, tp, P, P) as Qwen2-VL lays them out. `release(n)`, when
-    given, is told each time the first n frames are no longer needed.
+    chunk) into `output`, rows (t, h/m, w/m, m, m), features (C, tp, P, P) as Qwen2-VL lays them out.
+    `release(n)`, when given, is told each time the first n frames are no longer needed.
     Returns the grid (t, h, w)."""
     tp, patch, merge = layout.temporal_patch_size, layout.patch_size, layout.merge_size
     source_height, source_width, _ = frames[0].shape
