@@ -235,26 +235,32 @@ class Ours:
         self.device, self.dtype = device, dtype
         self.decode_workers = args.decode_workers
         self.decode_processes = DECODE_IN[args.decode_in[0]]
+        self.decode_device = args.decode_device
 
     def decode(self, path: Path, frames: int):
         from vamba_hf import load_video
 
         return load_video(path, self.sampling(frames))
 
-    def sampling(self, frames: int, decode_workers=None, decode_in=None):
+    def sampling(self, frames: int, decode_workers=None, decode_in=None, device_workers=0):
+        """`device_workers`: how many of the workers decode on `--decode-device` (0: none, "all": all)."""
         processes = self.decode_processes if decode_in is None else DECODE_IN[decode_in]
+        device = {} if device_workers == 0 else dict(decode_device=self.decode_device,
+                                                     decode_device_workers=None if device_workers == "all" else
+                                                     device_workers)
         return self.processor.video_sampling.with_options(num_frames=frames, max_frames=frames, progress=False,
                                                           decode_workers=decode_workers or self.decode_workers,
-                                                          decode_processes=processes)
+                                                          decode_processes=processes, **device)
 
     def preprocess(self, videos: list, device=None):
         prompt = self.processor.apply_chat_template(conversation("video"), add_generation_prompt=True)
         inputs = self.processor(text=[prompt] * len(videos), videos=videos, return_tensors="pt", device=device)
         return self.to_model(inputs)
 
-    def streamed_state(self, path: Path, frames: int, chunk_frames: int, decode_workers=None, decode_in=None):
+    def streamed_state(self, path: Path, frames: int, chunk_frames: int, decode_workers=None, decode_in=None,
+                       device_workers=0):
         """File -> video state, each chunk encoded on the device while the next ones decode."""
-        sampling = self.sampling(frames, decode_workers, decode_in)
+        sampling = self.sampling(frames, decode_workers, decode_in, device_workers)
         chunks = self.processor.video_chunks(path, chunk_frames=chunk_frames, device=self.device,
                                              **{name: getattr(sampling, name) for name in sampling.option_names()})
         return self.model.encode_video_chunks(chunks)
@@ -375,10 +381,10 @@ def streamed_stages(runner: "Ours", path: Path, frames: int, inputs, args, recor
     record["streamed"] = []
     with torch.inference_mode():
         reference = runner.first_token(inputs).logits
-    for decode_in, decode_workers, chunk_frames in itertools.product(args.decode_in, args.stream_workers or [None],
-                                                                     args.chunk_frames):
+    for decode_in, decode_workers, chunk_frames, device_workers in itertools.product(
+            args.decode_in, args.stream_workers or [None], args.chunk_frames, args.stream_device_workers):
         def file_to_first_token():
-            state = runner.streamed_state(path, frames, chunk_frames, decode_workers, decode_in)
+            state = runner.streamed_state(path, frames, chunk_frames, decode_workers, decode_in, device_workers)
             return runner.model(**question, video_state=state, logits_to_keep=1).logits
 
         seconds_per_run, peaks = [], []
@@ -393,7 +399,9 @@ def streamed_stages(runner: "Ours", path: Path, frames: int, inputs, args, recor
         difference = relative(logits, reference)
         record["streamed"].append({
             "chunk_frames": chunk_frames, "decode_workers": decode_workers or runner.decode_workers,
-            "decode_in": decode_in, "file_to_first_token_s": median(seconds_per_run),
+            "decode_in": decode_in, "device_workers": device_workers,
+            "decode_device": runner.decode_device if device_workers else None,
+            "file_to_first_token_s": median(seconds_per_run),
             "rss_peak_gib": rss.peak_gib, "peak_gib": max(peaks, default=None),
             "logits_relative_difference": difference,
             "same_first_token": bool(torch.equal(logits.argmax(-1), reference.argmax(-1)))})
@@ -552,6 +560,7 @@ class SmallerOurs(Ours):
         self.device, self.dtype = device, torch.float32
         self.decode_workers = args.decode_workers
         self.decode_processes = DECODE_IN[args.decode_in[0]]
+        self.decode_device = args.decode_device
 
 
 def extras(ours: Ours, path: Path, kept: dict, args, sink, budget: Budget) -> None:
@@ -669,6 +678,11 @@ def parse_args():
     parser.add_argument("--decode-in", default="auto",
                         help="ours: seeking decodes in 'threads', 'processes' or 'auto' (VideoSampling."
                              "decode_processes); comma-separated for the streamed path, the first for decode_s")
+    parser.add_argument("--decode-device", default="cuda",
+                        help="ours: the GPU whose NVDEC the workers of --stream-device-workers decode on")
+    parser.add_argument("--stream-device-workers", default="0",
+                        help="ours, streamed path: how many decoding workers decode on --decode-device, the others "
+                             "on the CPU (VideoSampling.decode_device_workers), comma-separated; 0: none, all: all")
     parser.add_argument("--chunk-frames", default="64",
                         help="ours: frames per chunk of the streamed path, comma-separated ('' leaves it out)")
     parser.add_argument("--extras", default="beams,batch,fp32-batch,fp32-stream", help="comma-separated; '' for none")
@@ -704,10 +718,18 @@ def parse_args():
         parser.error(f"--decode-in: give comma-separated names of {', '.join(DECODE_IN)}")
     args.stream_workers = positive_counts(parser, args.stream_workers, "--stream-workers") if args.stream_workers \
         else []
+    args.stream_device_workers = device_worker_counts(parser, args.stream_device_workers)
     unknown = set(args.models.split(",")) - {"vamba", "qwen2-vl"}
     if unknown:
         parser.error(f"--models: unknown {sorted(unknown)}; choose from vamba, qwen2-vl")
     return args
+
+
+def device_worker_counts(parser, text: str) -> list:
+    counts = [part.strip() for part in text.split(",") if part.strip()]
+    if not counts or not all(part == "all" or part.isdigit() for part in counts):
+        parser.error(f"--stream-device-workers {text!r}: give comma-separated worker counts or 'all', e.g. 0,4,all")
+    return [part if part == "all" else int(part) for part in counts]
 
 
 def chunk_sizes(parser, text: str) -> list[int]:

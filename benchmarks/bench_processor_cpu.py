@@ -1,14 +1,16 @@
 """CPU cost of the video input path: a 1-minute 640x360 H.264 file -> model inputs, against plain PyAV decoding.
 
     python benchmarks/bench_processor_cpu.py [--frames 512] [--runs 3] [--video FILE] [--decoder auto]
-        [--decode-workers N] [--decode-in auto|threads|processes] [--decode-device cuda] [--kinds pyav,processor]
+        [--decode-workers N] [--decode-in auto|threads|processes] [--decode-device cuda]
+        [--decode-device-workers N] [--kinds pyav,processor]
         [--seconds 60 --fps 30 --preset veryfast --gop 250]
 
 Writes the test file with PyAV when `--video` is not given (by default 30 fps, 1800 frames, libx264 veryfast),
 then measures, each run in a fresh process so that peak RSS is its own:
 - `pyav`: PyAV decodes every frame (threaded) and keeps the sampled ones as RGB arrays;
 - `load_video`: `load_video(FILE, num_frames=N, decoder=..., decode_workers=..., decode_processes=...,
-  decode_device=...)`, frames only (default resize; `--decode-device cuda` decodes on the GPU's NVDEC);
+  decode_device=..., decode_device_workers=...)`, frames only (default resize; `--decode-device cuda` decodes on
+  the GPU's NVDEC, with `--decode-device-workers N` in N of the workers and on the CPU in the others);
 - `processor`: `VambaProcessor(text=..., videos=FILE, num_frames=N, return_tensors="pt")`, the default options
   (the original release's pixels) but for `--decoder` / `--decode-workers`.
 Prints one JSON line: medians of the wall and CPU times, the largest peak RSS of each, their ratios, and the load
@@ -112,6 +114,8 @@ def measure(kind: str, path: str, frames: int, decoding: dict) -> dict:
     command += ["--decode-in", {value: name for name, value in DECODE_IN.items()}[decoding["decode_processes"]]]
     if decoding["decode_device"] is not None:
         command += ["--decode-device", decoding["decode_device"]]
+    if decoding["decode_device_workers"] is not None:
+        command += ["--decode-device-workers", str(decoding["decode_device_workers"])]
     run = subprocess.run(command, capture_output=True, text=True)
     if run.returncode:
         sys.exit(f"the {kind} run failed: {(run.stderr.strip().splitlines() or ['no output'])[-1]}")
@@ -129,6 +133,8 @@ def main(argv=None) -> None:
                         help="seeking decodes in threads or in processes (VideoSampling.decode_processes)")
     parser.add_argument("--decode-device", help="decode on this GPU's NVDEC, e.g. cuda (VideoSampling.decode_device; "
                         "default: the CPU)")
+    parser.add_argument("--decode-device-workers", type=int, help="with --decode-device, how many workers decode on "
+                        "it (VideoSampling.decode_device_workers; default: all)")
     parser.add_argument("--kinds", default="pyav,processor", help=f"comma-separated, of {', '.join(KINDS)}")
     parser.add_argument("--seconds", type=int, default=60, help="length of the test file written")
     parser.add_argument("--fps", type=int, default=30, help="frame rate of the test file written")
@@ -138,7 +144,8 @@ def main(argv=None) -> None:
     parser.add_argument("--child", choices=KINDS, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     decoding = {"decoder": args.decoder, "decode_workers": args.decode_workers,
-                "decode_processes": DECODE_IN[args.decode_in], "decode_device": args.decode_device}
+                "decode_processes": DECODE_IN[args.decode_in], "decode_device": args.decode_device,
+                "decode_device_workers": args.decode_device_workers}
     if args.child:
         return child(args.child, args.video, args.frames, decoding)
     kinds = args.kinds.split(",")

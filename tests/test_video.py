@@ -382,7 +382,8 @@ def test_num_frames_above_max_frames_is_capped_with_a_warning(tmp_path):
                                      {"decode_processes": "yes"}, {"decode_processes": 1},
                                      {"decode_device": "gpu"}, {"decode_device": "cuda:"}, {"decode_device": "cuda:-1"},
                                      {"decode_device": "CUDA"}, {"decode_device": 0},
-                                     {"decode_processes": True, "decode_device": "cuda"}])
+                                     {"decode_device_workers": 0, "decode_device": "cuda"},
+                                     {"decode_device_workers": 2}])
 def test_bad_sampling_values_are_refused_in_one_line(tmp_path, options):
     path = write_video(tmp_path / "clip.mp4", num_frames=4)
     with pytest.raises(ValueError, match="is not (a )?valid") as error:
@@ -768,9 +769,19 @@ def test_decode_device_values():
     with pytest.raises(ValueError, match=r"decode_device='cuda:x' is not valid: give None \(the CPU\), \"cuda\" or "
                                          r"\"cuda:N\""):
         VideoSampling(decode_device="cuda:x")
-    with pytest.raises(ValueError, match=r"decode_processes=True with decode_device='cuda:1' is not valid: hardware "
-                                         r"decoding runs in threads.*Give decode_processes=None or False"):
-        VideoSampling(decode_device="cuda:1", decode_processes=True)
+    assert VideoSampling(decode_device="cuda:1", decode_processes=True, decode_device_workers=3).decode_processes
+    with pytest.raises(ValueError, match=r"decode_device_workers=2 is not valid without decode_device.*give "
+                                         r"decode_device \(\"cuda\" or \"cuda:N\"\) too\.$"):
+        VideoSampling(decode_device_workers=2)
+
+
+@pytest.mark.parametrize("device, device_workers, workers, expected",
+                         [(None, None, 3, [None] * 3), ("cuda:1", None, 3, ["cuda:1"] * 3),
+                          ("cuda", 2, 5, ["cuda", "cuda", None, None, None]), ("cuda", 9, 2, ["cuda", "cuda"])])
+def test_which_workers_decode_on_the_device(device, device_workers, workers, expected):
+    decoder = video_decode_vamba._SeekingDecoder("clip.mp4", None, video_decode_vamba._PacketIndex([], [], []),
+                                                 None, None, device=device, device_workers=device_workers)
+    assert decoder.worker_devices(workers) == expected
 
 
 needs_no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA device: "
@@ -913,6 +924,35 @@ def test_every_container_opened_for_decoding_gets_the_device_and_the_workers_are
     with stream_video(path, NO_RESIZE, num_frames=20, decode_workers=2, decode_device="cuda") as stream:
         assert_same_video(stream.video(), expected)
     assert set(devices) == {"cuda"}
+
+
+def test_with_decode_device_workers_the_other_workers_decode_on_the_cpu(tmp_path, monkeypatch):
+    path = write_x264(tmp_path / "gops.mp4")
+    expected = one_pass(path, NO_RESIZE.with_options(num_frames=20))
+    devices, open_container = [], video_decode_vamba._open_container
+
+    def open_on_the_cpu(location, timeout, device=None):
+        devices.append(device)
+        return open_container(location, timeout)
+
+    monkeypatch.setattr(video_decode_vamba, "_open_container", open_on_the_cpu)  # the workers' containers
+    monkeypatch.setattr(video_vamba, "_open_container", lambda location, timeout, device: open_container(location,
+                                                                                                         timeout))
+    assert_same_video(load_by_seeking(path, NO_RESIZE, num_frames=20, decode_workers=4, decode_device="cuda:1",
+                                      decode_device_workers=1, decode_processes=False), expected)
+    assert sorted(map(str, devices)) == ["None", "None", "None", "cuda:1"]
+
+
+@needs_no_cuda
+def test_a_decoding_process_on_a_device_it_cannot_open_says_so(tmp_path, monkeypatch):
+    path = write_x264(tmp_path / "gops.mp4")
+    open_container = video_decode_vamba._open_container  # this process opens the file on the CPU; its workers cannot
+    monkeypatch.setattr(video_vamba, "_open_container", lambda location, timeout, device: open_container(location,
+                                                                                                         timeout))
+    with pytest.raises(RuntimeError, match=r"worker process failed \(RuntimeError: decode_device='cuda' cannot "
+                                           r"decode .*gops.mp4.*NVIDIA driver with NVDEC"):
+        load_video(path, NO_RESIZE, num_frames=20, decoder="seek", decode_workers=2, decode_processes=True,
+                   decode_device="cuda", decode_device_workers=1)
 
 
 class _FailingPacket:

@@ -70,6 +70,20 @@ def test_streamed_nvdec_frames_are_the_cpus(tmp_path, hardware_frames):
     assert len(hardware_frames) == 20
 
 
+@pytest.mark.parametrize("device_workers", [None, 1, 2])
+def test_nvdec_in_processes_and_beside_cpu_workers_gives_the_frames_of_the_cpu(tmp_path, device_workers):
+    path = write_x264(tmp_path / "gops.mp4")
+    sampling = NO_RESIZE.with_options(num_frames=40, decoder="seek", decode_workers=3)
+    expected = load_video(path, sampling)
+    for processes in (True, False):
+        video = load_video(path, sampling, decode_processes=processes, decode_device="cuda",
+                           decode_device_workers=device_workers)
+        assert_same_video(video, expected)
+    with stream_video(path, sampling, decode_processes=True, decode_device="cuda",
+                      decode_device_workers=device_workers) as stream:
+        assert_same_video(stream.video(), expected)
+
+
 def test_a_codec_without_nvdec_raises_rather_than_decode_on_the_cpu(tmp_path):
     path = write_video(tmp_path / "clip.mkv", codec="ffv1")
     with pytest.raises(RuntimeError, match=r"decode_device='cuda' cannot decode .*decode_device=None"):

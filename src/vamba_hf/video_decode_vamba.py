@@ -729,16 +729,17 @@ class _RowWriter:
 
 
 class _SeekingDecoder:
-    """Decodes the sampled GOPs of a local file in worker threads (on `device`'s NVDEC when given), or in worker
-    processes (`_DecodingProcess`, with `processes`), each with its own container open on the file, taking runs of
-    GOPs in time order. Every decoded frame is checked against the packet index (its time is a packet's, frames
-    follow each other without a gap from a keyframe, which decodes as one), so the frames are those one pass from
-    the start gives, or `_IndexMismatch` is raised."""
+    """Decodes the sampled GOPs of a local file in worker threads, or in worker processes (`_DecodingProcess`, with
+    `processes`), each with its own container open on the file, taking runs of GOPs in time order. With `device`,
+    the first `device_workers` workers (None: all) decode on that GPU's NVDEC and the others on the CPU. Every
+    decoded frame is checked against the packet index (its time is a packet's, frames follow each other without a
+    gap from a keyframe, which decodes as one), so the frames are those one pass from the start gives, or
+    `_IndexMismatch` is raised."""
 
     def __init__(self, location: str, facts: _StreamFacts, index: _PacketIndex, resize: FrameResize, bar,
-                 processes: bool = False, device: Optional[str] = None):
+                 processes: bool = False, device: Optional[str] = None, device_workers: Optional[int] = None):
         self.location, self.facts, self.index, self.resize, self.bar = location, facts, index, resize, bar
-        self.processes, self.device = processes, device
+        self.processes, self.device, self.device_workers = processes, device, device_workers
         # A decoded frame is the packet of its timestamp (the index holds distinct timestamps).
         self.position_of_pts = {pts: position for position, pts in enumerate(index.pts)}
         self.stop = threading.Event()
@@ -751,17 +752,25 @@ class _SeekingDecoder:
         writer = _RowWriter(capacity, self.resize, workers=_conversion_workers())
         runs = collections.deque(_split_into_runs(gops, workers * RUNS_PER_WORKER))
         workers = min(workers, len(runs))
+        devices = self.worker_devices(workers)
         codec_threads = max(1, (os.cpu_count() or 1) // workers)
         work = self._work
         if self.processes:
             job = _DecodingProcess.job(self.location, self.facts, self.index, self.resize)
             work = functools.partial(self._work_in_process, job)
-        threads = [threading.Thread(target=work, args=(runs, writer, codec_threads), daemon=True)
-                   for _ in range(workers)]
+        threads = [threading.Thread(target=work, args=(runs, writer, codec_threads, device), daemon=True)
+                   for device in devices]
         for thread in threads:
             thread.start()
         threading.Thread(target=self._close_after, args=(threads, writer), daemon=True).start()
         return writer
+
+    def worker_devices(self, workers: int) -> list:
+        """Where each of `workers` workers decodes: `device` (NVDEC) or None (the CPU)."""
+        if self.device is None:
+            return [None] * workers
+        on_device = workers if self.device_workers is None else min(self.device_workers, workers)
+        return [self.device] * on_device + [None] * (workers - on_device)
 
     def decode(self, gops: list, capacity: int, workers: int) -> _RowWriter:
         """The writer holding all the decoded frames and their times, once every thread has ended."""
@@ -786,23 +795,24 @@ class _SeekingDecoder:
             self.bar.close()
         writer.close()
 
-    def _work(self, runs: collections.deque, writer: _RowWriter, codec_threads: int) -> None:
+    def _work(self, runs: collections.deque, writer: _RowWriter, codec_threads: int, device: Optional[str]) -> None:
         try:
-            with _open_container(self.location, timeout=None, device=self.device) as container:
+            with _open_container(self.location, timeout=None, device=device) as container:
                 stream = container.streams.video[0]
-                _set_codec_threads(stream, codec_threads, on_device=self.device is not None)
+                _set_codec_threads(stream, codec_threads, on_device=device is not None)
                 while not self.stop.is_set():
                     try:
                         run = runs.popleft()
                     except IndexError:
                         return
-                    self._decode_run(container, stream, run, writer)
+                    self._decode_run(container, stream, run, writer, device)
         except _import_av().error.FFmpegError:  # a device that fails raises a `_device_error`, no FFmpegError
             self._failed(writer, _IndexMismatch())
         except BaseException as error:  # handed to the thread waiting for the frames
             self._failed(writer, error)
 
-    def _work_in_process(self, job: bytes, runs: collections.deque, writer: _RowWriter, codec_threads: int) -> None:
+    def _work_in_process(self, job: bytes, runs: collections.deque, writer: _RowWriter, codec_threads: int,
+                         device: Optional[str]) -> None:
         try:
             with self.lock:
                 if self.stop.is_set():
@@ -813,7 +823,7 @@ class _SeekingDecoder:
             self._failed(writer, error)
             return
         try:
-            process.send_job(job, codec_threads)
+            process.send_job(job, codec_threads, device)
             while not self.stop.is_set():
                 try:
                     run = runs.popleft()
@@ -829,12 +839,12 @@ class _SeekingDecoder:
         self.stop.set()
         writer.fail(error)
 
-    def _decode_run(self, container, stream, gops: list, writer: _RowWriter) -> None:
+    def _decode_run(self, container, stream, gops: list, writer: _RowWriter, device: Optional[str]) -> None:
         frames, expected = None, None
         for gop in gops:
             if frames is None or gop.keyframe - expected > MAX_GAP_DECODED:
                 container.seek(self.index.pts[gop.keyframe], stream=stream, backward=True)
-                frames, expected = _decoded_frames(container, stream, self.device), gop.keyframe
+                frames, expected = _decoded_frames(container, stream, device), gop.keyframe
             expected = self._decode_gop(frames, expected, gop, writer)
 
     def _decode_gop(self, frames, expected: int, gop: _GopSamples, writer: _RowWriter) -> int:
@@ -902,9 +912,9 @@ class _DecodingProcess:
             except OSError:
                 pass  # a smaller pipe only means more reads and writes
 
-    def send_job(self, job: bytes, codec_threads: int) -> None:
+    def send_job(self, job: bytes, codec_threads: int, device: Optional[str]) -> None:
         """Sends the decode's `job` line, then this process's own (it blocks until the process reads them)."""
-        self._send(job + json.dumps({"codec_threads": codec_threads}).encode() + b"\n")
+        self._send(job + json.dumps({"codec_threads": codec_threads, "device": device}).encode() + b"\n")
 
     @staticmethod
     def job(location: str, facts: _StreamFacts, index: _PacketIndex, resize: FrameResize) -> bytes:
@@ -1032,12 +1042,12 @@ def serve_decoding(replies) -> None:
     av = None
     try:
         av = _import_av()
-        with _open_container(job["location"], timeout=None) as container:
+        with _open_container(job["location"], timeout=None, device=job["device"]) as container:
             stream = container.streams.video[0]
-            _set_codec_threads(stream, job["codec_threads"])
+            _set_codec_threads(stream, job["codec_threads"], on_device=job["device"] is not None)
             for line in iter(commands.readline, b""):
                 gops = [_GopSamples(keyframe, dict(rows)) for keyframe, rows in json.loads(line)["run"]]
-                decoder._decode_run(container, stream, gops, sender)
+                decoder._decode_run(container, stream, gops, sender, job["device"])
                 sender.end_run()
     except BaseException as error:
         if isinstance(error, _IndexMismatch) or (av is not None and isinstance(error, av.error.FFmpegError)):

@@ -116,12 +116,14 @@ class VideoSampling:
       decode at least `MIN_FRAMES_FOR_PROCESSES` frames, where they pay (threads with `decode_device`). The frames
       are the same either way.
     - `decode_device`: None decodes on the CPU; "cuda" or "cuda:N" decodes on that GPU's NVDEC (FFmpeg's hwaccel
-      through PyAV, in worker threads: not with `decode_processes=True`). The frames are the CPU decoder's bit for
-      bit: H.264 decoding is exact, and only the sampled frames are copied to host memory and converted there by the
-      same code. It needs a PyAV whose FFmpeg has the cuda device and an NVIDIA driver with NVDEC; a file or
-      machine it cannot decode on raises (there is no fallback to the CPU). It pays where the GPU has few CPU
-      cores beside it: on the H200 host, 1024 frames of an hour-long 640x360 H.264 file decode in 12.0 s on NVDEC
-      against 19.1 s on 4 of its cores, but in 5.8 s in 16 processes on all 16 (BENCHMARKS.md).
+      through PyAV, in threads or in processes). The frames are the CPU decoder's bit for bit: H.264 decoding is
+      exact, and only the sampled frames are copied to host memory and converted there by the same code. It needs a
+      PyAV whose FFmpeg has the cuda device and an NVIDIA driver with NVDEC; a file or machine it cannot decode on
+      raises (there is no fallback to the CPU). It pays where the GPU has few CPU cores beside it: on the H200
+      host, 1024 frames of an hour-long 640x360 H.264 file decode in 12.0 s on NVDEC in threads against 19.1 s on
+      4 of its cores, but in 5.8 s in 16 processes on all 16 (BENCHMARKS.md).
+    - `decode_device_workers`: with `decode_device`, how many of the workers decode on it (at most all of them);
+      the others decode on the CPU, all taking runs of GOPs from one queue. None: all of them.
     """
 
     num_frames: int = 128
@@ -136,6 +138,7 @@ class VideoSampling:
     decode_workers: Optional[int] = None
     decode_processes: Optional[bool] = None
     decode_device: Optional[str] = None
+    decode_device_workers: Optional[int] = None
 
     def __post_init__(self):
         _check_count("num_frames", self.num_frames)
@@ -156,10 +159,11 @@ class VideoSampling:
                                                    re.fullmatch(r"cuda(:[0-9]+)?", self.decode_device)):
             raise ValueError(f"decode_device={self.decode_device!r} is not valid: give None (the CPU), \"cuda\" or "
                              "\"cuda:N\" (GPU N's NVDEC).")
-        if self.decode_device is not None and self.decode_processes:
-            raise ValueError(f"decode_processes=True with decode_device={self.decode_device!r} is not valid: "
-                             "hardware decoding runs in threads (each process would create its own CUDA context). "
-                             "Give decode_processes=None or False.")
+        _check_count("decode_device_workers", self.decode_device_workers, optional=True)
+        if self.decode_device_workers is not None and self.decode_device is None:
+            raise ValueError(f"decode_device_workers={self.decode_device_workers} is not valid without "
+                             "decode_device: it says how many workers decode on that GPU; give decode_device "
+                             "(\"cuda\" or \"cuda:N\") too.")
 
     def worker_count(self, processes: bool = False) -> int:
         cpus = os.cpu_count() or 1
@@ -427,7 +431,8 @@ class _VideoSampler:
         if processes:
             workers = min(self.sampling.worker_count(processes=True), len(gops))
         decoder = _SeekingDecoder(self.location, self.facts, self.index, self.resize, bar, processes=processes,
-                                  device=self.sampling.decode_device)
+                                  device=self.sampling.decode_device,
+                                  device_workers=self.sampling.decode_device_workers)
         return decoder, gops, kept, workers
 
     def frame_stream(self) -> "FrameStream":
