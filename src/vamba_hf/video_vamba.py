@@ -120,10 +120,12 @@ class VideoSampling:
       exact, and only the sampled frames are copied to host memory and converted there by the same code. It needs a
       PyAV whose FFmpeg has the cuda device and an NVIDIA driver with NVDEC; a file or machine it cannot decode on
       raises (there is no fallback to the CPU). It pays where the GPU has few CPU cores beside it: on the H200
-      host, 1024 frames of an hour-long 640x360 H.264 file decode in 12.0 s on NVDEC in threads against 19.1 s on
-      4 of its cores, but in 5.8 s in 16 processes on all 16 (BENCHMARKS.md).
+      host NVDEC decodes 1024 samples of an hour-long 640x360 H.264 file in 10-11.8 s (threads or processes, it
+      tops out at ~7k frames/s) against 18.5 s on 4 of its cores, but 16 CPU processes take 4.7-5.8 s.
     - `decode_device_workers`: with `decode_device`, how many of the workers decode on it (at most all of them);
-      the others decode on the CPU, all taking runs of GOPs from one queue. None: all of them.
+      the others decode on the CPU, all taking runs of GOPs from one queue. None: all of them. On 4 cores of the
+      H200 host 4 NVDEC and 4 CPU processes decode that file in 10.3 s (NVDEC alone 11.5 s); on its 16 cores any
+      mix is slower than the CPU processes alone (BENCHMARKS.md).
     """
 
     num_frames: int = 128
