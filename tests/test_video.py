@@ -944,6 +944,22 @@ def test_with_decode_device_workers_the_other_workers_decode_on_the_cpu(tmp_path
 
 
 @needs_no_cuda
+def test_workers_beside_device_workers_are_processes_by_default(tmp_path, monkeypatch):
+    """Processes where they pay, as without a device: CPU decoders in threads beside NVDEC's share the interpreter
+    lock with them (slower on the H200 host, BENCHMARKS.md). Here the device worker's process cannot open the GPU."""
+    path = write_x264(tmp_path / "gops.mp4")
+    open_container = video_decode_vamba._open_container
+    monkeypatch.setattr(video_vamba, "_open_container", lambda location, timeout, device: open_container(location,
+                                                                                                         timeout))
+    monkeypatch.setattr(video_vamba, "MIN_FRAMES_FOR_PROCESSES", 1)
+    started = counted_decoding_processes(monkeypatch)
+    with pytest.raises(RuntimeError, match=r"worker process failed \(RuntimeError: decode_device='cuda' cannot"):
+        load_video(path, NO_RESIZE, num_frames=20, decoder="seek", decode_workers=4, decode_device="cuda",
+                   decode_device_workers=1)
+    assert started
+
+
+@needs_no_cuda
 def test_a_decoding_process_on_a_device_it_cannot_open_says_so(tmp_path, monkeypatch):
     path = write_x264(tmp_path / "gops.mp4")
     open_container = video_decode_vamba._open_container  # this process opens the file on the CPU; its workers cannot

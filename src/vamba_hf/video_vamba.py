@@ -113,8 +113,8 @@ class VideoSampling:
       codec threads).
     - `decode_processes`: the workers are Python processes (True), which share no interpreter lock with each other
       or with the caller, or threads (False); None: processes when at least `MIN_WORKERS_FOR_PROCESSES` workers
-      decode at least `MIN_FRAMES_FOR_PROCESSES` frames, where they pay (threads with `decode_device`). The frames
-      are the same either way.
+      decode at least `MIN_FRAMES_FOR_PROCESSES` frames, where they pay (threads when all the workers decode on
+      `decode_device`). The frames are the same either way.
     - `decode_device`: None decodes on the CPU; "cuda" or "cuda:N" decodes on that GPU's NVDEC (FFmpeg's hwaccel
       through PyAV, in threads or in processes). The frames are the CPU decoder's bit for bit: H.264 decoding is
       exact, and only the sampled frames are copied to host memory and converted there by the same code. It needs a
@@ -426,16 +426,22 @@ class _VideoSampler:
         if self.sampling.decoder == "auto" and workers == 1 and not self._seeking_pays(gops):
             return None
         bar = _progress_bar(sum(gop.cost for gop in gops), self.sampling.progress, description)
-        processes = self.sampling.decode_processes
-        if processes is None:
-            processes = self.sampling.decode_device is None and workers >= MIN_WORKERS_FOR_PROCESSES and \
-                _can_start_interpreters() and sum(gop.cost for gop in gops) >= MIN_FRAMES_FOR_PROCESSES
+        processes = self._in_processes(workers, gops)
         if processes:
             workers = min(self.sampling.worker_count(processes=True), len(gops))
         decoder = _SeekingDecoder(self.location, self.facts, self.index, self.resize, bar, processes=processes,
                                   device=self.sampling.decode_device,
                                   device_workers=self.sampling.decode_device_workers)
         return decoder, gops, kept, workers
+
+    def _in_processes(self, workers: int, gops: list) -> bool:
+        """`decode_processes`, or by default processes where they pay, except when every worker decodes on NVDEC
+        (as fast in threads, which need no CUDA context each)."""
+        if self.sampling.decode_processes is not None:
+            return self.sampling.decode_processes
+        all_on_device = self.sampling.decode_device is not None and self.sampling.decode_device_workers is None
+        return not all_on_device and workers >= MIN_WORKERS_FOR_PROCESSES and _can_start_interpreters() and \
+            sum(gop.cost for gop in gops) >= MIN_FRAMES_FOR_PROCESSES
 
     def frame_stream(self) -> "FrameStream":
         """The sampled frames as they decode, when the file can be decoded by seeking; else decoded here first."""
