@@ -818,12 +818,23 @@ def test_the_processor_takes_decode_device_as_its_other_sampling_options(tmp_pat
         build_tiny_processor().apply_chat_template([{"role": "user", "content": [item]}], tokenize=True)
 
 
+def open_containers_on_the_cpu(monkeypatch, module) -> list:
+    """`module`'s containers open on the CPU whatever device they are asked for; returns the list of the devices
+    asked for, in order."""
+    devices, open_container = [], video_decode_vamba._open_container
+
+    def open_on_the_cpu(location, timeout, device=None):
+        devices.append(device)
+        return open_container(location, timeout)
+
+    monkeypatch.setattr(module, "_open_container", open_on_the_cpu)
+    return devices
+
+
 @needs_no_cuda
 def test_a_seeking_thread_that_cannot_open_the_device_raises_rather_than_decode_in_one_pass(tmp_path, monkeypatch):
     path = write_x264(tmp_path / "gops.mp4")
-    open_container = video_vamba._open_container
-    monkeypatch.setattr(video_vamba, "_open_container", lambda location, timeout, device: open_container(location,
-                                                                                                         timeout))
+    open_containers_on_the_cpu(monkeypatch, video_vamba)
     monkeypatch.setattr(video_vamba, "_decode_plan", lambda *args: pytest.fail("decoded in one pass"))
     with pytest.raises(RuntimeError, match=r"decode_device='cuda:0' cannot decode .*decode_device=None"):
         load_video(path, NO_RESIZE, num_frames=5, decoder="seek", decode_workers=2, decode_device="cuda:0")
@@ -905,39 +916,27 @@ def test_an_unreadable_file_says_so_before_the_device(tmp_path):
 def test_every_container_opened_for_decoding_gets_the_device_and_the_workers_are_threads(tmp_path, monkeypatch):
     path = write_x264(tmp_path / "gops.mp4")
     expected = one_pass(path, NO_RESIZE.with_options(num_frames=20))
-    devices, open_container = [], video_decode_vamba._open_container
-
-    def open_on_the_cpu(location, timeout, device=None):  # records the device, decodes on the CPU
-        devices.append(device)
-        return open_container(location, timeout)
-
-    monkeypatch.setattr(video_vamba, "_open_container", open_on_the_cpu)
-    monkeypatch.setattr(video_decode_vamba, "_open_container", open_on_the_cpu)
+    opened_here = open_containers_on_the_cpu(monkeypatch, video_vamba)
+    devices = open_containers_on_the_cpu(monkeypatch, video_decode_vamba)
     monkeypatch.setattr(video_vamba, "MIN_FRAMES_FOR_PROCESSES", 1)
     started = counted_decoding_processes(monkeypatch)
     assert_same_video(load_by_seeking(path, NO_RESIZE, num_frames=20, decode_workers=4, decode_device="cuda:1"),
                       expected)
-    assert not started and 2 <= len(devices) <= 5 and set(devices) == {"cuda:1"}
+    assert not started and opened_here == ["cuda:1"] and 1 <= len(devices) <= 4 and set(devices) == {"cuda:1"}
+    opened_here.clear()
     devices.clear()
     assert_same_video(load_video(path, NO_RESIZE, num_frames=20, decoder="sequential", decode_device="cuda"), expected)
-    assert devices == ["cuda"]
+    assert opened_here + devices == ["cuda"]
     with stream_video(path, NO_RESIZE, num_frames=20, decode_workers=2, decode_device="cuda") as stream:
         assert_same_video(stream.video(), expected)
-    assert set(devices) == {"cuda"}
+    assert set(opened_here + devices) == {"cuda"}
 
 
 def test_with_decode_device_workers_the_other_workers_decode_on_the_cpu(tmp_path, monkeypatch):
     path = write_x264(tmp_path / "gops.mp4")
     expected = one_pass(path, NO_RESIZE.with_options(num_frames=20))
-    devices, open_container = [], video_decode_vamba._open_container
-
-    def open_on_the_cpu(location, timeout, device=None):
-        devices.append(device)
-        return open_container(location, timeout)
-
-    monkeypatch.setattr(video_decode_vamba, "_open_container", open_on_the_cpu)  # the workers' containers
-    monkeypatch.setattr(video_vamba, "_open_container", lambda location, timeout, device: open_container(location,
-                                                                                                         timeout))
+    open_containers_on_the_cpu(monkeypatch, video_vamba)
+    devices = open_containers_on_the_cpu(monkeypatch, video_decode_vamba)  # the workers' containers
     assert_same_video(load_by_seeking(path, NO_RESIZE, num_frames=20, decode_workers=4, decode_device="cuda:1",
                                       decode_device_workers=1, decode_processes=False), expected)
     assert sorted(map(str, devices)) == ["None", "None", "None", "cuda:1"]
@@ -948,9 +947,7 @@ def test_workers_beside_device_workers_are_processes_by_default(tmp_path, monkey
     """Processes where they pay, as without a device: CPU decoders in threads beside NVDEC's share the interpreter
     lock with them (slower on the H200 host, BENCHMARKS.md). Here the device worker's process cannot open the GPU."""
     path = write_x264(tmp_path / "gops.mp4")
-    open_container = video_decode_vamba._open_container
-    monkeypatch.setattr(video_vamba, "_open_container", lambda location, timeout, device: open_container(location,
-                                                                                                         timeout))
+    open_containers_on_the_cpu(monkeypatch, video_vamba)
     monkeypatch.setattr(video_vamba, "MIN_FRAMES_FOR_PROCESSES", 1)
     started = counted_decoding_processes(monkeypatch)
     with pytest.raises(RuntimeError, match=r"worker process failed \(RuntimeError: decode_device='cuda' cannot"):
@@ -962,9 +959,7 @@ def test_workers_beside_device_workers_are_processes_by_default(tmp_path, monkey
 @needs_no_cuda
 def test_a_decoding_process_on_a_device_it_cannot_open_says_so(tmp_path, monkeypatch):
     path = write_x264(tmp_path / "gops.mp4")
-    open_container = video_decode_vamba._open_container  # this process opens the file on the CPU; its workers cannot
-    monkeypatch.setattr(video_vamba, "_open_container", lambda location, timeout, device: open_container(location,
-                                                                                                         timeout))
+    open_containers_on_the_cpu(monkeypatch, video_vamba)  # this process opens the file on the CPU; its workers cannot
     with pytest.raises(RuntimeError, match=r"worker process failed \(RuntimeError: decode_device='cuda' cannot "
                                            r"decode .*gops.mp4.*NVIDIA driver with NVDEC"):
         load_video(path, NO_RESIZE, num_frames=20, decoder="seek", decode_workers=2, decode_processes=True,
