@@ -220,7 +220,7 @@ def test_refuses_to_overwrite_without_force(video_short_source, tmp_path):
 @pytest.mark.parametrize("extra, reason", [
     ("keep.txt", "it holds keep.txt"),
     ("notes/", "it holds notes"),
-    ("model.safetensors.index.json", "it has no Vamba config.json"),  # convert's file names, but not a Vamba folder
+    ("model.safetensors.index.json", r"it has no \.vamba-hf-convert\.json"),  # convert's file names, not its record
 ])
 def test_force_never_replaces_a_folder_convert_did_not_write(video_short_source, tmp_path, extra, reason):
     destination = tmp_path / "hub"
@@ -235,7 +235,7 @@ def test_force_never_replaces_a_folder_convert_did_not_write(video_short_source,
             (destination / extra).write_text("mine")
     before = tree_snapshot(tmp_path)
     with pytest.raises(ConversionError, match=r"^--force replaces only an empty folder or one written by vamba-hf "
-                                              rf"convert .* is not one \({reason}\)"):
+                                              rf"convert .* is not one \({reason}"):
         convert_quietly(video_short_source, destination, force=True)
     assert tree_snapshot(tmp_path) == before
 
@@ -443,7 +443,7 @@ def test_only_hub_files_are_copied(golden_dir, tmp_path):
     (source / "sub" / "model.safetensors").write_bytes(b"nested")
     convert_quietly(source, tmp_path / "hub")
     hub = tmp_path / "hub"
-    assert {p.name for p in hub.iterdir()} <= convert_module.HUB_FILES
+    assert {p.name for p in hub.iterdir()} <= convert_module.HUB_FILES | {convert_module.CONVERT_RECORD}
     assert {"config.json", "generation_config.json", "README.md", "model.safetensors", *REMOTE_CODE_FILES} <= {
         p.name for p in hub.iterdir()}
     for name in REMOTE_CODE_FILES:
@@ -464,39 +464,36 @@ def test_created_folders_and_files_follow_the_umask(video_short_source, tmp_path
             assert path.stat().st_mode & 0o777 == 0o666 & ~umask, path.name
 
 
-# A convert run in a child process that stops for good once the weights are in the partial folder, so that the
-# test can kill it there; the product code has no hook for this: the driver wraps the card writer it calls.
+# A convert run in a child process that stops for good once its folder is complete in the partial folder, so that
+# the test can kill it there; the product code has no hook for this: the driver wraps the writer it calls last. The
+# child prints the partial folder's path on stdout once it is written: the test blocks on that line (no polling).
 _STOPPING_CONVERT = """
 import sys, time
-from pathlib import Path
 import vamba_hf.convert as convert
 
-real_card = convert.write_model_card
-def card_then_wait(folder, *args, **kwargs):
-    real_card(folder, *args, **kwargs)
-    Path(sys.argv[3]).write_text(str(folder))
+real_record = convert.write_convert_record
+def record_then_wait(folder, *args, **kwargs):
+    real_record(folder, *args, **kwargs)
+    print(folder, flush=True)
     time.sleep(600)
 
-convert.write_model_card = card_then_wait
+convert.write_convert_record = record_then_wait
 convert.convert_checkpoint(sys.argv[1], sys.argv[2], log=lambda message: None)
 """
 
 
-def _start_stopping_convert(source, destination, ready):
+def _start_stopping_convert(source, destination, errors):
     import subprocess
     import sys
-    import time
 
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(PACKAGE_DIR.parent),
                                                                       os.environ.get("PYTHONPATH")]))}
-    process = subprocess.Popen([sys.executable, "-c", _STOPPING_CONVERT, str(source), str(destination), str(ready)],
-                               env=env, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 120
-    while not ready.exists():
-        assert process.poll() is None, process.stderr.read().decode()
-        assert time.monotonic() < deadline, "the convert child never reached the card"
-        time.sleep(0.05)
-    return process, Path(ready.read_text())
+    with open(errors, "wb") as stderr:
+        process = subprocess.Popen([sys.executable, "-c", _STOPPING_CONVERT, str(source), str(destination)],
+                                   env=env, stdout=subprocess.PIPE, stderr=stderr, text=True)
+    line = process.stdout.readline()  # the child's signal: the folder is written (an empty line: it ended early)
+    assert line.endswith("\n"), f"the convert child ended before its folder was written: {errors.read_text()}"
+    return process, Path(line[:-1])
 
 
 def test_a_killed_convert_leaves_a_partial_folder_the_next_run_removes(video_short_source, tmp_path):
@@ -504,12 +501,12 @@ def test_a_killed_convert_leaves_a_partial_folder_the_next_run_removes(video_sho
 
     out = tmp_path / "out"
     out.mkdir()
-    process, partial = _start_stopping_convert(video_short_source, out / "hub", tmp_path / "ready")
+    process, partial = _start_stopping_convert(video_short_source, out / "hub", tmp_path / "stderr")
     assert partial.parent == out and partial.name.startswith(f".hub.partial-{process.pid}-")
     assert (partial / "model.safetensors").is_file() and (partial / "config.json").is_file()
     process.send_signal(signal.SIGKILL)
     process.wait()
-    process.stderr.close()
+    process.stdout.close()
     assert [p.name for p in out.iterdir()] == [partial.name]  # SIGKILL cannot be caught: the folder stays
 
     messages = []
@@ -523,10 +520,10 @@ def test_a_terminated_convert_cleans_up(video_short_source, tmp_path):
 
     out = tmp_path / "out"
     out.mkdir()
-    process, _ = _start_stopping_convert(video_short_source, out / "hub", tmp_path / "ready")
+    process, _ = _start_stopping_convert(video_short_source, out / "hub", tmp_path / "stderr")
     process.send_signal(signal.SIGTERM)
-    assert process.wait(timeout=60) != 0
-    process.stderr.close()
+    assert process.wait() != 0
+    process.stdout.close()
     assert list(out.iterdir()) == []
 
 
@@ -830,7 +827,8 @@ def test_push_uploads_one_commit_with_the_card_from_memory(converted, recording_
                                                                                    True, "v1")
     assert (commit_repo, commit["revision"]) == ("me/vamba", "v1")
     uploaded = {operation.path_in_repo: _operation_bytes(operation) for operation in operations}
-    assert sorted(uploaded) == sorted(name for name, _ in files) == sorted(p.name for p in converted.iterdir())
+    assert sorted(uploaded) == sorted(name for name, _ in files) == sorted(
+        p.name for p in converted.iterdir() if p.name != convert_module.CONVERT_RECORD)
     card = uploaded.pop("README.md").decode()
     assert 'model_id = "me/vamba"' in card and REPO_ID_PLACEHOLDER not in card
     assert REPO_ID_PLACEHOLDER in (converted / "README.md").read_text()
@@ -975,3 +973,178 @@ def test_push_refused_by_the_hub_fails_in_one_line(converted, local_hub, status,
     assert_one_line(error.value)
     assert str(error.value).startswith(f"Uploading to me/vamba failed: {message}")
     assert tree_snapshot(converted) == before
+
+
+# -- only convert's own output is ever replaced or removed ---------------------------------------------------------
+
+
+def _fine_tune_into(folder):
+    """A model loaded from the converted `folder`, its weights changed, saved back into it (as a fine-tuning script
+    does)."""
+    from vamba_hf.modeling_vamba import VambaForConditionalGeneration
+
+    model = VambaForConditionalGeneration.from_pretrained(folder)
+    with torch.no_grad():
+        model.lm_head.weight.add_(1.0)
+    model.save_pretrained(folder)
+
+
+def _flip_a_byte(path):
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 1
+    path.unlink()  # the weights are hard-linked to the source's: a new file
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("change, reason", [
+    (_fine_tune_into, "model.safetensors changed since convert wrote it"),
+    (lambda folder: _flip_a_byte(folder / "model.safetensors"), "model.safetensors changed since convert wrote it"),
+    (lambda folder: _flip_a_byte(folder / "README.md"), "README.md changed since convert wrote it"),
+    (lambda folder: (folder / "generation_config.json").unlink(), "generation_config.json of its record is missing"),
+    (lambda folder: (folder / convert_module.CONVERT_RECORD).unlink(), "it has no .vamba-hf-convert.json"),
+])
+def test_force_never_replaces_a_model_saved_or_changed_in_a_converted_folder(video_short_source, tmp_path, change,
+                                                                              reason):
+    destination = tmp_path / "hub"
+    convert_quietly(video_short_source, destination)
+    change(destination)
+    before = tree_snapshot(tmp_path)
+    with pytest.raises(ConversionError, match=rf"^--force replaces only .* is not one \({re.escape(reason)}") as error:
+        convert_quietly(video_short_source, destination, force=True)
+    assert "remove it yourself or choose another destination" in str(error.value) and "\n" not in str(error.value)
+    assert tree_snapshot(tmp_path) == before
+
+
+def _dead_pid():
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    return dead.pid
+
+
+def test_folders_named_like_convert_work_folders_are_kept_unless_they_are_convert_s_own(video_short_source, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    pid = _dead_pid()
+    user_partial = out / f".hub.partial-{pid}-0123abcd"
+    user_partial.mkdir()
+    (user_partial / "mine.txt").write_text("a user's file")
+    user_replaced = out / f".hub.replaced-{pid}-4567abcd"
+    user_replaced.mkdir()
+    (user_replaced / "config.json").write_text('{"model_type": "vamba"}')
+    changed = out / f".hub.partial-{pid}-89abcdef"  # convert's output, but a file of it changed since
+    convert_quietly(video_short_source, tmp_path / "made")
+    os.rename(tmp_path / "made", changed)
+    _flip_a_byte(changed / "README.md")
+    kept = {folder: tree_snapshot(folder) for folder in (user_partial, user_replaced, changed)}
+
+    messages = []
+    convert_checkpoint(video_short_source, out / "hub", log=messages.append)
+    assert {folder: tree_snapshot(folder) for folder in kept} == kept
+    assert sorted(p.name for p in out.iterdir()) == sorted(["hub", *(folder.name for folder in kept)])
+    assert (out / "hub" / "model.safetensors").is_file()
+    for folder, reason in ((user_partial, "it has no .vamba-hf-convert.json"),
+                           (user_replaced, "it has no .vamba-hf-convert.json"),
+                           (changed, "README.md changed since convert wrote it")):
+        assert any(message.startswith(f"Left {folder} as it is") and reason in message for message in messages), \
+            messages
+
+
+def test_a_stale_folder_is_removed_only_while_it_holds_exactly_convert_s_files(video_short_source, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    stale = out / f".hub.partial-{_dead_pid()}-0123abcd"
+    convert_quietly(video_short_source, tmp_path / "made")
+    os.rename(tmp_path / "made", stale)
+    (stale / "notes.txt").write_text("a user's file")
+    convert_quietly(video_short_source, out / "hub")
+    assert (stale / "notes.txt").read_text() == "a user's file"
+    (stale / "notes.txt").unlink()
+    convert_quietly(video_short_source, out / "hub", force=True)
+    assert [p.name for p in out.iterdir()] == ["hub"]
+
+
+# -- what convert reads from the source ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["config.json", "model.safetensors", "tokenizer.json", "README.md",
+                                  "generation_config.json", "tokenizer_config.json"])
+def test_links_in_the_source_are_refused_never_carried(video_short_source, tmp_path, name):
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    if not (video_short_source / name).exists():
+        (video_short_source / name).write_text("---\nlicense: mit\n---\n")
+    os.rename(video_short_source / name, elsewhere / name)
+    os.symlink(elsewhere / name, video_short_source / name)
+    with pytest.raises(ConversionError, match=rf"{re.escape(name)} is a symbolic link .* replace the link with the "
+                                              rf"file itself") as error:
+        convert_quietly(video_short_source, tmp_path / "hub")
+    assert "\n" not in str(error.value)
+    assert not (tmp_path / "hub").exists()
+
+
+def _fifo(path):
+    path.unlink(missing_ok=True)
+    os.mkfifo(path)
+
+
+def _huge(path):
+    with open(path, "r+b" if path.exists() else "wb") as file:
+        file.truncate(convert_module.MAX_TEXT_FILE_BYTES + 1)  # sparse: nothing is written
+
+
+def _dev_zero(path):
+    path.unlink(missing_ok=True)
+    os.symlink("/dev/zero", path)
+
+
+_UNREADABLE = {_fifo: "is a FIFO, not a regular file", _huge: "is [0-9,]+ bytes, more than such a file can be",
+               _dev_zero: "is a symbolic link \\(to /dev/zero\\)"}
+
+
+@pytest.mark.parametrize("make, name", [
+    (make, name) for make in _UNREADABLE
+    for name in ("config.json", "README.md", "tokenizer.json", "model.safetensors.index.json", "model.safetensors")
+    if not (make is _huge and name == "model.safetensors")  # weights are as large as their header says
+])
+def test_every_source_file_read_is_a_regular_file_of_bounded_size(video_short_source, tmp_path, capsys, make, name):
+    from vamba_hf.cli import main
+
+    make(video_short_source / name)
+    # Through the CLI, which reads the card facts (README.md, config.json) before converting: a FIFO is never
+    # waited on and /dev/zero never read.
+    assert main(["convert", str(video_short_source), str(tmp_path / "hub")]) == 2
+    errors = capsys.readouterr().err.strip().splitlines()
+    assert len(errors) == 1 and re.search(rf"{re.escape(name)} {_UNREADABLE[make]}", errors[0]), errors
+    assert not (tmp_path / "hub").exists()
+
+
+def test_push_uploads_only_the_model_s_files_and_says_what_it_leaves_out(converted, recording_api):
+    from vamba_hf.hub import push_folder
+
+    expected = sorted(p.name for p in converted.iterdir() if p.name != convert_module.CONVERT_RECORD)
+    (converted / "notes.txt").write_text("private notes")
+    (converted / "sub").mkdir()
+    (converted / "sub" / "data.csv").write_text("a,b\n")
+    (converted / ".env").write_text("HF_TOKEN=secret\n")
+    messages = []
+    files = push_folder(converted, "me/vamba", dry_run=True, log=messages.append)
+    assert [name for name, _ in files] == expected
+    assert "Not uploaded (not files of a converted model): .env, notes.txt, sub/" in messages
+    assert recording_api == []
+    push_folder(converted, "me/vamba", token="hf_test", log=lambda m: None)
+    operations = recording_api[-1][2]
+    assert sorted(operation.path_in_repo for operation in operations) == expected
+
+
+@pytest.mark.parametrize("name", ["README.md", "tokenizer.json", "model.safetensors"])
+def test_push_never_uploads_a_link_s_target(converted, recording_api, tmp_path, name):
+    from vamba_hf.hub import NotConvertedError, push_folder
+
+    secret = tmp_path / "secret"
+    secret.write_bytes((converted / name).read_bytes())
+    (converted / name).unlink()
+    os.symlink(secret, converted / name)
+    for dry_run in (True, False):
+        with pytest.raises(NotConvertedError, match=rf"{re.escape(name)} is a symbolic link .* never a link's target"):
+            push_folder(converted, "me/vamba", dry_run=dry_run, token="hf_test", log=lambda m: None)
+    assert recording_api == []

@@ -3,6 +3,7 @@ sizes, license, what it can load) and usage snippets that run in an environment 
 install line. Built with huggingface_hub's own card classes, so the metadata block is what the Hub parses."""
 
 import json
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -125,16 +126,36 @@ def _repo_id_of(folder: Path, name: str) -> Optional[str]:
     return f"{match['namespace']}/{match['name']}" if match else None
 
 
-def _license_of(folder: Path) -> Optional[str]:
-    from huggingface_hub.repocard import metadata_load
+def _source_text(path: Path) -> Optional[str]:
+    """The text of the source's file `path` (None when there is none), read only when it is a regular file of
+    bounded size in the folder (ConversionError otherwise: a FIFO or a device is never opened for reading)."""
+    from .convert import check_source_file, read_regular_file
 
-    if (folder / "README.md").is_file():
-        license_id = (metadata_load(folder / "README.md") or {}).get("license")
-        if isinstance(license_id, str):
-            return license_id
+    if not os.path.lexists(path):
+        return None
+    check_source_file(path)
+    return read_regular_file(path).decode("utf-8-sig")
+
+
+def _card_metadata_of(text: Optional[str]) -> dict:
+    """The YAML metadata block of a model card's text, as huggingface_hub's `metadata_load` reads it."""
+    import yaml
+    from huggingface_hub.repocard import REGEX_YAML_BLOCK
+
+    match = REGEX_YAML_BLOCK.search(text or "")
+    metadata = yaml.safe_load(match.group(2)) if match else None
+    if not (metadata is None or isinstance(metadata, dict)):
+        raise ValueError("repo card metadata block should be a dict")
+    return metadata or {}
+
+
+def _license_of(folder: Path) -> Optional[str]:
+    license_id = _card_metadata_of(_source_text(folder / "README.md")).get("license")
+    if isinstance(license_id, str):
+        return license_id
     try:
-        license_id = json.loads((folder / "config.json").read_text(encoding="utf-8")).get("license")
-    except (OSError, ValueError, AttributeError):
+        license_id = json.loads(_source_text(folder / "config.json") or "{}").get("license")
+    except (ValueError, AttributeError):
         return None
     return license_id if isinstance(license_id, str) else None
 

@@ -7,10 +7,14 @@ Weights are never loaded: only the safetensors headers are read, to check every 
 against the config before anything is written.
 
 Nothing outside the destination is touched: the folder is assembled in `.DST.partial-<pid>-<random>` beside it
-and renamed into place; such folders left by a killed run are removed by the next run once their process is gone.
+and renamed into place. Convert records what it wrote in `CONVERT_RECORD` (every file's size and SHA-256): only a
+folder whose files are exactly those of its record is ever replaced (`--force`) or removed (the work folders a
+killed run left beside DST, once their process is gone). Every file read from the source must be a regular file
+(a link only inside a Hub cache snapshot, into its blobs), and text files of bounded size.
 """
 
 import contextlib
+import hashlib
 import json
 import math
 import os
@@ -18,6 +22,7 @@ import re
 import secrets
 import shutil
 import signal
+import stat
 import struct
 import threading
 from dataclasses import dataclass, field
@@ -46,9 +51,16 @@ PROCESSOR_FILES = (
 # Every file of a converted folder but the weight shards.
 HUB_FILES = frozenset({"config.json", "generation_config.json", "README.md", SINGLE_WEIGHTS, WEIGHTS_INDEX,
                        *REMOTE_CODE_FILES, *PROCESSOR_FILES})
+# The small files convert (or its model card) may read from a source folder.
+SOURCE_TEXT_FILES = ("config.json", "generation_config.json", "README.md", WEIGHTS_INDEX, *PROCESSOR_FILES)
 # Config keys that make transformers fetch or run code named by the folder; a converted folder has only ours.
 REMOTE_CODE_KEYS = ("auto_map", "custom_pipelines")
 PICKLE_WEIGHT_PATTERNS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
+# What convert wrote into a folder: each file's size and SHA-256 (hidden: never uploaded, ignored by transformers).
+CONVERT_RECORD = ".vamba-hf-convert.json"
+CONVERT_RECORD_WRITER = "vamba-hf convert"
+# Config, tokenizer and processor files are a few MB at most (Qwen2-VL's tokenizer.json: 7 MB).
+MAX_TEXT_FILE_BYTES = 64 * 2**20
 HUB_DOWNLOAD_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.jinja", "README.md"]  # the card: its license
 IM_END_TOKEN = "<|im_end|>"
 
@@ -106,15 +118,83 @@ def quiet_transformers():
         logging.set_verbosity(previous)
 
 
+def _file_kind(mode: int) -> str:
+    for test, kind in ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a device"),
+                       (stat.S_ISBLK, "a device"), (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return kind
+    return "not a regular file"
+
+
+def read_regular_file(path: Path, max_bytes: int = MAX_TEXT_FILE_BYTES) -> bytes:
+    """The bytes of `path`, refused (ConversionError) unless it is a regular file of at most `max_bytes`. Opened
+    without blocking, so a FIFO is refused rather than waited on; a device (/dev/zero) is never read."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    with os.fdopen(fd, "rb") as file:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise ConversionError(f"{path} is {_file_kind(info.st_mode)}, not a regular file: replace it with the "
+                                  f"file itself.")
+        if info.st_size > max_bytes:
+            raise ConversionError(f"{path} is {info.st_size:,} bytes, more than such a file can be ({max_bytes:,}): "
+                                  f"replace it with the right file.")
+        data = file.read(max_bytes + 1)
+    if len(data) > max_bytes:
+        raise ConversionError(f"{path} grew past {max_bytes:,} bytes while it was read: replace it with the right "
+                              f"file.")
+    return data
+
+
 def read_json_object(path: Path) -> dict:
-    """The JSON object in `path`; a ConversionError naming the file when it is not valid JSON or not an object."""
+    """The JSON object in `path`; a ConversionError naming the file when it is not a regular file of bounded size,
+    not valid JSON or not an object."""
     try:
-        value = json.loads(path.read_text(encoding="utf-8"))
+        value = json.loads(read_regular_file(path).decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as error:
         raise ConversionError(f"{path} is not valid JSON ({error}); fix or replace the file.") from None
     if not isinstance(value, dict):
         raise ConversionError(f"{path} holds a JSON {type(value).__name__}, not an object; fix or replace the file.")
     return value
+
+
+def _is_hub_cache_link(path: Path) -> bool:
+    """A link of a Hub cache snapshot (`.../snapshots/<revision>/<name>`) to a blob of the same cache, as
+    huggingface_hub writes them."""
+    snapshot = path.parent
+    if snapshot.parent.name != "snapshots":
+        return False
+    return path.resolve().parent == (snapshot.parent.parent / "blobs").resolve()
+
+
+def check_source_file(path: Path, max_bytes: Optional[int] = MAX_TEXT_FILE_BYTES) -> None:
+    """Refuse (ConversionError) a source file that convert would read or carry into DST unless it is a regular file
+    (of at most `max_bytes`, when given) and no link, but a Hub cache snapshot's links to its blobs."""
+    if path.is_symlink() and not _is_hub_cache_link(path):
+        raise ConversionError(f"{path} is a symbolic link (to {os.readlink(path)}): convert does not follow links in "
+                              f"a source folder, so that nothing from outside it is carried into the destination; "
+                              f"replace the link with the file itself (cp --remove-destination "
+                              f"\"$(readlink -f {path})\" {path}) and convert again.")
+    try:
+        info = path.stat()
+    except OSError as error:
+        raise ConversionError(f"{path} cannot be read ({error.strerror}): replace it with the file itself.") from None
+    if not stat.S_ISREG(info.st_mode):
+        raise ConversionError(f"{path} is {_file_kind(info.st_mode)}, not a regular file: replace it with the file "
+                              f"itself.")
+    if max_bytes is not None and info.st_size > max_bytes:
+        raise ConversionError(f"{path} is {info.st_size:,} bytes, more than such a file can be ({max_bytes:,}): "
+                              f"replace it with the right file.")
+
+
+def check_source_files(source: Path, weight_files: tuple = (SINGLE_WEIGHTS,)) -> None:
+    """`check_source_file` for every file of `source` that convert may read: config, card, index and processor
+    files (bounded in size), and `weight_files`."""
+    for name in SOURCE_TEXT_FILES:
+        if os.path.lexists(source / name):
+            check_source_file(source / name)
+    for name in weight_files:
+        if os.path.lexists(source / name):
+            check_source_file(source / name, max_bytes=None)
 
 
 def _without_remote_code_keys(value):
@@ -187,6 +267,7 @@ def find_weight_files(source: Path) -> tuple[list, Optional[dict]]:
     if index_path.is_file():
         weight_map = read_weight_index(index_path)
         files = sorted(set(weight_map.values()))
+        check_source_files(source, tuple(files))
         absent = [name for name in files if not (source / name).is_file()]
         if absent:
             raise ConversionError(
@@ -507,22 +588,61 @@ def _shard_names_of(folder: Path) -> set:
         return set()
 
 
+def _sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for block in iter(lambda: file.read(2**22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_convert_record(folder: Path) -> None:
+    """Record every file of `folder` (name, size, SHA-256) in `CONVERT_RECORD`: the proof, later, that the folder
+    holds what convert wrote and nothing else."""
+    files = {path.name: {"size": path.stat().st_size, "sha256": _sha256_of(path)} for path in sorted(folder.iterdir())}
+    record = {"written_by": CONVERT_RECORD_WRITER, "files": files}
+    (folder / CONVERT_RECORD).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+
+
+def _recorded_files(folder: Path) -> dict:
+    """name -> {"size", "sha256"} from the folder's convert record; ConversionError saying why when there is none."""
+    path = folder / CONVERT_RECORD
+    if path.is_symlink() or not path.is_file():
+        raise ConversionError(f"it has no {CONVERT_RECORD}, the record convert writes of its files")
+    try:
+        record = read_json_object(path)
+    except (OSError, ConversionError):
+        raise ConversionError(f"its {CONVERT_RECORD} is unreadable") from None
+    files = record.get("files")
+    if record.get("written_by") != CONVERT_RECORD_WRITER or not isinstance(files, dict) or not all(
+            isinstance(facts, dict) for facts in files.values()):
+        raise ConversionError(f"its {CONVERT_RECORD} is not one convert wrote")
+    return files
+
+
 def why_not_convert_output(folder: Path) -> Optional[str]:
-    """None when `folder` is empty or holds a previous convert output (a Vamba config.json and only the files
-    convert writes); otherwise what it holds that convert did not write."""
-    entries = sorted(os.listdir(folder))
+    """None when `folder` is empty or holds exactly the files convert recorded writing there (`CONVERT_RECORD`),
+    each unchanged since (size and SHA-256); otherwise why it is not, e.g. a model saved or fine-tuned into it."""
+    entries = set(os.listdir(folder))
     if not entries:
         return None
-    allowed = HUB_FILES | _shard_names_of(folder)
-    foreign = [name for name in entries
-               if name not in allowed or (folder / name).is_symlink() or not (folder / name).is_file()]
-    if foreign:
-        return f"it holds {', '.join(foreign[:5])}{' ...' if len(foreign) > 5 else ''}"
     try:
-        is_vamba = read_json_object(folder / "config.json").get("model_type") == "vamba"
-    except (OSError, ConversionError):
-        is_vamba = False
-    return None if is_vamba else "it has no Vamba config.json"
+        files = _recorded_files(folder)
+    except ConversionError as error:
+        return str(error)
+    extra, missing = sorted(entries - set(files) - {CONVERT_RECORD}), sorted(set(files) - entries)
+    if extra:
+        return f"it holds {', '.join(extra[:5])}{' ...' if len(extra) > 5 else ''}, which convert did not write"
+    if missing:
+        return f"{', '.join(missing[:5])} of its record {'is' if len(missing) == 1 else 'are'} missing"
+    paths = {name: folder / name for name in sorted(files)}
+    for name, path in paths.items():  # the sizes first: they are cheap
+        if path.is_symlink() or not path.is_file() or path.stat().st_size != files[name].get("size"):
+            return f"{name} is not the file convert wrote"
+    for name, path in paths.items():
+        if _sha256_of(path) != files[name].get("sha256"):
+            return f"{name} changed since convert wrote it"
+    return None
 
 
 def _overlap_message(source: Path, destination: Path) -> Optional[str]:
@@ -556,9 +676,9 @@ def check_paths(source: Path, destination: Path, force: bool) -> None:
     reason = why_not_convert_output(destination)
     if reason:
         raise ConversionError(
-            f"--force replaces only an empty folder or one written by vamba-hf convert (a Vamba config.json and "
-            f"only the files convert writes); {destination} is not one ({reason}): remove it yourself or choose "
-            f"another destination."
+            f"--force replaces only an empty folder or one written by vamba-hf convert and unchanged since (the "
+            f"files its {CONVERT_RECORD} lists, nothing else); {destination} is not one ({reason}): remove it "
+            f"yourself or choose another destination."
         )
 
 
@@ -582,8 +702,9 @@ def _process_is_alive(pid: int) -> bool:
 
 
 def remove_stale_work_folders(destination: Path, log: Callable[[str], None]) -> None:
-    """Remove the work folders of `destination` that a killed convert left beside it (their process is gone);
-    a replaced previous output whose successor never arrived is put back instead."""
+    """Remove the work folders of `destination` that a killed convert left beside it (their process is gone, and
+    they hold exactly the files convert recorded writing); a replaced previous output whose successor never arrived
+    is put back instead. Any other folder of such a name is left as it is, with a message."""
     if not destination.parent.is_dir():
         return
     pattern = _work_folder_pattern(destination)
@@ -591,7 +712,11 @@ def remove_stale_work_folders(destination: Path, log: Callable[[str], None]) -> 
         match = pattern.match(entry.name)
         if not match or entry.is_symlink() or not entry.is_dir() or _process_is_alive(int(match.group(2))):
             continue
-        if match.group(1) == "replaced" and not (destination.exists() or destination.is_symlink()):
+        reason = why_not_convert_output(entry)
+        if reason:
+            log(f"Left {entry} as it is: it is named like a folder of an interrupted convert, but {reason}. Remove it "
+                f"yourself if it holds nothing of yours.")
+        elif match.group(1) == "replaced" and not (destination.exists() or destination.is_symlink()):
             os.rename(entry, destination)
             log(f"Restored {destination} from {entry.name}, left by an interrupted convert.")
         else:
@@ -754,6 +879,7 @@ def convert_checkpoint(
     one-line message for anything the user can fix.
     """
     source = resolve_source(source, log)
+    check_source_files(source)
     # Absolute but with links unresolved: "." and ".." get a name, and a link stays visible to `check_paths`.
     destination = Path(os.path.abspath(Path(destination).expanduser()))
     remove_stale_work_folders(destination, log)
@@ -800,4 +926,5 @@ def _write_folder(staging: Path, source: Path, config, files: list, weight_map: 
         _write_index(staging, weight_map, tensors)
     write_model_card(staging, config, has_processor=processor is not None, **card_options)
     check_hub_folder(staging, files)
+    write_convert_record(staging)
     return " and ".join(sorted(placements))

@@ -6,13 +6,15 @@ local folder is never written: the model card, with the repo id put into its usa
 memory. Hub and network failures raise `VambaUserError` with a one-line message.
 """
 
+import os
 import re
 from pathlib import Path
 from typing import Callable, Optional
 
 from .card import REPO_ID_PLACEHOLDER
-from .convert import (PROCESSOR_FILES, REMOTE_CODE_FILES, ConversionError, check_tensors, expected_shapes,
-                      find_weight_files, is_hub_repo_id, load_source_config, read_checkpoint_tensors, read_json_object)
+from .convert import (CONVERT_RECORD, HUB_FILES, PROCESSOR_FILES, REMOTE_CODE_FILES, ConversionError, check_tensors,
+                      expected_shapes, find_weight_files, is_hub_repo_id, load_source_config, read_checkpoint_tensors,
+                      read_json_object, read_regular_file)
 from .errors import VambaUserError, hub_error_message
 
 CARD_FILE = "README.md"
@@ -55,6 +57,7 @@ def check_converted_folder(folder: Path) -> list:
     if not folder.is_dir():
         what = "is a file, not a folder" if folder.exists() else "does not exist"
         raise NotConvertedError(f"{folder} {what}: give the folder written by vamba-hf convert.")
+    _refuse_links_and_special_files(folder)
     config_path = folder / "config.json"
     if not config_path.is_file():
         raise NotConvertedError(f"{folder} has no config.json; convert the checkpoint first: vamba-hf convert SRC "
@@ -91,14 +94,32 @@ def check_revision(revision) -> None:
         raise VambaUserError(f"--revision {revision!r} is not a branch name; use e.g. main or v1.")
 
 
-def files_to_upload(folder: Path) -> list:
-    """(relative path, size in bytes) of every file that would be uploaded; hidden files and folders are left out."""
-    files = []
-    for path in sorted(folder.rglob("*")):
-        relative = path.relative_to(folder)
-        if path.is_file() and not any(part.startswith(".") for part in relative.parts):
-            files.append((relative.as_posix(), path.stat().st_size))
-    return files
+def _is_model_file_name(name: str) -> bool:
+    return name in HUB_FILES or name.endswith(".safetensors")
+
+
+def _refuse_links_and_special_files(folder: Path) -> None:
+    """A model file of `folder` that is a link (its target is never read nor uploaded) or not a regular file is
+    refused before anything is read."""
+    for path in sorted(folder.iterdir()):
+        if _is_model_file_name(path.name) and (path.is_symlink() or not path.is_file()):
+            what = f"a symbolic link (to {os.readlink(path)})" if path.is_symlink() else "not a regular file"
+            raise NotConvertedError(f"{path} is {what}: push uploads only the regular files of a converted folder, "
+                                    f"never a link's target; put the file itself there (or convert again).")
+
+
+def files_to_upload(folder: Path, weight_files: list) -> tuple[list, list]:
+    """(relative path, size in bytes) of each file a converted (or saved) model folder holds - config, generation
+    config, card, remote code, processor files, the weights and their index - and the names of everything else in
+    `folder`, which is never uploaded."""
+    allowed = HUB_FILES | set(weight_files)
+    files, left_out = [], []
+    for path in sorted(folder.iterdir()):
+        if path.name in allowed:
+            files.append((path.name, path.stat().st_size))
+        elif path.name != CONVERT_RECORD:
+            left_out.append(path.name + ("/" if path.is_dir() and not path.is_symlink() else ""))
+    return files, left_out
 
 
 def card_for_upload(folder: Path, repo_id: str) -> Optional[bytes]:
@@ -107,7 +128,7 @@ def card_for_upload(folder: Path, repo_id: str) -> Optional[bytes]:
     path = folder / CARD_FILE
     if not path.is_file():
         return None
-    text = path.read_text(encoding="utf-8")
+    text = read_regular_file(path).decode("utf-8")
     if REPO_ID_PLACEHOLDER not in text:
         return None
     return text.replace(REPO_ID_PLACEHOLDER, repo_id).encode("utf-8")
@@ -148,8 +169,7 @@ def push_folder(
     check_repo_id(repo_id)
     if revision is not None:
         check_revision(revision)
-    check_converted_folder(folder)
-    files = files_to_upload(folder)
+    files, left_out = files_to_upload(folder, check_converted_folder(folder))
     if not dry_run:
         _refuse_offline_mode()
         token = _token_or_fail(token)
@@ -158,6 +178,8 @@ def push_folder(
     log(f"{verb} {len(files)} file(s), {total / 2**30:.2f} GiB, from {folder} to https://huggingface.co/{repo_id}:")
     for name, size in files:
         log(f"  {name}  ({size:,} bytes)")
+    if left_out:
+        log(f"Not uploaded (not files of a converted model): {', '.join(left_out)}")
     card = card_for_upload(folder, repo_id)
     if card is not None:
         log(f"{CARD_FILE}: the uploaded card's usage snippets name {repo_id} (the local file is unchanged).")
