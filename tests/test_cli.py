@@ -224,3 +224,88 @@ def test_video_and_image_are_exclusive(capsys):
     with pytest.raises(SystemExit):
         cli.main(["generate", "--video", "a.mp4", "--image", "b.png"])
     assert "not allowed with argument" in capsys.readouterr().err
+
+
+# -- chat --save-state / --state -------------------------------------------------------------------------------
+
+
+def chat(args, monkeypatch, capsys):
+    """`vamba-hf chat` in this process with no question typed: (exit code, the error lines)."""
+    import io
+
+    monkeypatch.setattr("sys.stdin", io.StringIO(""))
+    code = cli.main(["chat", "--frames", "4", *args])
+    return code, [line for line in capsys.readouterr().err.splitlines() if line.startswith("vamba-hf: ")]
+
+
+def test_chat_save_state_replaces_a_file_only_with_force(demo_cache, demo_video, tmp_path, monkeypatch, capsys):
+    from vamba_hf.inference import load_model_and_processor
+    from vamba_hf.video_state_vamba import load_video_state
+
+    path = tmp_path / "clip.state"
+    path.write_text("a user's file")
+    code, errors = chat(["--video", str(demo_video), "--save-state", str(path)], monkeypatch, capsys)
+    assert code == 2 and errors == [f"vamba-hf: error: --save-state {path}: the file exists; pass --force to replace "
+                                    f"it, or give another path."]
+    assert path.read_text() == "a user's file"
+    code, errors = chat(["--video", str(demo_video), "--save-state", str(path), "--force"], monkeypatch, capsys)
+    assert code == 0 and errors == []
+    load_video_state(path, load_model_and_processor(None).model)  # the state, whole
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["clip.state"]  # no temporary file left
+
+
+@pytest.mark.parametrize("force", [[], ["--force"]])
+def test_chat_never_saves_a_state_over_the_files_it_reads(demo_cache, demo_video, tmp_path, monkeypatch, capsys,
+                                                          force):
+    video = tmp_path / "clip.mp4"
+    video.write_bytes(demo_video.read_bytes())
+    code, errors = chat(["--video", str(video), "--save-state", str(video), *force], monkeypatch, capsys)
+    assert code == 2 and errors == [f"vamba-hf: error: --save-state {video}: is the file this chat reads ({video}); "
+                                    f"give another path."]
+    assert video.read_bytes() == demo_video.read_bytes()
+    state = tmp_path / "clip.state"
+    assert chat(["--video", str(video), "--save-state", str(state)], monkeypatch, capsys)[0] == 0
+    saved = state.read_bytes()
+    code, errors = chat(["--state", str(state), "--save-state", str(tmp_path / "." / "clip.state"), *force],
+                        monkeypatch, capsys)
+    assert code == 2 and "is the file this chat reads" in errors[0] and state.read_bytes() == saved
+
+
+@pytest.mark.parametrize("device", ["/dev/full", "/dev/null"])
+def test_chat_save_state_to_a_device_fails_in_one_line(demo_cache, demo_video, monkeypatch, capsys, device):
+    code, errors = chat(["--video", str(demo_video), "--save-state", device, "--force"], monkeypatch, capsys)
+    assert code == 2 and errors == [f"vamba-hf: error: --save-state {device}: is not a regular file (a device, a "
+                                    f"FIFO or a socket); give a file path."]
+
+
+def test_chat_refuses_a_state_of_another_file_of_the_same_name(demo_cache, demo_video, tmp_path, monkeypatch,
+                                                                 capsys):
+    video, state = tmp_path / "clip.mp4", tmp_path / "clip.state"
+    write_demo_video(video, num_frames=24)
+    assert chat(["--video", str(video), "--save-state", str(state)], monkeypatch, capsys)[0] == 0
+    assert chat(["--video", str(video), "--state", str(state)], monkeypatch, capsys)[0] == 0  # the same file
+    write_demo_video(video, num_frames=36)  # another video, the same name
+    code, errors = chat(["--video", str(video), "--state", str(state)], monkeypatch, capsys)
+    assert code == 2 and errors == [f"vamba-hf: error: --state {state} was encoded from {video}, whose contents "
+                                    f"differ from --video {video}: drop --video, or encode {video} without --state."]
+
+
+@pytest.mark.parametrize("content", [b"", b"not a state", b"\x08\x00\x00\x00\x00\x00\x00\x00{\"a\":1}",
+                                     b"\xff" * 64])
+def test_chat_state_of_a_file_that_is_not_a_state_is_one_line(demo_cache, tmp_path, monkeypatch, capsys, content):
+    path = tmp_path / "clip.state"
+    path.write_bytes(content)
+    code, errors = chat(["--state", str(path)], monkeypatch, capsys)
+    assert code == 2 and len(errors) == 1 and errors[0].startswith(f"vamba-hf: error: {path} is not a Vamba video "
+                                                                    f"state"), errors
+
+
+def test_chat_state_of_a_folder_or_a_fifo_is_one_line(demo_cache, tmp_path, monkeypatch, capsys):
+    import os
+
+    os.mkfifo(tmp_path / "fifo.state")
+    (tmp_path / "folder.state").mkdir()
+    for path in (tmp_path / "fifo.state", tmp_path / "folder.state"):
+        code, errors = chat(["--state", str(path)], monkeypatch, capsys)
+        assert code == 2 and errors == [f"vamba-hf: error: {path} is not a Vamba video state (not a regular file); "
+                                        f"save one with state.save(path) or `vamba-hf chat --save-state`."]

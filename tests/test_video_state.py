@@ -2,6 +2,7 @@
 the longer video, one state serves many questions without copying its K/V, beams encode each video once, and a
 saved state loads back into the model that made it only."""
 
+import functools
 import os
 import pty
 import select
@@ -12,6 +13,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
 from conftest import GOLDEN_DIR
@@ -510,3 +513,207 @@ def test_a_state_holds_no_more_memory_than_its_tensors():
         for name, tensor in current.tensors().items():
             if name.endswith((".ssm_state", ".conv_inputs")):  # the K/V buffers keep room to grow, by design
                 assert tensor.untyped_storage().nbytes() == tensor.numel() * tensor.element_size(), name
+
+
+# -- a saved state is untrusted input -------------------------------------------------------------------------------
+
+
+def test_a_failed_state_write_is_reported_and_leaves_the_file_as_it_was(tmp_path):
+    import resource
+
+    state = tiny64().encode_video(*tiny_video(4))
+    path = tmp_path / "video.state"
+    path.write_text("the previous state")
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (4096, hard))  # writes past 4 KiB fail (EFBIG), as on a full disk
+    try:
+        with pytest.raises(OSError, match=f"Could not write the video state to {path}") as error:
+            state.save(path)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    assert "\n" not in str(error.value)
+    assert path.read_text() == "the previous state" and sorted(p.name for p in tmp_path.iterdir()) == ["video.state"]
+
+
+@functools.lru_cache(maxsize=1)
+def _states():
+    """A tiny float32 model, and two of its states: one video, and two videos of different lengths (with a mask)."""
+    model = tiny_model(cross_attn_use_position_embeddings=True)
+    one = model.encode_video(*video_pixels(2, 4, 8), sampling={"video": "clip.mp4"})
+    (a, grid_a), (b, grid_b) = video_pixels(2, 4, 8), video_pixels(2, 4, 4, seed=1)
+    two = model.encode_video(torch.cat([a, b]), torch.cat([grid_a, grid_b]))
+    assert two.keep is not None and one.keep is None
+    return model, one, two
+
+
+def _saved(state, folder: Path) -> tuple[dict, dict]:
+    path = folder / "base.state"
+    state.save(path)
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as file:
+        return load_file(str(path)), dict(file.metadata())
+
+
+def _write_state(path, tensors: dict, metadata: dict, forge: bool = False):
+    """Write a (damaged) state; `forge`: with the digest recomputed for the damage, as a forger who knows the scheme
+    would, so that only the structural checks stand between it and the model."""
+    from vamba_hf.video_state_vamba import state_digest
+
+    if forge:
+        metadata = dict(metadata, digest=state_digest(metadata.get("model_fingerprint", ""), metadata, tensors))
+    save_file({name: t.contiguous() for name, t in tensors.items()}, str(path), metadata=metadata)
+
+
+def _set(tensors, name, value):
+    return {**tensors, name: value}
+
+
+def _cut(tensor, tokens):
+    return tensor.narrow(2, 0, tokens).clone()
+
+
+def _other_model_state(folder):
+    other = tiny_model(cross_attn_use_position_embeddings=True)
+    with torch.no_grad():
+        other.model.layers[1].vision_mixer.mixer.in_proj.weight.mul_(1.01)
+    tensors, metadata = _saved(other.encode_video(*video_pixels(2, 4, 8), sampling={"video": "clip.mp4"}), folder)
+    return tensors, dict(metadata, model_fingerprint=_states()[1].model_fingerprint)
+
+
+# (name, which base state, damage (tensors, metadata) -> (tensors, metadata), structural: refused even when forged)
+_DAMAGE = [
+    ("K/V cut to fewer tokens", "one", lambda t, m: (_set(t, "layers.0.key", _cut(t["layers.0.key"], 10)), m), True),
+    ("every K/V cut and the grid made to agree", "one",
+     lambda t, m: ({**t, **{n: _cut(v, 8) for n, v in t.items() if n.endswith(("key", "value"))},
+                    "grid_thw": torch.tensor([[1, 4, 8]])}, m), False),
+    ("K zeroed", "one", lambda t, m: (_set(t, "layers.0.key", torch.zeros_like(t["layers.0.key"])), m), False),
+    ("V times 1e30", "one", lambda t, m: (_set(t, "layers.1.value", t["layers.1.value"] * 1e30), m), False),
+    ("a grid that contradicts the K/V", "one", lambda t, m: (_set(t, "grid_thw", torch.tensor([[4, 4, 8]])), m), True),
+    ("a grid with h and w swapped", "one", lambda t, m: (_set(t, "grid_thw", torch.tensor([[2, 8, 4]])), m), False),
+    ("a grid of floats", "one", lambda t, m: (_set(t, "grid_thw", t["grid_thw"].float()), m), True),
+    ("a grid of zeros", "one", lambda t, m: (_set(t, "grid_thw", torch.zeros(1, 3, dtype=torch.long)), m), True),
+    ("NaN in the SSM state", "one",
+     lambda t, m: (_set(t, "layers.0.ssm_state", t["layers.0.ssm_state"].index_fill(1, torch.tensor([0]), float("nan"))),
+                   m), True),
+    ("inf in the conv inputs", "one",
+     lambda t, m: (_set(t, "layers.0.conv_inputs", t["layers.0.conv_inputs"] * float("inf")), m), True),
+    ("a keep mask on a state of one video", "one",
+     lambda t, m: (_set(t, "keep", torch.ones(1, 1, t["layers.0.key"].shape[2], dtype=torch.bool)), m), True),
+    ("a keep mask that is not the grid's", "two", lambda t, m: (_set(t, "keep", torch.ones_like(t["keep"])), m), True),
+    ("the keep mask dropped", "two", lambda t, m: ({n: v for n, v in t.items() if n != "keep"}, m), True),
+    ("K/V in another dtype", "one", lambda t, m: (_set(t, "layers.0.key", t["layers.0.key"].half()), m), True),
+    ("a tensor missing", "one", lambda t, m: ({n: v for n, v in t.items() if n != "layers.1.value"}, m), True),
+    ("no grid", "one", lambda t, m: ({n: v for n, v in t.items() if n != "grid_thw"}, m), True),
+    ("an unknown tensor", "one", lambda t, m: (_set(t, "layers.7.key", t["layers.0.key"].clone()), m), True),
+    ("an SSM state of another shape", "one",
+     lambda t, m: (_set(t, "layers.0.ssm_state", t["layers.0.ssm_state"][:, :4].clone()), m), True),
+    ("the kind 'movie'", "one", lambda t, m: (t, dict(m, kind="movie")), True),
+    ("the dtype 'load'", "one", lambda t, m: (t, dict(m, dtype="load")), True),
+    ("sampling that is not JSON", "one", lambda t, m: (t, dict(m, sampling="{")), True),
+    ("sampling of another video", "one", lambda t, m: (t, dict(m, sampling='[{"video": "other.mp4"}]')), False),
+    ("no digest", "one", lambda t, m: (t, {k: v for k, v in m.items() if k != "digest"}), False),
+    ("another model's state carrying this model's fingerprint string", "other", None, False),
+]
+
+
+@pytest.mark.parametrize("name, base, damage, forge", [
+    (name, base, damage, forge) for name, base, damage, structural in _DAMAGE
+    for forge in ((False, True) if structural else (False,))  # else only the digest tells the damage apart
+], ids=[f"{name}{' (forged digest)' if forge else ''}" for name, _, _, structural in _DAMAGE
+        for forge in ((False, True) if structural else (False,))])
+def test_damaged_and_foreign_states_are_refused_in_one_line(tmp_path, name, base, damage, forge):
+    model, one, two = _states()
+    if base == "other":
+        tensors, metadata = _other_model_state(tmp_path)
+    else:
+        tensors, metadata = damage(*_saved(one if base == "one" else two, tmp_path))
+    path = tmp_path / "damaged.state"
+    _write_state(path, tensors, metadata, forge)
+    with pytest.raises(ValueError) as error:
+        load_video_state(path, model)
+    message = str(error.value)
+    assert message.startswith(f"{path} ") and "\n" not in message, message
+
+
+def test_the_undamaged_states_load_and_answer_as_before(tmp_path):
+    model, one, two = _states()
+    for state in (two, one):
+        path = tmp_path / "state"
+        _write_state(path, *_saved(state, tmp_path))
+        assert_states_equal(load_video_state(path, model), state, 0, 0)
+    ids = prompt(3, 4)[None]
+    assert_same_generation(model.generate(input_ids=ids, video_state=load_video_state(path, model), **GREEDY),
+                           model.generate(input_ids=ids, video_state=one, **GREEDY), rtol=0, atol=0)
+
+
+_STATE_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.int32, torch.bool,
+                 torch.uint8, torch.float8_e4m3fn)
+
+
+@st.composite
+def _damage(draw, names):
+    """One change to a state file's tensors, drawn over names, shapes, dtypes and values."""
+    name = draw(st.sampled_from(names))
+    kind = draw(st.sampled_from(["drop", "rename", "shape", "dtype", "scale", "element"]))
+    if kind == "drop":
+        return kind, name, None
+    if kind == "rename":
+        return kind, name, draw(st.sampled_from(["layers.0.key", "layers.1.value", "layers.2.key", "layers.0.ssm_state",
+                                                 "layers.1.ssm_state", "keep", "grid_thw", "key", "layers.-1.key"])
+                                | st.text(min_size=1, max_size=12))
+    if kind == "shape":
+        return kind, name, draw(st.lists(st.integers(0, 20), min_size=0, max_size=5))
+    if kind == "dtype":
+        return kind, name, draw(st.sampled_from(_STATE_DTYPES))
+    value = draw(st.sampled_from([0.0, -1.0, 1.0, 0.5, 1e30, -1e30, float("nan"), float("inf"), 2.0, 1e-30]))
+    return kind, name, (value, draw(st.integers(0, 10**6)))
+
+
+def _damaged(tensors: dict, damage) -> dict:
+    kind, name, arg = damage
+    tensors = dict(tensors)
+    tensor = tensors.pop(name)
+    if kind == "rename":
+        tensors[arg] = tensor
+    elif kind == "shape":
+        tensors[name] = (torch.rand(arg) * 4).to(tensor.dtype)
+    elif kind == "dtype":
+        tensors[name] = tensor.to(arg)
+    elif kind == "scale":
+        tensors[name] = tensor * torch.tensor(arg[0]).to(tensor.dtype) if tensor.numel() else tensor
+    elif kind == "element":
+        tensor = tensor.clone()
+        if tensor.numel():
+            tensor.view(-1)[arg[1] % tensor.numel()] = torch.tensor(arg[0]).to(tensor.dtype)
+        tensors[name] = tensor
+    return tensors
+
+
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data(), which=st.sampled_from(["one", "two"]), forge=st.booleans())
+def test_any_change_to_a_state_is_refused_in_one_line_or_changes_nothing(data, which, forge):
+    """The only outcomes: our one-line ValueError naming the file, or a state that is the one saved (an unforged
+    change that changed no byte) or, forged, one whose structure is sound and that answers."""
+    import tempfile
+
+    model, one, two = _states()
+    state = one if which == "one" else two
+    with tempfile.TemporaryDirectory() as folder:
+        tensors, metadata = _saved(state, Path(folder))
+        damage = data.draw(_damage(sorted(tensors)))
+        changed = _damaged(tensors, damage)
+        path = Path(folder) / "damaged.state"
+        _write_state(path, changed, metadata, forge)
+        try:
+            loaded = load_video_state(path, model)
+        except ValueError as error:
+            assert str(error).startswith(f"{path} ") and "\n" not in str(error), (damage, str(error))
+            return
+    if forge:
+        assert {name: (t.shape, t.dtype) for name, t in loaded.tensors().items()} == {
+            name: (t.shape, t.dtype) for name, t in state.tensors().items()}, damage
+        if loaded.num_entries == 1:
+            model.generate(input_ids=prompt(3, 4)[None], video_state=loaded, max_new_tokens=2, do_sample=False)
+    else:
+        assert_states_equal(loaded, state, 0, 0)

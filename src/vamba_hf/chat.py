@@ -5,6 +5,8 @@
 <|vision_start|><|vision_end|> placeholder the state fills; `answer` streams the answer to one question from the state.
 """
 
+import hashlib
+import os
 import time
 from pathlib import Path
 from typing import Optional
@@ -46,9 +48,11 @@ def encode_video_file(model, processor, video, num_frames: Optional[int] = None,
 
 
 def _named_chunks(chunks, video):
-    """The chunks, each one's sampling naming the video (a saved state says what it holds)."""
+    """The chunks, each one's sampling naming the video and its contents' digest (a saved state says what it holds,
+    and a file of the same name is told apart)."""
+    identity = {"video": str(video), "video_sha256": file_digest(video)}
     for chunk in chunks:
-        chunk["video_metadata"] = [{**chunk["video_metadata"][0], "video": str(video)}]
+        chunk["video_metadata"] = [{**chunk["video_metadata"][0], **identity}]
         yield chunk
 
 
@@ -67,11 +71,47 @@ def answer(model, processor, state: VideoState, question: str, max_new_tokens: i
     return output[0, inputs["input_ids"].shape[1]:]
 
 
-def check_state_path(path: str, option: str) -> Path:
-    """`path` as a file a state may be written to: its folder exists and it is not a folder itself."""
+def check_state_path(path: str, option: str, force: bool = False, inputs: tuple = ()) -> Path:
+    """`path` as a file a state may be written to: its folder exists, it is not a folder, a device or any other
+    special file, it exists only with `force`, and it is none of `inputs` (the files this run reads), even with
+    `force`."""
     target = Path(path)
     if target.is_dir():
         raise ValueError(f"{option} {path}: is a folder; give a file path, e.g. {Path(path) / 'video.state'}")
     if not target.parent.is_dir():
         raise ValueError(f"{option} {path}: the folder {target.parent} does not exist; create it first.")
+    for source in inputs:
+        if source is not None and _same_file(target, Path(source)):
+            raise ValueError(f"{option} {path}: is the file this chat reads ({source}); give another path.")
+    if target.exists() and not target.is_file():
+        raise ValueError(f"{option} {path}: is not a regular file (a device, a FIFO or a socket); give a file path.")
+    if os.path.lexists(target) and not force:
+        raise ValueError(f"{option} {path}: the file exists; pass --force to replace it, or give another path.")
     return target
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    if a.exists() and b.exists():
+        return os.path.samefile(a, b)
+    return os.path.realpath(a) == os.path.realpath(b)
+
+
+def file_digest(path) -> str:
+    """The SHA-256 of the file at `path`: which video a saved state was encoded from, whatever its name."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for block in iter(lambda: file.read(2**22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def check_state_matches_video(state: VideoState, state_path, video) -> None:
+    """Refuse `--video` beside `--state` unless the state was encoded from a file with the same contents."""
+    recorded = (state.sampling[0] if state.sampling else {}).get("video_sha256")
+    if recorded is None:
+        raise ValueError(f"--state {state_path} does not record the file it was encoded from, so it cannot be checked "
+                         f"against --video {video}: drop --video, or encode {video} without --state.")
+    if recorded != file_digest(video):
+        encoded_from = state.sampling[0].get("video")
+        raise ValueError(f"--state {state_path} was encoded from {encoded_from}, whose contents differ from --video "
+                         f"{video}: drop --video, or encode {video} without --state.")

@@ -164,18 +164,17 @@ def _questions(prompt: str):
 
 def _chat_state(args, model, processor):
     """The video state of this chat: loaded from --state, or the video encoded once (and saved to --save-state)."""
-    from .chat import check_state_path, encode_video_file
+    from .chat import check_state_matches_video, check_state_path, encode_video_file
     from .video_state_vamba import load_video_state
 
-    save_to = None if args.save_state is None else check_state_path(args.save_state, "--save-state")
+    save_to = None if args.save_state is None else check_state_path(args.save_state, "--save-state", args.force,
+                                                                    inputs=(args.video, args.state))
     if args.state is not None:
-        if not os.path.isfile(args.state):
+        if not os.path.lexists(args.state):
             raise ValueError(f"--state {args.state}: no such file; write one with --save-state first.")
         state = load_video_state(args.state, model, device=model.device)
-        encoded_from = (state.sampling[0] if state.sampling else {}).get("video")
-        if args.video is not None and encoded_from and os.path.basename(encoded_from) != os.path.basename(args.video):
-            raise ValueError(f"--state {args.state} holds {encoded_from}, not --video {args.video}: drop --video, or "
-                             f"encode {args.video} without --state.")
+        if args.video is not None:
+            check_state_matches_video(state, args.state, args.video)
         _stderr(f"Loaded the video state {args.state}: {state.length} visual tokens (no video decoded, nothing "
                 f"encoded)")
     else:
@@ -295,6 +294,8 @@ def _add_chat(subparsers) -> None:
                         help="write the encoded video to PATH (safetensors) for a later --state")
     parser.add_argument("--state", default=None, metavar="PATH",
                         help="answer from a video encoded earlier (--save-state) instead of encoding --video")
+    parser.add_argument("--force", action="store_true",
+                        help="let --save-state replace an existing file (never the --video or --state read)")
     parser.add_argument("--max-new-tokens", type=positive_int, default=128)
     _add_sampling_and_device_options(parser)
     parser.set_defaults(run=run_chat)

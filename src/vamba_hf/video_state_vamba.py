@@ -9,6 +9,9 @@ and last convolution inputs). `VideoState` holds both; `encode_visual_state` and
 
 import hashlib
 import json
+import os
+import secrets
+import stat
 from dataclasses import dataclass, field, replace
 from typing import Optional
 
@@ -19,7 +22,13 @@ from .checks_vamba import check_visual_pixels
 from .mamba2_vamba import MambaCarry
 from .streams_vamba import PaddedRows
 
-STATE_FORMAT_VERSION = 1
+STATE_FORMAT_VERSION = 2
+STATE_FORMAT = "vamba-video-state"
+STATE_KINDS = ("video", "image")
+# The compute dtypes a model may encode in (the state's "dtype").
+STATE_DTYPES = ("float32", "bfloat16", "float16", "float64")
+# Elements of each weight on the visual path that the model fingerprint hashes (evenly spaced).
+FINGERPRINT_SAMPLES = 1024
 TOKEN_DIM = 2  # of the K/V (b, kv_heads, n, d), their scales (b, kv_heads, n, 1) and the mask (b, 1, n)
 
 # The config fields a state depends on (besides the vision and Mamba-2 sub-configs): what shapes the visual stream,
@@ -157,63 +166,251 @@ class VideoState:
         )
 
     def save(self, path) -> None:
-        """Write the state to `path` (safetensors), with the model fingerprint, the sampling and the format."""
-        from safetensors.torch import save_file
-
+        """Write the state to `path` (safetensors), with the model fingerprint, the sampling, the format and a digest
+        of it all: written to a temporary file beside `path`, checked, then renamed over it (a failed write leaves
+        `path` as it was and raises OSError)."""
         if self.row_entries is not None:
             raise ValueError("This state belongs to one generate call (beams over several videos); encode each video "
                              "with model.encode_video to save it.")
-        metadata = {"format": "vamba-video-state", "format_version": str(STATE_FORMAT_VERSION), "kind": self.kind,
+        metadata = {"format": STATE_FORMAT, "format_version": str(STATE_FORMAT_VERSION), "kind": self.kind,
                     "model_fingerprint": self.model_fingerprint,
                     "dtype": str(self.dtype).removeprefix("torch."), "sampling": json.dumps(self.sampling)}
-        save_file({name: t.contiguous() for name, t in self.tensors().items()}, str(path), metadata=metadata)
+        tensors = {name: t.contiguous() for name, t in self.tensors().items()}
+        metadata["digest"] = state_digest(self.model_fingerprint, metadata, tensors)
+        _write_replacing(str(path), tensors, metadata)
+
+
+def _write_replacing(path: str, tensors: dict, metadata: dict) -> None:
+    """safetensors `tensors` into a new file beside `path` (mode from the umask), flushed to the disk, then renamed
+    to `path`; the new file is removed when anything fails."""
+    from safetensors import SafetensorError
+    from safetensors.torch import save_file
+
+    folder, name = os.path.split(os.path.abspath(path))
+    temporary = os.path.join(folder, f".{name}.{secrets.token_hex(4)}.partial")
+    os.close(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+    try:
+        try:
+            save_file(tensors, temporary, metadata=metadata)
+        except SafetensorError as error:  # safetensors reports a failed write (a full disk) as its own error
+            raise OSError(f"Could not write the video state to {path}: {error}") from None
+        with open(temporary, "rb+") as file:
+            os.fsync(file.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        os.unlink(temporary)
+        raise
+
+
+def state_digest(fingerprint: str, metadata: dict, tensors: dict) -> str:
+    """A SHA-256 of a state's metadata and tensors (names, dtypes, shapes, bytes) keyed by the fingerprint of the
+    model that encoded it: a changed byte, or another model's state given this model's fingerprint string, no longer
+    matches the model that reads it."""
+    digest = _metadata_digest(fingerprint, metadata)
+    for name in sorted(tensors):
+        _digest_tensor(digest, name, tensors[name])
+    return digest.hexdigest()
+
+
+def _metadata_digest(fingerprint: str, metadata: dict):
+    digest = hashlib.sha256(fingerprint.encode())
+    digest.update(json.dumps({key: value for key, value in metadata.items() if key != "digest"}, sort_keys=True)
+                  .encode())
+    return digest
+
+
+def _digest_tensor(digest, name: str, tensor: torch.Tensor) -> None:
+    tensor = tensor.detach().contiguous().cpu()
+    digest.update(json.dumps([name, str(tensor.dtype), list(tensor.shape)]).encode())
+    digest.update(tensor.reshape(-1).view(torch.uint8).numpy().data)
 
 
 # -- the model's identity ----------------------------------------------------------------------------------------
 
 
+def _is_on_visual_path(name: str, config) -> bool:
+    """Whether the parameter `name` of the model shapes a video's state: the vision tower, each layer's Mamba-2
+    block, the cross-attention K/V projections (and norms) and, when it feeds them, the layer's input norm."""
+    return (name.startswith("visual.") or ".vision_mixer." in name or ".cross_attn.k_" in name
+            or ".cross_attn.v_" in name or (config.cross_attn_use_layer_norm and ".input_layernorm." in name))
+
+
+def _visual_path_weights(model) -> list:
+    weights = getattr(model, "_video_state_weights", None)
+    if weights is None:
+        weights = [param for name, param in model.named_parameters() if _is_on_visual_path(name, model.config)]
+        model._video_state_weights = weights
+    return weights
+
+
+def _weights_sample(weights: list) -> bytes:
+    """`FINGERPRINT_SAMPLES` evenly spaced elements of each weight (strided integer indexing: the same elements on
+    every device) in float32, with their shapes, as bytes. The compute dtype is checked apart, with its own message."""
+    shapes = json.dumps([list(param.shape) for param in weights]).encode()
+    samples = [param.detach().reshape(-1)[:: max(1, param.numel() // FINGERPRINT_SAMPLES)][:FINGERPRINT_SAMPLES]
+               for param in weights]
+    return shapes + torch.cat([sample.float() for sample in samples]).cpu().numpy().tobytes()
+
+
 def model_fingerprint(model) -> str:
     """A hash of what determines a state: the config fields that shape it (`STATE_CONFIG_FIELDS`, the vision and
-    Mamba-2 sub-configs) and, cheaply standing for the weights, layer 0's cross-attention k/v projections."""
+    Mamba-2 sub-configs) and every weight on the visual path (vision tower, Mamba-2 blocks, cross-attention K/V),
+    each by its shape, dtype and an evenly spaced sample of its values."""
     config = model.config
     described = {name: getattr(config, name) for name in STATE_CONFIG_FIELDS}
     described["vision_config"] = config.vision_config.to_dict()
     described["vision_mamba_mixer_config"] = config.vision_mamba_mixer_config.to_dict()
     described = json.dumps(described, sort_keys=True, default=str)
-    cross = model.model.layers[0].cross_attn
-    weights = (cross.k_proj.weight, cross.k_proj.bias, cross.v_proj.weight, cross.v_proj.bias)
-    # Hashing the weights is kept on the model while they are unchanged (same storage, no in-place update since).
-    key = (described, *((param.data_ptr(), param._version, str(param.device)) for param in weights))
+    weights = _visual_path_weights(model)
+    # Kept on the model while the weights are unchanged (same storage, no in-place update since).
+    key = (described, weights[0].device, *((param.data_ptr(), param._version) for param in weights))
     cached = getattr(model, "_video_state_fingerprint", None)
     if cached is not None and cached[0] == key:
         return cached[1]
     digest = hashlib.sha256(described.encode())
-    for param in weights:
-        digest.update(param.detach().float().cpu().contiguous().numpy().tobytes())
+    digest.update(_weights_sample(weights))
     model._video_state_fingerprint = (key, digest.hexdigest()[:32])
     return model._video_state_fingerprint[1]
 
 
-def load_video_state(path, model, device=None) -> VideoState:
-    """The state saved at `path`, for `model` (refused, in one line, when another model or format made it), on
-    `device` (default: the CPU)."""
-    from safetensors import safe_open
+def _not_a_state(path, why: str) -> ValueError:
+    return ValueError(f"{path} is not a Vamba video state ({why}); save one with state.save(path) or `vamba-hf chat "
+                      f"--save-state`.")
 
-    with safe_open(str(path), framework="pt", device=str(device or "cpu")) as file:
-        metadata = file.metadata() or {}
-        if metadata.get("format") != "vamba-video-state":
-            raise ValueError(f"{path} is not a Vamba video state (no 'vamba-video-state' format in its metadata); "
-                             f"save one with state.save(path) or `vamba-hf chat --save-state`.")
-        version = metadata.get("format_version")
-        if version != str(STATE_FORMAT_VERSION):
-            raise ValueError(f"{path} is a video state of format version {version}, this vamba-hf reads version "
-                             f"{STATE_FORMAT_VERSION}: encode the video again.")
-        expected = model_fingerprint(model)
-        if metadata.get("model_fingerprint") != expected:
-            raise ValueError(f"{path} was encoded by another model (fingerprint {metadata.get('model_fingerprint')}, "
-                             f"this model's is {expected}): encode the video again with this model.")
-        tensors = {name: file.get_tensor(name) for name in file.keys()}
+
+def _check_metadata(path, metadata: dict, model) -> None:
+    """The format, version, kind, dtype, sampling and fingerprint of a state file, against this vamba-hf and
+    `model`."""
+    if metadata.get("format") != STATE_FORMAT:
+        raise _not_a_state(path, f"no '{STATE_FORMAT}' format in its metadata")
+    version = metadata.get("format_version")
+    if version != str(STATE_FORMAT_VERSION):
+        raise ValueError(f"{path} is a video state of format version {version}, this vamba-hf reads version "
+                         f"{STATE_FORMAT_VERSION}: encode the video again.")
+    if metadata.get("kind") not in STATE_KINDS or metadata.get("dtype") not in STATE_DTYPES:
+        raise _not_a_state(path, f"kind {metadata.get('kind')!r}, dtype {metadata.get('dtype')!r}")
+    try:
+        sampling = json.loads(metadata.get("sampling", ""))
+    except ValueError:
+        sampling = None
+    if not (isinstance(sampling, list) and all(isinstance(entry, dict) for entry in sampling)):
+        raise _not_a_state(path, "its sampling is not a list of records")
+    expected = model_fingerprint(model)
+    if metadata.get("model_fingerprint") != expected:
+        raise ValueError(f"{path} was encoded by another model (fingerprint {metadata.get('model_fingerprint')}, "
+                         f"this model's is {expected}): encode the video again with this model.")
+    dtype = model.model.embed_tokens.weight.dtype
+    if metadata["dtype"] != str(dtype).removeprefix("torch."):
+        raise ValueError(f"{path} was encoded in {metadata['dtype']}, the model runs in {dtype}: encode it with the "
+                         f"model in {dtype}.")
+
+
+def _token_counts(path, grid_thw: torch.Tensor, config) -> list:
+    """The visual tokens of each entry of a state's grid (one (t, h, w) row per entry, in patches)."""
+    merge = config.vision_config.spatial_merge_size
+    if not (grid_thw.dtype == torch.int64 and grid_thw.dim() == 2 and grid_thw.shape[1] == 3
+            and 1 <= grid_thw.shape[0] and bool((grid_thw >= 1).all())):
+        raise _not_a_state(path, f"grid_thw {grid_thw.dtype} {list(grid_thw.shape)} is not one (t, h, w) row of "
+                                 f"positive int64 per entry")
+    rows = grid_thw.tolist()
+    if any(h % merge or w % merge for _, h, w in rows):
+        raise _not_a_state(path, f"grid_thw {rows} is not in whole {merge}x{merge} merged patches")
+    return [t * (h // merge) * (w // merge) for t, h, w in rows]
+
+
+def expected_state_tensors(model, dtype: torch.dtype, entries: int, length: int, padded: bool) -> dict:
+    """name -> (shape, allowed dtypes) of every tensor of a state of `model` (encoded in `dtype`) with `entries`
+    entries of at most `length` visual tokens (`padded`: of different lengths, so with a keep mask)."""
+    config = model.config
+    storage = dtype if config.cross_kv_cache_dtype is None else getattr(torch, config.cross_kv_cache_dtype)
+    scaled = storage.itemsize < dtype.itemsize
+    kv_shape = (entries, config.num_key_value_heads, length, model.model.layers[0].cross_attn.head_dim)
+    expected = {"grid_thw": ((entries, 3), (torch.int64,))}
+    for i, layer in enumerate(model.model.layers):
+        for name in ("key", "value"):
+            expected[f"layers.{i}.{name}"] = (kv_shape, (storage,))
+            if scaled:
+                expected[f"layers.{i}.{name}_scale"] = ((*kv_shape[:3], 1), (dtype,))
+        if i < config.num_hidden_layers - 1 and config.vision_mamba_mixer_config.enable:
+            mixer = layer.vision_mixer.mixer
+            expected[f"layers.{i}.ssm_state"] = ((entries, mixer.nheads, mixer.config.headdim, mixer.config.d_state),
+                                                 (torch.float32, dtype))
+            expected[f"layers.{i}.conv_inputs"] = ((entries, mixer.config.d_conv - 1, mixer.conv1d.weight.shape[0]),
+                                                   (dtype,))
+    if padded:
+        expected["keep"] = ((entries, 1, length), (torch.bool,))
+    return expected
+
+
+def _check_names(path, found, expected) -> None:
+    missing, unknown = sorted(set(expected) - set(found)), sorted(set(found) - set(expected))
+    if missing or unknown:
+        listed = "; ".join(f"{title}: {', '.join(names[:4])}{' ...' if len(names) > 4 else ''}"
+                           for title, names in (("missing", missing), ("unexpected", unknown)) if names)
+        raise _not_a_state(path, f"its tensors are not those of this model's states ({listed})")
+
+
+def _check_tensor(path, name: str, tensor: torch.Tensor, shape: tuple, dtypes: tuple) -> None:
+    if tuple(tensor.shape) != tuple(shape) or tensor.dtype not in dtypes:
+        raise _not_a_state(path, f"{name} is {str(tensor.dtype).removeprefix('torch.')} {list(tensor.shape)}, this "
+                                 f"model's state has {'/'.join(str(d).removeprefix('torch.') for d in dtypes)} "
+                                 f"{list(shape)} for its grid")
+    if tensor.is_floating_point() and not bool(torch.isfinite(tensor.to(torch.float32 if tensor.element_size() < 2
+                                                                      else tensor.dtype)).all()):
+        raise _not_a_state(path, f"{name} holds NaN or infinite values")
+
+
+def _check_state_file(path) -> None:
+    info = os.stat(path)
+    if not stat.S_ISREG(info.st_mode):
+        raise _not_a_state(path, "not a regular file")
+
+
+def load_video_state(path, model, device=None) -> VideoState:
+    """The state saved at `path`, for `model`, on `device` (default: the CPU). A state is untrusted input: refused,
+    in one line, unless every tensor's name, shape and dtype is what this model's state of its grid holds, all
+    values are finite, its keep mask is the grid's, and its digest - keyed by this model's fingerprint - matches
+    (another model's state, or a changed byte, does not)."""
+    from safetensors import SafetensorError, safe_open
+
+    _check_state_file(path)
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as file:
+            metadata = file.metadata() or {}
+            _check_metadata(path, metadata, model)
+            tensors = _checked_tensors(path, file, metadata, model, device or "cpu")
+    except SafetensorError as error:
+        raise _not_a_state(path, f"not a safetensors file: {str(error).splitlines()[0][:200]}") from None
     return _state_from_tensors(tensors, metadata, model.config.num_hidden_layers)
+
+
+def _checked_tensors(path, file, metadata: dict, model, device) -> dict:
+    """Every tensor of an open state file, on `device`, checked one at a time against what this model's state of
+    the file's grid holds, and the file's digest."""
+    names = set(file.keys())
+    if "grid_thw" not in names:
+        raise _not_a_state(path, "it has no grid_thw")
+    counts = _token_counts(path, file.get_tensor("grid_thw"), model.config)
+    padded = len(set(counts)) > 1
+    expected = expected_state_tensors(model, getattr(torch, metadata["dtype"]), len(counts), max(counts), padded)
+    _check_names(path, names, expected)
+    digest = _metadata_digest(model_fingerprint(model), metadata)
+    tensors = {}
+    for name in sorted(names):
+        tensor = file.get_tensor(name)
+        _check_tensor(path, name, tensor, *expected[name])
+        _digest_tensor(digest, name, tensor)
+        tensors[name] = tensor.to(device)
+    if metadata.get("digest") != digest.hexdigest():
+        raise ValueError(f"{path} does not hold what was saved for this model (its digest differs: changed since it "
+                         f"was saved, or encoded by another model): encode the video again with this model.")
+    if padded and not torch.equal(tensors["keep"].cpu(), _keep_of(counts)):
+        raise _not_a_state(path, "its keep mask is not that of its grid")
+    return tensors
+
+
+def _keep_of(counts: list) -> torch.Tensor:
+    return (torch.arange(max(counts))[None] < torch.tensor(counts)[:, None])[:, None, :]
 
 
 def _state_from_tensors(tensors: dict, metadata: dict, num_layers: int) -> VideoState:
@@ -228,7 +425,7 @@ def _state_from_tensors(tensors: dict, metadata: dict, num_layers: int) -> Video
     return VideoState(
         kind=metadata["kind"], keys=keys, values=group("value"), key_scales=group("key_scale"),
         value_scales=group("value_scale"), keep=Growable.of(tensors["keep"]) if "keep" in tensors else None,
-        carries=carries, grid_thw=tensors["grid_thw"], length=keys[0].filled,
+        carries=carries, grid_thw=tensors["grid_thw"].cpu(), length=keys[0].filled,
         model_fingerprint=metadata["model_fingerprint"], dtype=getattr(torch, metadata["dtype"]),
         sampling=json.loads(metadata["sampling"]),
     )
