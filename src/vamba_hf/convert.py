@@ -163,7 +163,10 @@ def _is_hub_cache_link(path: Path) -> bool:
     snapshot = path.parent
     if snapshot.parent.name != "snapshots":
         return False
-    return path.resolve().parent == (snapshot.parent.parent / "blobs").resolve()
+    try:
+        return path.resolve().parent == (snapshot.parent.parent / "blobs").resolve()
+    except (OSError, RuntimeError):  # a loop of links
+        return False
 
 
 def check_source_file(path: Path, max_bytes: Optional[int] = MAX_TEXT_FILE_BYTES) -> None:
@@ -581,13 +584,6 @@ def resolve_source(source, log: Callable[[str], None] = print) -> Path:
 # -- the destination -------------------------------------------------------------------------------------------
 
 
-def _shard_names_of(folder: Path) -> set:
-    try:
-        return set(read_weight_index(folder / WEIGHTS_INDEX).values())
-    except (OSError, ConversionError):
-        return set()
-
-
 def _sha256_of(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as file:
@@ -873,8 +869,8 @@ def convert_checkpoint(
 
     Everything is checked before anything is written; the folder is assembled beside `destination` and renamed
     into place at the end, so a failed or interrupted run leaves no partial `destination` (a killed one leaves a
-    `.DST.partial-*` folder that the next run removes). With `force`, only an empty folder or a previous convert
-    output is replaced. `base_model`, `license` and `repo_id` go into the model card (see
+    `.DST.partial-*` folder that the next run removes once it holds exactly what its record lists). With `force`,
+    only an empty folder or a previous convert output, unchanged since (`CONVERT_RECORD`), is replaced. `base_model`, `license` and `repo_id` go into the model card (see
     `vamba_hf.card.write_model_card` for their defaults). Raises `ConversionError` (a `VambaUserError`) with a
     one-line message for anything the user can fix.
     """

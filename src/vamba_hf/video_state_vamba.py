@@ -236,11 +236,7 @@ def _is_on_visual_path(name: str, config) -> bool:
 
 
 def _visual_path_weights(model) -> list:
-    weights = getattr(model, "_video_state_weights", None)
-    if weights is None:
-        weights = [param for name, param in model.named_parameters() if _is_on_visual_path(name, model.config)]
-        model._video_state_weights = weights
-    return weights
+    return [param for name, param in model.named_parameters() if _is_on_visual_path(name, model.config)]
 
 
 def _weights_sample(weights: list) -> bytes:
@@ -249,7 +245,7 @@ def _weights_sample(weights: list) -> bytes:
     shapes = json.dumps([list(param.shape) for param in weights]).encode()
     samples = [param.detach().reshape(-1)[:: max(1, param.numel() // FINGERPRINT_SAMPLES)][:FINGERPRINT_SAMPLES]
                for param in weights]
-    return shapes + torch.cat([sample.float() for sample in samples]).cpu().numpy().tobytes()
+    return shapes + torch.cat([sample.float().cpu() for sample in samples]).numpy().tobytes()  # any device each
 
 
 def model_fingerprint(model) -> str:
@@ -263,7 +259,7 @@ def model_fingerprint(model) -> str:
     described = json.dumps(described, sort_keys=True, default=str)
     weights = _visual_path_weights(model)
     # Kept on the model while the weights are unchanged (same storage, no in-place update since).
-    key = (described, weights[0].device, *((param.data_ptr(), param._version) for param in weights))
+    key = (described, *((param.data_ptr(), param._version, param.device) for param in weights))
     cached = getattr(model, "_video_state_fingerprint", None)
     if cached is not None and cached[0] == key:
         return cached[1]
