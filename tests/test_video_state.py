@@ -323,7 +323,7 @@ def test_a_mismatched_state_is_refused(tmp_path):
     with safe_open(str(path), "pt") as file:
         metadata = dict(file.metadata(), format_version="999")
     save_file(tensors, str(tmp_path / "future.state"), metadata=metadata)
-    with pytest.raises(ValueError, match="format version 999"):
+    with pytest.raises(ValueError, match="format version '999'"):
         load_video_state(tmp_path / "future.state", model)
 
 
@@ -690,7 +690,7 @@ def _damaged(tensors: dict, damage) -> dict:
     return tensors
 
 
-@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=120, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 @given(data=st.data(), which=st.sampled_from(["one", "two"]), forge=st.booleans())
 def test_any_change_to_a_state_is_refused_in_one_line_or_changes_nothing(data, which, forge):
     """The only outcomes: our one-line ValueError naming the file, or a state that is the one saved (an unforged

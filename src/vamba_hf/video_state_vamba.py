@@ -281,7 +281,7 @@ def _check_metadata(path, metadata: dict, model) -> None:
         raise _not_a_state(path, f"no '{STATE_FORMAT}' format in its metadata")
     version = metadata.get("format_version")
     if version != str(STATE_FORMAT_VERSION):
-        raise ValueError(f"{path} is a video state of format version {version}, this vamba-hf reads version "
+        raise ValueError(f"{path} is a video state of format version {version!r}, this vamba-hf reads version "
                          f"{STATE_FORMAT_VERSION}: encode the video again.")
     if metadata.get("kind") not in STATE_KINDS or metadata.get("dtype") not in STATE_DTYPES:
         raise _not_a_state(path, f"kind {metadata.get('kind')!r}, dtype {metadata.get('dtype')!r}")
@@ -293,8 +293,8 @@ def _check_metadata(path, metadata: dict, model) -> None:
         raise _not_a_state(path, "its sampling is not a list of records")
     expected = model_fingerprint(model)
     if metadata.get("model_fingerprint") != expected:
-        raise ValueError(f"{path} was encoded by another model (fingerprint {metadata.get('model_fingerprint')}, "
-                         f"this model's is {expected}): encode the video again with this model.")
+        raise ValueError(f"{path} was encoded by another model (fingerprint {metadata.get('model_fingerprint')!r}, "
+                         f"this model's is {expected!r}): encode the video again with this model.")
     dtype = model.model.embed_tokens.weight.dtype
     if metadata["dtype"] != str(dtype).removeprefix("torch."):
         raise ValueError(f"{path} was encoded in {metadata['dtype']}, the model runs in {dtype}: encode it with the "
@@ -341,7 +341,7 @@ def expected_state_tensors(model, dtype: torch.dtype, entries: int, length: int,
 def _check_names(path, found, expected) -> None:
     missing, unknown = sorted(set(expected) - set(found)), sorted(set(found) - set(expected))
     if missing or unknown:
-        listed = "; ".join(f"{title}: {', '.join(names[:4])}{' ...' if len(names) > 4 else ''}"
+        listed = "; ".join(f"{title}: {', '.join(map(repr, names[:4]))}{' ...' if len(names) > 4 else ''}"
                            for title, names in (("missing", missing), ("unexpected", unknown)) if names)
         raise _not_a_state(path, f"its tensors are not those of this model's states ({listed})")
 
