@@ -1148,3 +1148,31 @@ def test_push_never_uploads_a_link_s_target(converted, recording_api, tmp_path, 
         with pytest.raises(NotConvertedError, match=rf"{re.escape(name)} is a symbolic link .* never a link's target"):
             push_folder(converted, "me/vamba", dry_run=dry_run, token="hf_test", log=lambda m: None)
     assert recording_api == []
+
+
+def _as_hub_cache(folder, cache):
+    """`folder`'s files laid out as huggingface_hub caches a repo: each a link of snapshots/<revision>/ to its blob."""
+    snapshot = cache / "models--TIGER-Lab--Vamba-Qwen2-VL-7B" / "snapshots" / "0123abcd"
+    blobs = snapshot.parent.parent / "blobs"
+    snapshot.mkdir(parents=True)
+    blobs.mkdir()
+    for path in sorted(folder.iterdir()):
+        blob = blobs / convert_module._sha256_of(path)
+        os.rename(path, blob)
+        os.symlink(os.path.join("..", "..", "blobs", blob.name), snapshot / path.name)
+    return snapshot
+
+
+def test_a_hub_cache_snapshot_s_links_to_its_blobs_are_followed_and_no_other(video_short_source, tmp_path):
+    snapshot = _as_hub_cache(video_short_source, tmp_path / "hub-cache")
+    convert_quietly(snapshot, tmp_path / "hub")
+    for path in (tmp_path / "hub").iterdir():
+        assert path.is_file() and not path.is_symlink(), path
+    assert filecmp.cmp(tmp_path / "hub" / "model.safetensors", snapshot / "model.safetensors", shallow=False)
+
+    elsewhere = tmp_path / "elsewhere.json"
+    elsewhere.write_bytes((snapshot / "config.json").read_bytes())
+    (snapshot / "config.json").unlink()
+    os.symlink(elsewhere, snapshot / "config.json")
+    with pytest.raises(ConversionError, match="config.json is a symbolic link"):
+        convert_quietly(snapshot, tmp_path / "hub2")
