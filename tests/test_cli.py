@@ -309,3 +309,15 @@ def test_chat_state_of_a_folder_or_a_fifo_is_one_line(demo_cache, tmp_path, monk
         code, errors = chat(["--state", str(path)], monkeypatch, capsys)
         assert code == 2 and errors == [f"vamba-hf: error: {path} is not a Vamba video state (not a regular file); "
                                         f"save one with state.save(path) or `vamba-hf chat --save-state`."]
+
+
+def test_chat_checks_save_state_before_the_model_loads(demo_video, tmp_path, monkeypatch, capsys):
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded before --save-state was checked")
+
+    monkeypatch.setattr("vamba_hf.inference.load_model_and_processor", no_model)
+    (tmp_path / "clip.state").write_text("a user's file")
+    code, errors = chat(["--video", str(demo_video), "--save-state", str(tmp_path / "clip.state")], monkeypatch,
+                        capsys)
+    assert code == 2 and errors == [f"vamba-hf: error: --save-state {tmp_path / 'clip.state'}: the file exists; pass "
+                                    f"--force to replace it, or give another path."]

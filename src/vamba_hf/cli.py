@@ -162,13 +162,22 @@ def _questions(prompt: str):
             yield question
 
 
+def _save_state_path(args):
+    """Where --save-state writes the state (None: nowhere), checked: no existing file without --force, never a file
+    the chat reads."""
+    from .chat import check_state_path
+
+    if args.save_state is None:
+        return None
+    return check_state_path(args.save_state, "--save-state", args.force, inputs=(args.video, args.state))
+
+
 def _chat_state(args, model, processor):
     """The video state of this chat: loaded from --state, or the video encoded once (and saved to --save-state)."""
-    from .chat import check_state_matches_video, check_state_path, encode_video_file
+    from .chat import check_state_matches_video, encode_video_file
     from .video_state_vamba import load_video_state
 
-    save_to = None if args.save_state is None else check_state_path(args.save_state, "--save-state", args.force,
-                                                                    inputs=(args.video, args.state))
+    save_to = _save_state_path(args)  # again: a file may have appeared there while the model loaded
     if args.state is not None:
         if not os.path.lexists(args.state):
             raise ValueError(f"--state {args.state}: no such file; write one with --save-state first.")
@@ -193,6 +202,7 @@ def run_chat(args) -> int:
 
     if args.video is None and args.state is None:
         raise ValueError("chat needs --video FILE (or --state PATH saved by an earlier chat's --save-state).")
+    _save_state_path(args)  # before the model loads
     location = None if args.model is None else resolve_model_source(args.model, option="--model")
     from .chat import answer
     from .inference import load_model_and_processor
