@@ -110,10 +110,19 @@ def test_message_objects_with_a_custom_template_and_an_openai_image_url_block(pr
 # -- the call ----------------------------------------------------------------------------------------------------
 
 
-def test_call_parameters_are_typed():
+def test_call_parameters_are_typed_and_name_no_audio(processor):
+    """transformers' tests and pipelines give a processor the modalities its typed `__call__` names."""
     parameters = inspect.signature(VambaProcessor.__call__).parameters
-    for name in ("images", "text", "videos", "audio", "kwargs"):
+    assert list(parameters) == ["self", "images", "text", "videos", "kwargs"]
+    for name in ("images", "text", "videos", "kwargs"):
         assert parameters[name].annotation is not inspect.Parameter.empty, name
+    with pytest.raises(ValueError, match=r"^Vamba reads no audio: leave `audio` out\.$"):
+        processor(text="Hi", audio=np.zeros(16000))
+
+
+def test_a_loaded_processor_has_the_saved_one_s_dict(processor, tmp_path):
+    processor.save_pretrained(tmp_path)
+    assert VambaProcessor.from_pretrained(tmp_path).to_dict() == processor.to_dict()
 
 
 def test_images_nested_per_prompt_give_the_flat_call(processor):

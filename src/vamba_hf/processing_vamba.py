@@ -122,6 +122,7 @@ SOURCE_TYPES = {"image": (str, os.PathLike, PIL.Image.Image, np.ndarray, torch.T
                 "video": (str, os.PathLike, np.ndarray, torch.Tensor, list, tuple, VideoFrames)}
 MODALITY_KWARGS = {"text_kwargs": "text", "images_kwargs": "images", "videos_kwargs": "videos"}
 PROCESSOR_FILE = "processor_config.json"
+PROCESSOR_AUTO_MAP = {"AutoProcessor": "processing_vamba.VambaProcessor"}
 IMAGE_PROCESSOR_FILE = "preprocessor_config.json"
 
 
@@ -738,6 +739,9 @@ class VambaProcessor(ProcessorMixin):
     def to_dict(self, *args, **kwargs) -> dict:
         output = super().to_dict(*args, **kwargs)
         output["video_sampling"] = self.video_sampling.to_dict()
+        # Always, not only once saving has set it on this instance (loading drops it): a loaded processor's dict is
+        # then the saved one's.
+        output["auto_map"] = dict(PROCESSOR_AUTO_MAP)
         return output
 
     def to_json_file(self, json_file_path, *args, **kwargs) -> None:
@@ -802,7 +806,6 @@ class VambaProcessor(ProcessorMixin):
         images: typing.Optional[ImageInput] = None,
         text: typing.Union[TextInput, PreTokenizedInput, list[TextInput], list[PreTokenizedInput], None] = None,
         videos: typing.Optional[VideoInput] = None,
-        audio: None = None,
         **kwargs: Unpack[VambaProcessorKwargs],
     ) -> BatchFeature:
         """Tokenize `text` (one prompt or a list; each with at most one `<|vision_start|><|vision_end|>`) and
@@ -812,7 +815,8 @@ class VambaProcessor(ProcessorMixin):
         `image_grid_thw` or `pixel_values_videos` + `video_grid_thw` when there are images or videos; with
         `return_metadata=True` also `video_metadata`. Keyword arguments: see the module docstring.
         """
-        if audio is not None:
+        # No `audio` parameter: transformers gives a processor audio only when its signature names it.
+        if kwargs.pop("audio", None) is not None:
             raise ValueError("Vamba reads no audio: leave `audio` out.")
         if text is None:
             raise ValueError("text is required: the prompt, with `<|vision_start|><|vision_end|>` where the image or "
