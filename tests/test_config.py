@@ -181,6 +181,54 @@ def test_extra_attributes_round_trip(tmp_path):
     assert without_name(saved_and_loaded(loaded, tmp_path / "again").to_dict()) == without_name(loaded.to_dict())
 
 
+# The epsilon attributes transformers' test helper (`set_config_for_less_flaky_test`) sets on a config and its
+# sub-configs before a model is saved; `norm_eps` and `post_norm_eps` are near-misses of `rms_norm_eps`.
+EPSILON_ATTRIBUTES = ("rms_norm_eps", "post_norm_eps", "layer_norm_eps", "norm_eps", "norm_epsilon",
+                      "layer_norm_epsilon", "batch_norm_eps")
+
+
+def with_epsilons(config):
+    for target in (config, config.vision_config, config.vision_mamba_mixer_config):
+        for name in EPSILON_ATTRIBUTES:
+            setattr(target, name, 1.0)
+    return config
+
+
+def without_version(config_dict):
+    return {key: value for key, value in config_dict.items() if key != "transformers_version"}
+
+
+def test_a_config_loads_the_near_miss_attributes_it_saved(tmp_path, caplog):
+    config = with_epsilons(tiny())
+    config.d_state = 3  # a mixer field set at the top level: kept as an attribute too
+    config.save_pretrained(tmp_path)
+    with caplog.at_level("WARNING"):
+        loaded = VambaConfig.from_pretrained(tmp_path)
+    assert loaded.to_dict() == config.to_dict()
+    assert "carries ['norm_eps', 'post_norm_eps'], near-miss(es) of 'rms_norm_eps': kept as extra" in caplog.text
+    assert "carries ['d_state'], vision_mamba_mixer_config setting(s) at its top level" in caplog.text
+    config.to_json_file(tmp_path / "copy.json")
+    assert VambaConfig.from_json_file(tmp_path / "copy.json").to_dict() == config.to_dict()
+    for key, sub_class in VambaConfig.sub_configs.items():
+        expected = without_version(getattr(config, key).to_dict())
+        assert without_version(sub_class.from_pretrained(tmp_path).to_dict()) == expected
+
+
+def test_a_model_whose_config_carries_near_miss_attributes_loads(tmp_path):
+    model = VambaForConditionalGeneration(with_epsilons(tiny()))
+    model.save_pretrained(tmp_path)
+    loaded = VambaForConditionalGeneration.from_pretrained(tmp_path)
+    assert (loaded.config.norm_eps, loaded.config.vision_config.post_norm_eps) == (1.0, 1.0)
+    assert all(torch.equal(value, loaded.state_dict()[name]) for name, value in model.state_dict().items())
+
+
+def test_a_near_miss_given_while_loading_is_still_refused(tmp_path):
+    tiny().save_pretrained(tmp_path)
+    with pytest.raises(VambaConfigError, match=r"^Unknown key\(s\) in the vision_config: \['depthh'\]; did you mean "
+                                               r"'depth'\?"):
+        VambaConfig.from_pretrained(tmp_path, vision_config={"depthh": 2})
+
+
 # Standard PretrainedConfig keyword arguments, and keys that transformers 4.x configs carry.
 STANDARD_KWARGS = dict(
     num_labels=3, id2label={0: "a", 1: "b"}, output_hidden_states=True, return_dict=False, output_attentions=True,

@@ -6,10 +6,13 @@ Reads both our own `config.json` (`model_type: "vamba"`) and the official checkp
 
 Every Vamba field is checked for type and range at construction; a bad value raises `VambaConfigError` (a
 `ValueError`) naming the field, the value and what it must be. Keys that are not Vamba's are kept as
-attributes and saved, as `PretrainedConfig` does, unless they are a near-miss of a Vamba key (a misspelling),
-which is an error naming the intended key.
+attributes and saved, as `PretrainedConfig` does. A near-miss of a Vamba key given to the constructor is a
+misspelling, an error naming the intended key; in a saved config being loaded it is an attribute the config
+carried when it was saved (e.g. `norm_eps`, set by transformers' test helpers): it loads, with a warning.
 """
 
+import contextlib
+import contextvars
 import difflib
 import inspect
 import math
@@ -17,6 +20,9 @@ from collections import namedtuple
 
 from transformers import GenerationConfig, PretrainedConfig
 from transformers.activations import ACT2FN
+from transformers.utils import logging
+
+logger = logging.get_logger(__name__)
 
 
 class VambaConfigError(ValueError):
@@ -151,25 +157,80 @@ def _is_settable_attribute(cls, key: str) -> bool:
     return attribute is None or (isinstance(attribute, property) and attribute.fset is not None)
 
 
+# The key names of the saved config being loaded (by `from_dict` or `from_json_file`, sub-configs' keys included).
+_SAVED_KEYS = contextvars.ContextVar("vamba_saved_config_keys", default=frozenset())
+
+
+def _key_names(config_dict: dict) -> frozenset:
+    """The keys of a config dict and of the dicts it holds (its sub-configs)."""
+    names = set(config_dict)
+    for value in config_dict.values():
+        if isinstance(value, dict):
+            names |= set(value)
+    return frozenset(name for name in names if isinstance(name, str))
+
+
+@contextlib.contextmanager
+def _loading_saved(config_dict):
+    """Within it, the keys of `config_dict` count as saved attributes, not as keyword arguments a user typed."""
+    if not isinstance(config_dict, dict):
+        yield
+        return
+    token = _SAVED_KEYS.set(_SAVED_KEYS.get() | _key_names(config_dict))
+    try:
+        yield
+    finally:
+        _SAVED_KEYS.reset(token)
+
+
+def _split_saved(keys) -> tuple:
+    """(keys of the saved config being loaded, keys given otherwise), each sorted."""
+    saved = _SAVED_KEYS.get()
+    return sorted(key for key in keys if key in saved), sorted(key for key in keys if key not in saved)
+
+
+def _warn_kept(kind: str, keys: list, why: str) -> None:
+    if keys:
+        logger.warning(f"The saved {kind} carries {keys}, {why}: kept as extra attribute(s), which Vamba does not "
+                       f"read.")
+
+
 def _check_keys(kind: str, cls, given: dict, known) -> None:
     """Raise for unknown keys that look like a misspelling of a known one or that would replace something of the
     config class itself (a method, a class setting); other unknown keys are left to `PretrainedConfig`, which
-    keeps them as attributes."""
+    keeps them as attributes. A near-miss that the saved config being loaded carries loads, with a warning."""
     _check_key_types(kind, given)
     shadowing = sorted(key for key in set(given) - set(known) - _GENERIC_KEYS
                        if key.startswith("__") or not _is_settable_attribute(cls, key))
     if shadowing:
         raise VambaConfigError(f"Key(s) {_short_repr(shadowing)} in the {kind} would replace the config class's own "
                                f"attribute(s) of that name; rename or remove them in config.json.")
-    misspelled = {}
+    near_misses = {}
     for key in sorted(set(given) - set(known) - _GENERIC_KEYS):
         close = difflib.get_close_matches(key, list(known), n=1, cutoff=_NEAR_MISS_CUTOFF)
         if close:
-            misspelled[key] = close[0]
+            near_misses[key] = close[0]
+    saved, misspelled = _split_saved(near_misses)
     if misspelled:
-        meant = ", ".join(repr(name) for name in misspelled.values())
-        raise VambaConfigError(f"Unknown key(s) in the {kind}: {sorted(misspelled)}; did you mean {meant}? Fix the "
+        meant = ", ".join(repr(near_misses[key]) for key in misspelled)
+        raise VambaConfigError(f"Unknown key(s) in the {kind}: {misspelled}; did you mean {meant}? Fix the "
                                f"spelling in config.json.")
+    _warn_kept(kind, saved, "near-miss(es) of " + ", ".join(sorted({repr(near_misses[key]) for key in saved})))
+
+
+class _LoadsWhatItSaved:
+    """`from_dict` and `from_json_file` load the keys of a saved config as saved attributes (see `_check_keys`)."""
+
+    @classmethod
+    def from_dict(cls, config_dict, **kwargs):
+        with _loading_saved(config_dict):
+            return super().from_dict(config_dict, **kwargs)
+
+    @classmethod
+    def from_json_file(cls, json_file):
+        config_dict = cls._dict_from_json_file(json_file)
+        with _loading_saved(config_dict):
+            return cls(**config_dict)
 
 
 def _check_generic_values(kind: str, given: dict) -> None:
@@ -217,7 +278,7 @@ def _check_derived(prefix: str, config, given: dict) -> None:
 # -- sub-configs ---------------------------------------------------------------------------------------------
 
 
-class _FieldsConfig(PretrainedConfig):
+class _FieldsConfig(_LoadsWhatItSaved, PretrainedConfig):
     """A sub-config made of a fixed set of fields (`_fields`, saved, and `_init_fields`, initialisation-only
     settings), each checked by its rule in `_rules`. Unknown keys are kept and saved like `PretrainedConfig`'s
     extra attributes, unless they look like a misspelling of a field."""
@@ -410,7 +471,7 @@ class VambaMambaConfig(_FieldsConfig):
 # -- the model config ----------------------------------------------------------------------------------------
 
 
-class VambaConfig(PretrainedConfig):
+class VambaConfig(_LoadsWhatItSaved, PretrainedConfig):
     r"""Configuration of a Vamba model. Defaults reproduce `TIGER-Lab/Vamba-Qwen2-VL-7B`.
 
     Text decoder fields are Qwen2-VL's (kept at the top level, as in the official checkpoint). Vamba's own:
@@ -572,10 +633,11 @@ class VambaConfig(PretrainedConfig):
     def _refuse_misplaced_keys(self, kwargs: dict) -> None:
         for sub_key, sub_class in self.sub_configs.items():
             sub_only = {*sub_class._fields, *sub_class._init_fields} - set(self._text_fields) - _GENERIC_KEYS
-            misplaced = sorted(set(kwargs) & sub_only)
+            saved, misplaced = _split_saved(set(kwargs) & sub_only)
             if misplaced:
                 raise VambaConfigError(f"{misplaced}: {sub_key} setting(s) given at the top level of the Vamba "
                                        f"config; move them into {sub_key}.")
+            _warn_kept("Vamba config", saved, f"{sub_key} setting(s) at its top level")
 
     @staticmethod
     def _sub_config(key: str, cls, value):

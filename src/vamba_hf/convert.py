@@ -234,7 +234,9 @@ def load_source_config(source: Path):
                               f"unquantized floating-point weights only.")
     try:
         with quiet_transformers():
-            config = VambaConfig.from_dict(_without_remote_code_keys(raw))
+            # Built as from keyword arguments, not loaded as a saved config: a near-miss of a Vamba key in the
+            # source is a misspelling to fix before it is written into the converted folder.
+            config = VambaConfig(**_without_remote_code_keys(raw))
     except ValueError as error:
         raise ConversionError(f"{path}: {error}") from None
     except (TypeError, AttributeError, KeyError) as error:

@@ -23,10 +23,13 @@ This file is also served as Hub remote code (with `video_vamba.py`), so it impor
 PIL, jinja2 and the standard library at top level.
 """
 
+import dataclasses
 import functools
+import json
 import math
 import os
 import typing
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, fields
 
@@ -39,7 +42,18 @@ import PIL.Image
 import torch
 import transformers
 from transformers.feature_extraction_utils import BatchFeature
-from transformers.processing_utils import ImagesKwargs, ProcessingKwargs, ProcessorMixin, TextKwargs, VideosKwargs
+from transformers.image_utils import ImageInput
+from transformers.processing_utils import (
+    ImagesKwargs,
+    MultiModalData,
+    ProcessingKwargs,
+    ProcessorMixin,
+    TextKwargs,
+    Unpack,
+    VideosKwargs,
+)
+from transformers.tokenization_utils_base import PreTokenizedInput, TextInput
+from transformers.video_utils import VideoInput
 from transformers.utils.chat_template_utils import render_jinja_template
 
 from .video_decode_vamba import resize_frame
@@ -107,6 +121,9 @@ CONTENT_TYPES = ("text", "image", "video")
 SOURCE_TYPES = {"image": (str, os.PathLike, PIL.Image.Image, np.ndarray, torch.Tensor),
                 "video": (str, os.PathLike, np.ndarray, torch.Tensor, list, tuple, VideoFrames)}
 MODALITY_KWARGS = {"text_kwargs": "text", "images_kwargs": "images", "videos_kwargs": "videos"}
+PROCESSOR_FILE = "processor_config.json"
+PROCESSOR_AUTO_MAP = {"AutoProcessor": "processing_vamba.VambaProcessor"}
+IMAGE_PROCESSOR_FILE = "preprocessor_config.json"
 
 
 class VambaImagesKwargs(ImagesKwargs, total=False):
@@ -140,6 +157,16 @@ def default_image_processor(**kwargs):
     """
     image_processor_class = getattr(transformers, "Qwen2VLImageProcessorPil", None) or transformers.Qwen2VLImageProcessor
     return image_processor_class(**kwargs)
+
+
+def image_processor_settings(image_processor) -> dict:
+    """The image processor's saved settings, readable by transformers 4.x and 5.x alike: Qwen2-VL's image processor
+    in 4.x takes its pixel budget from `min_pixels` / `max_pixels` only (it resets `size` to its defaults)."""
+    settings = json.loads(image_processor.to_json_string())
+    size = settings.get("size") or {}
+    if "shortest_edge" in size and "longest_edge" in size:
+        settings.update(min_pixels=size["shortest_edge"], max_pixels=size["longest_edge"])
+    return settings
 
 
 def smart_size(height: int, width: int, factor: int, min_pixels: int, max_pixels: int) -> tuple:
@@ -538,6 +565,48 @@ def _check_conversation(messages, path: str) -> None:
         _check_message(message, f"{path}[{index}]")
 
 
+def _as_dict(value):
+    """A message or content-block object as the dict transformers 5 reads it as: a dataclass by its fields, a
+    pydantic model by `model_dump()`; anything else unchanged."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {field.name: getattr(value, field.name) for field in dataclasses.fields(value)}
+    if callable(getattr(value, "model_dump", None)):
+        return value.model_dump()
+    return value
+
+
+def _image_url_block(item):
+    """An OpenAI-style `{"type": "image_url", "image_url": {"url": ...}}` block as the image item it names."""
+    if not (isinstance(item, Mapping) and item.get("type") == "image_url" and "image_url" in item):
+        return item
+    url = item["image_url"].get("url") if isinstance(item["image_url"], Mapping) else item["image_url"]
+    return {"type": "image", "url": url}
+
+
+def _plain_message(message):
+    message = _as_dict(message)
+    if not isinstance(message, Mapping):
+        return message
+    plain = {key: value for key, value in message.items() if value is not None}
+    if isinstance(plain.get("content"), (list, tuple)):
+        plain["content"] = [_image_url_block(_as_dict(item)) for item in plain["content"]]
+    return plain
+
+
+def plain_conversations(conversation):
+    """Message objects (dataclasses, pydantic models, a conversation object with `.messages`) as the dicts they hold,
+    keys set to None dropped and OpenAI `image_url` blocks read as image items, as transformers 5 renders them; the
+    caller's objects are left as they are."""
+    def plain(messages):
+        messages = getattr(messages, "messages", messages)
+        return [_plain_message(message) for message in messages] if isinstance(messages, (list, tuple)) else messages
+
+    if isinstance(conversation, (list, tuple)) and conversation and (
+            isinstance(conversation[0], (list, tuple)) or hasattr(conversation[0], "messages")):
+        return [plain(messages) for messages in conversation]
+    return plain(conversation)
+
+
 def validated_conversations(conversation) -> tuple:
     """(list of conversations, whether a batch was given), after checking every message and item; errors name
     the path of what is wrong, e.g. `conversation[0]["content"][1]`."""
@@ -604,6 +673,22 @@ def _as_list(value) -> list:
     return list(value) if isinstance(value, list) else [value]
 
 
+def _per_prompt_images(images, texts: list) -> list:
+    """The images in prompt order: a flat list, or transformers' nested form, one list per prompt (empty for a
+    prompt without an image), checked against the prompts' placeholders."""
+    if not (isinstance(images, (list, tuple)) and images and all(isinstance(item, (list, tuple)) for item in images)):
+        return _as_list(images)
+    if len(images) != len(texts):
+        raise ValueError(f"images is nested per prompt but has {len(images)} lists for {len(texts)} prompts: give one "
+                         "list per prompt (empty for a prompt without an image).")
+    for index, (prompt_images, prompt) in enumerate(zip(images, texts)):
+        if len(prompt_images) != prompt.count(VISION_START):
+            raise ValueError(f"prompt {index} has {prompt.count(VISION_START)} vision placeholder(s) "
+                             f"`{VISION_PLACEHOLDER}` but its list holds {len(prompt_images)} image(s): give one image "
+                             "per placeholder (Vamba takes at most one per prompt).")
+    return [image for prompt_images in images for image in prompt_images]
+
+
 def _as_video_list(videos) -> list:
     """A list of videos; a list of single frames (PIL images or 2-D/3-D arrays) is one video."""
     if videos is None:
@@ -654,7 +739,19 @@ class VambaProcessor(ProcessorMixin):
     def to_dict(self, *args, **kwargs) -> dict:
         output = super().to_dict(*args, **kwargs)
         output["video_sampling"] = self.video_sampling.to_dict()
+        # Always, not only once saving has set it on this instance (loading drops it): a loaded processor's dict is
+        # then the saved one's.
+        output["auto_map"] = dict(PROCESSOR_AUTO_MAP)
         return output
+
+    def to_json_file(self, json_file_path, *args, **kwargs) -> None:
+        super().to_json_file(json_file_path, *args, **kwargs)
+        # transformers 5 keeps the image processor's settings inside processor_config.json, which 4.x does not read
+        # (it would take Qwen2-VL's defaults): saving the processor writes them where 4.x looks too.
+        if os.path.basename(json_file_path) == PROCESSOR_FILE and "image_processor" in self.to_dict(*args, **kwargs):
+            with open(os.path.join(os.path.dirname(json_file_path), IMAGE_PROCESSOR_FILE), "w", encoding="utf-8") as f:
+                json.dump(image_processor_settings(self.image_processor), f, indent=2, sort_keys=True)
+                f.write("\n")
 
     @property
     def model_input_names(self):
@@ -694,6 +791,8 @@ class VambaProcessor(ProcessorMixin):
 
     def _merged_kwargs(self, kwargs: dict) -> dict:
         self._check_call_kwargs(kwargs)
+        # transformers 4.x pops the options out of the per-modality dicts it is given: merge copies of the caller's.
+        kwargs = {key: dict(value) if isinstance(value, dict) else value for key, value in kwargs.items()}
         merged = self._merge_kwargs(VambaProcessorKwargs, tokenizer_init_kwargs=self.tokenizer.init_kwargs, **kwargs)
         for key in ("return_mm_token_type_ids", "return_text_replacement_offsets"):
             if merged["text_kwargs"].pop(key, None) or merged.get(key):
@@ -702,7 +801,13 @@ class VambaProcessor(ProcessorMixin):
 
     # -- plain call ---------------------------------------------------------------------------
 
-    def __call__(self, images=None, text=None, videos=None, audio=None, **kwargs) -> BatchFeature:
+    def __call__(
+        self,
+        images: typing.Optional[ImageInput] = None,
+        text: typing.Union[TextInput, PreTokenizedInput, list[TextInput], list[PreTokenizedInput], None] = None,
+        videos: typing.Optional[VideoInput] = None,
+        **kwargs: Unpack[VambaProcessorKwargs],
+    ) -> BatchFeature:
         """Tokenize `text` (one prompt or a list; each with at most one `<|vision_start|><|vision_end|>`) and
         process the images or videos that fill its placeholders, in order.
 
@@ -710,7 +815,8 @@ class VambaProcessor(ProcessorMixin):
         `image_grid_thw` or `pixel_values_videos` + `video_grid_thw` when there are images or videos; with
         `return_metadata=True` also `video_metadata`. Keyword arguments: see the module docstring.
         """
-        if audio is not None:
+        # No `audio` parameter: transformers gives a processor audio only when its signature names it.
+        if kwargs.pop("audio", None) is not None:
             raise ValueError("Vamba reads no audio: leave `audio` out.")
         if text is None:
             raise ValueError("text is required: the prompt, with `<|vision_start|><|vision_end|>` where the image or "
@@ -718,7 +824,7 @@ class VambaProcessor(ProcessorMixin):
         texts = [text] if isinstance(text, str) else list(text)
         if not all(isinstance(prompt, str) for prompt in texts):
             raise TypeError("text must be a string or a list of strings.")
-        image_list, video_list = _as_list(images), _as_video_list(videos)
+        image_list, video_list = _per_prompt_images(images, texts), _as_video_list(videos)
         self._check_placeholders(texts, len(image_list), len(video_list))
         options = self._merged_kwargs(kwargs)
         text_kwargs = options["text_kwargs"]
@@ -738,6 +844,25 @@ class VambaProcessor(ProcessorMixin):
         if options["videos_kwargs"].get("return_metadata"):
             output["video_metadata"] = metadata or []
         return output
+
+    def _get_num_multimodal_tokens(self, image_sizes=None, video_sizes=None, **kwargs) -> MultiModalData:
+        """Per image (height, width) and video (frames, height, width): the prompt tokens it takes
+        (`num_image_tokens` / `num_video_tokens`: its `<|vision_start|><|vision_end|>` pair, whatever its size: the
+        model reads the visual tokens through cross-attention, not in the prompt) and, per image, its rows of
+        `pixel_values` (`num_image_patches`) under the call's keyword arguments."""
+        images_kwargs = self._merged_kwargs(kwargs)["images_kwargs"]
+        placeholder_tokens = len(self.tokenizer(VISION_PLACEHOLDER, add_special_tokens=False)["input_ids"])
+        data = {}
+        if image_sizes is not None:
+            size = dict(images_kwargs.get("size") or self.image_processor.size)
+            layout = PatchLayout.of(self.image_processor, images_kwargs.get("min_pixels", size["shortest_edge"]),
+                                    images_kwargs.get("max_pixels", size["longest_edge"]))
+            patches = [math.prod(layout.frame_size(width, height)) // layout.patch_size ** 2
+                       for height, width in image_sizes]
+            data.update(num_image_tokens=[placeholder_tokens] * len(patches), num_image_patches=patches)
+        if video_sizes is not None:
+            data["num_video_tokens"] = [placeholder_tokens] * len(video_sizes)
+        return MultiModalData(**data)
 
     @staticmethod
     def _check_placeholders(texts: list, num_images: int, num_videos: int) -> None:
@@ -916,7 +1041,7 @@ class VambaProcessor(ProcessorMixin):
         `tokenize=True` alone gives `input_ids`. Processor options go in `processor_kwargs` or as keyword
         arguments; other keyword arguments are variables of the template.
         """
-        conversations, batched = validated_conversations(conversation)
+        conversations, batched = validated_conversations(plain_conversations(conversation))
         template = chat_template or self.chat_template
         processor_kwargs, template_kwargs = self._split_template_kwargs(template, dict(processor_kwargs or {}), kwargs)
         if return_assistant_tokens_mask and not (tokenize and return_dict):
