@@ -717,10 +717,30 @@ def test_default_decode_workers_follow_the_cpu_count(monkeypatch):
     assert VideoSampling().worker_count() == 4
     monkeypatch.setattr(os, "cpu_count", lambda: 2)
     assert VideoSampling().worker_count() == 2
-    assert VideoSampling(decode_workers=5).worker_count() == 5
+    assert VideoSampling(decode_workers=2).worker_count() == 2
     monkeypatch.setattr(os, "cpu_count", lambda: 16)
     assert VideoSampling().worker_count(processes=True) == 16
     assert VideoSampling(decode_workers=5).worker_count(processes=True) == 5
+
+
+@pytest.mark.parametrize("device, cap", [(None, 3), ("cuda", 6)])
+def test_decode_workers_are_capped_at_the_cpus_with_a_warning(monkeypatch, device, cap):
+    monkeypatch.setattr(os, "cpu_count", lambda: 3)
+    for processes in (False, True):
+        with pytest.warns(UserWarning, match=rf"decode_workers=1000000000 is more than this machine's 3 CPUs.*"
+                                             rf"decoding with {cap} workers"):
+            assert VideoSampling(decode_workers=10**9, decode_device=device).worker_count(processes) == cap
+
+
+def test_a_huge_decode_workers_starts_one_process_per_cpu(tmp_path, monkeypatch):
+    path = write_x264(tmp_path / "gops.mp4")  # 10 GOPs
+    expected = one_pass(path, NO_RESIZE.with_options(num_frames=20))
+    started = counted_decoding_processes(monkeypatch)
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    with pytest.warns(UserWarning, match="decoding with 2 workers"):
+        video = load_by_seeking(path, NO_RESIZE, num_frames=20, decode_workers=10**9, decode_processes=True)
+    assert_same_video(video, expected)
+    assert len(started) == 2
 
 
 def test_decoding_processes_are_one_per_cpu_by_default(tmp_path, monkeypatch):

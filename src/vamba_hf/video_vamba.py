@@ -110,7 +110,8 @@ class VideoSampling:
       start in one pass; "seek" seeks whenever the index allows it. All give the same frames.
     - `decode_workers`: workers (each with its own container open on the file) that decode GOPs in parallel when
       seeking; None uses min(4, CPU count) threads or one process per CPU (each decodes with CPU count / workers
-      codec threads).
+      codec threads). At most one per CPU (twice that with `decode_device`, whose workers mostly wait on NVDEC):
+      more are capped to that with a warning, since each is a thread or a Python process with its own decoder.
     - `decode_processes`: the workers are Python processes (True), which share no interpreter lock with each other
       or with the caller, or threads (False); None: processes when at least `MIN_WORKERS_FOR_PROCESSES` workers
       decode at least `MIN_FRAMES_FOR_PROCESSES` frames, where they pay (threads when all the workers decode on
@@ -168,8 +169,23 @@ class VideoSampling:
                              "(\"cuda\" or \"cuda:N\") too.")
 
     def worker_count(self, processes: bool = False) -> int:
+        """`decode_workers`, capped at `max_workers()` with a warning; by default min(4, CPUs) threads or one
+        process per CPU."""
         cpus = os.cpu_count() or 1
-        return self.decode_workers or (cpus if processes else min(MAX_DEFAULT_DECODE_WORKERS, cpus))
+        if self.decode_workers is None:
+            return cpus if processes else min(MAX_DEFAULT_DECODE_WORKERS, cpus)
+        cap = self.max_workers()
+        if self.decode_workers > cap:
+            device = f" (twice that with decode_device={self.decode_device!r})" if self.decode_device else ""
+            warnings.warn(f"decode_workers={self.decode_workers} is more than this machine's {cpus} CPUs{device} "
+                          f"can use: decoding with {cap} workers. Give decode_workers={cap} or fewer.", stacklevel=4)
+        return min(self.decode_workers, cap)
+
+    def max_workers(self) -> int:
+        """The most decoding workers: one per CPU, twice that with `decode_device` (its workers mostly wait on the
+        GPU's decoder, beside the CPU ones)."""
+        cpus = os.cpu_count() or 1
+        return 2 * cpus if self.decode_device is not None else cpus
 
     @classmethod
     def option_names(cls) -> tuple:
