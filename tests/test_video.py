@@ -479,8 +479,12 @@ def test_start_time_with_sampling_by_count(tmp_path):
     assert video.frame_indices == [20 + index for index in sample_frame_indices(20, 4)]
     assert [frame_index_of(frame) for frame in video.frames] == video.frame_indices
     assert video.timestamps[0] >= 2.0 and (video.start_time, video.end_time) == (2.0, pytest.approx(4.0))
-    with pytest.raises(ValueError, match="after start_time=5"):
-        load_video(path, NO_RESIZE, num_frames=4, start_time=5.0)
+    for decoder in ("seek", "sequential"):
+        with pytest.raises(ValueError, match=r"start_time=5.0 s is past the end of video '.*clip.mp4', which ends "
+                                             r"at 4.000 s: give a start_time before its end"):
+            load_video(path, NO_RESIZE, num_frames=4, start_time=5.0, decoder=decoder)
+        with pytest.raises(ValueError, match=r"start_time=5.0 s is past the end"):
+            stream_video(path, NO_RESIZE, num_frames=4, start_time=5.0, decoder=decoder)
 
 
 # -- seeking and parallel decoding give the frames of one pass ---------------------------------------------

@@ -16,6 +16,41 @@ from .video_state_vamba import VideoState
 VIDEO_PLACEHOLDER = "video"
 # Frames per chunk when a file is encoded as it decodes.
 CHUNK_FRAMES = 128
+# The longest question `chat`, `generate --prompt` and the Space take, in characters (about 2,000 tokens): a longer
+# one would hold the model (and the Space's queue) for minutes and gigabytes.
+MAX_QUESTION_CHARS = 8192
+# UTF-8 takes at most 4 bytes a character; a line also ends in "\r\n".
+MAX_QUESTION_LINE_BYTES = 4 * MAX_QUESTION_CHARS + 2
+
+
+def check_question(question: str, what: str = "the question") -> str:
+    """`question`, or a ValueError when it is longer than `MAX_QUESTION_CHARS`."""
+    if len(question) > MAX_QUESTION_CHARS:
+        raise ValueError(f"{what} is {len(question):,} characters long; the most is {MAX_QUESTION_CHARS:,}: ask a "
+                         f"shorter question.")
+    return question
+
+
+def read_question(stream) -> Optional[str]:
+    """The next line of the binary `stream`, stripped, as a question; None at the end of input. A line that is not
+    UTF-8 or is longer than `MAX_QUESTION_CHARS` raises a ValueError once it has been read past (at most
+    `MAX_QUESTION_LINE_BYTES` of it is held), so that the next line can be read."""
+    line = stream.readline(MAX_QUESTION_LINE_BYTES)
+    if not line:
+        return None
+    if len(line) == MAX_QUESTION_LINE_BYTES and not line.endswith(b"\n"):
+        while True:
+            rest = stream.readline(MAX_QUESTION_LINE_BYTES)
+            if not rest or rest.endswith(b"\n"):
+                break
+        raise ValueError(f"that line is longer than {MAX_QUESTION_CHARS:,} characters, the most a question may be: "
+                         f"ask a shorter question.")
+    try:
+        text = line.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise ValueError(f"that line is not UTF-8 text (byte {line[error.start]:#04x} at position {error.start}): "
+                         f"type it again, with the terminal set to UTF-8.") from None
+    return check_question(text.strip())
 
 
 def video_pixels(processor, video, device, num_frames: Optional[int] = None, fps: Optional[float] = None,

@@ -118,7 +118,11 @@ def run_generate(args) -> int:
     started = time.perf_counter()
     # Before torch is imported: a wrong --model is reported within a second or two.
     location = None if args.model is None else resolve_model_source(args.model, option="--model")
+    from .chat import check_question
     from .inference import build_messages, load_model_and_processor, prepare_inputs
+
+    if args.prompt is not None:
+        check_question(args.prompt, "--prompt")
 
     if args.model is None:
         _stderr(demo_notice())
@@ -147,15 +151,21 @@ CHAT_EXIT_WORDS = ("exit", "quit")
 
 
 def _questions(prompt: str):
-    """The lines typed at the prompt until end of input or an exit word; blank lines are skipped."""
+    """The lines typed at the prompt until end of input or an exit word; blank lines are skipped, and a line too
+    long or not UTF-8 is answered with a message."""
+    from .chat import read_question
+
     while True:
         # On stdout, where the answers go (input() may show its prompt on stderr).
         print(prompt, end="", flush=True)
-        line = sys.stdin.readline()
-        if not line:  # end of input
+        try:
+            question = read_question(sys.stdin.buffer)
+        except ValueError as error:  # the line is skipped; the chat goes on
+            _stderr(f"vamba-hf: {error}")
+            continue
+        if question is None:  # end of input
             print(flush=True)
             return
-        question = line.strip()
         if question.lower() in CHAT_EXIT_WORDS:
             return
         if question:
@@ -180,7 +190,8 @@ def _chat_state(args, model, processor):
                 f"encoded)")
     else:
         if not os.path.isfile(args.video):
-            raise ValueError(f"--video {args.video}: no such file.")
+            found = "is a folder; give a video file" if os.path.isdir(args.video) else "no such file"
+            raise ValueError(f"--video {args.video}: {found}.")
         state = encode_video_file(model, processor, args.video, num_frames=args.frames, fps=args.fps, log=_stderr)
     if save_to is not None:
         state.save(save_to)

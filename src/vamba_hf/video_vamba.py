@@ -480,9 +480,12 @@ class _VideoSampler:
     def sample(self) -> VideoFrames:
         available = self.frames_after_start()
         if available == 0:
-            after = f" after start_time={self.sampling.start_time}" if self.sampling.start_time else ""
-            raise ValueError(f"no frame of video {self.location!r} could be read{after}: its video stream is empty, "
-                             "or the file is truncated or corrupt. Check that it plays, or re-encode it.")
+            end = self.end_time()
+            if self.sampling.start_time and end:
+                raise ValueError(f"start_time={self.sampling.start_time} s is past the end of video "
+                                 f"{self.location!r}, which ends at {end:.3f} s: give a start_time before its end.")
+            raise ValueError(f"no frame of video {self.location!r} could be read: its video stream is empty, or the "
+                             "file is truncated or corrupt. Check that it plays, or re-encode it.")
         frames, times, indices, decoded, buffer = self._decode(self.plan(available))
         if decoded == 0:
             raise ValueError(f"no frame of {self.location!r} could be decoded: the video stream is empty or corrupt. "

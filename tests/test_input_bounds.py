@@ -1,0 +1,74 @@
+"""Bounds on what a user types: a question's length (one limit for `vamba-hf chat`, `generate --prompt` and the
+Space), chat lines that are not UTF-8 or too long are refused with a message and the chat goes on."""
+
+import io
+import types
+
+import pytest
+
+from vamba_hf import cli
+from vamba_hf.chat import MAX_QUESTION_CHARS, MAX_QUESTION_LINE_BYTES, check_question, read_question
+
+
+def test_a_question_of_the_limit_passes_and_one_more_character_is_refused():
+    assert check_question("a" * MAX_QUESTION_CHARS) == "a" * MAX_QUESTION_CHARS
+    with pytest.raises(ValueError, match=rf"--prompt is {MAX_QUESTION_CHARS + 1:,} characters long; the most is "
+                                         rf"{MAX_QUESTION_CHARS:,}"):
+        check_question("a" * (MAX_QUESTION_CHARS + 1), "--prompt")
+
+
+class CountingReader(io.BytesIO):
+    """A binary stdin that records the largest read asked of it."""
+
+    largest = 0
+
+    def readline(self, size=-1):
+        line = super().readline(size)
+        self.largest = max(self.largest, len(line))
+        return line
+
+
+def chat_lines(monkeypatch, capsys, data: bytes) -> tuple:
+    stdin = CountingReader(data)
+    monkeypatch.setattr(cli.sys, "stdin", types.SimpleNamespace(buffer=stdin))
+    questions = list(cli._questions("> "))
+    return questions, capsys.readouterr().err, stdin.largest
+
+
+def test_chat_lines_that_are_not_utf8_or_too_long_are_refused_and_the_chat_goes_on(monkeypatch, capsys):
+    huge = b"x" * (1 << 20)
+    questions, errors, largest = chat_lines(monkeypatch, capsys, b"first\n\xff\xfe bad\n" + huge + b"\n"
+                                            + "caf\u00e9?\n".encode() + b"  \nexit\nnever read\n")
+    assert questions == ["first", "caf\u00e9?"]
+    lines = errors.splitlines()
+    assert len(lines) == 2, errors
+    assert "not UTF-8 text (byte 0xff at position 0)" in lines[0]
+    assert f"longer than {MAX_QUESTION_CHARS:,} characters" in lines[1]
+    assert largest <= MAX_QUESTION_LINE_BYTES  # the megabyte line was never held whole
+
+
+def test_a_long_last_line_without_newline_ends_the_chat_with_a_message(monkeypatch, capsys):
+    questions, errors, _ = chat_lines(monkeypatch, capsys, b"ok\n" + b"y" * (3 * MAX_QUESTION_LINE_BYTES))
+    assert questions == ["ok"] and "longer than" in errors
+
+
+def test_a_question_of_the_limit_in_multibyte_characters_is_read_whole(monkeypatch, capsys):
+    question = "\u20ac" * MAX_QUESTION_CHARS  # 3 bytes each
+    questions, errors, _ = chat_lines(monkeypatch, capsys, question.encode() + b"\r\n")
+    assert questions == [question] and not errors
+
+
+def test_read_question_at_the_end_of_input():
+    assert read_question(io.BytesIO(b"")) is None
+
+
+def test_generate_refuses_a_prompt_over_the_limit_in_one_line(capsys):
+    assert cli.main(["generate", "--prompt", "q" * (MAX_QUESTION_CHARS + 1)]) == cli.EXIT_USER_ERROR
+    errors = capsys.readouterr().err.strip().splitlines()
+    assert len(errors) == 1 and f"the most is {MAX_QUESTION_CHARS:,}" in errors[0], errors
+
+
+def test_chat_says_a_folder_given_as_video_is_a_folder(tmp_path, capsys):
+    assert cli.main(["chat", "--video", str(tmp_path)]) == cli.EXIT_USER_ERROR
+    errors = capsys.readouterr().err.strip().splitlines()
+    assert errors[-1] == f"vamba-hf: error: --video {tmp_path}: is a folder; give a video file.", errors
