@@ -26,6 +26,7 @@ PIL, jinja2 and the standard library at top level.
 import functools
 import math
 import os
+import re
 import typing
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, fields
@@ -554,6 +555,37 @@ def validated_conversations(conversation) -> tuple:
     return [conversation], False
 
 
+def _message_texts(conversations: list, batched: bool):
+    """(path, text) of every text in the conversations' messages, the path named as the errors name it."""
+    for number, messages in enumerate(conversations):
+        prefix = f"conversation[{number}]" if batched else "conversation"
+        for index, message in enumerate(messages):
+            content = message["content"]
+            if isinstance(content, str):
+                yield f"{prefix}[{index}][\"content\"]", content
+                continue
+            for position, item in enumerate(content):
+                if item["type"] == "text":
+                    yield f"{prefix}[{index}][\"content\"][{position}][\"text\"]", item["text"]
+
+
+def check_no_special_tokens(conversations: list, batched: bool, tokenizer) -> None:
+    """A message's text holding one of the tokenizer's special tokens (`<|im_end|>`, `<|im_start|>`, a vision
+    token) is refused: the tokenizer would read it as that token, ending the turn or opening another one that the
+    writer of the message could forge."""
+    specials = {token.content for token in tokenizer.added_tokens_decoder.values() if token.special}
+    specials = sorted(specials | set(tokenizer.all_special_tokens), key=len, reverse=True)
+    if not specials:
+        return
+    pattern = re.compile("|".join(map(re.escape, specials)))
+    for path, text in _message_texts(conversations, batched):
+        found = pattern.search(text)
+        if found is not None:
+            raise ValueError(f"{path} holds {found.group()!r}, one of the tokenizer's special tokens: in a message "
+                             f"it would end the turn or open another. Remove it from the text (the chat template "
+                             f"writes every special token itself).")
+
+
 def _visual_items(messages: list) -> list:
     return [item for message in messages if isinstance(message["content"], list)
             for item in message["content"] if item["type"] in ("image", "video")]
@@ -917,6 +949,7 @@ class VambaProcessor(ProcessorMixin):
         arguments; other keyword arguments are variables of the template.
         """
         conversations, batched = validated_conversations(conversation)
+        check_no_special_tokens(conversations, batched, self.tokenizer)
         template = chat_template or self.chat_template
         processor_kwargs, template_kwargs = self._split_template_kwargs(template, dict(processor_kwargs or {}), kwargs)
         if return_assistant_tokens_mask and not (tokenize and return_dict):
