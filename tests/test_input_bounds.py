@@ -72,3 +72,60 @@ def test_chat_says_a_folder_given_as_video_is_a_folder(tmp_path, capsys):
     assert cli.main(["chat", "--video", str(tmp_path)]) == cli.EXIT_USER_ERROR
     errors = capsys.readouterr().err.strip().splitlines()
     assert errors[-1] == f"vamba-hf: error: --video {tmp_path}: is a folder; give a video file.", errors
+
+
+# -- generate's token counts and the visual grid ----------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def model():
+    from helpers import tiny_model
+
+    return tiny_model()
+
+
+def video_inputs():
+    import torch
+    from helpers import prompt, video_pixels
+
+    ids = prompt(3, 2)[None]
+    pixels, grid = video_pixels(2, 4, 4)
+    return dict(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values_videos=pixels, video_grid_thw=grid)
+
+
+@pytest.mark.parametrize("name, counts", [("max_new_tokens", dict(max_new_tokens=1.5)),
+                                          ("max_new_tokens", dict(max_new_tokens=2.0)),
+                                          ("max_new_tokens", dict(max_new_tokens=True)),
+                                          ("max_new_tokens", dict(max_new_tokens=0)),
+                                          ("max_length", dict(max_length=9.5)),
+                                          ("min_new_tokens", dict(min_new_tokens=-1)),
+                                          ("min_length", dict(min_length=0.5, max_new_tokens=2))])
+def test_generate_refuses_token_counts_that_are_not_whole_numbers(model, name, counts):
+    import torch
+
+    with torch.no_grad(), pytest.raises(ValueError, match=rf"^`{name}` must be a whole number \(int\) of at least "
+                                                          rf"[01], got {counts[name]!r}"):
+        model.generate(**video_inputs(), do_sample=False, **counts)
+
+
+def test_token_counts_in_the_generation_config_are_checked_and_whole_ones_count_exactly(model):
+    import torch
+    from transformers import GenerationConfig
+
+    inputs = video_inputs()
+    with torch.no_grad():
+        with pytest.raises(ValueError, match=r"`max_new_tokens` must be a whole number \(int\) of at least 1, got 1.5"):
+            model.generate(**inputs, generation_config=GenerationConfig(max_new_tokens=1.5, do_sample=False))
+        for count in (1, 3):
+            output = model.generate(**inputs, max_new_tokens=count, min_new_tokens=count, do_sample=False)
+            assert output.shape[1] - inputs["input_ids"].shape[1] == count
+
+
+def test_an_image_grid_of_more_than_one_temporal_patch_is_refused(model):
+    import torch
+    from helpers import prompt, video_pixels
+
+    pixels, grid = video_pixels(2, 4, 4)  # same rows as a (1, 8, 4) image
+    with torch.no_grad(), pytest.raises(ValueError, match=r"`image_grid_thw` holds \[\[2, 4, 4\]\]: an image is one "
+                                                          r"temporal patch, so t must be 1"):
+        model(input_ids=prompt(3, 2)[None], pixel_values=pixels, image_grid_thw=grid)
