@@ -41,6 +41,13 @@ from vamba_hf.video_vamba import (
 )
 
 NO_RESIZE = VideoSampling(video_shortest_edge=None, video_longest_edge=None)
+REAL_CPU_COUNT = os.cpu_count
+
+
+@pytest.fixture(autouse=True)
+def eight_cpus_at_least(monkeypatch):
+    """The tests ask for up to 5 decoding workers, which are capped at the CPU count."""
+    monkeypatch.setattr(os, "cpu_count", lambda: max(8, REAL_CPU_COUNT() or 1))
 
 
 def original_middle_indices(num_frames, vlen):
@@ -367,6 +374,23 @@ def test_fps_sampling_of_a_variable_frame_rate_file_goes_by_time(tmp_path):
     assert [frame_index_of(frame) for frame in video.frames] == [3, 5, 8]
     by_index = sample_frame_indices(10, 4)
     assert by_index != video.frame_indices  # counting frames would have sampled the bunched start twice
+
+
+@pytest.mark.parametrize("decoder", ["auto", "seek", "sequential"])
+def test_fps_sampling_goes_on_to_the_last_frame_past_the_declared_duration(tmp_path, decoder):
+    times = [0.0, 0.5, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0, 12.0]
+    path = write_x264(tmp_path / "vfr.mp4", num_frames=12, gop=4, frame_times=times)
+    with av.open(str(path)) as container:  # B-frames: the MP4 declares less than the frames' 12 s
+        stream = container.streams.video[0]
+        assert float(stream.duration * stream.time_base) < 10.0
+    video = load_video(path, NO_RESIZE, fps=1.0, decoder=decoder)
+    assert video.timestamps == pytest.approx(times[:1] + times[2:], abs=1e-3)
+    assert video.frame_indices == [0] + list(range(2, 12)) and video.end_time > 12.0
+    whole = load_video(path, NO_RESIZE, num_frames=12, decoder="sequential")
+    for frame, index in zip(video.frames, video.frame_indices):
+        assert np.array_equal(frame, whole.frames[index])
+    with stream_video(path, NO_RESIZE, fps=1.0, decoder=decoder) as stream:
+        assert_same_video(stream.video(), video)
 
 
 def test_num_frames_above_max_frames_is_capped_with_a_warning(tmp_path):

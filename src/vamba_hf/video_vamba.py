@@ -27,6 +27,7 @@ import torch
 from transformers.image_utils import ChannelDimension, infer_channel_dimension_format
 
 from .video_decode_vamba import (
+    TIME_TOLERANCE,
     FrameResize,
     _check_frame_size,
     _decode_plan,
@@ -372,8 +373,10 @@ class _VideoSampler:
         self.stream = container.streams.video[0]
         _set_codec_threads(self.stream, on_device=sampling.decode_device is not None)
         self.facts = _stream_facts(self.stream)
+        # Sampling by time goes by the frames' own times: a container's declared duration can end before its last
+        # frames (B-frames' edit lists, variable frame rates). A URL is read once, so it takes the declared one.
         needs_packet_times = sampling.start_time > 0 or not self.facts.declared_frames or (
-            sampling.fps is not None and self.facts.duration is None)
+            sampling.fps is not None and (self.facts.duration is None or not is_url(location)))
         self.index = None
         if sampling.decoder != "sequential" and not is_url(location):
             self.index = _packet_index(container, self.stream, self.facts)
@@ -400,10 +403,11 @@ class _VideoSampler:
         return _TimePlan(sample_times(self.sampling.start_time, end, self.sampling.frame_count(wanted)))
 
     def end_time(self) -> Optional[float]:
-        """Seconds: the stream's duration, or the end of its last packet when that is later."""
+        """Seconds: the stream's duration, or, when its last packet starts at or after that, the end of that
+        packet (one frame at the average rate)."""
         end = self.facts.duration
-        if self.facts.packet_times:
-            end = max(end or 0.0, self.facts.packet_times[-1] + 1 / (self.facts.frame_rate or 1e9))
+        if self.facts.packet_times and (end is None or self.facts.packet_times[-1] >= end - TIME_TOLERANCE):
+            end = self.facts.packet_times[-1] + 1 / (self.facts.frame_rate or 1e9)
         return end
 
     def _decode(self, plan) -> tuple:
