@@ -3,11 +3,13 @@
 import contextlib
 import errno
 import os
+import re
 import socket
 import subprocess
 import sys
 import threading
 import time
+import types
 from dataclasses import replace
 
 import av
@@ -241,6 +243,52 @@ def test_corrupt_bytes_in_the_middle(tmp_path):
     path.write_bytes(bytes(data))
     video = load_video(path, NO_RESIZE, num_frames=8)
     assert 0 < len(video.frames) <= 8
+
+
+@pytest.fixture(scope="module")
+def damaged_in_the_middle(tmp_path_factory):
+    """A 40 s clip (libx264, a keyframe every 2 s) and a copy with a quarter of its bytes, in the middle, random:
+    more than a hundred packets in a row do not decode."""
+    folder = tmp_path_factory.mktemp("damaged")
+    clean = write_frames(folder / "clean.mp4", moving_frames(400), codec="libx264",
+                         codec_options={"g": "20", "keyint_min": "20", "bf": "2"})
+    data = bytearray(clean.read_bytes())
+    middle, length = len(data) // 2, len(data) // 4
+    data[middle: middle + length] = np.random.default_rng(1).integers(0, 256, length, dtype=np.uint8).tobytes()
+    damaged = folder / "damaged.mp4"
+    damaged.write_bytes(bytes(data))
+    return clean, damaged
+
+
+DAMAGE_WARNING = (r"damaged.mp4' holds damaged data: no frame could be decoded between (\d+\.\d+) s and "
+                  r"(\d+\.\d+) s \(decoding skipped to the next keyframe and went on after it\); (\d+) sampled "
+                  r"frame\(s\) there are left out")
+
+
+@pytest.mark.parametrize("options", [dict(num_frames=40), dict(num_frames=40, decoder="sequential"),
+                                     dict(num_frames=40, decoder="seek", decode_workers=2), dict(fps=1.0)])
+@pytest.mark.parametrize("streamed", [False, True])
+def test_damage_in_the_middle_skips_its_gops_and_samples_on_after_it(damaged_in_the_middle, options, streamed):
+    clean, damaged = damaged_in_the_middle
+    expected = load_video(clean, NO_RESIZE, **options)
+    with pytest.warns(UserWarning, match=DAMAGE_WARNING) as warned:
+        if streamed:
+            with stream_video(damaged, NO_RESIZE, **options) as stream:
+                video = stream.video()
+        else:
+            video = load_video(damaged, NO_RESIZE, **options)
+    before, after, missed = re.search(DAMAGE_WARNING, str(warned[0].message)).groups()
+    expected_frames = dict(zip(expected.frame_indices, expected.frames))
+    expected_times = dict(zip(expected.frame_indices, expected.timestamps))
+    assert set(video.frame_indices) <= set(expected_frames)
+    for index, time, frame in zip(video.frame_indices, video.timestamps, video.frames):
+        assert time == expected_times[index] and np.array_equal(frame, expected_frames[index])
+    left_out = [expected_times[index] for index in set(expected_frames) - set(video.frame_indices)]
+    assert left_out and all(float(before) < time < float(after) for time in left_out)
+    assert (options.get("fps") is not None or len(left_out) == int(missed)) and float(after) - float(before) < 20
+    assert video.frame_indices[-1] == expected.frame_indices[-1]  # sampled to the end, after the damage
+    assert len(video.frame_indices) >= len(expected.frame_indices) // 2
+    assert (video.source_frame_count, video.end_time) == (expected.source_frame_count, expected.end_time)
 
 
 def test_zero_frame_container(tmp_path):
@@ -1029,21 +1077,37 @@ class _Container:
         return iter(self.packets)
 
 
+class _Decoding:
+    def __init__(self, *frames):
+        self.frames = list(frames)
+
+    def decode(self):
+        return self.frames
+
+
+def _frame(time, key_frame=True):
+    return types.SimpleNamespace(time=time, key_frame=key_frame)
+
+
 def test_a_device_that_decodes_no_packet_raises():
-    frame = av.VideoFrame(16, 16, "yuv420p")
-
-    class Decoding:
-        def decode(self):
-            return [frame]
-
+    frame = _frame(0.0)
     failing = _Container([_FailingPacket()] * 3)
     assert list(video_decode_vamba._decoded_frames(failing, None)) == []  # the CPU skips undecodable packets
     with pytest.raises(RuntimeError, match=r"decode_device='cuda' cannot decode 'clip.mp4' \(.*Invalid data"):
         list(video_decode_vamba._decoded_frames(failing, None, "cuda"))
-    with pytest.raises(RuntimeError, match="cannot decode"):  # more errors than a stream may have in a row
-        list(video_decode_vamba._decoded_frames(_Container([_FailingPacket()] * 100 + [Decoding()]), None, "cuda"))
-    some_decode = _Container([_FailingPacket(), Decoding(), _FailingPacket()])
+    some_decode = _Container([_FailingPacket(), _Decoding(frame), _FailingPacket()])
     assert list(video_decode_vamba._decoded_frames(some_decode, None, "cuda")) == [frame]
+
+
+def test_frames_after_an_undecodable_packet_are_skipped_up_to_the_next_keyframe():
+    first, suspect, key, after, last_suspect = _frame(1.0), _frame(1.5, False), _frame(2.0), _frame(2.5, False), \
+        _frame(4.0, False)
+    packets = [_Decoding(first), _FailingPacket()] + [_FailingPacket()] * 200 + [_Decoding(suspect), _Decoding(),
+               _Decoding(key, after), _FailingPacket(), _Decoding(last_suspect)]
+    damaged = []
+    frames = list(video_decode_vamba._decoded_frames(_Container(packets), None, damaged=damaged, start=0.5))
+    assert frames == [first, key, after]  # past 200 bad packets in a row, to the end of the stream
+    assert damaged == [(0.5, 1.5), (2.0, None)]
 
 
 def test_software_frames_stay_as_they_are(tmp_path):

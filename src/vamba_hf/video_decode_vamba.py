@@ -20,7 +20,7 @@ import subprocess
 import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable, Optional
 
 import numpy as np
@@ -36,8 +36,6 @@ if TYPE_CHECKING:
 
 # A progress bar is shown (when `progress` is left to None) for decodes at least this long.
 PROGRESS_BAR_MIN_FRAMES = 1000
-# Consecutive undecodable packets after which a stream is treated as ended.
-MAX_CONSECUTIVE_DECODE_ERRORS = 64
 # Timestamps closer than this (seconds) count as equal: container time bases round.
 TIME_TOLERANCE = 1e-6
 
@@ -265,10 +263,15 @@ class _IndexPlan:
         self.next = 0
 
     def offer(self, index: int, time: float, frame) -> list:
+        while self.next < len(self.indices) and self.indices[self.next] < index:  # skipped (damaged): left out
+            self.next += 1
         if self.next < len(self.indices) and index == self.indices[self.next]:
             self.next += 1
             return [(index, time, frame)]
         return []
+
+    def skip_to(self, time: float) -> None:
+        """The frames before `time` since the last one offered were lost: `offer` passes over their indices."""
 
     def finish(self) -> list:
         return []
@@ -301,6 +304,13 @@ class _TimePlan:
         self.previous = (index, time, frame)
         return kept
 
+    def skip_to(self, time: Optional[float]) -> None:
+        """The frames before `time` since the last one offered were lost (damaged): what was on screen at the times
+        before it is unknown, and they are left out."""
+        while self.next < len(self.times) and (time is None or time > self.times[self.next] + TIME_TOLERANCE):
+            self.next += 1
+        self.previous = None
+
     def finish(self) -> list:
         remaining, self.next = self.next < len(self.times), len(self.times)
         return self._keep(self.previous) if remaining and self.previous is not None else []
@@ -319,6 +329,8 @@ class _StreamFacts:
     duration: Optional[float]  # seconds
     start: float  # seconds: the stream's first timestamp, subtracted from every frame time
     packet_times: Optional[list] = None  # sorted presentation times (seconds from `start`) of every packet
+    # (from, to) seconds from `start` of the damaged stretches that decoding skipped (to: None, the stream's end).
+    damaged: list = field(default_factory=list)
 
 
 def _stream_facts(stream) -> _StreamFacts:
@@ -344,28 +356,56 @@ def _demux_packet_times(container, stream, facts: _StreamFacts) -> list:
     return sorted(times)
 
 
-def _decoded_frames(container, stream, device: Optional[str] = None):
-    """Decoded frames of `stream`, in order; undecodable packets are skipped, a broken container ends the stream.
-    When the stream decodes on `device` and no packet decodes (NVDEC set up, but not for this stream), raises."""
+def _decoded_frames(container, stream, device: Optional[str] = None, damaged: Optional[list] = None,
+                    start: float = 0.0):
+    """Decoded frames of `stream`, in order. A packet that does not decode makes the frames after it up to the next
+    keyframe suspect (they may refer to it): they are skipped, and the stretch is added to `damaged` as the times
+    (seconds from `start`) of the frames either side of it (None: the stream's start or end). A broken container
+    ends the stream. When the stream decodes on `device` and no packet decodes (NVDEC set up, but not for this
+    stream), raises."""
     av = _import_av()
-    consecutive_errors, any_decoded, last_error = 0, False, None
+    any_decoded, last_error, skipping, last_time = False, None, False, None
     try:
         for packet in container.demux(stream):
             try:
                 frames = packet.decode()
             except av.error.FFmpegError as error:
-                consecutive_errors, last_error = consecutive_errors + 1, error
-                if consecutive_errors > MAX_CONSECUTIVE_DECODE_ERRORS:
-                    break
+                last_error, skipping = error, True
                 continue
-            consecutive_errors, any_decoded = 0, any_decoded or bool(frames)
-            yield from frames
+            any_decoded = any_decoded or bool(frames)
+            for frame in frames:
+                time = None if frame.time is None else float(frame.time) - start
+                if skipping:
+                    if not frame.key_frame:
+                        continue
+                    _add_damage(damaged, last_time, time)
+                    skipping = False
+                last_time = time
+                yield frame
     except av.error.FFmpegError as error:
         if _is_timeout(av, error):
             raise
-        return
+    if skipping:
+        _add_damage(damaged, last_time, None)
     if device is not None and last_error is not None and not any_decoded:
         raise _device_error(device, container.name, last_error) from last_error
+
+
+def _add_damage(damaged: Optional[list], before: Optional[float], after: Optional[float]) -> None:
+    if damaged is not None:
+        damaged.append((before, after))
+
+
+def damage_warning(location: str, damaged: list, missed: int) -> str:
+    """The warning for the stretches of a video that decoding skipped, with the sampled frames they held."""
+    def seconds(value, missing):
+        return missing if value is None else f"{value:.2f} s"
+
+    stretches = "; ".join(f"between {seconds(before, 'the start')} and {seconds(after, 'the end')}"
+                          for before, after in damaged)
+    return (f"{location!r} holds damaged data: no frame could be decoded {stretches} (decoding skipped to the next "
+            f"keyframe and went on after it); {missed} sampled frame(s) there are left out. Re-encode or "
+            f"re-download the file to sample them.")
 
 
 def _set_codec_threads(stream, count: int = 0, on_device: bool = False) -> None:
@@ -488,9 +528,13 @@ def _decode_plan(container, stream, facts: _StreamFacts, plan, sampling: "VideoS
     decoded = 0
     if sampling.start_time > 0:
         container.seek(int((sampling.start_time + facts.start) / stream.time_base), stream=stream, backward=True)
+    damage_seen = len(facts.damaged)
     try:
-        for frame in _decoded_frames(container, stream, sampling.decode_device):
+        for frame in _decoded_frames(container, stream, sampling.decode_device, facts.damaged, facts.start):
             time = float(frame.time) - facts.start if frame.time is not None else None
+            if len(facts.damaged) != damage_seen:  # the first frame after a damaged stretch
+                damage_seen = len(facts.damaged)
+                plan.skip_to(time)
             index = decoded if facts.packet_times is None or time is None else _index_at(facts.packet_times, time)
             decoded += 1
             if bar is not None:

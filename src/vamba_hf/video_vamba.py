@@ -48,6 +48,7 @@ from .video_decode_vamba import (
     _stream_facts,
     _TimePlan,
     check_readable_file,
+    damage_warning,
     is_url,
     load_image,
     sample_frame_indices,
@@ -128,6 +129,10 @@ class VideoSampling:
       the others decode on the CPU, all taking runs of GOPs from one queue. None: all of them. On 4 cores of the
       H200 host 4 NVDEC and 4 CPU processes decode that file in 10.3 s (NVDEC alone 11.5 s); on its 16 cores any
       mix is slower than the CPU processes alone (BENCHMARKS.md).
+
+    A stretch of damaged data in a file is skipped to the next keyframe (the frames after a packet that does not
+    decode may refer to it) with a warning that names its times; sampling goes on after it, and the sampled frames
+    that lay in it are left out.
     """
 
     num_frames: int = 128
@@ -373,18 +378,18 @@ class _VideoSampler:
         self.stream = container.streams.video[0]
         _set_codec_threads(self.stream, on_device=sampling.decode_device is not None)
         self.facts = _stream_facts(self.stream)
-        # Sampling by time goes by the frames' own times: a container's declared duration can end before its last
-        # frames (B-frames' edit lists, variable frame rates). A URL is read once, so it takes the declared one.
-        needs_packet_times = sampling.start_time > 0 or not self.facts.declared_frames or (
-            sampling.fps is not None and (self.facts.duration is None or not is_url(location)))
+        # A local file's frames are numbered by their times, from a list of its packets: a damaged stretch then
+        # shifts no frame's number, and sampling by time reaches the last frame, wherever the declared duration
+        # ends (B-frames' edit lists, variable frame rates). A URL is read once: its frames are counted as decoded.
+        local = not is_url(location)
+        needs_packet_times = local or sampling.start_time > 0 or not self.facts.declared_frames or (
+            sampling.fps is not None and self.facts.duration is None)
         self.index = None
-        if sampling.decoder != "sequential" and not is_url(location):
+        if sampling.decoder != "sequential" and local:
             self.index = _packet_index(container, self.stream, self.facts)
         if needs_packet_times:
             self.facts.packet_times = self.index.times if self.index else _demux_packet_times(
                 container, self.stream, self.facts)
-        if self.index and self.facts.packet_times is None and self.facts.declared_frames != len(self.index.times):
-            self.index = None  # one pass numbers frames as decoded, which the index cannot foresee here
 
     def frames_after_start(self) -> int:
         if self.facts.packet_times is None:
@@ -490,12 +495,18 @@ class _VideoSampler:
                                  f"{self.location!r}, which ends at {end:.3f} s: give a start_time before its end.")
             raise ValueError(f"no frame of video {self.location!r} could be read: its video stream is empty, or the "
                              "file is truncated or corrupt. Check that it plays, or re-encode it.")
-        frames, times, indices, decoded, buffer = self._decode(self.plan(available))
+        plan = self.plan(available)
+        frames, times, indices, decoded, buffer = self._decode(plan)
         if decoded == 0:
             raise ValueError(f"no frame of {self.location!r} could be decoded: the video stream is empty or corrupt. "
                              "Re-encode the video.")
-        if not self.sampling.start_time and decoded != available:
-            warnings.warn(f"{self.location!r} declares {available} frames but {decoded} could be decoded (a truncated "
+        # Frames decoded after a damaged stretch, numbered by their times (counted ones are sampled again below).
+        if self.facts.packet_times is not None and any(end is not None for _, end in self.facts.damaged):
+            warnings.warn(damage_warning(self.location, self.facts.damaged, plan.capacity - len(indices)),
+                          stacklevel=3)
+        elif not self.sampling.start_time and decoded != available:
+            declared = self.facts.declared_frames or available
+            warnings.warn(f"{self.location!r} declares {declared} frames but {decoded} could be decoded (a truncated "
                           f"or damaged file?): sampling from the {decoded} that exist.", stacklevel=3)
             if self.sampling.fps is None:
                 self.facts.declared_frames, self.facts.packet_times = decoded, None
