@@ -502,6 +502,76 @@ def test_memory_follows_the_output_size(tmp_path):
     assert grown_mb < 16 * source_frame_mb, grown_mb  # all forty at source size would be 420 MB
 
 
+class LazyPool:
+    """A ThreadPoolExecutor whose work runs only when its result is asked for: how many decoded frames wait for
+    their conversion at once is then decided by the writer alone, not by the threads' timing."""
+
+    most_waiting = 0
+
+    def __init__(self, max_workers):
+        self.waiting = []
+
+    def submit(self, function, *args):
+        pool = self
+
+        class Lazy:
+            done = False
+
+            def result(self):
+                if not self.done:
+                    pool.waiting.remove(self)
+                    self.done, self.value = True, function(*args)
+                return self.value
+
+        future = Lazy()
+        self.waiting.append(future)
+        LazyPool.most_waiting = max(LazyPool.most_waiting, len(self.waiting))
+        return future
+
+    def shutdown(self):
+        for future in list(self.waiting):
+            future.result()
+
+
+def test_frames_waiting_for_conversion_are_bounded_by_their_source_size(tmp_path, monkeypatch):
+    """Large source frames wait for their conversion one or two at a time, not two per conversion thread: what a
+    decode holds follows the output size (a 16000x16000 frame is 768 MB in RGB). The frames here are small, and the
+    budget shrunk to two of them."""
+    assert video_decode_vamba.source_frames_allowed((16000, 16000), 8) == 1
+    assert video_decode_vamba.source_frames_allowed((3840, 2160), 8) == 8
+    path = write_video(tmp_path / "large.mkv", num_frames=12, width=320, height=320, codec="ffv1")
+    expected = load_video(path, num_frames=12, decoder="sequential")
+    monkeypatch.setattr(video_decode_vamba, "ThreadPoolExecutor", LazyPool)
+    LazyPool.most_waiting = 0
+    assert_same_video(load_video(path, num_frames=12, decoder="sequential"), expected)
+    assert LazyPool.most_waiting == 2 * video_decode_vamba._conversion_workers() == 8  # small enough: two per thread
+    monkeypatch.setattr(video_decode_vamba, "SOURCE_FRAMES_BUDGET", 2 * 320 * 320 * 3)
+    LazyPool.most_waiting = 0
+    assert_same_video(load_video(path, num_frames=12, decoder="sequential"), expected)
+    assert LazyPool.most_waiting == 2
+
+
+def test_seeking_holds_fewer_large_frames_in_conversion_and_in_decoders(tmp_path, monkeypatch):
+    monkeypatch.setattr(video_decode_vamba, "SOURCE_FRAMES_BUDGET", 2 * 320 * 320 * 3)
+    writer = video_decode_vamba._RowWriter(4, video_decode_vamba.FrameResize(None, 64), workers=4)
+    writer.buffer_for((320, 320))
+    slots = 0
+    while writer.free_slots.acquire(blocking=False):
+        slots += 1
+    assert slots == 2
+    path = write_frames(tmp_path / "large.mp4", moving_frames(24, 320, 320), codec="libx264",
+                        codec_options={"g": "4", "keyint_min": "4", "bf": "0"})
+    expected = load_video(path, num_frames=6, decoder="sequential")
+    workers, start = [], video_decode_vamba._SeekingDecoder.start
+    monkeypatch.setattr(video_decode_vamba._SeekingDecoder, "start",
+                        lambda decoder, gops, capacity, count: workers.append(count) or start(decoder, gops, capacity,
+                                                                                               count))
+    for processes in (False, True):
+        assert_same_video(load_by_seeking(path, VideoSampling(), num_frames=6, decode_workers=4,
+                                          decode_processes=processes), expected)
+    assert workers == [2, 2]  # each worker's decoder holds frames of the source's size
+
+
 def test_truncated_file_warns_that_frames_are_missing(tmp_path):
     full = write_video(tmp_path / "full.mp4", num_frames=40, container_options={"movflags": "faststart"})
     path = tmp_path / "cut.mp4"

@@ -480,6 +480,17 @@ def _conversion_workers() -> int:
     return min(4, os.cpu_count() or 1)
 
 
+# Bytes of source-size RGB frames that decoded frames waiting for conversion (and the decoders of seeking workers)
+# may stand for at once: frames up to ~6K hold two per conversion thread, larger ones fewer (a 16000x16000 frame,
+# 768 MB in RGB, one at a time), so that memory follows the output size rather than the source's.
+SOURCE_FRAMES_BUDGET = 1 << 30
+
+
+def source_frames_allowed(display_size: tuple, most: int) -> int:
+    """How many source frames of `display_size` (width, height) may be held at once, from 1 to `most`."""
+    return max(1, min(most, SOURCE_FRAMES_BUDGET // max(1, 3 * display_size[0] * display_size[1])))
+
+
 def _convert_into(buffer: FrameBuffer, resize: FrameResize, frame, row: int) -> None:
     output = buffer.array[row]
     output[...] = resize.apply(_display_image(frame), output.shape[1::-1])
@@ -491,7 +502,7 @@ class _FrameWriter:
     def __init__(self, capacity: int, resize: FrameResize, workers: int):
         self.capacity, self.resize = capacity, resize
         self.pool = ThreadPoolExecutor(max_workers=workers)
-        # Decoded frames waiting for a worker hold source-size pixels: at most two per worker.
+        # Decoded frames waiting for a worker hold source-size pixels: at most two per worker, fewer large ones.
         self.max_pending = 2 * workers
         self.pending, self.times, self.indices = collections.deque(), [], []
         self.buffer = None
@@ -499,6 +510,7 @@ class _FrameWriter:
     def add(self, index: int, time: float, frame) -> None:
         if self.buffer is None:
             self.buffer = FrameBuffer(self.capacity, *self.resize.output_size(*_display_size(frame)))
+            self.max_pending = source_frames_allowed(_display_size(frame), self.max_pending)
         while len(self.pending) >= self.max_pending:
             self.pending.popleft().result()
         self.pending.append(self.pool.submit(self._convert, frame, len(self.indices)))
@@ -702,8 +714,9 @@ class _RowWriter:
         self.ready = 0  # rows [0, ready) are written
         self.error, self.closed = None, False
         self.pool = ThreadPoolExecutor(max_workers=workers)
-        # Decoded frames waiting for a conversion thread hold source-size pixels: at most two per thread.
-        self.free_slots = threading.BoundedSemaphore(2 * workers)
+        # Decoded frames waiting for a conversion thread hold source-size pixels: at most two per thread, fewer
+        # large ones (set with the buffer).
+        self.most_pending, self.free_slots = 2 * workers, None
         self.pending = []
 
     def buffer_for(self, display_size: tuple) -> FrameBuffer:
@@ -712,6 +725,7 @@ class _RowWriter:
             if self.buffer is None:
                 self.display_size = display_size
                 self.buffer = FrameBuffer(self.capacity, *self.resize.output_size(*display_size))
+                self.free_slots = threading.BoundedSemaphore(source_frames_allowed(display_size, self.most_pending))
         if display_size != self.display_size:
             raise _IndexMismatch()
         return self.buffer

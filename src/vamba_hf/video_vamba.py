@@ -53,6 +53,7 @@ from .video_decode_vamba import (
     load_image,
     sample_frame_indices,
     sample_times,
+    source_frames_allowed,
 )
 
 DECODERS = ("auto", "sequential", "seek")
@@ -447,17 +448,22 @@ class _VideoSampler:
         if not kept:
             return None
         gops = _gop_samples(self.index, [position for position, _ in kept])
-        workers = min(self.sampling.worker_count(), len(gops))
+        workers = self._workers_for_frame_size(min(self.sampling.worker_count(), len(gops)))
         if self.sampling.decoder == "auto" and workers == 1 and not self._seeking_pays(gops):
             return None
         bar = _progress_bar(sum(gop.cost for gop in gops), self.sampling.progress, description)
         processes = self._in_processes(workers, gops)
         if processes:
-            workers = min(self.sampling.worker_count(processes=True), len(gops))
+            workers = self._workers_for_frame_size(min(self.sampling.worker_count(processes=True), len(gops)))
         decoder = _SeekingDecoder(self.location, self.facts, self.index, self.resize, bar, processes=processes,
                                   device=self.sampling.decode_device,
                                   device_workers=self.sampling.decode_device_workers)
         return decoder, gops, kept, workers
+
+    def _workers_for_frame_size(self, workers: int) -> int:
+        """`workers`, fewer for frames so large that each worker's decoder would hold gigabytes of them."""
+        codec = self.stream.codec_context
+        return source_frames_allowed((codec.width, codec.height), workers)
 
     def _in_processes(self, workers: int, gops: list) -> bool:
         """`decode_processes`, or by default processes where they pay, except when every worker decodes on NVDEC
