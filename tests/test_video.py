@@ -551,6 +551,18 @@ def test_frames_waiting_for_conversion_are_bounded_by_their_source_size(tmp_path
     assert LazyPool.most_waiting == 2
 
 
+@pytest.mark.parametrize("size, count, on_device, expected", [((640, 360), 0, False, 0), ((640, 360), 3, False, 3),
+                                                             ((16000, 16000), 0, False, 1), ((16000, 16000), 4, False, 1),
+                                                             ((7680, 4320), 0, False, 10), ((7680, 4320), 2, False, 2),
+                                                             ((16000, 16000), 0, True, 1)])
+def test_frame_threads_of_a_decoder_of_large_frames_are_fewer(monkeypatch, size, count, on_device, expected):
+    """Each of FFmpeg's frame threads holds a source-size frame: 16 of 16000x16000 would be 12 GB."""
+    monkeypatch.setattr(os, "cpu_count", lambda: 16)
+    stream = types.SimpleNamespace(codec_context=types.SimpleNamespace(width=size[0], height=size[1]))
+    video_decode_vamba._set_codec_threads(stream, count, on_device=on_device)
+    assert (stream.thread_type, stream.thread_count) == ("AUTO", expected)
+
+
 def test_seeking_holds_fewer_large_frames_in_conversion_and_in_decoders(tmp_path, monkeypatch):
     monkeypatch.setattr(video_decode_vamba, "SOURCE_FRAMES_BUDGET", 2 * 320 * 320 * 3)
     writer = video_decode_vamba._RowWriter(4, video_decode_vamba.FrameResize(None, 64), workers=4)

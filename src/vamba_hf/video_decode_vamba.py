@@ -409,9 +409,17 @@ def damage_warning(location: str, damaged: list, missed: int) -> str:
 
 
 def _set_codec_threads(stream, count: int = 0, on_device: bool = False) -> None:
-    """Frame and slice threads, `count` of them (0: FFmpeg's choice); one for a decoder on a GPU's NVDEC."""
+    """Frame and slice threads, `count` of them (0: FFmpeg's choice); one for a decoder on a GPU's NVDEC. Each frame
+    thread holds a frame of the source's size: frames too large for one each of the CPU's threads get fewer."""
     stream.thread_type = "AUTO"
-    stream.thread_count = 1 if on_device else count
+    cpus = os.cpu_count() or 1
+    most = source_frames_allowed((stream.codec_context.width, stream.codec_context.height), cpus)
+    if on_device:
+        stream.thread_count = 1
+    elif most < cpus:
+        stream.thread_count = min(count or cpus, most)
+    else:
+        stream.thread_count = count
 
 
 def _progress_bar(total: int, progress, description: str):
