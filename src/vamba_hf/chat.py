@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Optional
 
 from .inference import build_messages
+from .processing_vamba import special_token_in
 from .video_state_vamba import VideoState
 
 # A name standing for the video in the chat template (the state holds the video itself).
@@ -31,10 +32,10 @@ def check_question(question: str, what: str = "the question") -> str:
     return question
 
 
-def read_question(stream) -> Optional[str]:
+def read_question(stream, tokenizer=None) -> Optional[str]:
     """The next line of the binary `stream`, stripped, as a question; None at the end of input. A line that is not
-    UTF-8 or is longer than `MAX_QUESTION_CHARS` raises a ValueError once it has been read past (at most
-    `MAX_QUESTION_LINE_BYTES` of it is held), so that the next line can be read."""
+    UTF-8, is longer than `MAX_QUESTION_CHARS` or holds one of `tokenizer`'s special tokens raises a ValueError once
+    it has been read past (at most `MAX_QUESTION_LINE_BYTES` of it is held), so that the next line can be read."""
     line = stream.readline(MAX_QUESTION_LINE_BYTES)
     if not line:
         return None
@@ -50,6 +51,10 @@ def read_question(stream) -> Optional[str]:
     except UnicodeDecodeError as error:
         raise ValueError(f"that line is not UTF-8 text (byte {line[error.start]:#04x} at position {error.start}): "
                          f"type it again, with the terminal set to UTF-8.") from None
+    special = None if tokenizer is None else special_token_in(text, tokenizer)
+    if special is not None:
+        raise ValueError(f"that line holds {special!r}, one of the tokenizer's special tokens, which would end the "
+                         f"question and open another turn: ask it without that token.")
     return check_question(text.strip())
 
 

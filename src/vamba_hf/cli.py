@@ -150,16 +150,16 @@ def run_generate(args) -> int:
 CHAT_EXIT_WORDS = ("exit", "quit")
 
 
-def _questions(prompt: str):
+def _questions(prompt: str, tokenizer=None):
     """The lines typed at the prompt until end of input or an exit word; blank lines are skipped, and a line too
-    long or not UTF-8 is answered with a message."""
+    long, not UTF-8 or holding one of `tokenizer`'s special tokens is answered with a message."""
     from .chat import read_question
 
     while True:
         # On stdout, where the answers go (input() may show its prompt on stderr).
         print(prompt, end="", flush=True)
         try:
-            question = read_question(sys.stdin.buffer)
+            question = read_question(sys.stdin.buffer, tokenizer)
         except ValueError as error:  # the line is skipped; the chat goes on
             _stderr(f"vamba-hf: {error}")
             continue
@@ -217,7 +217,7 @@ def run_chat(args) -> int:
     state = _chat_state(args, model, processor)
     _stderr(f"Ask about the video; {' or '.join(CHAT_EXIT_WORDS)} (or end of input) ends the chat.")
     streamer = printable_streamer(processor.tokenizer)
-    for question in _questions("> "):
+    for question in _questions("> ", processor.tokenizer):
         started = time.perf_counter()
         new_tokens = answer(model, processor, state, question, args.max_new_tokens, streamer=streamer).shape[0]
         _stderr(f"[{new_tokens} new tokens in {time.perf_counter() - started:.1f} s, from the encoded video]")

@@ -569,21 +569,23 @@ def _message_texts(conversations: list, batched: bool):
                     yield f"{prefix}[{index}][\"content\"][{position}][\"text\"]", item["text"]
 
 
-def check_no_special_tokens(conversations: list, batched: bool, tokenizer) -> None:
-    """A message's text holding one of the tokenizer's special tokens (`<|im_end|>`, `<|im_start|>`, a vision
-    token) is refused: the tokenizer would read it as that token, ending the turn or opening another one that the
-    writer of the message could forge."""
+def special_token_in(text: str, tokenizer) -> typing.Optional[str]:
+    """The first of the tokenizer's special tokens (`<|im_end|>`, `<|im_start|>`, a vision token) in `text`."""
     specials = {token.content for token in tokenizer.added_tokens_decoder.values() if token.special}
     specials = sorted(specials | set(tokenizer.all_special_tokens), key=len, reverse=True)
-    if not specials:
-        return
-    pattern = re.compile("|".join(map(re.escape, specials)))
+    found = re.search("|".join(map(re.escape, specials)), text) if specials else None
+    return found.group() if found else None
+
+
+def check_no_special_tokens(conversations: list, batched: bool, tokenizer) -> None:
+    """A message's text holding one of the tokenizer's special tokens is refused: the tokenizer would read it as
+    that token, ending the turn or opening another one that the writer of the message could forge."""
     for path, text in _message_texts(conversations, batched):
-        found = pattern.search(text)
+        found = special_token_in(text, tokenizer)
         if found is not None:
-            raise ValueError(f"{path} holds {found.group()!r}, one of the tokenizer's special tokens: in a message "
-                             f"it would end the turn or open another. Remove it from the text (the chat template "
-                             f"writes every special token itself).")
+            raise ValueError(f"{path} holds {found!r}, one of the tokenizer's special tokens: in a message it would "
+                             f"end the turn or open another. Remove it from the text (the chat template writes "
+                             f"every special token itself).")
 
 
 def _visual_items(messages: list) -> list:
