@@ -329,7 +329,8 @@ class _StreamFacts:
     duration: Optional[float]  # seconds
     start: float  # seconds: the stream's first timestamp, subtracted from every frame time
     packet_times: Optional[list] = None  # sorted presentation times (seconds from `start`) of every packet
-    # (from, to) seconds from `start` of the damaged stretches that decoding skipped (to: None, the stream's end).
+    # The stretches of damaged data that one pass skipped: the times of the frames either side (None: the start or
+    # the end of the stream).
     damaged: list = field(default_factory=list)
 
 
