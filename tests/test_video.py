@@ -10,6 +10,7 @@ import sys
 import threading
 import time
 import types
+import warnings
 from dataclasses import replace
 
 import av
@@ -289,6 +290,38 @@ def test_damage_in_the_middle_skips_its_gops_and_samples_on_after_it(damaged_in_
     assert video.frame_indices[-1] == expected.frame_indices[-1]  # sampled to the end, after the damage
     assert len(video.frame_indices) >= len(expected.frame_indices) // 2
     assert (video.source_frame_count, video.end_time) == (expected.source_frame_count, expected.end_time)
+
+
+@pytest.fixture(scope="module")
+def short_clip_frames(tmp_path_factory):
+    """A 20 s libx264 MP4 (B-frames, a keyframe every second) and its frames by timestamp, decoded whole."""
+    path = write_frames(tmp_path_factory.mktemp("clip") / "clip.mp4", moving_frames(200), codec="libx264",
+                        codec_options={"g": "10", "keyint_min": "10", "bf": "2"})
+    whole = load_video(path, NO_RESIZE, num_frames=200, decoder="sequential")
+    return path, {round(time, 4): frame for time, frame in zip(whole.timestamps, whole.frames)}
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_random_damage_gives_sound_frames_or_a_clear_error(short_clip_frames, tmp_path, seed):
+    """Random bytes anywhere, of any length: every frame given is the undamaged file's frame of its timestamp."""
+    path, expected = short_clip_frames
+    data = bytearray(path.read_bytes())
+    rng = np.random.default_rng(seed)
+    start, length = int(rng.integers(0, len(data))), int(rng.integers(1, len(data) // 3))
+    data[start: start + length] = rng.integers(0, 256, len(data[start: start + length]), dtype=np.uint8).tobytes()
+    damaged = tmp_path / "damaged.mp4"
+    damaged.write_bytes(bytes(data))
+    options = [dict(num_frames=16), dict(fps=2.0), dict(num_frames=16, decoder="sequential"),
+               dict(num_frames=16, decoder="seek", decode_workers=2)][seed % 4]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # damage is announced; which warning depends on where it lies
+        try:
+            video = load_video(damaged, NO_RESIZE, **options)
+        except ValueError as error:
+            assert "damaged.mp4" in str(error) and "\n" not in str(error)
+            return
+    for time, frame in zip(video.timestamps, video.frames):
+        assert np.array_equal(frame, expected[round(time, 4)]), time
 
 
 def test_zero_frame_container(tmp_path):
@@ -1160,15 +1193,19 @@ class _Container:
 
 
 class _Decoding:
+    """A packet that decodes to `frames`; a keyframe packet when the first one is a keyframe (of its timestamp)."""
+
     def __init__(self, *frames):
         self.frames = list(frames)
+        self.is_keyframe = bool(frames) and frames[0].key_frame
+        self.pts = self.dts = frames[0].pts if frames else None
 
     def decode(self):
         return self.frames
 
 
-def _frame(time, key_frame=True):
-    return types.SimpleNamespace(time=time, key_frame=key_frame)
+def _frame(time, key_frame=True, is_corrupt=False):
+    return types.SimpleNamespace(time=time, pts=round(time * 1000), key_frame=key_frame, is_corrupt=is_corrupt)
 
 
 def test_a_device_that_decodes_no_packet_raises():
@@ -1190,6 +1227,22 @@ def test_frames_after_an_undecodable_packet_are_skipped_up_to_the_next_keyframe(
     frames = list(video_decode_vamba._decoded_frames(_Container(packets), None, damaged=damaged, start=0.5))
     assert frames == [first, key, after]  # past 200 bad packets in a row, to the end of the stream
     assert damaged == [(0.5, 1.5), (2.0, None)]
+
+
+def test_a_keyframe_read_before_the_damage_or_marked_corrupt_does_not_end_the_skipping():
+    """A keyframe whose packet came before the packet that failed (its frame comes out later, after B-frames) may
+    hold damage the decoder concealed; a frame marked corrupt starts a skip as a failing packet does."""
+    early_key, late_key, corrupt_key = _frame(1.0), _frame(3.0), _frame(4.0, is_corrupt=True)
+    early_packet, b_frame_packet = _Decoding(), _Decoding(early_key, _frame(1.5, False))
+    early_packet.is_keyframe, early_packet.pts = True, early_key.pts
+    b_frame_packet.is_keyframe, b_frame_packet.pts = False, 1250
+    packets = [_Decoding(_frame(0.5)), early_packet, _FailingPacket(), b_frame_packet,
+               _Decoding(late_key), _Decoding(_frame(3.5, False)), _Decoding(corrupt_key), _Decoding(_frame(4.5)),
+               _Decoding(_frame(5.0))]
+    damaged = []
+    frames = list(video_decode_vamba._decoded_frames(_Container(packets), None, damaged=damaged))
+    assert [frame.time for frame in frames] == [0.5, 3.0, 3.5, 4.5, 5.0]
+    assert damaged == [(0.5, 3.0), (3.5, 4.5)]
 
 
 def test_software_frames_stay_as_they_are(tmp_path):

@@ -161,6 +161,11 @@ def _open_container(location: str, timeout: float, device: Optional[str] = None)
     if not container.streams.video:
         container.close()
         raise ValueError(f"{location!r} has no video stream (an audio-only or data file?). Give a video file.")
+    if container.streams.video[0].codec_context is None:
+        container.close()
+        raise ValueError(f"cannot read {location!r} as a video: FFmpeg has no decoder for its video stream (an "
+                         "unknown codec, or a damaged header). Check that it plays, or re-encode it (e.g. `ffmpeg -i "
+                         "in -c:v libx264 out.mp4`).")
     if device is not None and not container.streams.video[0].codec_context.is_hwaccel:
         codec = container.streams.video[0].codec_context.name
         container.close()
@@ -169,7 +174,8 @@ def _open_container(location: str, timeout: float, device: Optional[str] = None)
 
 
 def _open(av, location: str, timeout: float, device: Optional[str]):
-    options = {"timeout": (timeout, timeout)} if is_url(location) else {}
+    # Metadata that is not UTF-8 (a damaged header) is read with replacement characters: the frames do not need it.
+    options = {"metadata_errors": "replace", **({"timeout": (timeout, timeout)} if is_url(location) else {})}
     if device is None:
         return av.open(location, **options)
     try:
@@ -359,34 +365,40 @@ def _demux_packet_times(container, stream, facts: _StreamFacts) -> list:
 
 def _decoded_frames(container, stream, device: Optional[str] = None, damaged: Optional[list] = None,
                     start: float = 0.0):
-    """Decoded frames of `stream`, in order. A packet that does not decode makes the frames after it up to the next
-    keyframe suspect (they may refer to it): they are skipped, and the stretch is added to `damaged` as the times
-    (seconds from `start`) of the frames either side of it (None: the stream's start or end). A broken container
-    ends the stream. When the stream decodes on `device` and no packet decodes (NVDEC set up, but not for this
-    stream), raises."""
+    """Decoded frames of `stream`, in order. A packet that does not decode, or a frame the decoder marks corrupt,
+    makes the frames after it suspect (they may refer to it): they are skipped up to a sound keyframe whose packet
+    came after the damage (a keyframe decoded before it may be damaged without a word), and the stretch is added
+    to `damaged` as the times (seconds from `start`) of the frames either side of it (None: the stream's start or
+    end). A broken container ends the stream. When the stream decodes on `device` and no packet decodes (NVDEC set
+    up, but not for this stream), raises."""
     av = _import_av()
-    any_decoded, last_error, skipping, last_time = False, None, False, None
+    any_decoded, last_error, last_time = False, None, None
+    after_damage = None  # while skipping: the timestamps of the keyframe packets read since the damage
     try:
         for packet in container.demux(stream):
             try:
                 frames = packet.decode()
             except av.error.FFmpegError as error:
-                last_error, skipping = error, True
+                last_error, after_damage = error, set()
                 continue
+            if after_damage is not None and packet.is_keyframe:
+                after_damage.update((packet.pts, packet.dts))
             any_decoded = any_decoded or bool(frames)
             for frame in frames:
                 time = None if frame.time is None else float(frame.time) - start
-                if skipping:
-                    if not frame.key_frame:
+                if getattr(frame, "is_corrupt", False):  # PyAV 13+: a frame the decoder concealed damage in
+                    after_damage = set()
+                if after_damage is not None:
+                    if not (frame.key_frame and (frame.pts in after_damage or (frame.pts is None and after_damage))):
                         continue
                     _add_damage(damaged, last_time, time)
-                    skipping = False
+                    after_damage = None
                 last_time = time
                 yield frame
     except av.error.FFmpegError as error:
         if _is_timeout(av, error):
             raise
-    if skipping:
+    if after_damage is not None:
         _add_damage(damaged, last_time, None)
     if device is not None and last_error is not None and not any_decoded:
         raise _device_error(device, container.name, last_error) from last_error
