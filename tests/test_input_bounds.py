@@ -79,6 +79,14 @@ def test_generate_refuses_a_prompt_over_the_limit_in_one_line(capsys):
     assert len(errors) == 1 and f"the most is {MAX_QUESTION_CHARS:,}" in errors[0], errors
 
 
+def test_generate_refuses_a_prompt_that_is_not_utf8_in_one_line(capsys):
+    prompt = b"caf\xff?".decode("utf-8", "surrogateescape")  # how Python hands over such a command-line argument
+    assert cli.main(["generate", "--prompt", prompt]) == cli.EXIT_USER_ERROR
+    errors = capsys.readouterr().err.strip().splitlines()
+    assert errors == ["vamba-hf: error: --prompt is not UTF-8 text (character 3 is a byte that is not): give it as "
+                      "UTF-8, with the terminal set to UTF-8."], errors
+
+
 def test_chat_says_a_folder_given_as_video_is_a_folder(tmp_path, capsys):
     assert cli.main(["chat", "--video", str(tmp_path)]) == cli.EXIT_USER_ERROR
     errors = capsys.readouterr().err.strip().splitlines()

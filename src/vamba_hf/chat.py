@@ -25,10 +25,16 @@ MAX_QUESTION_LINE_BYTES = 4 * MAX_QUESTION_CHARS + 2
 
 
 def check_question(question: str, what: str = "the question") -> str:
-    """`question`, or a ValueError when it is longer than `MAX_QUESTION_CHARS`."""
+    """`question`, or a ValueError when it is longer than `MAX_QUESTION_CHARS` or holds bytes that were not UTF-8
+    (a command line's, kept as surrogates)."""
     if len(question) > MAX_QUESTION_CHARS:
         raise ValueError(f"{what} is {len(question):,} characters long; the most is {MAX_QUESTION_CHARS:,}: ask a "
                          f"shorter question.")
+    try:
+        question.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise ValueError(f"{what} is not UTF-8 text (character {error.start} is a byte that is not): give it as "
+                         f"UTF-8, with the terminal set to UTF-8.") from None
     return question
 
 
