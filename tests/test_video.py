@@ -578,7 +578,8 @@ def test_frames_waiting_for_conversion_are_bounded_by_their_source_size(tmp_path
     LazyPool.most_waiting = 0
     assert_same_video(load_video(path, num_frames=12, decoder="sequential"), expected)
     assert LazyPool.most_waiting == 2 * video_decode_vamba._conversion_workers() == 8  # small enough: two per thread
-    monkeypatch.setattr(video_decode_vamba, "SOURCE_FRAMES_BUDGET", 2 * 320 * 320 * 3)
+    monkeypatch.setattr(video_decode_vamba, "SOURCE_FRAMES_BUDGET",
+                        2 * 320 * 320 * video_decode_vamba.CONVERTED_BYTES_PER_PIXEL)
     LazyPool.most_waiting = 0
     assert_same_video(load_video(path, num_frames=12, decoder="sequential"), expected)
     assert LazyPool.most_waiting == 2
@@ -597,7 +598,8 @@ def test_frame_threads_of_a_decoder_of_large_frames_are_fewer(monkeypatch, size,
 
 
 def test_seeking_holds_fewer_large_frames_in_conversion_and_in_decoders(tmp_path, monkeypatch):
-    monkeypatch.setattr(video_decode_vamba, "SOURCE_FRAMES_BUDGET", 2 * 320 * 320 * 3)
+    monkeypatch.setattr(video_decode_vamba, "SOURCE_FRAMES_BUDGET",
+                        2 * 320 * 320 * video_decode_vamba.CONVERTED_BYTES_PER_PIXEL)
     writer = video_decode_vamba._RowWriter(4, video_decode_vamba.FrameResize(None, 64), workers=4)
     writer.buffer_for((320, 320))
     slots = 0

@@ -426,7 +426,8 @@ def _set_codec_threads(stream, count: int = 0, on_device: bool = False) -> None:
     thread holds a frame of the source's size: frames too large for one each of the CPU's threads get fewer."""
     stream.thread_type = "AUTO"
     cpus = os.cpu_count() or 1
-    most = source_frames_allowed((stream.codec_context.width, stream.codec_context.height), cpus)
+    most = source_frames_allowed((stream.codec_context.width, stream.codec_context.height), cpus,
+                                 DECODED_BYTES_PER_PIXEL)
     if on_device:
         stream.thread_count = 1
     elif most < cpus:
@@ -501,15 +502,21 @@ def _conversion_workers() -> int:
     return min(4, os.cpu_count() or 1)
 
 
-# Bytes of source-size RGB frames that decoded frames waiting for conversion (and the decoders of seeking workers)
-# may stand for at once: frames up to ~6K hold two per conversion thread, larger ones fewer (a 16000x16000 frame,
-# 768 MB in RGB, one at a time), so that memory follows the output size rather than the source's.
+# Bytes that source-size frames may take at once in decoded frames waiting for conversion, in conversions, in the
+# decoders of seeking workers, and in a decoder's frame threads: frames up to 4K take as many as before (two per
+# conversion thread, one decoder per worker, FFmpeg's thread count), larger ones fewer (a 16000x16000 frame one at
+# a time), so that memory follows the output size rather than the source's.
 SOURCE_FRAMES_BUDGET = 1 << 30
+# A frame being converted: decoded (YUV 4:2:0, 1.5 bytes a pixel), in RGB (3) and as PIL's image (4 bytes a pixel).
+CONVERTED_BYTES_PER_PIXEL = 9
+# A decoded frame, as a frame thread holds it (4:2:0 at 16 bits or 4:4:4 at 8: 3 bytes a pixel).
+DECODED_BYTES_PER_PIXEL = 3
 
 
-def source_frames_allowed(display_size: tuple, most: int) -> int:
+def source_frames_allowed(display_size: tuple, most: int, bytes_per_pixel: int = CONVERTED_BYTES_PER_PIXEL) -> int:
     """How many source frames of `display_size` (width, height) may be held at once, from 1 to `most`."""
-    return max(1, min(most, SOURCE_FRAMES_BUDGET // max(1, 3 * display_size[0] * display_size[1])))
+    frame_bytes = max(1, bytes_per_pixel * display_size[0] * display_size[1])
+    return max(1, min(most, SOURCE_FRAMES_BUDGET // frame_bytes))
 
 
 def _convert_into(buffer: FrameBuffer, resize: FrameResize, frame, row: int) -> None:
