@@ -292,6 +292,25 @@ def test_damage_in_the_middle_skips_its_gops_and_samples_on_after_it(damaged_in_
     assert (video.source_frame_count, video.end_time) == (expected.source_frame_count, expected.end_time)
 
 
+def test_chunks_of_a_video_with_damage_in_the_middle_are_the_frames_of_one_call(damaged_in_the_middle):
+    """The chunks are planned before the damage is found (seeking, then one pass when it is): fewer come, the
+    same frames as one processor call's."""
+    from vamba_hf.tiny import build_tiny_processor
+
+    processor = build_tiny_processor(video_shortest_edge=None, video_longest_edge=None)
+    options = dict(num_frames=40, decoder="seek", decode_workers=2, return_tensors="pt")
+    with pytest.warns(UserWarning, match=DAMAGE_WARNING):
+        chunks = list(processor.video_chunks(str(damaged_in_the_middle[1]), chunk_frames=8, **options))
+    with pytest.warns(UserWarning, match=DAMAGE_WARNING):
+        whole = processor(text="<|vision_start|><|vision_end|>", videos=str(damaged_in_the_middle[1]),
+                          return_metadata=True, **options)
+    assert sum(chunk["video_grid_thw"][0, 0].item() for chunk in chunks) == whole["video_grid_thw"][0, 0].item() < 20
+    assert torch.equal(torch.cat([chunk["pixel_values_videos"] for chunk in chunks]), whole["pixel_values_videos"])
+    assert sum((chunk["video_metadata"][0]["frame_indices"] for chunk in chunks), []) == \
+        whole["video_metadata"][0]["frame_indices"]
+    assert chunks[-1]["remaining_frames"] == 0
+
+
 @pytest.fixture(scope="module")
 def short_clip_frames(tmp_path_factory):
     """A 20 s libx264 MP4 (B-frames, a keyframe every second) and its frames by timestamp, decoded whole."""

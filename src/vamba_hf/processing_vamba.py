@@ -905,15 +905,22 @@ class VambaProcessor(ProcessorMixin):
             total = stream.count - stream.count % tp
             if total == 0:
                 _even_length(VideoFrames(stream.frames(stream.count)), tp)  # raises: too few frames
-            for start in range(0, total, chunk_frames):
+            start = 0
+            while start < total:
+                decoded = stream.frames(start + chunk_frames)
+                # A file decoded again in one pass (its index did not match, or damage was skipped) may have fewer.
+                total = min(total, stream.count - stream.count % tp)
                 end = min(start + chunk_frames, total)
-                frames = layout.frames_to_patch(stream.frames(end)[start:end])
+                if end <= start:
+                    break
+                frames = layout.frames_to_patch(decoded[start:end])
                 output = torch.empty((_patch_rows(frames, layout), layout.patch_dim), dtype=torch.float32,
                                      device=device)
                 grid = video_patches_into(output, frames, layout)
                 stream.release(end)
                 yield BatchFeature({"pixel_values_videos": output, "video_grid_thw": torch.tensor([grid]),
                                     "video_metadata": [stream.metadata(start, end)], "remaining_frames": total - end})
+                start = end
 
     @staticmethod
     def _load_video(video, sampling: VideoSampling, resize: FrameResize) -> VideoFrames:
