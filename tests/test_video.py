@@ -688,11 +688,13 @@ def test_start_time_with_sampling_by_count(tmp_path):
     assert [frame_index_of(frame) for frame in video.frames] == video.frame_indices
     assert video.timestamps[0] >= 2.0 and (video.start_time, video.end_time) == (2.0, pytest.approx(4.0))
     for decoder in ("seek", "sequential"):
-        with pytest.raises(ValueError, match=r"start_time=5.0 s is past the end of video '.*clip.mp4', which ends "
-                                             r"at 4.000 s: give a start_time before its end"):
-            load_video(path, NO_RESIZE, num_frames=4, start_time=5.0, decoder=decoder)
-        with pytest.raises(ValueError, match=r"start_time=5.0 s is past the end"):
-            stream_video(path, NO_RESIZE, num_frames=4, start_time=5.0, decoder=decoder)
+        for start_time in (5.0, 3.95):  # past the end, and past the last frame's start (3.9 s) only
+            with pytest.raises(ValueError, match=rf"start_time={start_time} s is past the end of video '.*clip.mp4': "
+                                                 r"its last frame starts at 3.900 s and it ends at 4.000 s; give an "
+                                                 r"earlier start_time"):
+                load_video(path, NO_RESIZE, num_frames=4, start_time=start_time, decoder=decoder)
+            with pytest.raises(ValueError, match=rf"start_time={start_time} s is past the end"):
+                stream_video(path, NO_RESIZE, fps=1.0, start_time=start_time, decoder=decoder)
 
 
 # -- seeking and parallel decoding give the frames of one pass ---------------------------------------------

@@ -495,10 +495,11 @@ class _VideoSampler:
     def sample(self) -> VideoFrames:
         available = self.frames_after_start()
         if available == 0:
-            end = self.end_time()
-            if self.sampling.start_time and end:
+            end, times = self.end_time(), self.facts.packet_times
+            if self.sampling.start_time and times:
                 raise ValueError(f"start_time={self.sampling.start_time} s is past the end of video "
-                                 f"{self.location!r}, which ends at {end:.3f} s: give a start_time before its end.")
+                                 f"{self.location!r}: its last frame starts at {times[-1]:.3f} s and it ends at "
+                                 f"{end:.3f} s; give an earlier start_time.")
             raise ValueError(f"no frame of video {self.location!r} could be read: its video stream is empty, or the "
                              "file is truncated or corrupt. Check that it plays, or re-encode it.")
         plan = self.plan(available)
