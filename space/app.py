@@ -9,6 +9,7 @@ the frames slider (default 128, the original demo's count).
 """
 
 import os
+import re
 import sys
 from threading import Thread
 
@@ -17,6 +18,7 @@ import torch
 from transformers import TextIteratorStreamer
 
 try:
+    from vamba_hf.chat import MAX_QUESTION_CHARS, check_question
     from vamba_hf.inference import build_messages, load_model_and_processor, prepare_inputs, printable
 except ImportError as error:
     sys.exit(f"app.py needs the vamba_hf package ({error}): in a clone, `pip install -e '.[video]'`; in a Space, copy "
@@ -54,6 +56,19 @@ def start_generation(loaded, inputs, max_new_tokens: int) -> TextIteratorStreame
     return streamer
 
 
+# A path on the server (the uploads' temporary folders, the app's working folder): the user sees its last part only.
+SERVER_PATH = re.compile(r"(?:/[^/\s'\"]+)+/([^/\s'\"]+)")
+
+
+def user_message(error: BaseException, uploads: list) -> str:
+    """The error's message with the server's paths cut to their file names: the uploads' (the names the user
+    gave them), then any other."""
+    text = str(error)
+    for path in filter(None, uploads):
+        text = text.replace(path, os.path.basename(path))
+    return SERVER_PATH.sub(r"\1", text)
+
+
 def answer(loaded, video, image, question, frames, progress):
     """Yield the answer so far, piece by piece (Gradio streams each value to the page)."""
     if not video and not image:
@@ -61,14 +76,18 @@ def answer(loaded, video, image, question, frames, progress):
     if video and image:
         raise gr.Error("Vamba reads one video or one image per question: remove one of them.")
     question = (question or "").strip() or ("Describe this video." if video else "Describe this image.")
+    try:
+        check_question(question, "The question")
+    except ValueError as error:
+        raise gr.Error(str(error)) from None
     messages = build_messages(question, video=video, image=image)
     progress(0, desc=f"Decoding {int(frames)} frames of the video" if video else "Reading the image")
     try:
         # progress=True: the processor's frame-by-frame bar, which track_tqdm shows on the page.
         inputs = prepare_inputs(loaded.processor, messages, loaded.model.device, num_frames=int(frames),
                                 progress=bool(video))
-    except (ValueError, OSError) as error:
-        raise gr.Error(str(error)) from error
+    except (ValueError, OSError, RuntimeError) as error:  # RuntimeError: a decoding worker's
+        raise gr.Error(user_message(error, [video, image])) from None
     progress(1, desc="Answering")
     text = ""
     for piece in start_generation(loaded, inputs, MAX_NEW_TOKENS):
@@ -90,7 +109,8 @@ def build_app(model_name=None) -> gr.Blocks:
                 video = gr.Video(label="Video", sources=["upload"], elem_id="video")
                 image = gr.Image(label="...or an image", type="filepath", sources=["upload"], elem_id="image")
             with gr.Column():
-                question = gr.Textbox(label="Question", placeholder="What happens in this video?", elem_id="question")
+                question = gr.Textbox(label="Question", placeholder="What happens in this video?", elem_id="question",
+                                      max_length=MAX_QUESTION_CHARS)
                 frames = gr.Slider(2, cap, value=min(default_frames, cap), step=2, label="Frames sampled from the video",
                                    elem_id="frames")
                 ask = gr.Button("Ask", variant="primary", elem_id="ask")

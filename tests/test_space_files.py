@@ -40,3 +40,54 @@ def test_requirements_install_what_the_app_and_the_package_import():
 @pytest.mark.parametrize("name", ["app.py", "requirements.txt", "README.md"])
 def test_the_space_folder_holds(name):
     assert (SPACE / name).is_file()
+
+
+# -- the app's answers to bad input, with a stand-in for gradio -------------------------------------------------
+
+
+class GradioError(Exception):
+    """gradio's `gr.Error`: its message is what the page shows."""
+
+
+@pytest.fixture
+def app(monkeypatch):
+    import importlib.util
+    import sys
+    import types
+
+    monkeypatch.setitem(sys.modules, "gradio", types.SimpleNamespace(Error=GradioError, Blocks=object))
+    spec = importlib.util.spec_from_file_location("vamba_space_app", SPACE / "app.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def ask(app, video=None, image=None, question="What happens?"):
+    import types
+
+    from vamba_hf.tiny import build_tiny_processor
+
+    loaded = types.SimpleNamespace(processor=build_tiny_processor(), model=types.SimpleNamespace(device="cpu"))
+    calls = []
+    with pytest.raises(GradioError) as error:
+        next(app.answer(loaded, video, image, question, 4, lambda *args, **kwargs: calls.append(args)))
+    return str(error.value), calls
+
+
+@pytest.mark.parametrize("content", [b"not a video at all" * 100, b""])
+def test_the_apps_errors_name_the_uploaded_file_not_the_servers_paths(app, tmp_path, content):
+    upload = tmp_path / "gradio" / "5f3a9c0d1e" / "my holiday.mp4"  # where Gradio keeps an upload
+    upload.parent.mkdir(parents=True)
+    upload.write_bytes(content)
+    message, _ = ask(app, video=str(upload))
+    assert "my holiday.mp4" in message
+    assert str(tmp_path) not in message and "5f3a9c0d1e" not in message and "/" not in message, message
+
+
+def test_the_apps_question_has_the_shared_maximum(app, tmp_path):
+    from vamba_hf.chat import MAX_QUESTION_CHARS
+
+    message, progress_calls = ask(app, image=str(tmp_path / "unread.png"), question="w" * (MAX_QUESTION_CHARS + 1))
+    assert f"the most is {MAX_QUESTION_CHARS:,}" in message
+    assert not progress_calls  # refused before anything is read or decoded
+    assert "max_length=MAX_QUESTION_CHARS" in (SPACE / "app.py").read_text()  # the page's box says so too

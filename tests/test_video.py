@@ -3,11 +3,14 @@
 import contextlib
 import errno
 import os
+import re
 import socket
 import subprocess
 import sys
 import threading
 import time
+import types
+import warnings
 from dataclasses import replace
 
 import av
@@ -41,6 +44,13 @@ from vamba_hf.video_vamba import (
 )
 
 NO_RESIZE = VideoSampling(video_shortest_edge=None, video_longest_edge=None)
+REAL_CPU_COUNT = os.cpu_count
+
+
+@pytest.fixture(autouse=True)
+def eight_cpus_at_least(monkeypatch):
+    """The tests ask for up to 5 decoding workers, which are capped at the CPU count."""
+    monkeypatch.setattr(os, "cpu_count", lambda: max(8, REAL_CPU_COUNT() or 1))
 
 
 def original_middle_indices(num_frames, vlen):
@@ -236,6 +246,103 @@ def test_corrupt_bytes_in_the_middle(tmp_path):
     assert 0 < len(video.frames) <= 8
 
 
+@pytest.fixture(scope="module")
+def damaged_in_the_middle(tmp_path_factory):
+    """A 40 s clip (libx264, a keyframe every 2 s) and a copy with a quarter of its bytes, in the middle, random:
+    more than a hundred packets in a row do not decode."""
+    folder = tmp_path_factory.mktemp("damaged")
+    clean = write_frames(folder / "clean.mp4", moving_frames(400), codec="libx264",
+                         codec_options={"g": "20", "keyint_min": "20", "bf": "2"})
+    data = bytearray(clean.read_bytes())
+    middle, length = len(data) // 2, len(data) // 4
+    data[middle: middle + length] = np.random.default_rng(1).integers(0, 256, length, dtype=np.uint8).tobytes()
+    damaged = folder / "damaged.mp4"
+    damaged.write_bytes(bytes(data))
+    return clean, damaged
+
+
+DAMAGE_WARNING = (r"damaged.mp4' holds damaged data: no frame could be decoded between (\d+\.\d+) s and "
+                  r"(\d+\.\d+) s \(decoding skipped to the next keyframe and went on after it\); (\d+) sampled "
+                  r"frame\(s\) there are left out")
+
+
+@pytest.mark.parametrize("options", [dict(num_frames=40), dict(num_frames=40, decoder="sequential"),
+                                     dict(num_frames=40, decoder="seek", decode_workers=2), dict(fps=1.0)])
+@pytest.mark.parametrize("streamed", [False, True])
+def test_damage_in_the_middle_skips_its_gops_and_samples_on_after_it(damaged_in_the_middle, options, streamed):
+    clean, damaged = damaged_in_the_middle
+    expected = load_video(clean, NO_RESIZE, **options)
+    with pytest.warns(UserWarning, match=DAMAGE_WARNING) as warned:
+        if streamed:
+            with stream_video(damaged, NO_RESIZE, **options) as stream:
+                video = stream.video()
+        else:
+            video = load_video(damaged, NO_RESIZE, **options)
+    before, after, missed = re.search(DAMAGE_WARNING, str(warned[0].message)).groups()
+    expected_frames = dict(zip(expected.frame_indices, expected.frames))
+    expected_times = dict(zip(expected.frame_indices, expected.timestamps))
+    assert set(video.frame_indices) <= set(expected_frames)
+    for index, time, frame in zip(video.frame_indices, video.timestamps, video.frames):
+        assert time == expected_times[index] and np.array_equal(frame, expected_frames[index])
+    left_out = [expected_times[index] for index in set(expected_frames) - set(video.frame_indices)]
+    assert left_out and all(float(before) < time < float(after) for time in left_out)
+    assert (options.get("fps") is not None or len(left_out) == int(missed)) and float(after) - float(before) < 20
+    assert video.frame_indices[-1] == expected.frame_indices[-1]  # sampled to the end, after the damage
+    assert len(video.frame_indices) >= len(expected.frame_indices) // 2
+    assert (video.source_frame_count, video.end_time) == (expected.source_frame_count, expected.end_time)
+
+
+def test_chunks_of_a_video_with_damage_in_the_middle_are_the_frames_of_one_call(damaged_in_the_middle):
+    """The chunks are planned before the damage is found (seeking, then one pass when it is): fewer come, the
+    same frames as one processor call's."""
+    from vamba_hf.tiny import build_tiny_processor
+
+    processor = build_tiny_processor(video_shortest_edge=None, video_longest_edge=None)
+    options = dict(num_frames=40, decoder="seek", decode_workers=2, return_tensors="pt")
+    with pytest.warns(UserWarning, match=DAMAGE_WARNING):
+        chunks = list(processor.video_chunks(str(damaged_in_the_middle[1]), chunk_frames=8, **options))
+    with pytest.warns(UserWarning, match=DAMAGE_WARNING):
+        whole = processor(text="<|vision_start|><|vision_end|>", videos=str(damaged_in_the_middle[1]),
+                          return_metadata=True, **options)
+    assert sum(chunk["video_grid_thw"][0, 0].item() for chunk in chunks) == whole["video_grid_thw"][0, 0].item() < 20
+    assert torch.equal(torch.cat([chunk["pixel_values_videos"] for chunk in chunks]), whole["pixel_values_videos"])
+    assert sum((chunk["video_metadata"][0]["frame_indices"] for chunk in chunks), []) == \
+        whole["video_metadata"][0]["frame_indices"]
+    assert chunks[-1]["remaining_frames"] == 0
+
+
+@pytest.fixture(scope="module")
+def short_clip_frames(tmp_path_factory):
+    """A 20 s libx264 MP4 (B-frames, a keyframe every second) and its frames by timestamp, decoded whole."""
+    path = write_frames(tmp_path_factory.mktemp("clip") / "clip.mp4", moving_frames(200), codec="libx264",
+                        codec_options={"g": "10", "keyint_min": "10", "bf": "2"})
+    whole = load_video(path, NO_RESIZE, num_frames=200, decoder="sequential")
+    return path, {round(time, 4): frame for time, frame in zip(whole.timestamps, whole.frames)}
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_random_damage_gives_sound_frames_or_a_clear_error(short_clip_frames, tmp_path, seed):
+    """Random bytes anywhere, of any length: every frame given is the undamaged file's frame of its timestamp."""
+    path, expected = short_clip_frames
+    data = bytearray(path.read_bytes())
+    rng = np.random.default_rng(seed)
+    start, length = int(rng.integers(0, len(data))), int(rng.integers(1, len(data) // 3))
+    data[start: start + length] = rng.integers(0, 256, len(data[start: start + length]), dtype=np.uint8).tobytes()
+    damaged = tmp_path / "damaged.mp4"
+    damaged.write_bytes(bytes(data))
+    options = [dict(num_frames=16), dict(fps=2.0), dict(num_frames=16, decoder="sequential"),
+               dict(num_frames=16, decoder="seek", decode_workers=2)][seed % 4]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # damage is announced; which warning depends on where it lies
+        try:
+            video = load_video(damaged, NO_RESIZE, **options)
+        except ValueError as error:
+            assert "damaged.mp4" in str(error) and "\n" not in str(error)
+            return
+    for time, frame in zip(video.timestamps, video.frames):
+        assert np.array_equal(frame, expected[round(time, 4)]), time
+
+
 def test_zero_frame_container(tmp_path):
     path = write_empty_video(tmp_path / "zero.avi")
     with pytest.raises(ValueError, match="no frame"):
@@ -369,6 +476,23 @@ def test_fps_sampling_of_a_variable_frame_rate_file_goes_by_time(tmp_path):
     assert by_index != video.frame_indices  # counting frames would have sampled the bunched start twice
 
 
+@pytest.mark.parametrize("decoder", ["auto", "seek", "sequential"])
+def test_fps_sampling_goes_on_to_the_last_frame_past_the_declared_duration(tmp_path, decoder):
+    times = [0.0, 0.5, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0, 12.0]
+    path = write_x264(tmp_path / "vfr.mp4", num_frames=12, gop=4, frame_times=times)
+    with av.open(str(path)) as container:  # B-frames: the MP4 declares less than the frames' 12 s
+        stream = container.streams.video[0]
+        assert float(stream.duration * stream.time_base) < 10.0
+    video = load_video(path, NO_RESIZE, fps=1.0, decoder=decoder)
+    assert video.timestamps == pytest.approx(times[:1] + times[2:], abs=1e-3)
+    assert video.frame_indices == [0] + list(range(2, 12)) and video.end_time > 12.0
+    whole = load_video(path, NO_RESIZE, num_frames=12, decoder="sequential")
+    for frame, index in zip(video.frames, video.frame_indices):
+        assert np.array_equal(frame, whole.frames[index])
+    with stream_video(path, NO_RESIZE, fps=1.0, decoder=decoder) as stream:
+        assert_same_video(stream.video(), video)
+
+
 def test_num_frames_above_max_frames_is_capped_with_a_warning(tmp_path):
     path = write_video(tmp_path / "clip.mp4", num_frames=30)
     with pytest.warns(UserWarning, match="num_frames=20, above max_frames=5"):
@@ -430,6 +554,90 @@ def test_memory_follows_the_output_size(tmp_path):
     assert grown_mb < 16 * source_frame_mb, grown_mb  # all forty at source size would be 420 MB
 
 
+class LazyPool:
+    """A ThreadPoolExecutor whose work runs only when its result is asked for: how many decoded frames wait for
+    their conversion at once is then decided by the writer alone, not by the threads' timing."""
+
+    most_waiting = 0
+
+    def __init__(self, max_workers):
+        self.waiting = []
+
+    def submit(self, function, *args):
+        pool = self
+
+        class Lazy:
+            done = False
+
+            def result(self):
+                if not self.done:
+                    pool.waiting.remove(self)
+                    self.done, self.value = True, function(*args)
+                return self.value
+
+        future = Lazy()
+        self.waiting.append(future)
+        LazyPool.most_waiting = max(LazyPool.most_waiting, len(self.waiting))
+        return future
+
+    def shutdown(self):
+        for future in list(self.waiting):
+            future.result()
+
+
+def test_frames_waiting_for_conversion_are_bounded_by_their_source_size(tmp_path, monkeypatch):
+    """Large source frames wait for their conversion one or two at a time, not two per conversion thread: what a
+    decode holds follows the output size (a 16000x16000 frame is 768 MB in RGB). The frames here are small, and the
+    budget shrunk to two of them."""
+    assert video_decode_vamba.source_frames_allowed((16000, 16000), 8) == 1
+    assert video_decode_vamba.source_frames_allowed((3840, 2160), 8) == 8
+    path = write_video(tmp_path / "large.mkv", num_frames=12, width=320, height=320, codec="ffv1")
+    expected = load_video(path, num_frames=12, decoder="sequential")
+    monkeypatch.setattr(video_decode_vamba, "ThreadPoolExecutor", LazyPool)
+    LazyPool.most_waiting = 0
+    assert_same_video(load_video(path, num_frames=12, decoder="sequential"), expected)
+    assert LazyPool.most_waiting == 2 * video_decode_vamba._conversion_workers() == 8  # small enough: two per thread
+    monkeypatch.setattr(video_decode_vamba, "SOURCE_FRAMES_BUDGET",
+                        2 * 320 * 320 * video_decode_vamba.CONVERTED_BYTES_PER_PIXEL)
+    LazyPool.most_waiting = 0
+    assert_same_video(load_video(path, num_frames=12, decoder="sequential"), expected)
+    assert LazyPool.most_waiting == 2
+
+
+@pytest.mark.parametrize("size, count, on_device, expected", [((640, 360), 0, False, 0), ((640, 360), 3, False, 3),
+                                                             ((16000, 16000), 0, False, 1), ((16000, 16000), 4, False, 1),
+                                                             ((7680, 4320), 0, False, 10), ((7680, 4320), 2, False, 2),
+                                                             ((16000, 16000), 0, True, 1)])
+def test_frame_threads_of_a_decoder_of_large_frames_are_fewer(monkeypatch, size, count, on_device, expected):
+    """Each of FFmpeg's frame threads holds a source-size frame: 16 of 16000x16000 would be 12 GB."""
+    monkeypatch.setattr(os, "cpu_count", lambda: 16)
+    stream = types.SimpleNamespace(codec_context=types.SimpleNamespace(width=size[0], height=size[1]))
+    video_decode_vamba._set_codec_threads(stream, count, on_device=on_device)
+    assert (stream.thread_type, stream.thread_count) == ("AUTO", expected)
+
+
+def test_seeking_holds_fewer_large_frames_in_conversion_and_in_decoders(tmp_path, monkeypatch):
+    monkeypatch.setattr(video_decode_vamba, "SOURCE_FRAMES_BUDGET",
+                        2 * 320 * 320 * video_decode_vamba.CONVERTED_BYTES_PER_PIXEL)
+    writer = video_decode_vamba._RowWriter(4, video_decode_vamba.FrameResize(None, 64), workers=4)
+    writer.buffer_for((320, 320))
+    slots = 0
+    while writer.free_slots.acquire(blocking=False):
+        slots += 1
+    assert slots == 2
+    path = write_frames(tmp_path / "large.mp4", moving_frames(24, 320, 320), codec="libx264",
+                        codec_options={"g": "4", "keyint_min": "4", "bf": "0"})
+    expected = load_video(path, num_frames=6, decoder="sequential")
+    workers, start = [], video_decode_vamba._SeekingDecoder.start
+    monkeypatch.setattr(video_decode_vamba._SeekingDecoder, "start",
+                        lambda decoder, gops, capacity, count: workers.append(count) or start(decoder, gops, capacity,
+                                                                                               count))
+    for processes in (False, True):
+        assert_same_video(load_by_seeking(path, VideoSampling(), num_frames=6, decode_workers=4,
+                                          decode_processes=processes), expected)
+    assert workers == [2, 2]  # each worker's decoder holds frames of the source's size
+
+
 def test_truncated_file_warns_that_frames_are_missing(tmp_path):
     full = write_video(tmp_path / "full.mp4", num_frames=40, container_options={"movflags": "faststart"})
     path = tmp_path / "cut.mp4"
@@ -479,8 +687,14 @@ def test_start_time_with_sampling_by_count(tmp_path):
     assert video.frame_indices == [20 + index for index in sample_frame_indices(20, 4)]
     assert [frame_index_of(frame) for frame in video.frames] == video.frame_indices
     assert video.timestamps[0] >= 2.0 and (video.start_time, video.end_time) == (2.0, pytest.approx(4.0))
-    with pytest.raises(ValueError, match="after start_time=5"):
-        load_video(path, NO_RESIZE, num_frames=4, start_time=5.0)
+    for decoder in ("seek", "sequential"):
+        for start_time in (5.0, 3.95):  # past the end, and past the last frame's start (3.9 s) only
+            with pytest.raises(ValueError, match=rf"start_time={start_time} s is past the end of video '.*clip.mp4': "
+                                                 r"its last frame starts at 3.900 s and it ends at 4.000 s; give an "
+                                                 r"earlier start_time"):
+                load_video(path, NO_RESIZE, num_frames=4, start_time=start_time, decoder=decoder)
+            with pytest.raises(ValueError, match=rf"start_time={start_time} s is past the end"):
+                stream_video(path, NO_RESIZE, fps=1.0, start_time=start_time, decoder=decoder)
 
 
 # -- seeking and parallel decoding give the frames of one pass ---------------------------------------------
@@ -717,10 +931,30 @@ def test_default_decode_workers_follow_the_cpu_count(monkeypatch):
     assert VideoSampling().worker_count() == 4
     monkeypatch.setattr(os, "cpu_count", lambda: 2)
     assert VideoSampling().worker_count() == 2
-    assert VideoSampling(decode_workers=5).worker_count() == 5
+    assert VideoSampling(decode_workers=2).worker_count() == 2
     monkeypatch.setattr(os, "cpu_count", lambda: 16)
     assert VideoSampling().worker_count(processes=True) == 16
     assert VideoSampling(decode_workers=5).worker_count(processes=True) == 5
+
+
+@pytest.mark.parametrize("device, cap", [(None, 3), ("cuda", 6)])
+def test_decode_workers_are_capped_at_the_cpus_with_a_warning(monkeypatch, device, cap):
+    monkeypatch.setattr(os, "cpu_count", lambda: 3)
+    for processes in (False, True):
+        with pytest.warns(UserWarning, match=rf"decode_workers=1000000000 is more than this machine's 3 CPUs.*"
+                                             rf"decoding with {cap} workers"):
+            assert VideoSampling(decode_workers=10**9, decode_device=device).worker_count(processes) == cap
+
+
+def test_a_huge_decode_workers_starts_one_process_per_cpu(tmp_path, monkeypatch):
+    path = write_x264(tmp_path / "gops.mp4")  # 10 GOPs
+    expected = one_pass(path, NO_RESIZE.with_options(num_frames=20))
+    started = counted_decoding_processes(monkeypatch)
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    with pytest.warns(UserWarning, match="decoding with 2 workers"):
+        video = load_by_seeking(path, NO_RESIZE, num_frames=20, decode_workers=10**9, decode_processes=True)
+    assert_same_video(video, expected)
+    assert len(started) == 2
 
 
 def test_decoding_processes_are_one_per_cpu_by_default(tmp_path, monkeypatch):
@@ -981,21 +1215,57 @@ class _Container:
         return iter(self.packets)
 
 
+class _Decoding:
+    """A packet that decodes to `frames`; a keyframe packet when the first one is a keyframe (of its timestamp)."""
+
+    def __init__(self, *frames):
+        self.frames = list(frames)
+        self.is_keyframe = bool(frames) and frames[0].key_frame
+        self.pts = self.dts = frames[0].pts if frames else None
+
+    def decode(self):
+        return self.frames
+
+
+def _frame(time, key_frame=True, is_corrupt=False):
+    return types.SimpleNamespace(time=time, pts=round(time * 1000), key_frame=key_frame, is_corrupt=is_corrupt)
+
+
 def test_a_device_that_decodes_no_packet_raises():
-    frame = av.VideoFrame(16, 16, "yuv420p")
-
-    class Decoding:
-        def decode(self):
-            return [frame]
-
+    frame = _frame(0.0)
     failing = _Container([_FailingPacket()] * 3)
     assert list(video_decode_vamba._decoded_frames(failing, None)) == []  # the CPU skips undecodable packets
     with pytest.raises(RuntimeError, match=r"decode_device='cuda' cannot decode 'clip.mp4' \(.*Invalid data"):
         list(video_decode_vamba._decoded_frames(failing, None, "cuda"))
-    with pytest.raises(RuntimeError, match="cannot decode"):  # more errors than a stream may have in a row
-        list(video_decode_vamba._decoded_frames(_Container([_FailingPacket()] * 100 + [Decoding()]), None, "cuda"))
-    some_decode = _Container([_FailingPacket(), Decoding(), _FailingPacket()])
+    some_decode = _Container([_FailingPacket(), _Decoding(frame), _FailingPacket()])
     assert list(video_decode_vamba._decoded_frames(some_decode, None, "cuda")) == [frame]
+
+
+def test_frames_after_an_undecodable_packet_are_skipped_up_to_the_next_keyframe():
+    first, suspect, key, after, last_suspect = _frame(1.0), _frame(1.5, False), _frame(2.0), _frame(2.5, False), \
+        _frame(4.0, False)
+    packets = [_Decoding(first), _FailingPacket()] + [_FailingPacket()] * 200 + [_Decoding(suspect), _Decoding(),
+               _Decoding(key, after), _FailingPacket(), _Decoding(last_suspect)]
+    damaged = []
+    frames = list(video_decode_vamba._decoded_frames(_Container(packets), None, damaged=damaged, start=0.5))
+    assert frames == [first, key, after]  # past 200 bad packets in a row, to the end of the stream
+    assert damaged == [(0.5, 1.5), (2.0, None)]
+
+
+def test_a_keyframe_read_before_the_damage_or_marked_corrupt_does_not_end_the_skipping():
+    """A keyframe whose packet came before the packet that failed (its frame comes out later, after B-frames) may
+    hold damage the decoder concealed; a frame marked corrupt starts a skip as a failing packet does."""
+    early_key, late_key, corrupt_key = _frame(1.0), _frame(3.0), _frame(4.0, is_corrupt=True)
+    early_packet, b_frame_packet = _Decoding(), _Decoding(early_key, _frame(1.5, False))
+    early_packet.is_keyframe, early_packet.pts = True, early_key.pts
+    b_frame_packet.is_keyframe, b_frame_packet.pts = False, 1250
+    packets = [_Decoding(_frame(0.5)), early_packet, _FailingPacket(), b_frame_packet,
+               _Decoding(late_key), _Decoding(_frame(3.5, False)), _Decoding(corrupt_key), _Decoding(_frame(4.5)),
+               _Decoding(_frame(5.0))]
+    damaged = []
+    frames = list(video_decode_vamba._decoded_frames(_Container(packets), None, damaged=damaged))
+    assert [frame.time for frame in frames] == [0.5, 3.0, 3.5, 4.5, 5.0]
+    assert damaged == [(0.5, 3.0), (3.5, 4.5)]
 
 
 def test_software_frames_stay_as_they_are(tmp_path):

@@ -12,12 +12,58 @@ from pathlib import Path
 from typing import Optional
 
 from .inference import build_messages
+from .processing_vamba import special_token_in
 from .video_state_vamba import VideoState
 
 # A name standing for the video in the chat template (the state holds the video itself).
 VIDEO_PLACEHOLDER = "video"
 # Frames per chunk when a file is encoded as it decodes.
 CHUNK_FRAMES = 128
+# The longest question `chat`, `generate --prompt` and the Space take, in characters (about 2,000 tokens): a longer
+# one would hold the model (and the Space's queue) for minutes and gigabytes.
+MAX_QUESTION_CHARS = 8192
+# UTF-8 takes at most 4 bytes a character; a line also ends in "\r\n".
+MAX_QUESTION_LINE_BYTES = 4 * MAX_QUESTION_CHARS + 2
+
+
+def check_question(question: str, what: str = "the question") -> str:
+    """`question`, or a ValueError when it is longer than `MAX_QUESTION_CHARS` or holds bytes that were not UTF-8
+    (a command line's, kept as surrogates)."""
+    if len(question) > MAX_QUESTION_CHARS:
+        raise ValueError(f"{what} is {len(question):,} characters long; the most is {MAX_QUESTION_CHARS:,}: ask a "
+                         f"shorter question.")
+    try:
+        question.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise ValueError(f"{what} is not UTF-8 text (character {error.start} is a byte that is not): give it as "
+                         f"UTF-8, with the terminal set to UTF-8.") from None
+    return question
+
+
+def read_question(stream, tokenizer=None) -> Optional[str]:
+    """The next line of the binary `stream`, stripped, as a question; None at the end of input. A line that is not
+    UTF-8, is longer than `MAX_QUESTION_CHARS` or holds one of `tokenizer`'s special tokens raises a ValueError once
+    it has been read past (at most `MAX_QUESTION_LINE_BYTES` of it is held), so that the next line can be read."""
+    line = stream.readline(MAX_QUESTION_LINE_BYTES)
+    if not line:
+        return None
+    if len(line) == MAX_QUESTION_LINE_BYTES and not line.endswith(b"\n"):
+        while True:
+            rest = stream.readline(MAX_QUESTION_LINE_BYTES)
+            if not rest or rest.endswith(b"\n"):
+                break
+        raise ValueError(f"that line is longer than {MAX_QUESTION_CHARS:,} characters, the most a question may be: "
+                         f"ask a shorter question.")
+    try:
+        text = line.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise ValueError(f"that line is not UTF-8 text (byte {line[error.start]:#04x} at position {error.start}): "
+                         f"type it again, with the terminal set to UTF-8.") from None
+    special = None if tokenizer is None else special_token_in(text, tokenizer)
+    if special is not None:
+        raise ValueError(f"that line holds {special!r}, one of the tokenizer's special tokens, which would end the "
+                         f"question and open another turn: ask it without that token.")
+    return check_question(text.strip())
 
 
 def video_pixels(processor, video, device, num_frames: Optional[int] = None, fps: Optional[float] = None,

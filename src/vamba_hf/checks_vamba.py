@@ -2,6 +2,7 @@
 torch, so that a wrong input gives one line naming the field, what it holds, and the fix, never an IndexError from
 inside an embedding or a silently wrong answer."""
 
+import numbers
 from typing import Optional
 
 import torch
@@ -106,6 +107,8 @@ def check_visual_pixels(config: VambaConfig, kind: str, pixels, grid):
         raise ValueError(f"`{pixels_name}` is {pixels.dtype} of {_shape(pixels)}, but pixel rows are floats of "
                          f"width {width} (channels x temporal patch x patch x patch): {fix}.")
     _check_grid(grid_name, grid, vision.spatial_merge_size, fix)
+    if kind == "image":
+        check_image_grid_steps(grid)
     patches = int(grid.prod(-1).sum())
     if patches != pixels.shape[0]:
         raise ValueError(f"`{grid_name}` describes {patches} patches but the {kind} pixels hold {pixels.shape[0]}: "
@@ -127,6 +130,15 @@ def _check_grid(name: str, grid: torch.Tensor, merge: int, fix: str):
                          f"spatial_merge_size={merge}; {fix}.")
 
 
+def check_image_grid_steps(grid: torch.Tensor):
+    """An image is one temporal patch (the processor repeats it to the temporal patch size): t is 1 in every row
+    of `image_grid_thw`. What the tensors cannot tell is checked nowhere: h and w swapped, or rows swapped between
+    items of equal patch counts, give pixel rows of the same shape and are read as given."""
+    if bool((grid[:, 0] != 1).any()):
+        raise ValueError(f"`image_grid_thw` holds {grid.tolist()}: an image is one temporal patch, so t must be 1 in "
+                         f"every row (a t above 1 is a video: pass it as pixel_values_videos and video_grid_thw).")
+
+
 def check_visual_embeds(visual_embeds, hidden_size: int):
     fix = f"pass a list with one (tokens, {hidden_size}) floating-point tensor per image or video"
     if isinstance(visual_embeds, torch.Tensor) or not isinstance(visual_embeds, (list, tuple)):
@@ -145,3 +157,19 @@ def check_finite_logits(logits: torch.Tensor):
         raise ValueError("The model's logits for the prompt are NaN or infinite. Likely causes: non-finite weights (a "
                          "corrupted or wrongly converted checkpoint: reconvert it), a float16 overflow (load with "
                          "dtype=torch.bfloat16 or torch.float32), or non-finite inputs_embeds.")
+
+
+# generate's token counts and their least values: transformers compares them with the sequence length, so that
+# max_new_tokens=1.5 would generate 2 tokens without a word.
+GENERATION_COUNTS = {"max_new_tokens": 1, "max_length": 1, "min_new_tokens": 0, "min_length": 0}
+
+
+def check_generation_counts(kwargs: dict, generation_config) -> None:
+    """`generate`'s token counts (given as keywords, else the generation config's) are whole numbers."""
+    for name, least in GENERATION_COUNTS.items():
+        value = kwargs[name] if kwargs.get(name) is not None else getattr(generation_config, name, None)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < least:
+            raise ValueError(f"`{name}` must be a whole number (int) of at least {least}, got {value!r}: it counts "
+                             f"tokens, e.g. {name}=128.")

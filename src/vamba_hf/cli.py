@@ -118,7 +118,11 @@ def run_generate(args) -> int:
     started = time.perf_counter()
     # Before torch is imported: a wrong --model is reported within a second or two.
     location = None if args.model is None else resolve_model_source(args.model, option="--model")
+    from .chat import check_question
     from .inference import build_messages, load_model_and_processor, prepare_inputs
+
+    if args.prompt is not None:
+        check_question(args.prompt, "--prompt")
 
     if args.model is None:
         _stderr(demo_notice())
@@ -146,16 +150,22 @@ def run_generate(args) -> int:
 CHAT_EXIT_WORDS = ("exit", "quit")
 
 
-def _questions(prompt: str):
-    """The lines typed at the prompt until end of input or an exit word; blank lines are skipped."""
+def _questions(prompt: str, tokenizer=None):
+    """The lines typed at the prompt until end of input or an exit word; blank lines are skipped, and a line too
+    long, not UTF-8 or holding one of `tokenizer`'s special tokens is answered with a message."""
+    from .chat import read_question
+
     while True:
         # On stdout, where the answers go (input() may show its prompt on stderr).
         print(prompt, end="", flush=True)
-        line = sys.stdin.readline()
-        if not line:  # end of input
+        try:
+            question = read_question(sys.stdin.buffer, tokenizer)
+        except ValueError as error:  # the line is skipped; the chat goes on
+            _stderr(f"vamba-hf: {error}")
+            continue
+        if question is None:  # end of input
             print(flush=True)
             return
-        question = line.strip()
         if question.lower() in CHAT_EXIT_WORDS:
             return
         if question:
@@ -188,7 +198,8 @@ def _chat_state(args, model, processor):
                 f"encoded)")
     else:
         if not os.path.isfile(args.video):
-            raise ValueError(f"--video {args.video}: no such file.")
+            found = "is a folder; give a video file" if os.path.isdir(args.video) else "no such file"
+            raise ValueError(f"--video {args.video}: {found}.")
         state = encode_video_file(model, processor, args.video, num_frames=args.frames, fps=args.fps, log=_stderr)
     if save_to is not None:
         state.save(save_to)
@@ -215,7 +226,7 @@ def run_chat(args) -> int:
     state = _chat_state(args, model, processor)
     _stderr(f"Ask about the video; {' or '.join(CHAT_EXIT_WORDS)} (or end of input) ends the chat.")
     streamer = printable_streamer(processor.tokenizer)
-    for question in _questions("> "):
+    for question in _questions("> ", processor.tokenizer):
         started = time.perf_counter()
         new_tokens = answer(model, processor, state, question, args.max_new_tokens, streamer=streamer).shape[0]
         _stderr(f"[{new_tokens} new tokens in {time.perf_counter() - started:.1f} s, from the encoded video]")

@@ -23,6 +23,7 @@ from transformers.utils import logging
 from .cache_vamba import StaticStepKV, VambaCache
 from .checks_vamba import (check_attention_mask, check_finite_logits, check_input_ids, check_inputs_embeds,
                            check_labels, check_position_ids, check_visual_embeds, check_visual_pixels)
+from .checks_vamba import check_generation_counts
 from .configuration_vamba import VambaConfig
 from .decoder_vamba import CrossAttentionInputs, MultimodalRotary, VambaDecoderLayer, VambaTextModel
 from .layers_vamba import VambaRMSNorm, attention_mask_for
@@ -602,6 +603,7 @@ class VambaForConditionalGeneration(VambaModel, GenerationMixin):
         if cache_implementation not in (None, "dynamic", "dynamic_full"):  # the last: 4.57 assisted decoding
             raise ValueError(f"cache_implementation={cache_implementation!r} is not supported: Vamba keeps its own "
                              f"cache (self-attention and cross-attention K/V). Leave cache_implementation unset.")
+        check_generation_counts(kwargs, generation_config)
         input_ids = inputs if inputs is not None else kwargs.get("input_ids")
         if input_ids is not None:
             check_input_ids(input_ids, self.config.vocab_size)

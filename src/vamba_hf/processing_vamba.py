@@ -28,6 +28,7 @@ import functools
 import json
 import math
 import os
+import re
 import typing
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -623,6 +624,39 @@ def validated_conversations(conversation) -> tuple:
     return [conversation], False
 
 
+def _message_texts(conversations: list, batched: bool):
+    """(path, text) of every text in the conversations' messages, the path named as the errors name it."""
+    for number, messages in enumerate(conversations):
+        prefix = f"conversation[{number}]" if batched else "conversation"
+        for index, message in enumerate(messages):
+            content = message["content"]
+            if isinstance(content, str):
+                yield f"{prefix}[{index}][\"content\"]", content
+                continue
+            for position, item in enumerate(content):
+                if item["type"] == "text":
+                    yield f"{prefix}[{index}][\"content\"][{position}][\"text\"]", item["text"]
+
+
+def special_token_in(text: str, tokenizer) -> typing.Optional[str]:
+    """The first of the tokenizer's special tokens (`<|im_end|>`, `<|im_start|>`, a vision token) in `text`."""
+    specials = {token.content for token in tokenizer.added_tokens_decoder.values() if token.special}
+    specials = sorted(specials | set(tokenizer.all_special_tokens), key=len, reverse=True)
+    found = re.search("|".join(map(re.escape, specials)), text) if specials else None
+    return found.group() if found else None
+
+
+def check_no_special_tokens(conversations: list, batched: bool, tokenizer) -> None:
+    """A message's text holding one of the tokenizer's special tokens is refused: the tokenizer would read it as
+    that token, ending the turn or opening another one that the writer of the message could forge."""
+    for path, text in _message_texts(conversations, batched):
+        found = special_token_in(text, tokenizer)
+        if found is not None:
+            raise ValueError(f"{path} holds {found!r}, one of the tokenizer's special tokens: in a message it would "
+                             f"end the turn or open another. Remove it from the text (the chat template writes "
+                             f"every special token itself).")
+
+
 def _visual_items(messages: list) -> list:
     return [item for message in messages if isinstance(message["content"], list)
             for item in message["content"] if item["type"] in ("image", "video")]
@@ -996,15 +1030,22 @@ class VambaProcessor(ProcessorMixin):
             total = stream.count - stream.count % tp
             if total == 0:
                 _even_length(VideoFrames(stream.frames(stream.count)), tp)  # raises: too few frames
-            for start in range(0, total, chunk_frames):
+            start = 0
+            while start < total:
+                decoded = stream.frames(start + chunk_frames)
+                # A file decoded again in one pass (its index did not match, or damage was skipped) may have fewer.
+                total = min(total, stream.count - stream.count % tp)
                 end = min(start + chunk_frames, total)
-                frames = layout.frames_to_patch(stream.frames(end)[start:end])
+                if end <= start:
+                    break
+                frames = layout.frames_to_patch(decoded[start:end])
                 output = torch.empty((_patch_rows(frames, layout), layout.patch_dim), dtype=torch.float32,
                                      device=device)
                 grid = video_patches_into(output, frames, layout)
                 stream.release(end)
                 yield BatchFeature({"pixel_values_videos": output, "video_grid_thw": torch.tensor([grid]),
                                     "video_metadata": [stream.metadata(start, end)], "remaining_frames": total - end})
+                start = end
 
     @staticmethod
     def _load_video(video, sampling: VideoSampling, resize: FrameResize) -> VideoFrames:
@@ -1042,6 +1083,7 @@ class VambaProcessor(ProcessorMixin):
         arguments; other keyword arguments are variables of the template.
         """
         conversations, batched = validated_conversations(plain_conversations(conversation))
+        check_no_special_tokens(conversations, batched, self.tokenizer)
         template = chat_template or self.chat_template
         processor_kwargs, template_kwargs = self._split_template_kwargs(template, dict(processor_kwargs or {}), kwargs)
         if return_assistant_tokens_mask and not (tokenize and return_dict):

@@ -20,7 +20,7 @@ import subprocess
 import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable, Optional
 
 import numpy as np
@@ -36,8 +36,6 @@ if TYPE_CHECKING:
 
 # A progress bar is shown (when `progress` is left to None) for decodes at least this long.
 PROGRESS_BAR_MIN_FRAMES = 1000
-# Consecutive undecodable packets after which a stream is treated as ended.
-MAX_CONSECUTIVE_DECODE_ERRORS = 64
 # Timestamps closer than this (seconds) count as equal: container time bases round.
 TIME_TOLERANCE = 1e-6
 
@@ -163,6 +161,11 @@ def _open_container(location: str, timeout: float, device: Optional[str] = None)
     if not container.streams.video:
         container.close()
         raise ValueError(f"{location!r} has no video stream (an audio-only or data file?). Give a video file.")
+    if container.streams.video[0].codec_context is None:
+        container.close()
+        raise ValueError(f"cannot read {location!r} as a video: FFmpeg has no decoder for its video stream (an "
+                         "unknown codec, or a damaged header). Check that it plays, or re-encode it (e.g. `ffmpeg -i "
+                         "in -c:v libx264 out.mp4`).")
     if device is not None and not container.streams.video[0].codec_context.is_hwaccel:
         codec = container.streams.video[0].codec_context.name
         container.close()
@@ -171,7 +174,8 @@ def _open_container(location: str, timeout: float, device: Optional[str] = None)
 
 
 def _open(av, location: str, timeout: float, device: Optional[str]):
-    options = {"timeout": (timeout, timeout)} if is_url(location) else {}
+    # Metadata that is not UTF-8 (a damaged header) is read with replacement characters: the frames do not need it.
+    options = {"metadata_errors": "replace", **({"timeout": (timeout, timeout)} if is_url(location) else {})}
     if device is None:
         return av.open(location, **options)
     try:
@@ -265,10 +269,15 @@ class _IndexPlan:
         self.next = 0
 
     def offer(self, index: int, time: float, frame) -> list:
+        while self.next < len(self.indices) and self.indices[self.next] < index:  # skipped (damaged): left out
+            self.next += 1
         if self.next < len(self.indices) and index == self.indices[self.next]:
             self.next += 1
             return [(index, time, frame)]
         return []
+
+    def skip_to(self, time: float) -> None:
+        """The frames before `time` since the last one offered were lost: `offer` passes over their indices."""
 
     def finish(self) -> list:
         return []
@@ -301,6 +310,13 @@ class _TimePlan:
         self.previous = (index, time, frame)
         return kept
 
+    def skip_to(self, time: Optional[float]) -> None:
+        """The frames before `time` since the last one offered were lost (damaged): what was on screen at the times
+        before it is unknown, and they are left out."""
+        while self.next < len(self.times) and (time is None or time > self.times[self.next] + TIME_TOLERANCE):
+            self.next += 1
+        self.previous = None
+
     def finish(self) -> list:
         remaining, self.next = self.next < len(self.times), len(self.times)
         return self._keep(self.previous) if remaining and self.previous is not None else []
@@ -319,6 +335,9 @@ class _StreamFacts:
     duration: Optional[float]  # seconds
     start: float  # seconds: the stream's first timestamp, subtracted from every frame time
     packet_times: Optional[list] = None  # sorted presentation times (seconds from `start`) of every packet
+    # The stretches of damaged data that one pass skipped: the times of the frames either side (None: the start or
+    # the end of the stream).
+    damaged: list = field(default_factory=list)
 
 
 def _stream_facts(stream) -> _StreamFacts:
@@ -344,34 +363,77 @@ def _demux_packet_times(container, stream, facts: _StreamFacts) -> list:
     return sorted(times)
 
 
-def _decoded_frames(container, stream, device: Optional[str] = None):
-    """Decoded frames of `stream`, in order; undecodable packets are skipped, a broken container ends the stream.
-    When the stream decodes on `device` and no packet decodes (NVDEC set up, but not for this stream), raises."""
+def _decoded_frames(container, stream, device: Optional[str] = None, damaged: Optional[list] = None,
+                    start: float = 0.0):
+    """Decoded frames of `stream`, in order. A packet that does not decode, or a frame the decoder marks corrupt,
+    makes the frames after it suspect (they may refer to it): they are skipped up to a sound keyframe whose packet
+    came after the damage (a keyframe decoded before it may be damaged without a word), and the stretch is added
+    to `damaged` as the times (seconds from `start`) of the frames either side of it (None: the stream's start or
+    end). A broken container ends the stream. When the stream decodes on `device` and no packet decodes (NVDEC set
+    up, but not for this stream), raises."""
     av = _import_av()
-    consecutive_errors, any_decoded, last_error = 0, False, None
+    any_decoded, last_error, last_time = False, None, None
+    after_damage = None  # while skipping: the timestamps of the keyframe packets read since the damage
     try:
         for packet in container.demux(stream):
             try:
                 frames = packet.decode()
             except av.error.FFmpegError as error:
-                consecutive_errors, last_error = consecutive_errors + 1, error
-                if consecutive_errors > MAX_CONSECUTIVE_DECODE_ERRORS:
-                    break
+                last_error, after_damage = error, set()
                 continue
-            consecutive_errors, any_decoded = 0, any_decoded or bool(frames)
-            yield from frames
+            if after_damage is not None and packet.is_keyframe:
+                after_damage.update((packet.pts, packet.dts))
+            any_decoded = any_decoded or bool(frames)
+            for frame in frames:
+                time = None if frame.time is None else float(frame.time) - start
+                if getattr(frame, "is_corrupt", False):  # PyAV 13+: a frame the decoder concealed damage in
+                    after_damage = set()
+                if after_damage is not None:
+                    if not (frame.key_frame and (frame.pts in after_damage or (frame.pts is None and after_damage))):
+                        continue
+                    _add_damage(damaged, last_time, time)
+                    after_damage = None
+                last_time = time
+                yield frame
     except av.error.FFmpegError as error:
         if _is_timeout(av, error):
             raise
-        return
+    if after_damage is not None:
+        _add_damage(damaged, last_time, None)
     if device is not None and last_error is not None and not any_decoded:
         raise _device_error(device, container.name, last_error) from last_error
 
 
+def _add_damage(damaged: Optional[list], before: Optional[float], after: Optional[float]) -> None:
+    if damaged is not None:
+        damaged.append((before, after))
+
+
+def damage_warning(location: str, damaged: list, missed: int) -> str:
+    """The warning for the stretches of a video that decoding skipped, with the sampled frames they held."""
+    def seconds(value, missing):
+        return missing if value is None else f"{value:.2f} s"
+
+    stretches = "; ".join(f"between {seconds(before, 'the start')} and {seconds(after, 'the end')}"
+                          for before, after in damaged)
+    return (f"{location!r} holds damaged data: no frame could be decoded {stretches} (decoding skipped to the next "
+            f"keyframe and went on after it); {missed} sampled frame(s) there are left out. Re-encode or "
+            f"re-download the file to sample them.")
+
+
 def _set_codec_threads(stream, count: int = 0, on_device: bool = False) -> None:
-    """Frame and slice threads, `count` of them (0: FFmpeg's choice); one for a decoder on a GPU's NVDEC."""
+    """Frame and slice threads, `count` of them (0: FFmpeg's choice); one for a decoder on a GPU's NVDEC. Each frame
+    thread holds a frame of the source's size: frames too large for one each of the CPU's threads get fewer."""
     stream.thread_type = "AUTO"
-    stream.thread_count = 1 if on_device else count
+    cpus = os.cpu_count() or 1
+    most = source_frames_allowed((stream.codec_context.width, stream.codec_context.height), cpus,
+                                 DECODED_BYTES_PER_PIXEL)
+    if on_device:
+        stream.thread_count = 1
+    elif most < cpus:
+        stream.thread_count = min(count or cpus, most)
+    else:
+        stream.thread_count = count
 
 
 def _progress_bar(total: int, progress, description: str):
@@ -440,6 +502,23 @@ def _conversion_workers() -> int:
     return min(4, os.cpu_count() or 1)
 
 
+# Bytes that source-size frames may take at once in decoded frames waiting for conversion, in conversions, in the
+# decoders of seeking workers, and in a decoder's frame threads: frames up to 4K take as many as before (two per
+# conversion thread, one decoder per worker, FFmpeg's thread count), larger ones fewer (a 16000x16000 frame one at
+# a time), so that memory follows the output size rather than the source's.
+SOURCE_FRAMES_BUDGET = 1 << 30
+# A frame being converted: decoded (YUV 4:2:0, 1.5 bytes a pixel), in RGB (3) and as PIL's image (4 bytes a pixel).
+CONVERTED_BYTES_PER_PIXEL = 9
+# A decoded frame, as a frame thread holds it (4:2:0 at 16 bits or 4:4:4 at 8: 3 bytes a pixel).
+DECODED_BYTES_PER_PIXEL = 3
+
+
+def source_frames_allowed(display_size: tuple, most: int, bytes_per_pixel: int = CONVERTED_BYTES_PER_PIXEL) -> int:
+    """How many source frames of `display_size` (width, height) may be held at once, from 1 to `most`."""
+    frame_bytes = max(1, bytes_per_pixel * display_size[0] * display_size[1])
+    return max(1, min(most, SOURCE_FRAMES_BUDGET // frame_bytes))
+
+
 def _convert_into(buffer: FrameBuffer, resize: FrameResize, frame, row: int) -> None:
     output = buffer.array[row]
     output[...] = resize.apply(_display_image(frame), output.shape[1::-1])
@@ -451,7 +530,7 @@ class _FrameWriter:
     def __init__(self, capacity: int, resize: FrameResize, workers: int):
         self.capacity, self.resize = capacity, resize
         self.pool = ThreadPoolExecutor(max_workers=workers)
-        # Decoded frames waiting for a worker hold source-size pixels: at most two per worker.
+        # Decoded frames waiting for a worker hold source-size pixels: at most two per worker, fewer large ones.
         self.max_pending = 2 * workers
         self.pending, self.times, self.indices = collections.deque(), [], []
         self.buffer = None
@@ -459,6 +538,7 @@ class _FrameWriter:
     def add(self, index: int, time: float, frame) -> None:
         if self.buffer is None:
             self.buffer = FrameBuffer(self.capacity, *self.resize.output_size(*_display_size(frame)))
+            self.max_pending = source_frames_allowed(_display_size(frame), self.max_pending)
         while len(self.pending) >= self.max_pending:
             self.pending.popleft().result()
         self.pending.append(self.pool.submit(self._convert, frame, len(self.indices)))
@@ -488,9 +568,13 @@ def _decode_plan(container, stream, facts: _StreamFacts, plan, sampling: "VideoS
     decoded = 0
     if sampling.start_time > 0:
         container.seek(int((sampling.start_time + facts.start) / stream.time_base), stream=stream, backward=True)
+    damage_seen = len(facts.damaged)
     try:
-        for frame in _decoded_frames(container, stream, sampling.decode_device):
+        for frame in _decoded_frames(container, stream, sampling.decode_device, facts.damaged, facts.start):
             time = float(frame.time) - facts.start if frame.time is not None else None
+            if len(facts.damaged) != damage_seen:  # the first frame after a damaged stretch
+                damage_seen = len(facts.damaged)
+                plan.skip_to(time)
             index = decoded if facts.packet_times is None or time is None else _index_at(facts.packet_times, time)
             decoded += 1
             if bar is not None:
@@ -658,8 +742,9 @@ class _RowWriter:
         self.ready = 0  # rows [0, ready) are written
         self.error, self.closed = None, False
         self.pool = ThreadPoolExecutor(max_workers=workers)
-        # Decoded frames waiting for a conversion thread hold source-size pixels: at most two per thread.
-        self.free_slots = threading.BoundedSemaphore(2 * workers)
+        # Decoded frames waiting for a conversion thread hold source-size pixels: at most two per thread, fewer
+        # large ones (set with the buffer).
+        self.most_pending, self.free_slots = 2 * workers, None
         self.pending = []
 
     def buffer_for(self, display_size: tuple) -> FrameBuffer:
@@ -668,6 +753,7 @@ class _RowWriter:
             if self.buffer is None:
                 self.display_size = display_size
                 self.buffer = FrameBuffer(self.capacity, *self.resize.output_size(*display_size))
+                self.free_slots = threading.BoundedSemaphore(source_frames_allowed(display_size, self.most_pending))
         if display_size != self.display_size:
             raise _IndexMismatch()
         return self.buffer

@@ -27,6 +27,7 @@ import torch
 from transformers.image_utils import ChannelDimension, infer_channel_dimension_format
 
 from .video_decode_vamba import (
+    TIME_TOLERANCE,
     FrameResize,
     _check_frame_size,
     _decode_plan,
@@ -47,10 +48,12 @@ from .video_decode_vamba import (
     _stream_facts,
     _TimePlan,
     check_readable_file,
+    damage_warning,
     is_url,
     load_image,
     sample_frame_indices,
     sample_times,
+    source_frames_allowed,
 )
 
 DECODERS = ("auto", "sequential", "seek")
@@ -110,7 +113,8 @@ class VideoSampling:
       start in one pass; "seek" seeks whenever the index allows it. All give the same frames.
     - `decode_workers`: workers (each with its own container open on the file) that decode GOPs in parallel when
       seeking; None uses min(4, CPU count) threads or one process per CPU (each decodes with CPU count / workers
-      codec threads).
+      codec threads). At most one per CPU (twice that with `decode_device`, whose workers mostly wait on NVDEC):
+      more are capped to that with a warning, since each is a thread or a Python process with its own decoder.
     - `decode_processes`: the workers are Python processes (True), which share no interpreter lock with each other
       or with the caller, or threads (False); None: processes when at least `MIN_WORKERS_FOR_PROCESSES` workers
       decode at least `MIN_FRAMES_FOR_PROCESSES` frames, where they pay (threads when all the workers decode on
@@ -126,6 +130,10 @@ class VideoSampling:
       the others decode on the CPU, all taking runs of GOPs from one queue. None: all of them. On 4 cores of the
       H200 host 4 NVDEC and 4 CPU processes decode that file in 10.3 s (NVDEC alone 11.5 s); on its 16 cores any
       mix is slower than the CPU processes alone (BENCHMARKS.md).
+
+    A stretch of damaged data in a file is skipped to the next keyframe (the frames after a packet that does not
+    decode may refer to it) with a warning that names its times; sampling goes on after it, and the sampled frames
+    that lay in it are left out.
     """
 
     num_frames: int = 128
@@ -168,8 +176,23 @@ class VideoSampling:
                              "(\"cuda\" or \"cuda:N\") too.")
 
     def worker_count(self, processes: bool = False) -> int:
+        """`decode_workers`, capped at `max_workers()` with a warning; by default min(4, CPUs) threads or one
+        process per CPU."""
         cpus = os.cpu_count() or 1
-        return self.decode_workers or (cpus if processes else min(MAX_DEFAULT_DECODE_WORKERS, cpus))
+        if self.decode_workers is None:
+            return cpus if processes else min(MAX_DEFAULT_DECODE_WORKERS, cpus)
+        cap = self.max_workers()
+        if self.decode_workers > cap:
+            device = f" (twice that with decode_device={self.decode_device!r})" if self.decode_device else ""
+            warnings.warn(f"decode_workers={self.decode_workers} is more than this machine's {cpus} CPUs{device} "
+                          f"can use: decoding with {cap} workers. Give decode_workers={cap} or fewer.", stacklevel=4)
+        return min(self.decode_workers, cap)
+
+    def max_workers(self) -> int:
+        """The most decoding workers: one per CPU, twice that with `decode_device` (its workers mostly wait on the
+        GPU's decoder, beside the CPU ones)."""
+        cpus = os.cpu_count() or 1
+        return 2 * cpus if self.decode_device is not None else cpus
 
     @classmethod
     def option_names(cls) -> tuple:
@@ -356,16 +379,18 @@ class _VideoSampler:
         self.stream = container.streams.video[0]
         _set_codec_threads(self.stream, on_device=sampling.decode_device is not None)
         self.facts = _stream_facts(self.stream)
-        needs_packet_times = sampling.start_time > 0 or not self.facts.declared_frames or (
+        # A local file's frames are numbered by their times, from a list of its packets: a damaged stretch then
+        # shifts no frame's number, and sampling by time reaches the last frame, wherever the declared duration
+        # ends (B-frames' edit lists, variable frame rates). A URL is read once: its frames are counted as decoded.
+        local = not is_url(location)
+        needs_packet_times = local or sampling.start_time > 0 or not self.facts.declared_frames or (
             sampling.fps is not None and self.facts.duration is None)
         self.index = None
-        if sampling.decoder != "sequential" and not is_url(location):
+        if sampling.decoder != "sequential" and local:
             self.index = _packet_index(container, self.stream, self.facts)
         if needs_packet_times:
             self.facts.packet_times = self.index.times if self.index else _demux_packet_times(
                 container, self.stream, self.facts)
-        if self.index and self.facts.packet_times is None and self.facts.declared_frames != len(self.index.times):
-            self.index = None  # one pass numbers frames as decoded, which the index cannot foresee here
 
     def frames_after_start(self) -> int:
         if self.facts.packet_times is None:
@@ -384,10 +409,11 @@ class _VideoSampler:
         return _TimePlan(sample_times(self.sampling.start_time, end, self.sampling.frame_count(wanted)))
 
     def end_time(self) -> Optional[float]:
-        """Seconds: the stream's duration, or the end of its last packet when that is later."""
+        """Seconds: the stream's duration, or, when its last packet starts at or after that, the end of that
+        packet (one frame at the average rate)."""
         end = self.facts.duration
-        if self.facts.packet_times:
-            end = max(end or 0.0, self.facts.packet_times[-1] + 1 / (self.facts.frame_rate or 1e9))
+        if self.facts.packet_times and (end is None or self.facts.packet_times[-1] >= end - TIME_TOLERANCE):
+            end = self.facts.packet_times[-1] + 1 / (self.facts.frame_rate or 1e9)
         return end
 
     def _decode(self, plan) -> tuple:
@@ -422,17 +448,22 @@ class _VideoSampler:
         if not kept:
             return None
         gops = _gop_samples(self.index, [position for position, _ in kept])
-        workers = min(self.sampling.worker_count(), len(gops))
+        workers = self._workers_for_frame_size(min(self.sampling.worker_count(), len(gops)))
         if self.sampling.decoder == "auto" and workers == 1 and not self._seeking_pays(gops):
             return None
         bar = _progress_bar(sum(gop.cost for gop in gops), self.sampling.progress, description)
         processes = self._in_processes(workers, gops)
         if processes:
-            workers = min(self.sampling.worker_count(processes=True), len(gops))
+            workers = self._workers_for_frame_size(min(self.sampling.worker_count(processes=True), len(gops)))
         decoder = _SeekingDecoder(self.location, self.facts, self.index, self.resize, bar, processes=processes,
                                   device=self.sampling.decode_device,
                                   device_workers=self.sampling.decode_device_workers)
         return decoder, gops, kept, workers
+
+    def _workers_for_frame_size(self, workers: int) -> int:
+        """`workers`, fewer for frames so large that each worker's decoder would hold gigabytes of them."""
+        codec = self.stream.codec_context
+        return source_frames_allowed((codec.width, codec.height), workers)
 
     def _in_processes(self, workers: int, gops: list) -> bool:
         """`decode_processes`, or by default processes where they pay, except when every worker decodes on NVDEC
@@ -464,15 +495,25 @@ class _VideoSampler:
     def sample(self) -> VideoFrames:
         available = self.frames_after_start()
         if available == 0:
-            after = f" after start_time={self.sampling.start_time}" if self.sampling.start_time else ""
-            raise ValueError(f"no frame of video {self.location!r} could be read{after}: its video stream is empty, "
-                             "or the file is truncated or corrupt. Check that it plays, or re-encode it.")
-        frames, times, indices, decoded, buffer = self._decode(self.plan(available))
+            end, times = self.end_time(), self.facts.packet_times
+            if self.sampling.start_time and times:
+                raise ValueError(f"start_time={self.sampling.start_time} s is past the end of video "
+                                 f"{self.location!r}: its last frame starts at {times[-1]:.3f} s and it ends at "
+                                 f"{end:.3f} s; give an earlier start_time.")
+            raise ValueError(f"no frame of video {self.location!r} could be read: its video stream is empty, or the "
+                             "file is truncated or corrupt. Check that it plays, or re-encode it.")
+        plan = self.plan(available)
+        frames, times, indices, decoded, buffer = self._decode(plan)
         if decoded == 0:
             raise ValueError(f"no frame of {self.location!r} could be decoded: the video stream is empty or corrupt. "
                              "Re-encode the video.")
-        if not self.sampling.start_time and decoded != available:
-            warnings.warn(f"{self.location!r} declares {available} frames but {decoded} could be decoded (a truncated "
+        # Frames decoded after a damaged stretch, numbered by their times (counted ones are sampled again below).
+        if self.facts.packet_times is not None and any(end is not None for _, end in self.facts.damaged):
+            warnings.warn(damage_warning(self.location, self.facts.damaged, plan.capacity - len(indices)),
+                          stacklevel=3)
+        elif not self.sampling.start_time and decoded != available:
+            declared = self.facts.declared_frames or available
+            warnings.warn(f"{self.location!r} declares {declared} frames but {decoded} could be decoded (a truncated "
                           f"or damaged file?): sampling from the {decoded} that exist.", stacklevel=3)
             if self.sampling.fps is None:
                 self.facts.declared_frames, self.facts.packet_times = decoded, None
