@@ -240,7 +240,7 @@ def _add_convert(subparsers) -> None:
 def _add_push(subparsers) -> None:
     parser = subparsers.add_parser("push", help="upload a converted folder to the Hugging Face Hub",
                                    description="Upload a folder written by `vamba-hf convert` to a model repo "
-                                               "(created if needed). Needs a token: `huggingface-cli login` or "
+                                               "(created if needed). Needs a token: `hf auth login` or "
                                                "--token / HF_TOKEN.")
     parser.add_argument("folder", help="the converted folder")
     parser.add_argument("repo_id", help="the model repo, e.g. your-name/Vamba-Qwen2-VL-7B-hf")
