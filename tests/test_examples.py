@@ -80,3 +80,17 @@ def test_batch_example_answers_every_video_in_order(environment, tmp_path):
 def test_answers_are_printable(environment, tmp_path):
     finished = run_example("video_qa.py", environment, tmp_path)
     assert all(character.isprintable() or character in "\n\t" for character in finished.stdout), finished.stdout
+
+
+def test_the_sample_video_is_h264_in_mp4_which_every_browser_plays(environment, tmp_path):
+    """The quick start's sample.mp4 (and every clip the examples write, through `write_demo_video`): H.264 with 4:2:0
+    chroma in an MP4 container, the one combination every browser plays (MPEG-4 Part 2 none does)."""
+    import av
+
+    finished = run_example("make_sample_video.py", environment, tmp_path)
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    with av.open(str(tmp_path / "sample.mp4")) as container:
+        stream = container.streams.video[0]
+        assert "mp4" in container.format.name.split(",")
+        assert (stream.codec_context.name, stream.codec_context.pix_fmt) == ("h264", "yuv420p")
+        assert stream.frames == 48
