@@ -89,6 +89,57 @@ def run_push(args) -> int:
 # -- generate --------------------------------------------------------------------------------------------------
 
 
+def check_visual_file(path: str, kind: str) -> None:
+    """Before any model loads: the --video or --image file exists, is a regular file and opens as what it should
+    be (its container holds a video stream: PyAV reads the header only; or PIL reads an image header). URLs are
+    left to the processor."""
+    from .video_decode_vamba import is_url
+
+    if is_url(path):
+        return
+    path = path.removeprefix("file://")
+    if not os.path.exists(path):
+        raise ValueError(f"--{kind} {path}: {kind} file not found; check the path (relative paths start from "
+                         f"{os.getcwd()}).")
+    if os.path.isdir(path):
+        raise ValueError(f"--{kind} {path}: is a folder, not a {kind} file; give the path of the file itself.")
+    if not os.path.isfile(path):
+        raise ValueError(f"--{kind} {path}: not a regular file (a device or a pipe?); give the path of a {kind} file.")
+    if os.path.getsize(path) == 0:
+        raise ValueError(f"--{kind} {path}: the file is empty (0 bytes); re-download or re-export it.")
+    with open(path, "rb"):  # unreadable: PermissionError, reported as it is
+        pass
+    if kind == "video":
+        _probe_video(path)
+    else:
+        _probe_image(path)
+
+
+def _probe_video(path: str) -> None:
+    try:
+        import av
+    except ImportError:
+        raise ImportError("--video needs PyAV to read video files: pip install av (or pip install -e '.[video]' in "
+                          "the clone)") from None
+    try:
+        with av.open(path) as container:
+            has_video = bool(container.streams.video)
+    except av.error.FFmpegError as error:
+        raise ValueError(f"--video {path}: not a video file PyAV can read ({error.strerror}); give an MP4, MKV, "
+                         f"WebM, ... file, or re-encode it (ffmpeg -i in -c:v libx264 out.mp4).") from None
+    if not has_video:
+        raise ValueError(f"--video {path}: the file has no video stream (audio only?); give a video file.")
+
+
+def _probe_image(path: str) -> None:
+    import PIL.Image
+
+    try:
+        PIL.Image.open(path).close()
+    except (PIL.UnidentifiedImageError, OSError) as error:
+        raise ValueError(f"--image {path}: not an image PIL can read ({error}); give a PNG, JPEG, ... file.") from None
+
+
 def _describe_inputs(inputs) -> str:
     for grid_name, kind in (("video_grid_thw", "video"), ("image_grid_thw", "image")):
         if grid_name in inputs:
@@ -118,6 +169,8 @@ def run_generate(args) -> int:
     started = time.perf_counter()
     # Before torch is imported: a wrong --model is reported within a second or two.
     location = None if args.model is None else resolve_model_source(args.model, option="--model")
+    if args.video or args.image:
+        check_visual_file(args.video or args.image, "video" if args.video else "image")
     from .inference import build_messages, load_model_and_processor, prepare_inputs
 
     if args.model is None:
@@ -179,8 +232,6 @@ def _chat_state(args, model, processor):
         _stderr(f"Loaded the video state {args.state}: {state.length} visual tokens (no video decoded, nothing "
                 f"encoded)")
     else:
-        if not os.path.isfile(args.video):
-            raise ValueError(f"--video {args.video}: no such file.")
         state = encode_video_file(model, processor, args.video, num_frames=args.frames, fps=args.fps, log=_stderr)
     if save_to is not None:
         state.save(save_to)
@@ -195,6 +246,8 @@ def run_chat(args) -> int:
     if args.video is None and args.state is None:
         raise ValueError("chat needs --video FILE (or --state PATH saved by an earlier chat's --save-state).")
     location = None if args.model is None else resolve_model_source(args.model, option="--model")
+    if args.state is None:
+        check_visual_file(args.video, "video")
     from .chat import answer
     from .inference import load_model_and_processor
 
