@@ -156,8 +156,20 @@ def printable_streamer(tokenizer):
     from .inference import printable
 
     class PrintableTextStreamer(TextStreamer):
+        line_open = False  # the last text printed did not end its line
+
         def on_finalized_text(self, text: str, stream_end: bool = False):
-            super().on_finalized_text(printable(text), stream_end)
+            text = printable(text)
+            super().on_finalized_text(text, stream_end)
+            if stream_end or text:
+                self.line_open = not stream_end and not text.endswith("\n")
+
+        def interrupt(self):
+            """After an answer cut short (Ctrl-C): the text held back, and the line ended, so that whatever is
+            printed next starts a line of its own; ready for the next answer."""
+            if self.token_cache or self.line_open:
+                self.end()
+            self.next_tokens_are_prompt = True
 
     return PrintableTextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
 
@@ -185,7 +197,11 @@ def run_generate(args) -> int:
     _stderr(f"Prompt: {prompt}")
     streamer = printable_streamer(processor.tokenizer)
     prefill_started = time.perf_counter()
-    output = model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False, streamer=streamer)
+    try:
+        output = model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False, streamer=streamer)
+    except KeyboardInterrupt:
+        streamer.interrupt()
+        raise
     finished = time.perf_counter()
     new_tokens = output.shape[1] - inputs["input_ids"].shape[1]
     _stderr(f"[{new_tokens} new tokens in {finished - prefill_started:.1f} s; {finished - started:.1f} s in all]")
@@ -239,6 +255,20 @@ def _chat_state(args, model, processor):
     return state
 
 
+def _answer_until_interrupted(model, processor, state, question: str, max_new_tokens: int, streamer) -> None:
+    """Streams the answer to one question; Ctrl-C stops this answer only, and the chat goes on."""
+    from .chat import answer
+
+    started = time.perf_counter()
+    try:
+        new_tokens = answer(model, processor, state, question, max_new_tokens, streamer=streamer).shape[0]
+    except KeyboardInterrupt:
+        streamer.interrupt()
+        _stderr("[answer stopped; ask another question, or end the chat with Ctrl-C or Ctrl-D at the prompt]")
+        return
+    _stderr(f"[{new_tokens} new tokens in {time.perf_counter() - started:.1f} s, from the encoded video]")
+
+
 def run_chat(args) -> int:
     from .demo import demo_notice
     from .sources import resolve_model_source
@@ -248,7 +278,6 @@ def run_chat(args) -> int:
     location = None if args.model is None else resolve_model_source(args.model, option="--model")
     if args.state is None:
         check_visual_file(args.video, "video")
-    from .chat import answer
     from .inference import load_model_and_processor
 
     if args.model is None:
@@ -257,12 +286,14 @@ def run_chat(args) -> int:
     model, processor = loaded.model, loaded.processor
     _stderr(f"Model: {loaded.source} ({model.dtype}, {model.device})")
     state = _chat_state(args, model, processor)
-    _stderr(f"Ask about the video; {' or '.join(CHAT_EXIT_WORDS)} (or end of input) ends the chat.")
+    _stderr(f"Ask about the video; {' or '.join(CHAT_EXIT_WORDS)} (or end of input, or Ctrl-C at the prompt) ends the "
+            f"chat; Ctrl-C during an answer stops that answer.")
     streamer = printable_streamer(processor.tokenizer)
-    for question in _questions("> "):
-        started = time.perf_counter()
-        new_tokens = answer(model, processor, state, question, args.max_new_tokens, streamer=streamer).shape[0]
-        _stderr(f"[{new_tokens} new tokens in {time.perf_counter() - started:.1f} s, from the encoded video]")
+    try:
+        for question in _questions("> "):
+            _answer_until_interrupted(model, processor, state, question, args.max_new_tokens, streamer)
+    except KeyboardInterrupt:  # at the prompt: ends the chat, as end of input does
+        print(flush=True)
     if loaded.is_demo:
         _stderr("(demo model with random weights: the answers above are meaningless by design)")
     return 0
@@ -339,8 +370,8 @@ def _add_chat(subparsers) -> None:
     parser = subparsers.add_parser(
         "chat", help="encode a video once, then answer question after question about it",
         description="Encode a video once (vision tower and every Mamba-2 block), then read questions at the prompt "
-                    "and stream each answer from the encoded video, with no re-encoding. End with exit or end of "
-                    "input (Ctrl-D). Without --model, runs the embedded demo model (random weights).")
+                    "and stream each answer from the encoded video, with no re-encoding. Ctrl-C stops an answer; exit, "
+                    "end of input (Ctrl-D) or Ctrl-C at the prompt ends the chat. Without --model, runs the embedded demo model (random weights).")
     parser.add_argument("--video", default=None, help="video file (decoded with PyAV)")
     parser.add_argument("--model", default=None,
                         help="converted folder or Hub repo id (default: the embedded demo model)")
