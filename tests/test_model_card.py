@@ -233,11 +233,14 @@ def test_the_card_snippet_runs_in_a_venv_built_from_the_card_install_line(line, 
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
     pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "-q"]
+    isolated = {name: value for name, value in os.environ.items() if name != "PYTHONPATH"}  # pip sees the venv only
     # PyTorch's CPU wheel first (a bare `torch` resolves to GBs of CUDA wheels on Linux), then the card's line as is.
-    subprocess.run([*pip, f"torch=={importlib.metadata.version('torch').split('+')[0]}"], check=True, timeout=1200)
+    subprocess.run([*pip, f"torch=={importlib.metadata.version('torch').split('+')[0]}"], check=True, timeout=1200,
+                   env=isolated)
     constraints = tmp_path / "constraints.txt"
     constraints.write_text(oldest_line_promised(install_line(card)) + "\n" if line == "oldest" else "")
-    subprocess.run([*pip, "-c", str(constraints), *shlex.split(install_line(card))[2:]], check=True, timeout=1200)
+    subprocess.run([*pip, "-c", str(constraints), *shlex.split(install_line(card))[2:]], check=True, timeout=1200,
+                   env=isolated)
     installed = subprocess.run([str(venv / "bin" / "python"), "-c", "import transformers; print(transformers."
                                 "__version__)"], capture_output=True, text=True, check=True).stdout.strip()
     print(f"the card's install line installed transformers {installed} ({line})")
