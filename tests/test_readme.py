@@ -195,3 +195,12 @@ def test_every_place_that_says_how_to_log_in_names_the_same_command(capsys):
     commands = {(name, command) for name, text in texts.items() for command in re.findall(r"`([^`]*login)`", text)}
     assert {command for _, command in commands} == {"hf auth login"}, commands
     assert "hf auth login" in push_help
+
+
+def test_ci_runs_the_benchmark_smoke_tests_once():
+    """The quick start's test line (verbatim: every test file) runs them; the other transformers lines skip them."""
+    ci = (REPO / ".ci" / "run").read_text(encoding="utf-8")
+    body = ci.split("test_under() {", 1)[1].split("\n}\n", 1)[0]
+    (suite,) = [line.strip() for line in body.splitlines() if "pytest" in line]
+    assert suite == "python -m pytest -q tests --ignore=tests/test_benchmarks.py"
+    assert quickstart_commands()[1] == "python -m pytest -q tests"
