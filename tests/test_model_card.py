@@ -203,7 +203,8 @@ def oldest_line_promised(install: str) -> str:
     `transformers==4.57.*`."""
     from packaging.requirements import Requirement
 
-    (transformers,) = [Requirement(word) for word in shlex.split(install)[2:] if Requirement(word).name == "transformers"]
+    (transformers,) = [requirement for requirement in map(Requirement, shlex.split(install)[2:])
+                       if requirement.name == "transformers"]
     (lowest,) = [spec.version for spec in transformers.specifier if spec.operator == ">="]
     return f"transformers=={lowest}.*"
 

@@ -123,7 +123,10 @@ def readme_text() -> str:
 
 
 def pyproject() -> dict:
-    import tomllib
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10, where pytest itself depends on tomli
+        import tomli as tomllib
 
     return tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))
 

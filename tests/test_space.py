@@ -2,8 +2,8 @@
 against the app served by Gradio on the demo model. Upload a generated video, ask, see the decoding progress bar,
 read the answer as it streams (it must arrive in more than one piece and equal the model's own greedy answer),
 upload an image, ask with nothing uploaded. Every toast the page shows is recorded from the moment it opens: an error
-toast fails the test (the one that asking with nothing uploaded must show excepted). A screenshot of the answered page is kept in $VAMBA_HF_ARTIFACTS (default: artifacts/ under
-pytest's base temporary folder).
+toast fails the test (the one that asking with nothing uploaded must show excepted). A screenshot of the answered
+page is kept in $VAMBA_HF_ARTIFACTS (default: artifacts/ under pytest's base temporary folder).
 
 Needs gradio and selenium in the environment and Chromium with its driver (Debian: `apt-get install chromium
 chromium-driver`); without them the tests skip, saying which is missing, or fail when VAMBA_HF_REQUIRE_BROWSER=1."""

@@ -371,7 +371,8 @@ def _add_chat(subparsers) -> None:
         "chat", help="encode a video once, then answer question after question about it",
         description="Encode a video once (vision tower and every Mamba-2 block), then read questions at the prompt "
                     "and stream each answer from the encoded video, with no re-encoding. Ctrl-C stops an answer; exit, "
-                    "end of input (Ctrl-D) or Ctrl-C at the prompt ends the chat. Without --model, runs the embedded demo model (random weights).")
+                    "end of input (Ctrl-D) or Ctrl-C at the prompt ends the chat. Without --model, runs the embedded "
+                    "demo model (random weights).")
     parser.add_argument("--video", default=None, help="video file (decoded with PyAV)")
     parser.add_argument("--model", default=None,
                         help="converted folder or Hub repo id (default: the embedded demo model)")
