@@ -1,4 +1,5 @@
-"""Write a short synthetic video (a red square crossing a gradient) to try Vamba on: needs PyAV (`pip install av`).
+"""Write a short synthetic video (a red square crossing a gradient) to try Vamba on: H.264 in MP4, which every
+browser plays (the Space previews it). Needs PyAV (`pip install av`).
 
     python examples/make_sample_video.py sample.mp4
 """

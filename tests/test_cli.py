@@ -233,7 +233,7 @@ def chat(args, monkeypatch, capsys):
     """`vamba-hf chat` in this process with no question typed: (exit code, the error lines)."""
     import io
 
-    monkeypatch.setattr("sys.stdin", io.StringIO(""))
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(b"")))  # a terminal's stdin has a binary buffer
     code = cli.main(["chat", "--frames", "4", *args])
     return code, [line for line in capsys.readouterr().err.splitlines() if line.startswith("vamba-hf: ")]
 
@@ -321,3 +321,81 @@ def test_chat_checks_save_state_before_the_model_loads(demo_video, tmp_path, mon
                         capsys)
     assert code == 2 and errors == [f"vamba-hf: error: --save-state {tmp_path / 'clip.state'}: the file exists; pass "
                                     f"--force to replace it, or give another path."]
+
+# -- Ctrl-C: a streamer that raises KeyboardInterrupt as the given new token arrives (no timing involved) ----------
+
+
+def interrupting_streamers(monkeypatch, at_token: int, answers: set):
+    """Streamers that raise KeyboardInterrupt when the `at_token`-th new token of the answers numbered in `answers`
+    (0 is the first generate call) arrives, as Ctrl-C would."""
+    make = cli.printable_streamer
+    calls = {"answer": -1, "token": 0}
+
+    def interrupting(tokenizer):
+        streamer = make(tokenizer)
+        put = streamer.put
+
+        def put_or_interrupt(value):
+            if streamer.next_tokens_are_prompt:  # the prompt: a new answer starts
+                calls["answer"], calls["token"] = calls["answer"] + 1, 0
+            else:
+                calls["token"] += 1
+                if calls["answer"] in answers and calls["token"] == at_token:
+                    raise KeyboardInterrupt
+            put(value)
+
+        streamer.put = put_or_interrupt
+        return streamer
+
+    monkeypatch.setattr(cli, "printable_streamer", interrupting)
+
+
+def terminal(monkeypatch, typed=""):
+    """stdout and stderr into one buffer, in the order a terminal shows them; stdin reads `typed`."""
+    import io
+    import sys
+
+    shown = io.StringIO()
+    monkeypatch.setattr(sys, "stdout", shown)
+    monkeypatch.setattr(sys, "stderr", shown)
+    monkeypatch.setattr(sys, "stdin", typed if not isinstance(typed, str) else io.TextIOWrapper(io.BytesIO(typed.encode())))
+    return shown
+
+
+def test_ctrl_c_in_generate_prints_interrupted_on_a_line_of_its_own(demo_cache, demo_video, monkeypatch):
+    interrupting_streamers(monkeypatch, at_token=6, answers={0})
+    shown = terminal(monkeypatch)
+    assert cli.main(["generate", "--video", str(demo_video), "--max-new-tokens", "16"]) == 130
+    before, interrupted, after = shown.getvalue().partition("vamba-hf: interrupted")
+    assert interrupted and after == "\n", shown.getvalue()[-2000:]
+    partial = before.split("Prompt: Describe this video.\n", 1)[1]
+    assert partial.strip() and partial.endswith("\n") and not partial.endswith("\n\n"), repr(partial)
+
+
+def test_ctrl_c_during_an_answer_stops_it_and_the_chat_goes_on(demo_cache, demo_video, monkeypatch):
+    interrupting_streamers(monkeypatch, at_token=6, answers={0})
+    shown = terminal(monkeypatch, "What happens?\nWhat happens?\n")
+    assert cli.main(["chat", "--video", str(demo_video), "--max-new-tokens", "12"]) == 0
+    text = shown.getvalue()
+    stopped = "[answer stopped; ask another question, or end the chat with Ctrl-C or Ctrl-D at the prompt]"
+    assert f"\n{stopped}\n" in text, text[-2000:]
+    after = text.split(stopped, 1)[1]
+    assert after.startswith("\n> ") and "new tokens in " in after, after  # the second question is answered in full
+    assert "vamba-hf: interrupted" not in text
+
+
+def test_ctrl_c_at_the_prompt_ends_the_chat(demo_cache, demo_video, monkeypatch):
+    import io
+
+    class CtrlCAfterOneQuestion(io.BytesIO):
+        def readline(self, *args):
+            line = super().readline(*args)
+            if not line:
+                raise KeyboardInterrupt
+            return line
+
+    shown = terminal(monkeypatch, io.TextIOWrapper(CtrlCAfterOneQuestion(b"What happens?\n")))
+    assert cli.main(["chat", "--video", str(demo_video), "--max-new-tokens", "4"]) == 0
+    text = shown.getvalue()
+    assert text.count("new tokens in ") == 1 and "vamba-hf: interrupted" not in text
+    assert text.rstrip().endswith("(demo model with random weights: the answers above are meaningless by design)")

@@ -188,3 +188,43 @@ def test_what_the_hub_answers_about_a_repo_is_one_line(hub_error, fragment, monk
     with pytest.raises(ValueError, match=fragment) as raised:
         sources.resolve_model_source("me/nothing-here")
     assert "\n" not in str(raised.value)
+
+
+def bad_visual_inputs(folder):
+    """(flag, path, what the one line must say) for inputs that can be refused before a model loads."""
+    (folder / "notes.mp4").write_text("not a video\n")
+    (folder / "notes.png").write_text("not an image\n")
+    (folder / "a-folder.mp4").mkdir()
+    (folder / "empty.mp4").touch()
+    os.mkfifo(folder / "pipe.mp4")
+    return [
+        ("--video", folder / "absent.mp4", "video file not found"),
+        ("--video", folder / "empty.mp4", "the file is empty"),
+        ("--video", folder / "a-folder.mp4", "is a folder, not a video file"),
+        ("--video", folder / "notes.mp4", "not a video file PyAV can read"),
+        ("--video", folder / "pipe.mp4", "not a regular file"),
+        ("--image", folder / "notes.png", "not an image PIL can read"),
+    ]
+
+
+@pytest.mark.parametrize("command", ["generate", "chat"])
+def test_a_bad_video_or_image_is_refused_before_the_model_loads(command, tmp_path, hub_home):
+    """Nothing is loaded first: the demo model, which any load would build into the empty VAMBA_HF_CACHE, is never
+    written."""
+    for flag, path, fragment in bad_visual_inputs(tmp_path):
+        if command == "chat" and flag == "--image":
+            continue
+        finished, _ = run_cli(command, flag, str(path), "--max-new-tokens", "2", cwd=tmp_path, **hub_home)
+        assert_one_line_error(finished, f"{flag} {path}: ", fragment)
+        assert not os.path.exists(hub_home["VAMBA_HF_CACHE"]), f"{flag} {path.name}: a model was loaded first"
+
+
+def test_too_few_sampled_frames_names_the_file_s_frames_not_the_sample_s(tmp_path, hub_home):
+    from vamba_hf.demo import write_demo_video
+
+    video = write_demo_video(tmp_path / "clip.mp4", num_frames=48)
+    finished, _ = run_cli("generate", "--video", str(video), "--frames", "1", cwd=tmp_path, **hub_home)
+    line = finished.stderr.strip().splitlines()[-1]
+    assert finished.returncode == 2 and "Traceback" not in finished.stderr, finished.stderr
+    assert line.startswith("vamba-hf: error: ") and "1 of its 48 was sampled" in line and "--frames" in line, line
+    assert "this one has" not in line

@@ -90,7 +90,7 @@ def test_generate_refuses_a_prompt_that_is_not_utf8_in_one_line(capsys):
 def test_chat_says_a_folder_given_as_video_is_a_folder(tmp_path, capsys):
     assert cli.main(["chat", "--video", str(tmp_path)]) == cli.EXIT_USER_ERROR
     errors = capsys.readouterr().err.strip().splitlines()
-    assert errors[-1] == f"vamba-hf: error: --video {tmp_path}: is a folder; give a video file.", errors
+    assert errors[-1] == f"vamba-hf: error: --video {tmp_path}: is a folder, not a video file; give the path of the file itself.", errors
 
 
 # -- generate's token counts and the visual grid ----------------------------------------------------------------

@@ -81,8 +81,48 @@ def test_sizes_are_the_folder_s(card, converted):
 
 
 def test_unknown_license_is_said_to_be_unknown(card):
-    assert card.data.license == "other"
-    assert "**License:** unknown" in card.text
+    """The Hub's own identifier for an unknown license, the same word in the metadata and the text."""
+    assert card.data.license == "unknown"
+    assert "**License:** `unknown`: the source did not state one" in card.text
+
+
+def test_every_size_the_card_states_is_the_config_s(card, converted):
+    config = json.loads((converted / "config.json").read_text())
+    vision, mamba = config["vision_config"], config["vision_mamba_mixer_config"]
+    assert vision["embed_dim"] != vision["hidden_size"]  # the test tells the two apart
+    (sizes,) = [line for line in card.text.split("\n- ") if line.startswith("**Size:**")]
+    sizes = " ".join(sizes.split())
+    assert f"vision tower depth {vision['depth']}, width (embed_dim) {vision['embed_dim']}, output (hidden_size, " \
+           f"after merging patches) {vision['hidden_size']};" in sizes, sizes
+    assert f"Mamba-2 d_state {mamba['d_state']}, head dim {mamba['headdim']}." in sizes, sizes
+
+
+def test_the_transformers_versions_the_card_names_are_the_install_line_s(card):
+    from packaging.requirements import Requirement
+
+    (transformers,) = [Requirement(word) for word in shlex.split(install_line(card))[2:]
+                       if Requirement(word).name == "transformers"]
+    claim = re.search(r"Then, on the transformers that line installs \((.*?)\)", card.text).group(1)
+    assert claim == "4.57, or 5.1 and later; not 5.0"
+    assert all(transformers.specifier.contains(version) for version in ("4.57.0", "4.57.6", "5.1.0", "5.25.0", "6.0"))
+    assert not any(transformers.specifier.contains(version) for version in ("4.56.2", "5.0.0", "5.0.1"))
+    assert " 5.x" not in card.text, "5.0 is excluded by the install line"
+
+
+def test_the_card_links_the_package_source_it_says_to_install_from(converted, monkeypatch):
+    import importlib.metadata
+
+    from transformers import AutoConfig
+
+    from vamba_hf.card import render_model_card
+
+    class Metadata(dict):
+        def get_all(self, name):
+            return ["Documentation, https://example.org/docs", "Source, https://example.org/vamba-hf"]
+
+    monkeypatch.setattr(importlib.metadata, "metadata", lambda name: Metadata())
+    text = render_model_card(AutoConfig.from_pretrained(converted, trust_remote_code=True)).text
+    assert "From a clone of [its source](https://example.org/vamba-hf): `pip install -e '.[video]'`" in text
 
 
 def test_license_and_repo_id_come_from_the_source(golden_dir, tmp_path):
@@ -158,18 +198,55 @@ def test_no_snippet_needs_accelerate(card):
 # -- slow: a fresh environment from the card's install line runs the card's snippet ----------------------------
 
 
+def oldest_line_promised(install: str) -> str:
+    """The pip requirement for the oldest transformers minor the install line allows: `>=4.57` gives
+    `transformers==4.57.*`."""
+    from packaging.requirements import Requirement
+
+    (transformers,) = [requirement for requirement in map(Requirement, shlex.split(install)[2:])
+                       if requirement.name == "transformers"]
+    (lowest,) = [spec.version for spec in transformers.specifier if spec.operator == ">="]
+    return f"transformers=={lowest}.*"
+
+
+def test_the_slow_test_covers_the_oldest_line_the_card_promises(card):
+    assert oldest_line_promised(install_line(card)) == "transformers==4.57.*"
+
+
+def test_ci_runs_the_slow_test_on_both_lines_and_fails_if_it_skips():
+    from conftest import REPO
+
+    ci = (REPO / ".ci" / "run").read_text(encoding="utf-8")
+    (command,) = [line for line in ci.splitlines() if "VAMBA_HF_SLOW=1" in line]
+    assert "pytest" in command and "tests/test_model_card.py -k card_install_line" in command
+    assert '"2 passed, "' in ci and "exit 1" in ci.split("VAMBA_HF_SLOW=1", 1)[1].split("===", 1)[0]
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(os.environ.get("VAMBA_HF_SLOW") != "1", reason="slow: builds a virtual environment from the "
                     "card's install line (downloads packages); set VAMBA_HF_SLOW=1 to run it")
-def test_the_card_snippet_runs_in_a_venv_built_from_the_card_install_line(card, converted, tmp_path):
+@pytest.mark.parametrize("line", ["newest", "oldest"])
+def test_the_card_snippet_runs_in_a_venv_built_from_the_card_install_line(line, card, converted, tmp_path):
+    """The card's install line as is (the newest transformers it resolves to), and held to the oldest minor release
+    it allows (a pip constraint, so nothing is installed beyond the line)."""
     from vamba_hf.demo import write_demo_video
 
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
     pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "-q"]
+    isolated = {name: value for name, value in os.environ.items() if name != "PYTHONPATH"}  # pip sees the venv only
     # PyTorch's CPU wheel first (a bare `torch` resolves to GBs of CUDA wheels on Linux), then the card's line as is.
-    subprocess.run([*pip, f"torch=={importlib.metadata.version('torch').split('+')[0]}"], check=True, timeout=1200)
-    subprocess.run([*pip, *shlex.split(install_line(card))[2:]], check=True, timeout=1200)
+    subprocess.run([*pip, f"torch=={importlib.metadata.version('torch').split('+')[0]}"], check=True, timeout=1200,
+                   env=isolated)
+    constraints = tmp_path / "constraints.txt"
+    constraints.write_text(oldest_line_promised(install_line(card)) + "\n" if line == "oldest" else "")
+    subprocess.run([*pip, "-c", str(constraints), *shlex.split(install_line(card))[2:]], check=True, timeout=1200,
+                   env=isolated)
+    installed = subprocess.run([str(venv / "bin" / "python"), "-c", "import transformers; print(transformers."
+                                "__version__)"], capture_output=True, text=True, check=True).stdout.strip()
+    print(f"the card's install line installed transformers {installed} ({line})")
+    if line == "oldest":
+        assert installed.startswith(oldest_line_promised(install_line(card)).split("==")[1].rstrip("*")), installed
 
     work = tmp_path / "work"
     work.mkdir()

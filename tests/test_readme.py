@@ -113,3 +113,97 @@ def test_loading_snippets_run_with_remote_code_only(golden_dir, tmp_path):
                               text=True, timeout=300)
     assert finished.returncode == 0, finished.stderr[-3000:]
     assert len(finished.stdout.strip().splitlines()) >= 1
+
+
+# -- facts that change: each comes from one place (pyproject.toml, .ci/run, the Space's front matter) -------------
+
+
+def readme_text() -> str:
+    return (REPO / "README.md").read_text(encoding="utf-8")
+
+
+def pyproject() -> dict:
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10, where pytest itself depends on tomli
+        import tomli as tomllib
+
+    return tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))
+
+
+def requirements_by_name(lines) -> dict:
+    from packaging.requirements import Requirement
+
+    return {requirement.name.lower(): requirement for requirement in map(Requirement, lines)}
+
+
+def gradio_pins() -> dict:
+    space_readme = (REPO / "space" / "README.md").read_text(encoding="utf-8")
+    return {
+        "space/README.md sdk_version": re.search(r"^sdk_version: *(\S+)$", space_readme, re.M).group(1),
+        ".ci/run": re.search(r'"gradio==([^"]+)"', (REPO / ".ci" / "run").read_text(encoding="utf-8")).group(1),
+        **{f"README.md ({index})": pin for index, pin in enumerate(re.findall(r"gradio==(\S+?)[`\s]", readme_text()))},
+        **{f"space/README.md ({index})": pin for index, pin in enumerate(re.findall(r"gradio==(\S+?)[`\s]",
+                                                                                     space_readme))},
+    }
+
+
+def test_every_release_the_readme_names_is_one_pyproject_or_ci_pins():
+    readme = readme_text()
+    oldest_5x = re.search(r"^ *# ci-oldest-5x: *(\S+)$", (REPO / "pyproject.toml").read_text(), re.M).group(1)
+    torch_pin = re.search(r"torch==(\S+)", quickstart_commands()[0]).group(1)
+    gradio = set(gradio_pins().values())
+    assert len(gradio) == 1, gradio_pins()
+    named = set(re.findall(r"(?<![\w.])\d+\.\d+\.\d+(?![\w.])", readme))
+    assert named <= {oldest_5x, torch_pin, *gradio}, f"releases the README names that nothing pins: " \
+        f"{named - {oldest_5x, torch_pin, *gradio}} (name them by role, e.g. 'the newest release')"
+    assert f"transformers 4.57.x and {oldest_5x} (the oldest 5.x the package claims)" in readme
+    assert f"CI tests 4.57.x, {oldest_5x}, the newest release" in readme
+    assert f"tested on {'.'.join(torch_pin.split('.')[:2])} |" in readme
+
+
+def test_the_space_requires_what_the_package_requires():
+    space = requirements_by_name(line for line in (REPO / "space" / "requirements.txt").read_text().splitlines()
+                                 if line.strip() and not line.startswith("#"))
+    package = pyproject()["project"]
+    wanted = requirements_by_name([*package["dependencies"], *package["optional-dependencies"]["video"]])
+    for name in set(space) & set(wanted) - {"pillow"}:
+        assert space[name].specifier == wanted[name].specifier, (name, str(space[name]), str(wanted[name]))
+    assert wanted["pillow"].specifier & space["pillow"].specifier == space["pillow"].specifier  # only narrower
+
+
+def test_the_readme_lists_every_package_of_every_extra():
+    described = dict(re.findall(r"`(\w+)` \(([^)]*)\)", " ".join(readme_text().split("Extras:", 1)[1]
+                                                                 .split("\n\n", 1)[0].split())))
+    for extra, requirements in pyproject()["project"]["optional-dependencies"].items():
+        if extra == "bench":
+            continue
+        assert extra in described, f"the README's Extras sentence does not describe `{extra}`"
+        for name in requirements_by_name(requirements):
+            assert re.search(rf"(?<![\w-]){re.escape(name)}(?![\w-])", described[extra]), \
+                f"the `{extra}` extra installs {name}; the README does not say so: {described[extra]!r}"
+
+
+def test_every_place_that_says_how_to_log_in_names_the_same_command(capsys):
+    import pytest
+
+    from vamba_hf import cli
+
+    texts = {path.name: path.read_text(encoding="utf-8") for path in (REPO / "src" / "vamba_hf").glob("*.py")}
+    texts["README.md"] = readme_text()
+    with pytest.raises(SystemExit):
+        cli.main(["push", "--help"])
+    push_help = " ".join(capsys.readouterr().out.split())
+    texts["vamba-hf push --help"] = push_help
+    commands = {(name, command) for name, text in texts.items() for command in re.findall(r"`([^`]*login)`", text)}
+    assert {command for _, command in commands} == {"hf auth login"}, commands
+    assert "hf auth login" in push_help
+
+
+def test_ci_runs_the_benchmark_smoke_tests_once():
+    """The quick start's test line (verbatim: every test file) runs them; the other transformers lines skip them."""
+    ci = (REPO / ".ci" / "run").read_text(encoding="utf-8")
+    body = ci.split("test_under() {", 1)[1].split("\n}\n", 1)[0]
+    (suite,) = [line.strip() for line in body.splitlines() if "pytest" in line]
+    assert suite == "python -m pytest -q tests --ignore=tests/test_benchmarks.py"
+    assert quickstart_commands()[1] == "python -m pytest -q tests"

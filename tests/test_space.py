@@ -1,8 +1,9 @@
 """The Space app (space/app.py) in a real browser: headless Chromium, driven through chromedriver by Selenium,
 against the app served by Gradio on the demo model. Upload a generated video, ask, see the decoding progress bar,
 read the answer as it streams (it must arrive in more than one piece and equal the model's own greedy answer),
-upload an image, ask with nothing uploaded. A screenshot of the answered page is kept in $VAMBA_HF_ARTIFACTS (default: artifacts/ under
-pytest's base temporary folder).
+upload an image, ask with nothing uploaded. Every toast the page shows is recorded from the moment it opens: an error
+toast fails the test (the one that asking with nothing uploaded must show excepted). A screenshot of the answered
+page is kept in $VAMBA_HF_ARTIFACTS (default: artifacts/ under pytest's base temporary folder).
 
 Needs gradio and selenium in the environment and Chromium with its driver (Debian: `apt-get install chromium
 chromium-driver`); without them the tests skip, saying which is missing, or fail when VAMBA_HF_REQUIRE_BROWSER=1."""
@@ -26,7 +27,7 @@ START_TIMEOUT_S = 180
 ANSWER_TIMEOUT_S = 120
 # Records every distinct value the answer box takes, every 5 ms, in the page itself (a Python-side poll over the
 # WebDriver protocol is too slow to see a short answer's pieces), and whether the decoding progress bar showed.
-RECORD_ANSWERS = """
+RECORD_ANSWERS = r"""
 window.vambaAnswers = [];
 window.vambaSawProgress = false;
 window.vambaRecorder = setInterval(() => {
@@ -37,6 +38,15 @@ window.vambaRecorder = setInterval(() => {
   const status = document.querySelector('#answer');
   if (status && /decoding \S+ - \d+(\.\d+)?%/i.test(status.innerText)) window.vambaSawProgress = true;
 }, 5);
+"""
+# Records every toast the page shows (its type is in its class: "toast-body error"), as the page adds it.
+RECORD_TOASTS = """
+window.vambaToasts = [];
+const record = () => document.querySelectorAll('[data-testid="toast-body"]').forEach(toast => {
+  const entry = toast.className + ': ' + toast.innerText.replace(/\\s+/g, ' ').trim();
+  if (!window.vambaToasts.includes(entry)) window.vambaToasts.push(entry);
+});
+new MutationObserver(record).observe(document.body, {childList: true, subtree: true, characterData: true});
 """
 
 
@@ -134,9 +144,9 @@ def media(tmp_path_factory):
 
     folder = tmp_path_factory.mktemp("space-media")
     Image.new("RGB", (96, 64), (200, 40, 40)).save(folder / "picture.png")
-    # VP9 in WebM: a codec every Chromium build plays, so the page previews the upload (MPEG-4 Part 2 it cannot).
+    # The sample video users make (examples/make_sample_video.py), H.264 in MP4, so the page must preview it.
     # 1,500 small frames: about a second to decode, long enough for the progress bar to be seen.
-    video = write_demo_video(folder / "clip.webm", num_frames=1500, codec="libvpx-vp9")
+    video = write_demo_video(folder / "clip.mp4", num_frames=1500)
     return {"video": video, "image": folder / "picture.png"}
 
 
@@ -147,6 +157,12 @@ def open_page(browser, url):
 
     browser.get(url)
     WebDriverWait(browser, 60).until(expected_conditions.element_to_be_clickable((By.CSS_SELECTOR, "#ask")))
+    browser.execute_script(RECORD_TOASTS)
+
+
+def error_toasts(browser) -> list:
+    """The error toasts the page has shown since `open_page`."""
+    return [toast for toast in browser.execute_script("return window.vambaToasts;") if " error" in toast.split(":")[0]]
 
 
 def ask(browser, question: str, upload=None, element=None):
@@ -229,6 +245,7 @@ def test_video_question_streams_the_model_s_answer(app_url, browser, media, demo
     assert browser.execute_script("return window.vambaSawProgress;"), "no decoding progress was shown"
     page = browser.find_element(By.TAG_NAME, "body").text
     assert "Error" not in page and "not playable" not in page, page
+    assert not error_toasts(browser), error_toasts(browser)
     screenshot = artifacts / "space-video-answer.png"
     browser.save_screenshot(str(screenshot))
     print(f"screenshot: {screenshot}")
@@ -246,6 +263,7 @@ def test_image_question_is_answered(app_url, browser, media):
     ask(browser, "What color is it?", media["image"], "image")
     assert finished_answers(browser)[-1].strip()
     assert "Error" not in browser.find_element(By.TAG_NAME, "body").text
+    assert not error_toasts(browser), error_toasts(browser)
 
 
 def test_asking_with_nothing_uploaded_says_what_to_do(app_url, browser):
@@ -255,3 +273,24 @@ def test_asking_with_nothing_uploaded_says_what_to_do(app_url, browser):
     ask(browser, "Anything?")
     wait_for(lambda: "Upload a video or an image first." in browser.find_element(By.TAG_NAME, "body").text,
              "the error message", timeout=30)
+    (toast,) = wait_for(lambda: error_toasts(browser), "the error toast", timeout=30)  # the recorder sees errors
+    assert "Upload a video or an image first." in toast
+
+
+def test_the_space_asks_for_the_pillow_its_gradio_accepts():
+    """`pip install gradio` moves Pillow to what gradio accepts: requirements.txt asks for no Pillow outside it."""
+    import importlib.metadata
+
+    from packaging.requirements import Requirement
+    from packaging.version import Version
+
+    space_pillow = next(Requirement(line) for line in (REPO / "space" / "requirements.txt").read_text().splitlines()
+                        if line.startswith("pillow"))
+    gradio_pillow = next(Requirement(line) for line in importlib.metadata.requires("gradio")
+                         if Requirement(line).name.lower() == "pillow" and not Requirement(line).marker)
+    for bound in gradio_pillow.specifier:
+        assert any(mine.operator == bound.operator and (Version(mine.version) >= Version(bound.version)
+                                                        if ">" in bound.operator else
+                                                        Version(mine.version) <= Version(bound.version))
+                   for mine in space_pillow.specifier), (str(space_pillow), str(gradio_pillow))
+    assert importlib.metadata.version("pillow") in space_pillow.specifier

@@ -9,8 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-# The license is the source checkpoint's; metadata says "other" (and the text "unknown") when it is not known.
-DEFAULT_LICENSE = "other"
+# The license is the source checkpoint's; when it is not known, the Hub's own identifier for that, in metadata and text.
+DEFAULT_LICENSE = "unknown"
 # Stands in for the Hub repo id in the usage snippets until `vamba-hf push` writes the real one.
 REPO_ID_PLACEHOLDER = "your-namespace/your-vamba-model"
 CARD_TAGS = ["vamba", "mamba2", "hybrid", "video", "video-understanding", "multimodal", "qwen2_vl", "custom_code"]
@@ -38,7 +38,7 @@ Install what the remote code needs (no other package; `vamba-hf` is not needed t
 {install}
 ```
 
-Then, on transformers 4.57 or 5.x, on CPU or CUDA:
+Then, on the transformers that line installs (4.57, or 5.1 and later; not 5.0), on CPU or CUDA:
 
 ```python
 import torch
@@ -102,7 +102,7 @@ _CLI = """\
 ## The `vamba-hf` package
 
 Needed only to convert checkpoints, for the `vamba-hf generate` command and for the fine-tuning example, not to
-load this repository. From a clone of its source: `pip install -e '.[video]'`, then
+load this repository. From a clone of {source}: `pip install -e '.[video]'`, then
 `vamba-hf generate --model {repo_id} --video video.mp4 --prompt "Describe the video."`. On CUDA, the Mamba-2
 kernels make it faster: `pip install mamba-ssm causal-conv1d` (without them a PyTorch path computes the same
 function).
@@ -202,8 +202,8 @@ def human_count(count: int) -> str:
 def _about_this_folder(config, base_model: Optional[str], license: Optional[str], has_processor: bool) -> str:
     source = (f"the weights of [`{base_model}`](https://huggingface.co/{base_model})" if base_model
               else "weights from a local folder (its Hub origin was not recorded)")
-    license_text = (f"`{license}`" if license
-                    else "unknown: the source did not state one; check the original weights' terms before use")
+    license_text = (f"`{license}`" if license else
+                    f"`{DEFAULT_LICENSE}`: the source did not state one; check the original weights' terms before use")
     loads = ("`AutoModelForImageTextToText` (and `AutoModelForVision2Seq` on 4.x) for the model, `AutoProcessor` "
              "for the processor (tokenizer, image processor, chat template)" if has_processor else
              "`AutoModelForImageTextToText` (and `AutoModelForVision2Seq` on 4.x) for the model only: there is no "
@@ -211,7 +211,7 @@ def _about_this_folder(config, base_model: Optional[str], license: Optional[str]
     from .convert import REMOTE_CODE_FILES
 
     remote_code = ", ".join(f"`{name}`" for name in REMOTE_CODE_FILES)
-    mamba = config.vision_mamba_mixer_config
+    mamba, vision = config.vision_mamba_mixer_config, config.vision_config
     parameters = parameter_count(config)
     return f"""\
 ## This repository
@@ -219,11 +219,28 @@ def _about_this_folder(config, base_model: Optional[str], license: Optional[str]
 - **Source:** {source}, **unchanged**, with a `transformers` configuration and remote code
   ({remote_code}) written by the `vamba-hf` converter. Load it with `trust_remote_code=True`.
 - **Size:** {human_count(parameters)} parameters ({parameters:,}): {config.num_hidden_layers} decoder layers, \
-hidden size {config.hidden_size}, vocabulary {config.vocab_size}; vision tower depth {config.vision_config.depth}, \
-hidden size {config.vision_config.embed_dim}; Mamba-2 d_state {mamba.d_state}, head dim {mamba.headdim}.
+hidden size {config.hidden_size}, vocabulary {config.vocab_size}; vision tower depth {vision.depth}, width \
+(embed_dim) {vision.embed_dim}, output (hidden_size, after merging patches) {vision.hidden_size}; Mamba-2 d_state \
+{mamba.d_state}, head dim {mamba.headdim}.
 - **License:** {license_text}.
 - **Loads with:** {loads}.
 """
+
+
+def package_source_link() -> str:
+    """Where vamba-hf's source is, as the installed package's metadata records it (pyproject.toml's
+    [project.urls] Source): a Markdown link, or the package's name when no address was recorded."""
+    from importlib.metadata import PackageNotFoundError, metadata
+
+    try:
+        urls = metadata("vamba-hf").get_all("Project-URL") or []
+    except PackageNotFoundError:
+        urls = []
+    for entry in urls:
+        label, _, url = (part.strip() for part in entry.partition(","))
+        if label.lower() == "source":
+            return f"[its source]({url})"
+    return "its source (the `vamba-hf` repository)"
 
 
 def render_model_card(config, *, base_model: Optional[str] = None, license: Optional[str] = None,
@@ -240,7 +257,7 @@ def render_model_card(config, *, base_model: Optional[str] = None, license: Opti
         _ABOUT_VAMBA,
         _about_this_folder(config, base_model, license, has_processor),
         usage,
-        _CLI.format(repo_id=repo_id),
+        _CLI.format(repo_id=repo_id, source=package_source_link()),
     ]
     metadata = card_metadata(base_model, license or DEFAULT_LICENSE)
     body = "\n\n".join(section.strip() for section in sections)

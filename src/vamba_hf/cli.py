@@ -89,6 +89,57 @@ def run_push(args) -> int:
 # -- generate --------------------------------------------------------------------------------------------------
 
 
+def check_visual_file(path: str, kind: str) -> None:
+    """Before any model loads: the --video or --image file exists, is a regular file and opens as what it should
+    be (its container holds a video stream: PyAV reads the header only; or PIL reads an image header). URLs are
+    left to the processor."""
+    from .video_decode_vamba import is_url
+
+    if is_url(path):
+        return
+    path = path.removeprefix("file://")
+    if not os.path.exists(path):
+        raise ValueError(f"--{kind} {path}: {kind} file not found; check the path (relative paths start from "
+                         f"{os.getcwd()}).")
+    if os.path.isdir(path):
+        raise ValueError(f"--{kind} {path}: is a folder, not a {kind} file; give the path of the file itself.")
+    if not os.path.isfile(path):
+        raise ValueError(f"--{kind} {path}: not a regular file (a device or a pipe?); give the path of a {kind} file.")
+    if os.path.getsize(path) == 0:
+        raise ValueError(f"--{kind} {path}: the file is empty (0 bytes); re-download or re-export it.")
+    with open(path, "rb"):  # unreadable: PermissionError, reported as it is
+        pass
+    if kind == "video":
+        _probe_video(path)
+    else:
+        _probe_image(path)
+
+
+def _probe_video(path: str) -> None:
+    try:
+        import av
+    except ImportError:
+        raise ImportError("--video needs PyAV to read video files: pip install av (or pip install -e '.[video]' in "
+                          "the clone)") from None
+    try:
+        with av.open(path) as container:
+            has_video = bool(container.streams.video)
+    except av.error.FFmpegError as error:
+        raise ValueError(f"--video {path}: not a video file PyAV can read ({error.strerror}); give an MP4, MKV, "
+                         f"WebM, ... file, or re-encode it (ffmpeg -i in -c:v libx264 out.mp4).") from None
+    if not has_video:
+        raise ValueError(f"--video {path}: the file has no video stream (audio only?); give a video file.")
+
+
+def _probe_image(path: str) -> None:
+    import PIL.Image
+
+    try:
+        PIL.Image.open(path).close()
+    except (PIL.UnidentifiedImageError, OSError) as error:
+        raise ValueError(f"--image {path}: not an image PIL can read ({error}); give a PNG, JPEG, ... file.") from None
+
+
 def _describe_inputs(inputs) -> str:
     for grid_name, kind in (("video_grid_thw", "video"), ("image_grid_thw", "image")):
         if grid_name in inputs:
@@ -105,8 +156,20 @@ def printable_streamer(tokenizer):
     from .inference import printable
 
     class PrintableTextStreamer(TextStreamer):
+        line_open = False  # the last text printed did not end its line
+
         def on_finalized_text(self, text: str, stream_end: bool = False):
-            super().on_finalized_text(printable(text), stream_end)
+            text = printable(text)
+            super().on_finalized_text(text, stream_end)
+            if stream_end or text:
+                self.line_open = not stream_end and not text.endswith("\n")
+
+        def interrupt(self):
+            """After an answer cut short (Ctrl-C): the text held back, and the line ended, so that whatever is
+            printed next starts a line of its own; ready for the next answer."""
+            if self.token_cache or self.line_open:
+                self.end()
+            self.next_tokens_are_prompt = True
 
     return PrintableTextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
 
@@ -119,6 +182,8 @@ def run_generate(args) -> int:
     # Before torch is imported: a wrong --model is reported within a second or two.
     location = None if args.model is None else resolve_model_source(args.model, option="--model")
     from .chat import check_question
+    if args.video or args.image:
+        check_visual_file(args.video or args.image, "video" if args.video else "image")
     from .inference import build_messages, load_model_and_processor, prepare_inputs
 
     if args.prompt is not None:
@@ -136,7 +201,11 @@ def run_generate(args) -> int:
     _stderr(f"Prompt: {prompt}")
     streamer = printable_streamer(processor.tokenizer)
     prefill_started = time.perf_counter()
-    output = model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False, streamer=streamer)
+    try:
+        output = model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False, streamer=streamer)
+    except KeyboardInterrupt:
+        streamer.interrupt()
+        raise
     finished = time.perf_counter()
     new_tokens = output.shape[1] - inputs["input_ids"].shape[1]
     _stderr(f"[{new_tokens} new tokens in {finished - prefill_started:.1f} s; {finished - started:.1f} s in all]")
@@ -197,14 +266,25 @@ def _chat_state(args, model, processor):
         _stderr(f"Loaded the video state {args.state}: {state.length} visual tokens (no video decoded, nothing "
                 f"encoded)")
     else:
-        if not os.path.isfile(args.video):
-            found = "is a folder; give a video file" if os.path.isdir(args.video) else "no such file"
-            raise ValueError(f"--video {args.video}: {found}.")
         state = encode_video_file(model, processor, args.video, num_frames=args.frames, fps=args.fps, log=_stderr)
     if save_to is not None:
         state.save(save_to)
         _stderr(f"Saved the video state to {save_to} (reuse it with --state {save_to})")
     return state
+
+
+def _answer_until_interrupted(model, processor, state, question: str, max_new_tokens: int, streamer) -> None:
+    """Streams the answer to one question; Ctrl-C stops this answer only, and the chat goes on."""
+    from .chat import answer
+
+    started = time.perf_counter()
+    try:
+        new_tokens = answer(model, processor, state, question, max_new_tokens, streamer=streamer).shape[0]
+    except KeyboardInterrupt:
+        streamer.interrupt()
+        _stderr("[answer stopped; ask another question, or end the chat with Ctrl-C or Ctrl-D at the prompt]")
+        return
+    _stderr(f"[{new_tokens} new tokens in {time.perf_counter() - started:.1f} s, from the encoded video]")
 
 
 def run_chat(args) -> int:
@@ -215,7 +295,8 @@ def run_chat(args) -> int:
         raise ValueError("chat needs --video FILE (or --state PATH saved by an earlier chat's --save-state).")
     _save_state_path(args)  # before the model loads
     location = None if args.model is None else resolve_model_source(args.model, option="--model")
-    from .chat import answer
+    if args.state is None:
+        check_visual_file(args.video, "video")
     from .inference import load_model_and_processor
 
     if args.model is None:
@@ -224,12 +305,14 @@ def run_chat(args) -> int:
     model, processor = loaded.model, loaded.processor
     _stderr(f"Model: {loaded.source} ({model.dtype}, {model.device})")
     state = _chat_state(args, model, processor)
-    _stderr(f"Ask about the video; {' or '.join(CHAT_EXIT_WORDS)} (or end of input) ends the chat.")
+    _stderr(f"Ask about the video; {' or '.join(CHAT_EXIT_WORDS)} (or end of input, or Ctrl-C at the prompt) ends the "
+            f"chat; Ctrl-C during an answer stops that answer.")
     streamer = printable_streamer(processor.tokenizer)
-    for question in _questions("> ", processor.tokenizer):
-        started = time.perf_counter()
-        new_tokens = answer(model, processor, state, question, args.max_new_tokens, streamer=streamer).shape[0]
-        _stderr(f"[{new_tokens} new tokens in {time.perf_counter() - started:.1f} s, from the encoded video]")
+    try:
+        for question in _questions("> ", processor.tokenizer):
+            _answer_until_interrupted(model, processor, state, question, args.max_new_tokens, streamer)
+    except KeyboardInterrupt:  # at the prompt: ends the chat, as end of input does
+        print(flush=True)
     if loaded.is_demo:
         _stderr("(demo model with random weights: the answers above are meaningless by design)")
     return 0
@@ -260,7 +343,7 @@ def _add_convert(subparsers) -> None:
 def _add_push(subparsers) -> None:
     parser = subparsers.add_parser("push", help="upload a converted folder to the Hugging Face Hub",
                                    description="Upload a folder written by `vamba-hf convert` to a model repo "
-                                               "(created if needed). Needs a token: `huggingface-cli login` or "
+                                               "(created if needed). Needs a token: `hf auth login` or "
                                                "--token / HF_TOKEN.")
     parser.add_argument("folder", help="the converted folder")
     parser.add_argument("repo_id", help="the model repo, e.g. your-name/Vamba-Qwen2-VL-7B-hf")
@@ -306,8 +389,9 @@ def _add_chat(subparsers) -> None:
     parser = subparsers.add_parser(
         "chat", help="encode a video once, then answer question after question about it",
         description="Encode a video once (vision tower and every Mamba-2 block), then read questions at the prompt "
-                    "and stream each answer from the encoded video, with no re-encoding. End with exit or end of "
-                    "input (Ctrl-D). Without --model, runs the embedded demo model (random weights).")
+                    "and stream each answer from the encoded video, with no re-encoding. Ctrl-C stops an answer; exit, "
+                    "end of input (Ctrl-D) or Ctrl-C at the prompt ends the chat. Without --model, runs the embedded "
+                    "demo model (random weights).")
     parser.add_argument("--video", default=None, help="video file (decoded with PyAV)")
     parser.add_argument("--model", default=None,
                         help="converted folder or Hub repo id (default: the embedded demo model)")

@@ -126,9 +126,9 @@ def demo_frames(num_frames: int = 48, width: int = 160, height: int = 120):
 
 
 def write_demo_video(path, num_frames: int = 48, width: int = 160, height: int = 120, fps: int = 12,
-                     codec: str = "mpeg4") -> Path:
-    """`demo_frames` written with PyAV: MPEG-4 Part 2 by default (every FFmpeg build encodes it); browsers play
-    `codec="libvpx-vp9"` in a .webm file."""
+                     codec: str = "h264") -> Path:
+    """`demo_frames` written with PyAV: H.264 (4:2:0) by default, which every browser plays in an .mp4 file; "h264"
+    is whichever H.264 encoder PyAV's FFmpeg has (libx264 in its wheels). Width and height must be even."""
     import av
 
     path = Path(path)

@@ -500,9 +500,16 @@ def _patch_rows(frames: list, layout: PatchLayout) -> int:
 
 def _even_length(video: VideoFrames, temporal_patch_size: int) -> VideoFrames:
     """Drops trailing frames so the count divides the temporal patch (an odd count loses its last frame)."""
-    if len(video.frames) < temporal_patch_size:
+    sampled, total = len(video.frames), video.source_frame_count
+    if sampled < temporal_patch_size and total is not None and total > sampled:
         raise ValueError(
-            f"a video needs at least {temporal_patch_size} frames, this one has {len(video.frames)}. "
+            f"a video needs at least {temporal_patch_size} sampled frames; {sampled} of its {total} "
+            f"{'was' if sampled == 1 else 'were'} sampled. Sample {temporal_patch_size} or more (num_frames, or a "
+            "higher fps; --frames / --fps on the command line), or pass a single frame as an image."
+        )
+    if sampled < temporal_patch_size:
+        raise ValueError(
+            f"a video needs at least {temporal_patch_size} frames, this one has {sampled}. "
             "Give a longer video, sample more frames, or pass a single frame as an image."
         )
     return video.first(len(video.frames) - len(video.frames) % temporal_patch_size)
