@@ -26,7 +26,7 @@ from .checks_vamba import (check_attention_mask, check_finite_logits, check_inpu
 from .configuration_vamba import VambaConfig
 from .decoder_vamba import CrossAttentionInputs, MultimodalRotary, VambaDecoderLayer, VambaTextModel
 from .layers_vamba import VambaRMSNorm, attention_mask_for
-from .mamba2_vamba import Mamba2, kernels_unavailable_reason
+from .mamba2_vamba import Mamba2, missing_kernels_warning
 from .streams_vamba import PackedRows, PaddedRows, VisualStream, text_positions
 from .video_state_vamba import (VideoState, check_state_for, encode_visual_state, extend_visual_state,
                                 fill_cross_store, rows_reading_state)
@@ -132,7 +132,8 @@ class VambaPreTrainedModel(PreTrainedModel):
 
     @property
     def mamba_backend(self) -> str:
-        """Which Mamba-2 implementation runs on the model's current device: "mamba-ssm" or "torch"."""
+        """Which Mamba-2 implementation runs on the model's current device: "mamba-ssm", "triton" (our kernels) or
+        "torch"."""
         mixers = [m for m in self.modules() if isinstance(m, Mamba2)]
         return mixers[0].backend(self.device) if mixers else "none"
 
@@ -212,12 +213,10 @@ class VambaModel(VambaPreTrainedModel):
         return features, grid
 
     def _check_kernels(self, device):
-        reason = kernels_unavailable_reason(device)
-        if device.type == "cuda" and reason and not self._warned_no_kernels:
+        message = missing_kernels_warning(device)
+        if message and not self._warned_no_kernels:
             self._warned_no_kernels = True
-            logger.warning(f"Vamba: {reason}; running Mamba-2 with the PyTorch path (correct but slower). For the "
-                           f"fast path install the CUDA kernels: pip install 'vamba-hf[cuda]' "
-                           f"(mamba-ssm and causal-conv1d built for your torch and CUDA).")
+            logger.warning(message)
 
     # -- a video encoded once: video_state_vamba -----------------------------------------------------------------
 
