@@ -198,18 +198,15 @@ def main(argv=None) -> None:
     sink = ResultSink(args.out, __file__)
     start_run(__file__, args, sink)
     sink.log({"backends": backends, "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu"})
-    if "prefill" in sections:
-        setup = tiny_setup({}) if args.tiny else seven_b_setup({})
-        model = build(setup)
-        prefill(model, setup, backends, args.frames, args.repeats, sink, budget)
-        del model
-        gc.collect()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-    if "train" in sections:
-        train(backends, args.train_frames, device, sink, budget, args.tiny)
     if "compile" in sections:
         compile_times(backends, args.tiny, sink)
+    if "train" in sections:
+        train(backends, args.train_frames, device, sink, budget, args.tiny)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    if "prefill" in sections:
+        setup = tiny_setup({}) if args.tiny else seven_b_setup({})
+        prefill(build(setup), setup, backends, args.frames, args.repeats, sink, budget)
     sink.log({"done": True, "wall_s": budget.elapsed()})
     sink.close()
 

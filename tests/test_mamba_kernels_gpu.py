@@ -120,20 +120,32 @@ def test_extend_video_and_chunks_equal_the_whole_video(golden_dir, splits):
     assert relative_error(chunked, whole) <= 1e-5 and relative_error(extended, whole) <= 1e-5
 
 
+def gradients(block, name, u, seq_idx, weight):
+    block.zero_grad()
+    block.backend_request = name
+    x = u.clone().requires_grad_()
+    (block(x, seq_idx) * weight).sum().backward()
+    return {"input": x.grad, **{k: p.grad.clone() for k, p in block.named_parameters()}}
+
+
+# A_log's and dt_bias's gradients sum terms of the whole sequence that largely cancel (the kernels' backward sums
+# them within each chunk plus one term per chunk); mamba-ssm's own fp32 gradients of them are 1.6e-5 to 2.3e-5 from
+# CPU autograd (BENCHMARKS.md, issue 6). Ours are held to that, the rest to 1e-5.
+SUMMED_OVER_THE_SEQUENCE = {"A_log": 3e-5, "dt_bias": 3e-5}
+
+
 def test_gradients_equal_the_torch_paths():
     block = mixer(chunk_size=64)
     u = torch.randn(2, 1000, 384, device=CUDA)
     seq_idx = torch.tensor([[0] * 333 + [1] * 667, [0] * 1000], device=CUDA)
     weight = torch.randn(2, 1000, 384, device=CUDA)
-    grads = {}
-    for name in ("torch", "triton"):
-        block.zero_grad()
-        block.backend_request = name
-        x = u.clone().requires_grad_()
-        (block(x, seq_idx) * weight).sum().backward()
-        grads[name] = {"input": x.grad, **{k: p.grad.clone() for k, p in block.named_parameters()}}
-    for key, expected in grads["torch"].items():
-        assert relative_error(grads["triton"][key], expected) <= 1e-5, key
+    expected = gradients(block, "torch", u, seq_idx, weight)
+    names = ["triton"] + ([] if mamba2.kernels_unavailable_reason(CUDA) else ["mamba-ssm"])
+    errors = {name: {key: relative_error(grad, expected[key])
+                     for key, grad in gradients(block, name, u, seq_idx, weight).items()} for name in names}
+    print(errors)
+    for key, error in errors["triton"].items():
+        assert error <= SUMMED_OVER_THE_SEQUENCE.get(key, 1e-5), key
 
 
 # -- tensors past 2**31 elements: every offset in the kernels is 64-bit ---------------------------------------------
@@ -157,7 +169,7 @@ def test_scan_past_2_31_elements_matches_the_torch_path_at_both_ends():
                                                       initial_states=initial, dt_softplus=True,
                                                       return_final_states=True)
         assert relative_error(y[:, part], expected) <= 1e-2  # bf16 outputs
-    assert relative_error(final, state) <= 1e-5
+    assert relative_error(final, state) <= 1e-2  # from bf16 products, as mamba-ssm forms them
 
 
 def test_conv_and_norm_past_2_31_elements_match_the_torch_path_at_the_end():

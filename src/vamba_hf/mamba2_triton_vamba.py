@@ -2,8 +2,8 @@
 the causal depthwise conv1d and the (gated) RMSNorm. Triton ships with PyTorch's CUDA wheels on Linux, so these need
 nothing beyond `pip install torch`; each kernel compiles on its first call (Triton caches it on disk).
 
-The backward passes recompute in PyTorch: the scan a slab of chunks at a time from the states the forward kept at
-slab starts (never the whole segment's decay at once), the conv and the norms from their saved inputs.
+The scan's backward is four more scans by the same kernels (`ChunkScan`); the conv's and the norms' backward passes
+recompute the PyTorch ops from their saved inputs.
 
 The scan in three kernels: each chunk's own state (`_chunk_state_kernel`), the states carried across chunks
 (`_state_passing_kernel`, sequential over chunks, parallel over state entries), and each position's output from its
@@ -41,8 +41,6 @@ else:
     TRITON_ERROR = None
 
 PATH = "Triton path"
-# Chunks per slab that the scan's backward recomputes at once.
-BACKWARD_SLAB_CHUNKS = 8
 
 
 def _block(n: int, least: int = 16) -> int:
@@ -59,7 +57,7 @@ def _dot_precision(dtype: torch.dtype) -> str:
 
 @triton.jit
 def _chunk_state_kernel(x_ptr, b_ptr, dt_ptr, cs_ptr, ids_ptr, out_ptr, length, chunk_size, chunks,
-                        heads_per_group, headdim, dstate, sx_b, sx_l, sx_h, sx_p, sb_b, sb_l, sb_g, sb_n, sid_b,
+                        heads_per_group, heads_per_x, headdim, dstate, sx_b, sx_l, sx_h, sx_p, sb_b, sb_l, sb_g, sb_n, sid_b,
                         sid_l, HAS_IDS: tl.constexpr, PRECISION: tl.constexpr, BLOCK_L: tl.constexpr,
                         BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
     """out[b, c, h] (p, n) = sum over the chunk's positions l of the chunk-end's sequence:
@@ -71,7 +69,7 @@ def _chunk_state_kernel(x_ptr, b_ptr, dt_ptr, cs_ptr, ids_ptr, out_ptr, length, 
     cs_row, dt_row = cs_ptr + row * chunk_size, dt_ptr + row * chunk_size
     cs_end = tl.load(cs_row + chunk_size - 1)
     start = chunk.to(tl.int64) * chunk_size
-    x_base = x_ptr + batch.to(tl.int64) * sx_b + head.to(tl.int64) * sx_h
+    x_base = x_ptr + batch.to(tl.int64) * sx_b + (head // heads_per_x).to(tl.int64) * sx_h
     b_base = b_ptr + batch.to(tl.int64) * sb_b + (head // heads_per_group).to(tl.int64) * sb_g
     offs_p = tl.arange(0, BLOCK_P)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -126,13 +124,15 @@ def _state_passing_kernel(states_ptr, cs_ptr, keep_ptr, initial_ptr, final_ptr, 
 
 
 @triton.jit
-def _chunk_scan_kernel(x_ptr, c_ptr, cb_ptr, dt_ptr, cs_ptr, ids_ptr, carried_ptr, states_ptr, d_ptr, y_ptr,
-                       length, chunk_size, chunks, heads_per_group, headdim, dstate, sx_b, sx_l, sx_h, sx_p, sc_b,
-                       sc_l, sc_g, sc_n, sy_b, sy_l, sy_h, sy_p, sid_b, sid_l, HAS_IDS: tl.constexpr,
-                       HAS_D: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
-                       BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
+def _chunk_scan_kernel(x_ptr, b_ptr, c_ptr, cb_ptr, dt_ptr, cs_ptr, ids_ptr, carried_ptr, states_ptr, d_ptr, y_ptr,
+                       length, chunk_size, chunks, heads_per_group, heads_per_x, headdim, dstate, sx_b, sx_l, sx_h,
+                       sx_p, sb_b, sb_l, sb_g, sb_n, sc_b, sc_l, sc_g, sc_n, sy_b, sy_l, sy_h, sy_p, sid_b, sid_l,
+                       HAS_IDS: tl.constexpr, HAS_D: tl.constexpr, INLINE_SCORES: tl.constexpr,
+                       PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr,
+                       BLOCK_N: tl.constexpr):
     """y[l] = exp(cs[l]) C[l] S_in + sum_{s <= l, same sequence} (C[l].B[s]) exp(cs[l] - cs[s]) dt[s] x[s]
-    (+ D x[l]) for BLOCK_M positions of one chunk and head."""
+    (+ D x[l]) for BLOCK_M positions of one chunk and head. C[l].B[s] comes from cb (b, chunks, g, L, L), or with
+    INLINE_SCORES from B and C here (when groups are many, as in the backward's scans)."""
     pid_m, pid_bc, head = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     heads = tl.num_programs(2)
     batch, chunk = pid_bc // chunks, pid_bc % chunks
@@ -145,7 +145,8 @@ def _chunk_scan_kernel(x_ptr, c_ptr, cb_ptr, dt_ptr, cs_ptr, ids_ptr, carried_pt
     valid_m = (offs_m < chunk_size) & (pos_m < length)
     offs_p = tl.arange(0, BLOCK_P)
     offs_n = tl.arange(0, BLOCK_N)
-    x_base = x_ptr + batch.to(tl.int64) * sx_b + head.to(tl.int64) * sx_h
+    x_base = x_ptr + batch.to(tl.int64) * sx_b + (head // heads_per_x).to(tl.int64) * sx_h
+    b_base = b_ptr + batch.to(tl.int64) * sb_b + group.to(tl.int64) * sb_g
     cs_m = tl.load(cs_row + offs_m, mask=offs_m < chunk_size, other=0.0)
 
     c = tl.load(c_ptr + batch.to(tl.int64) * sc_b + group.to(tl.int64) * sc_g + pos_m[:, None] * sc_l
@@ -161,15 +162,19 @@ def _chunk_scan_kernel(x_ptr, c_ptr, cb_ptr, dt_ptr, cs_ptr, ids_ptr, carried_pt
         from_start = tl.where(ids_m == carried, from_start, 0.0)
     acc = acc * from_start[:, None]
 
-    cb_base = cb_ptr + ((batch.to(tl.int64) * chunks + chunk) * (heads // heads_per_group) + group) \
-        * chunk_size * chunk_size
+    cb_row = ((batch.to(tl.int64) * chunks + chunk) * (heads // heads_per_group) + group) * chunk_size * chunk_size
     end = tl.minimum((pid_m + 1) * BLOCK_M, chunk_size)
     for first in range(0, end, BLOCK_K):
         offs_k = first + tl.arange(0, BLOCK_K)
         pos_k = start + offs_k
         valid_k = (offs_k < chunk_size) & (pos_k < length)
-        cb = tl.load(cb_base + offs_m[:, None] * chunk_size + offs_k[None, :],
-                     mask=(offs_m[:, None] < chunk_size) & (offs_k[None, :] < chunk_size), other=0.0)
+        if INLINE_SCORES:
+            b_k = tl.load(b_base + pos_k[:, None] * sb_l + offs_n[None, :] * sb_n,
+                          mask=valid_k[:, None] & (offs_n[None, :] < dstate), other=0.0)
+            cb = tl.dot(c, tl.trans(b_k), input_precision=PRECISION)
+        else:
+            cb = tl.load(cb_ptr + cb_row + offs_m[:, None] * chunk_size + offs_k[None, :],
+                         mask=(offs_m[:, None] < chunk_size) & (offs_k[None, :] < chunk_size), other=0.0)
         cs_k = tl.load(cs_row + offs_k, mask=offs_k < chunk_size, other=0.0)
         dt_k = tl.load(dt_row + offs_k, mask=offs_k < chunk_size, other=0.0)
         causal = (offs_k[None, :] <= offs_m[:, None]) & valid_m[:, None] & valid_k[None, :]
@@ -192,18 +197,26 @@ def _chunk_scan_kernel(x_ptr, c_ptr, cb_ptr, dt_ptr, cs_ptr, ids_ptr, carried_pt
     tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=mask)
 
 
-def chunked_dt(dt, A, dt_bias, dt_softplus, dt_limit, chunk_size):
-    """dt as the scan uses it, (b, h, chunks, L) fp32 with zeros past the end, and the cumulative sums of dt*A
-    within each chunk in float64."""
+def processed_dt(dt, dt_bias, dt_softplus, dt_limit):
+    """dt as the scan uses it, (b, l, h) fp32."""
     dt = dt.float() if dt_bias is None else dt.float() + dt_bias.float()
     if dt_softplus:
         dt = F.softplus(dt)
     if tuple(dt_limit) != (0.0, float("inf")):
         dt = dt.clamp(*dt_limit)
-    batch, length, heads = dt.shape
-    dt = F.pad(dt, (0, 0, 0, (-length) % chunk_size))
-    dt = dt.reshape(batch, -1, chunk_size, heads).permute(0, 3, 1, 2).contiguous()
-    return dt, torch.cumsum(dt.double() * A.double()[:, None, None], dim=-1)
+    return dt
+
+
+def chunked(weights, log_decay, chunk_size):
+    """The input weights (b, l, h) and per-step log decays (b, l, h) as (b, h, chunks, L) with zeros past the end:
+    the weights in fp32, the decays' cumulative sums within each chunk in float64."""
+    batch, length, heads = weights.shape
+
+    def to_chunks(t):
+        t = F.pad(t, (0, 0, 0, (-length) % chunk_size))
+        return t.reshape(batch, -1, chunk_size, heads).permute(0, 3, 1, 2).contiguous()
+
+    return to_chunks(weights.float()), torch.cumsum(to_chunks(log_decay.double()), dim=-1)
 
 
 def group_scores(C, B, chunk_size):
@@ -211,20 +224,22 @@ def group_scores(C, B, chunk_size):
     batch, length, groups, dstate = B.shape
     pad = (-length) % chunk_size
 
-    def chunked(t):
+    def to_chunks(t):
         return F.pad(t.float(), (0, 0, 0, 0, 0, pad)).reshape(batch, -1, chunk_size, groups, dstate).transpose(2, 3)
 
-    return torch.matmul(chunked(C), chunked(B).transpose(-1, -2))
+    return torch.matmul(to_chunks(C), to_chunks(B).transpose(-1, -2))
 
 
-def scan_forward(x, dt, A, B, C, chunk_size, D, dt_bias, initial_states, seq_idx, dt_softplus, dt_limit):
-    """y (b, l, h, p) in x's dtype, the final state (b, h, p, n) fp32, and the state entering each chunk
-    (b, chunks, h, p, n) fp32."""
-    batch, length, heads, headdim = x.shape
+def scan_chunks(x, B, C, dt, cs, initial_states=None, seq_idx=None, D=None, heads=None):
+    """The chunked scan of x (b, l, hx, p) with B, C (b, l, g, n), input weights dt and cumulative log decays cs
+    ((b, h, chunks, L), from `chunked`). `heads` (default hx) may be a multiple of hx: head h then reads x's head
+    h // (heads / hx) (the backward's scans, where x is B). Returns y (b, l, heads, p) in x's dtype, the final state
+    (b, heads, p, n) and the state entering each chunk (b, chunks, heads, p, n), both fp32."""
+    batch, length, x_heads, headdim = x.shape
     groups, dstate = B.shape[-2:]
-    dt, cs = chunked_dt(dt, A, dt_bias, dt_softplus, dt_limit, chunk_size)
-    chunks = dt.shape[2]
-    ids = carried = keep = None
+    heads = heads or x_heads
+    chunk_size, chunks = cs.shape[-1], cs.shape[2]
+    carried = keep = None
     if seq_idx is not None:
         seq_idx = seq_idx.to(torch.int32)
         padded = torch.cat([seq_idx, seq_idx[:, -1:].expand(-1, chunks * chunk_size - length)], dim=1)
@@ -236,78 +251,142 @@ def scan_forward(x, dt, A, B, C, chunk_size, D, dt_bias, initial_states, seq_idx
     block_p, block_n = _block(headdim), _block(dstate)
     sid = (0, 0) if seq_idx is None else seq_idx.stride()
     _chunk_state_kernel[(1, batch * chunks, heads)](
-        x, B, dt, cs, seq_idx, states, length, chunk_size, chunks, heads // groups, headdim, dstate, *x.stride(),
-        *B.stride(), *sid, HAS_IDS=seq_idx is not None, PRECISION=precision, BLOCK_L=min(64, _block(chunk_size)),
-        BLOCK_P=block_p, BLOCK_N=block_n)
+        x, B, dt, cs, seq_idx, states, length, chunk_size, chunks, heads // groups, heads // x_heads, headdim,
+        dstate, *x.stride(), *B.stride(), *sid, HAS_IDS=seq_idx is not None, PRECISION=precision,
+        BLOCK_L=min(64, _block(chunk_size)), BLOCK_P=block_p, BLOCK_N=block_n)
     final = torch.empty(batch, heads, headdim, dstate, device=x.device, dtype=torch.float32)
     initial = None if initial_states is None else initial_states.float().contiguous()
     size = headdim * dstate
-    _state_passing_kernel[(triton.cdiv(size, 1024), batch, heads)](
+    _state_passing_kernel[(triton.cdiv(size, 256), batch, heads)](
         states, cs, keep, initial, final, chunk_size, chunks, size, HAS_INITIAL=initial is not None,
-        HAS_IDS=seq_idx is not None, BLOCK=1024)
-    scores = group_scores(C, B, chunk_size)
+        HAS_IDS=seq_idx is not None, BLOCK=256)
+    inline = groups > 1 and groups == heads
+    scores = None if inline else group_scores(C, B, chunk_size)
     d = None if D is None else D.float().expand(heads, headdim).contiguous() if D.dim() == 2 else \
         D.float()[:, None].expand(heads, headdim).contiguous()
-    y = torch.empty_like(x)
+    y = torch.empty(batch, length, heads, headdim, device=x.device, dtype=x.dtype)
     block_m = min(64, _block(chunk_size))
     _chunk_scan_kernel[(triton.cdiv(chunk_size, block_m), batch * chunks, heads)](
-        x, C, scores, dt, cs, seq_idx, carried, states, d, y, length, chunk_size, chunks, heads // groups, headdim,
-        dstate, *x.stride(), *C.stride(), *y.stride(), *sid, HAS_IDS=seq_idx is not None, HAS_D=d is not None,
-        PRECISION=precision, BLOCK_M=block_m, BLOCK_K=block_m, BLOCK_P=block_p, BLOCK_N=block_n)
+        x, B, C, scores, dt, cs, seq_idx, carried, states, d, y, length, chunk_size, chunks, heads // groups,
+        heads // x_heads, headdim, dstate, *x.stride(), *B.stride(), *C.stride(), *y.stride(), *sid,
+        HAS_IDS=seq_idx is not None, HAS_D=d is not None, INLINE_SCORES=inline, PRECISION=precision,
+        BLOCK_M=block_m, BLOCK_K=block_m, BLOCK_P=block_p, BLOCK_N=block_n)
     return y, final, states
 
 
+def scan_forward(x, dt, A, B, C, chunk_size, D, dt_bias, initial_states, seq_idx, dt_softplus, dt_limit):
+    """mamba-ssm's scan on raw dt: y (b, l, h, p) in x's dtype, the final state and the states entering chunks."""
+    dt = processed_dt(dt, dt_bias, dt_softplus, dt_limit)
+    weights, cs = chunked(dt, dt * A.float(), chunk_size)
+    return scan_chunks(x, B, C, weights, cs, initial_states, seq_idx, D)
+
+
 class ChunkScan(torch.autograd.Function):
-    """The scan with a backward that recomputes in PyTorch, BACKWARD_SLAB_CHUNKS chunks at a time, last slab
-    first, each from the state the forward kept at its start."""
+    """The scan with its backward as four more scans of the same kernels (no (L, L) tensor of a whole segment):
+
+    with u_s = sum_{l >= s} (B_s.C_l) exp(cs_l - cs_s) dy_l + exp(cs_end - cs_s) G B_s (G: the final state's
+    gradient), which is the scan run backwards in time on dy with B and C exchanged,
+      dx = dt u + D dy,   d(initial state) = that backward scan's final state,
+      dC_l = sum_h S_l^T dy_l (the scan with x and B exchanged: x := B, B := x, C := dy),
+      dB_s = sum_h dt_s (the same backwards in time: x := C, B := dy, C := x),
+      d cs_l = dy_l.(y_l - D x_l) - dt_l x_l.u_l (+ <G, final state> at the end), dt*A's gradient its reverse
+      cumulative sum, from which dt's (with x_l.u_l), A's and dt_bias's."""
 
     @staticmethod
     def forward(ctx, x, dt, A, B, C, D, dt_bias, initial_states, seq_idx, chunk_size, dt_softplus, dt_limit):
-        y, final, states = scan_forward(x, dt, A, B, C, chunk_size, D, dt_bias, initial_states, seq_idx,
-                                        dt_softplus, dt_limit)
-        slab_starts = states[:, ::BACKWARD_SLAB_CHUNKS].clone()
-        ctx.save_for_backward(x, dt, A, B, C, D, dt_bias, initial_states, seq_idx, slab_starts)
-        ctx.options = dict(chunk_size=chunk_size, dt_softplus=dt_softplus, dt_limit=dt_limit)
+        y, final, _ = scan_forward(x, dt, A, B, C, chunk_size, D, dt_bias, initial_states, seq_idx, dt_softplus,
+                                   dt_limit)
+        ctx.save_for_backward(x, dt, A, B, C, D, dt_bias, initial_states, seq_idx)
+        ctx.options = (chunk_size, dt_softplus, dt_limit)
         return y, final
 
     @staticmethod
+    def log_decay_grad(grad_y, y, dt, x_u, log_decay, states, final, grads_after, grad_final, seq_idx, chunk_size):
+        """The gradient of each step's dt*A (b, l, h), in float64: the pairs of positions (s < k <= l) that its decay
+        sits between. Summed as dy.y - dt x.u over the rest of its own chunk, plus the chunk's end term
+        <dL/dS, S> at the next chunk's first step (the final state's at the last), so that the sums that cancel
+        stay within one chunk instead of running over the whole segment."""
+        batch, length, heads = dt.shape
+        chunks = states.shape[1]
+        pad = chunks * chunk_size - length
+        per_step = (grad_y.float() * y.float()).sum(-1).double() - (dt * x_u).double()  # y: the scan's, no D x
+        per_step = F.pad(per_step, (0, 0, 0, pad)).view(batch, chunks, chunk_size, heads)
+        within = per_step.flip(2).cumsum(2).flip(2)
+        ends = torch.zeros(batch, chunks, heads, device=dt.device, dtype=torch.float64)
+        if chunks > 1:  # dL/dS after each next chunk's first step (the backward scan's chunk states), with S before
+            after = grads_after[:, 1:].flip(1).flatten(3).unsqueeze(-2)
+            before = states[:, 1:].flatten(3).unsqueeze(-1)
+            first = torch.arange(1, chunks, device=dt.device) * chunk_size
+            decay = torch.exp(log_decay[:, first])
+            if seq_idx is not None:
+                decay = decay * (seq_idx[:, first] == seq_idx[:, first - 1])[..., None]
+            ends[:, :-1] = (after @ before)[..., 0, 0].double() * decay.double()
+        if grad_final is not None:
+            ends[:, -1] = (grad_final.double() * final.double()).sum((-1, -2))
+        return (within + ends[:, :, None]).view(batch, -1, heads)[:, :length]
+
+    @staticmethod
     def backward(ctx, grad_y, grad_final):
-        x, dt, A, B, C, D, dt_bias, initial_states, seq_idx, slab_starts = ctx.saved_tensors
-        needs = ctx.needs_input_grad
-        slab = BACKWARD_SLAB_CHUNKS * ctx.options["chunk_size"]
-        shared = [None if t is None else t.detach().requires_grad_(need) for t, need in
-                  ((A, needs[2]), (D, needs[5]), (dt_bias, needs[6]))]
-        pieces = {name: [] for name in ("x", "dt", "B", "C")}
-        grad_state = grad_final
-        for index in reversed(range(slab_starts.shape[1])):
-            part = slice(index * slab, (index + 1) * slab)
-            inputs = [t[:, part].detach().requires_grad_(need) for t, need in
-                      ((x, needs[0]), (dt, needs[1]), (B, needs[3]), (C, needs[4]))]
-            start = slab_starts[:, index].detach().requires_grad_(index > 0 or needs[7])
-            ids = None
-            if seq_idx is not None:  # the carried state belongs to the sequence of the slab's previous position
-                before = seq_idx[:, index * slab - 1 : index * slab] if index else 0
-                ids = seq_idx[:, part] - before
-            with torch.enable_grad():
-                y, final = torch_chunk_scan_combined(*inputs[:2], shared[0], *inputs[2:], D=shared[1],
-                                                     dt_bias=shared[2], initial_states=start, seq_idx=ids,
-                                                     return_final_states=True, **ctx.options)
-            outputs, grads = [y], [grad_y[:, part]]
-            if grad_state is not None:
-                outputs.append(final)
-                grads.append(grad_state)
-            wanted = [t for t in (*inputs, start, *shared) if t is not None and t.requires_grad]
-            found = dict(zip(map(id, wanted), torch.autograd.grad(outputs, wanted, grads, allow_unused=True)))
-            for name, t in zip(pieces, inputs):
-                pieces[name].insert(0, found.get(id(t)))
-            grad_state = found.get(id(start))
-            for t in shared:
-                if t is not None and found.get(id(t)) is not None:
-                    t.grad = found[id(t)] if t.grad is None else t.grad + found[id(t)]
-        whole = {name: None if parts[0] is None else torch.cat(parts, dim=1) for name, parts in pieces.items()}
-        return (whole["x"], whole["dt"], shared[0].grad if shared[0] is not None else None, whole["B"], whole["C"],
-                None if shared[1] is None else shared[1].grad, None if shared[2] is None else shared[2].grad,
-                grad_state if needs[7] else None, None, None, None, None)
+        x, dt_raw, A, B, C, D, dt_bias, initial, seq_idx = ctx.saved_tensors
+        chunk_size, dt_softplus, dt_limit = ctx.options
+        batch, length, heads, headdim = x.shape
+        groups, dstate = B.shape[-2:]
+        with torch.enable_grad():
+            leaves = [None if t is None else t.detach().requires_grad_() for t in (dt_raw, dt_bias)]
+            dt = processed_dt(leaves[0], leaves[1], dt_softplus, dt_limit)
+        log_decay = dt.detach() * A.float()
+        weights, cs = chunked(dt.detach(), log_decay, chunk_size)
+        y, final, states = scan_chunks(x, B, C, weights, cs, initial, seq_idx)
+        chunks = cs.shape[2]
+        pad = chunks * chunk_size - length
+
+        def backwards(t):
+            """Padded to whole chunks, then reversed in time: the reversed chunks are the forward ones."""
+            return F.pad(t, (0, 0) * (t.dim() - 2) + (0, pad)).flip(1)
+
+        # Each step's decay sits between two positions: backwards in time it moves one step.
+        ones, cs_back = chunked(torch.ones_like(F.pad(log_decay, (0, 0, 0, pad))),
+                                F.pad(backwards(log_decay), (0, 0, 1, 0))[:, :-1], chunk_size)
+        ids_back = None
+        if seq_idx is not None:
+            padded_ids = torch.cat([seq_idx, seq_idx[:, -1:].expand(-1, pad)], dim=1)
+            ids_back = padded_ids[:, -1:] - padded_ids.flip(1)
+        dy_back = backwards(grad_y)
+        u, grad_start, grads_after = scan_chunks(dy_back, backwards(C), backwards(B), ones, cs_back, grad_final,
+                                                 ids_back)
+        u = u.flip(1)[:, :length].float()
+        grad_start = grad_start * torch.exp(log_decay[:, 0])[..., None, None]
+        if seq_idx is not None:
+            grad_start = grad_start * (seq_idx[:, 0] == 0)[:, None, None, None]
+
+        per_head_d = None if D is None else (D.float()[:, None] if D.dim() == 1 else D.float())
+        grad_x = dt[..., None].detach() * u + (0 if D is None else grad_y.float() * per_head_d)
+        x_u = (x.float() * u).sum(-1)
+        grad_log_decay = ChunkScan.log_decay_grad(grad_y, y, dt.detach(), x_u, log_decay, states, final,
+                                                  grads_after, grad_final, seq_idx, chunk_size)
+        grad_dt = x_u + (A.double() * grad_log_decay).float()
+        grad_A = (dt.detach().double() * grad_log_decay).sum((0, 1))
+        grad_D = None
+        if D is not None:
+            products = grad_y.float() * x.float()
+            grad_D = products.sum((0, 1, 3)) if D.dim() == 1 else products.sum((0, 1))
+
+        per_head = heads // groups
+        state_t = None if initial is None else initial.transpose(-1, -2)
+        dc, _, _ = scan_chunks(B, x, grad_y, weights, cs, state_t, seq_idx, heads=heads)
+        grad_C = dc.float().view(batch, length, groups, per_head, dstate).sum(3)
+        grad_final_t = None if grad_final is None else grad_final.transpose(-1, -2)
+        db, _, _ = scan_chunks(backwards(C), dy_back, backwards(x), ones, cs_back, grad_final_t, ids_back,
+                               heads=heads)
+        grad_B = (db.flip(1)[:, :length].float() * dt.detach()[..., None]).view(batch, length, groups, per_head,
+                                                                                dstate).sum(3)
+
+        wanted = [t for t in leaves if t is not None]
+        grad_raw = dict(zip(map(id, wanted), torch.autograd.grad(dt, wanted, grad_dt)))
+        return (grad_x.to(x.dtype), grad_raw[id(leaves[0])].to(dt_raw.dtype), grad_A.to(A.dtype),
+                grad_B.to(B.dtype), grad_C.to(C.dtype), None if D is None else grad_D.to(D.dtype),
+                None if dt_bias is None else grad_raw[id(leaves[1])].to(dt_bias.dtype),
+                None if initial is None else grad_start.to(initial.dtype), None, None, None, None)
 
 
 def triton_chunk_scan_combined(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None, initial_states=None,
