@@ -373,13 +373,14 @@ class ChunkScan(torch.autograd.Function):
 
         per_head = heads // groups
         state_t = None if initial is None else initial.transpose(-1, -2)
+        # Summed over the heads of a group in fp32 as they are read, never as an fp32 copy per head; dB's dt_s
+        # (a factor of the position it is read at) goes into x, which that scan reads at the same position.
         dc, _, _ = scan_chunks(B, x, grad_y, weights, cs, state_t, seq_idx, heads=heads)
-        grad_C = dc.float().view(batch, length, groups, per_head, dstate).sum(3)
+        grad_C = dc.view(batch, length, groups, per_head, dstate).sum(3, dtype=torch.float32)
         grad_final_t = None if grad_final is None else grad_final.transpose(-1, -2)
-        db, _, _ = scan_chunks(backwards(C), dy_back, backwards(x), ones, cs_back, grad_final_t, ids_back,
-                               heads=heads)
-        grad_B = (db.flip(1)[:, :length].float() * dt.detach()[..., None]).view(batch, length, groups, per_head,
-                                                                                dstate).sum(3)
+        x_dt = backwards(x * dt.detach()[..., None].to(x.dtype))
+        db, _, _ = scan_chunks(backwards(C), dy_back, x_dt, ones, cs_back, grad_final_t, ids_back, heads=heads)
+        grad_B = db.view(batch, -1, groups, per_head, dstate).sum(3, dtype=torch.float32).flip(1)[:, :length]
 
         wanted = [t for t in leaves if t is not None]
         grad_raw = dict(zip(map(id, wanted), torch.autograd.grad(dt, wanted, grad_dt)))
