@@ -26,6 +26,10 @@ from .checks_vamba import (check_attention_mask, check_finite_logits, check_inpu
 from .configuration_vamba import VambaConfig
 from .decoder_vamba import CrossAttentionInputs, MultimodalRotary, VambaDecoderLayer, VambaTextModel
 from .layers_vamba import VambaRMSNorm, attention_mask_for
+# transformers 4.x copies into its module cache only the modules this file imports, not the ones they import: the
+# Mamba-2 op tables' modules are named here for that.
+from .mamba2_torch_vamba import ssd_scan_torch  # noqa: F401
+from .mamba2_triton_vamba import TRITON_ERROR  # noqa: F401
 from .mamba2_vamba import Mamba2, missing_kernels_warning
 from .streams_vamba import PackedRows, PaddedRows, VisualStream, text_positions
 from .video_state_vamba import (VideoState, check_state_for, encode_visual_state, extend_visual_state,
