@@ -190,6 +190,8 @@ def main(argv=None) -> None:
     device = torch.device("cpu" if args.tiny else "cuda")
     backends = args.backends.split(",") if args.backends else available_backends(device)
     for name in backends:
+        if name not in OP_TABLES:
+            raise SystemExit(f"--backends: unknown {name!r}; choose from {', '.join(OP_TABLES)}")
         reason = backend_unavailable_reason(name, device)
         if reason:
             raise SystemExit(f"--backends: {name!r} cannot run here ({reason}); drop it or leave --backends out")

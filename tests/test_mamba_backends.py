@@ -215,3 +215,31 @@ def test_tiny_model_on_the_triton_table_equals_the_torch_path():
             logits[name] = model(input_ids=prompt(1, 3)[None], pixel_values_videos=pixels,
                                  video_grid_thw=grid).logits
     assert relative_error(logits["triton"], logits["torch"]) <= 1e-5
+
+
+# -- the benchmark's CPU smoke run ----------------------------------------------------------------------------------
+
+
+def test_backends_benchmark_tiny(tmp_path):
+    import math
+
+    from test_benchmarks import records, run_script
+
+    run_script("bench_mamba_backends.py", tmp_path, "--tiny", "--frames", "4", "--backends", "torch")
+    rows = records(tmp_path, "bench_mamba_backends.py")
+    prefill = [r for r in rows if r.get("section") == "prefill"]
+    train = [r for r in rows if r.get("section") == "train"]
+    assert [(r["backend"], r["frames"]) for r in prefill] == [("torch", 4)]
+    assert [(r["backend"], r["frames"]) for r in train] == [("torch", 8)]
+    assert all(math.isfinite(r["first_token_s"]) and len(r["runs_s"]) == 2 for r in prefill)
+    assert all(math.isfinite(r["step_s"]) and r["peak_gib"] is None for r in train)
+
+
+def test_backends_benchmark_refuses_a_table_that_cannot_run(tmp_path):
+    from test_benchmarks import run_script
+
+    result = run_script("bench_mamba_backends.py", tmp_path, "--tiny", "--backends", "mamba-ssm", expect_rc=1)
+    assert result.stderr.strip().splitlines() == [
+        "--backends: 'mamba-ssm' cannot run here (tensors are on cpu); drop it or leave --backends out"]
+    result = run_script("bench_mamba_backends.py", tmp_path, "--tiny", "--backends", "cuda", expect_rc=1)
+    assert result.stderr.strip().splitlines() == ["--backends: unknown 'cuda'; choose from mamba-ssm, triton, torch"]
