@@ -289,8 +289,8 @@ class ChunkScan(torch.autograd.Function):
       dx = dt u + D dy,   d(initial state) = that backward scan's final state,
       dC_l = sum_h S_l^T dy_l (the scan with x and B exchanged: x := B, B := x, C := dy),
       dB_s = sum_h dt_s (the same backwards in time: x := C, B := dy, C := x),
-      d cs_l = dy_l.(y_l - D x_l) - dt_l x_l.u_l (+ <G, final state> at the end), dt*A's gradient its reverse
-      cumulative sum, from which dt's (with x_l.u_l), A's and dt_bias's."""
+      dt*A's gradient from dy.(y - D x) - dt x.u (`log_decay_grad`), and from it dt's (plus x.u), A's and
+      dt_bias's."""
 
     @staticmethod
     def forward(ctx, x, dt, A, B, C, D, dt_bias, initial_states, seq_idx, chunk_size, dt_softplus, dt_limit):
