@@ -383,6 +383,7 @@ def test_missing_kernels_warn_once_with_the_fix(monkeypatch):
     import vamba_hf.modeling_vamba as modeling
 
     monkeypatch.setattr(mamba2, "_MAMBA_SSM_ERROR", "ImportError: selective_scan_cuda.so: undefined symbol")
+    monkeypatch.setattr(mamba2, "_TRITON_ERROR", "ImportError: no module named triton")
     messages = []
     monkeypatch.setattr(modeling.logger, "warning", lambda message, *a, **k: messages.append(message))
     model = tiny_model()

@@ -1,20 +1,36 @@
 """Mamba-2 over the visual stream: in_proj -> causal depthwise conv -> SSD scan -> gated RMSNorm -> out_proj.
 
-Two op tables compute one function: mamba-ssm's Triton kernels with causal-conv1d (CUDA), and PyTorch ops written
-with exactly those kernels' signatures (any device, any dtype). `Mamba2` picks the table once per call and never
-branches on the backend again. Long streams are scanned in segments that carry the convolution and SSM states
+Three op tables compute one function: mamba-ssm's Triton kernels with causal-conv1d (CUDA, built for the user's
+torch), our own Triton kernels (`mamba2_triton_vamba`: CUDA, nothing beyond PyTorch's wheels), and PyTorch ops
+(`mamba2_torch_vamba`: any device, any dtype), all with mamba-ssm's / causal-conv1d's signatures. `Mamba2` picks the
+table once per call and never branches on the backend again. Long streams are scanned in segments that carry the convolution and SSM states
 across, so no kernel sees more than 2**31 elements.
 """
 
 from dataclasses import dataclass
 from typing import Callable, Optional
 
+import os
+
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .configuration_vamba import VambaConfig, VambaMambaConfig
 from .layers_vamba import VambaRMSNorm
+from .mamba2_torch_vamba import (
+    segment_sum,
+    ssd_scan_torch,
+    torch_causal_conv1d_fn,
+    torch_chunk_scan_combined,
+    torch_gated_rmsnorm_fn,
+)
+from .mamba2_triton_vamba import TRITON_ERROR as _TRITON_ERROR
+from .mamba2_triton_vamba import (
+    triton_causal_conv1d_fn,
+    triton_chunk_scan_combined,
+    triton_gated_rmsnorm_fn,
+    triton_rms_norm_fn,
+)
 
 try:
     from mamba_ssm.ops.triton.layer_norm import rms_norm_fn as _kernel_rms_norm_fn
@@ -39,6 +55,7 @@ KERNEL_MAX_ELEMENTS = 2**31 - 1
 
 
 def kernels_unavailable_reason(device: torch.device) -> Optional[str]:
+    """Why mamba-ssm's kernels cannot run on `device` (None: they can)."""
     if device.type != "cuda":
         return f"tensors are on {device.type}"
     if _MAMBA_SSM_ERROR:
@@ -48,140 +65,14 @@ def kernels_unavailable_reason(device: torch.device) -> Optional[str]:
     return None
 
 
-def _refuse_options(op: str, **options):
-    """The PyTorch ops take every argument of the kernels' signatures; those Vamba never uses are refused."""
-    used = [name for name, value in options.items() if value not in (None, False)]
-    if used:
-        raise NotImplementedError(f"{op} (PyTorch path) does not implement {', '.join(used)}.")
-
-
-# -- the PyTorch op table -----------------------------------------------------------------------------------------
-
-
-def segment_sum(x: torch.Tensor) -> torch.Tensor:
-    """(..., L) -> (..., L, L) with [i, j] = x[j+1] + ... + x[i] for j <= i and -inf above the diagonal.
-
-    Summed directly, not as cumsum[i] - cumsum[j] (as mamba-ssm's ssd_minimal and transformers' Mamba-2 do): the
-    cumulative sums of dt*A grow large and negative along a chunk, and the difference of two large fp32 numbers
-    loses the small segment sums that the decay exp() needs."""
-    length = x.shape[-1]
-    x = x[..., None].expand(*x.shape, length)  # [..., i, j] = x[i]
-    strictly_lower = torch.ones(length, length, dtype=torch.bool, device=x.device).tril(-1)
-    sums = torch.cumsum(x.masked_fill(~strictly_lower, 0), dim=-2)
-    lower = torch.ones(length, length, dtype=torch.bool, device=x.device).tril()
-    return sums.masked_fill(~lower, float("-inf"))
-
-
-def ssd_scan_torch(x, dt, A, B, C, chunk_size, initial_state=None, seq_idx=None):
-    """The Mamba-2 state-space recurrence S_t = exp(dt_t*A) S_{t-1} + dt_t B_t x_t^T, y_t = C_t S_t, computed in
-    chunks (the SSD form: quadratic inside a chunk, recurrent across chunks), in fp32.
-
-    x (b, l, h, p), dt (b, l, h) already softplus'ed, A (h,), B and C (b, l, g, n), initial_state (b, h, p, n),
-    seq_idx (b, l) non-decreasing ints: the state resets where it changes; `initial_state` belongs to seq id 0.
-    Returns y (b, l, h, p) and the final state (b, h, p, n).
-    """
-    batch, length, heads, _ = x.shape
-    groups, state_dim = B.shape[-2:]
-    pad = (-length) % chunk_size
-    x, dt, B, C = (F.pad(t.float(), (0, 0) * (t.dim() - 2) + (0, pad)) for t in (x, dt, B, C))
-    if seq_idx is not None:
-        seq_idx = F.pad(seq_idx, (0, pad), value=int(seq_idx.max()))
-    chunks = (length + pad) // chunk_size
-
-    def to_chunks(t):
-        return t.reshape(batch, chunks, chunk_size, *t.shape[2:])
-
-    B = to_chunks(B).repeat_interleave(heads // groups, dim=3)  # (b, c, L, h, n)
-    C = to_chunks(C).repeat_interleave(heads // groups, dim=3)
-    x_dt = to_chunks(x * dt[..., None])  # (b, c, L, h, p)
-    a_dt = to_chunks(dt * A.float()).permute(0, 3, 1, 2)  # (b, h, c, L)
-    a_cumsum = torch.cumsum(a_dt, dim=-1)
-
-    decay = torch.exp(segment_sum(a_dt))  # (b, h, c, L, L)
-    decay_to_end = torch.exp(a_cumsum[..., -1:] - a_cumsum)  # (b, h, c, L)
-    decay_from_start = torch.exp(a_cumsum)
-    if seq_idx is not None:
-        ids = to_chunks(seq_idx)  # (b, c, L)
-        decay = decay * (ids[:, None, :, :, None] == ids[:, None, :, None, :])
-        decay_to_end = decay_to_end * (ids == ids[..., -1:])[:, None]
-        chunk_first_id = torch.cat([torch.zeros_like(ids[:, :1, -1]), ids[:, :-1, -1]], dim=1)  # id carried in
-        decay_from_start = decay_from_start * (ids == chunk_first_id[..., None])[:, None]
-        carry_kept = chunk_first_id == ids[..., -1]  # (b, c): the carried state survives the whole chunk
-
-    y_inside = torch.einsum("bclhn,bcshn,bhcls,bcshp->bclhp", C, B, decay, x_dt)
-    chunk_states = torch.einsum("bclhn,bhcl,bclhp->bchpn", B, decay_to_end, x_dt)
-
-    state = x.new_zeros(batch, heads, x.shape[-1], state_dim) if initial_state is None else initial_state.float()
-    chunk_decay = torch.exp(a_cumsum[..., -1])  # (b, h, c)
-    states_in = []
-    for c in range(chunks):
-        states_in.append(state)
-        carried = state * chunk_decay[:, :, c, None, None]
-        if seq_idx is not None:
-            carried = carried * carry_kept[:, c, None, None, None]
-        state = carried + chunk_states[:, c]
-    states_in = torch.stack(states_in, dim=1)  # (b, c, h, p, n)
-    y_carried = torch.einsum("bclhn,bchpn,bhcl->bclhp", C, states_in, decay_from_start)
-
-    y = (y_inside + y_carried).reshape(batch, chunks * chunk_size, heads, -1)[:, :length]
-    return y, state
-
-
-def torch_chunk_scan_combined(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None, initial_states=None,
-                              seq_idx=None, cu_seqlens=None, dt_softplus=False, dt_limit=(0.0, float("inf")),
-                              return_final_states=False, return_varlen_states=False):
-    """mamba-ssm's `mamba_chunk_scan_combined` in PyTorch: y = SSD scan + D skip, in x's dtype."""
-    _refuse_options("mamba_chunk_scan_combined", z=z, cu_seqlens=cu_seqlens, return_varlen_states=return_varlen_states)
-    dt = dt.float() if dt_bias is None else dt.float() + dt_bias.float()
-    if dt_softplus:
-        dt = F.softplus(dt)
-    if tuple(dt_limit) != (0.0, float("inf")):
-        dt = dt.clamp(*dt_limit)
-    y, state = ssd_scan_torch(x, dt, A, B, C, chunk_size, initial_states, seq_idx)
-    if D is not None:
-        y = y + x.float() * (D.float()[:, None] if D.dim() == 1 else D.float())
-    y = y.to(x.dtype)
-    return (y, state) if return_final_states else y
-
-
-def torch_causal_conv1d_fn(x, weight, bias=None, seq_idx=None, initial_states=None, return_final_states=False,
-                           final_states_out=None, activation=None):
-    """causal-conv1d's `causal_conv1d_fn` in PyTorch: depthwise causal conv over time. x (b, d, l), weight (d, k),
-    initial_states (b, d, k-1) the inputs before x; taps never cross a change of seq_idx (b, l)."""
-    _refuse_options("causal_conv1d_fn", return_final_states=return_final_states, final_states_out=final_states_out)
-    if activation not in (None, "silu", "swish"):
-        raise NotImplementedError(f"causal_conv1d_fn: activation {activation!r}")
-    width, length = weight.shape[-1], x.shape[-1]
-    inputs = x.transpose(1, 2)  # (b, l, d)
-    if initial_states is None:
-        padded = F.pad(inputs, (0, 0, width - 1, 0))
-    else:
-        padded = torch.cat([initial_states.transpose(1, 2).to(inputs.dtype), inputs], dim=1)
-    out = torch.zeros_like(inputs, dtype=torch.float) if bias is None else bias.float().expand_as(inputs).clone()
-    for tap in range(width):
-        shift = width - 1 - tap  # this tap reads `shift` steps back
-        term = padded[:, tap : tap + length].float() * weight[:, tap].float()
-        if seq_idx is not None and shift:
-            same = F.pad(seq_idx, (shift, 0), value=-1)[:, :length] == seq_idx
-            term = term * same[..., None]
-        out = out + term
-    out = out if activation is None else F.silu(out)
-    return out.to(x.dtype).transpose(1, 2)
-
-
-def torch_gated_rmsnorm_fn(x, weight, bias, z=None, eps=1e-6, group_size=None, norm_before_gate=True):
-    """mamba-ssm's gated `rmsnorm_fn` in PyTorch: RMSNorm per group of `group_size` channels, gated by silu(z)
-    before (norm_before_gate=False) or after the norm. Computed in fp32."""
-    _refuse_options("rmsnorm_fn", bias=bias)
-    group_size = x.shape[-1] if group_size is None else group_size
-    y, gate = x.float(), None if z is None else F.silu(z.float())
-    if gate is not None and not norm_before_gate:
-        y = y * gate
-    grouped = y.unflatten(-1, (-1, group_size))
-    y = (grouped * torch.rsqrt(grouped.pow(2).mean(-1, keepdim=True) + eps)).flatten(-2) * weight.float()
-    if gate is not None and norm_before_gate:
-        y = y * gate
-    return y.to(x.dtype)
+def triton_unavailable_reason(device: torch.device) -> Optional[str]:
+    """Why our Triton kernels cannot run on `device` (None: they can). On CPU they run only under Triton's
+    interpreter (TRITON_INTERPRET=1), which the tests use."""
+    if _TRITON_ERROR:
+        return f"Triton is not usable ({_TRITON_ERROR})"
+    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        return f"tensors are on {device.type}"
+    return None
 
 
 @dataclass(frozen=True)
@@ -197,8 +88,49 @@ class Mamba2Ops:
 
 
 TORCH_OPS = Mamba2Ops("torch", torch_chunk_scan_combined, torch_causal_conv1d_fn, torch_gated_rmsnorm_fn, None)
+TRITON_OPS = Mamba2Ops("triton", triton_chunk_scan_combined, triton_causal_conv1d_fn, triton_gated_rmsnorm_fn,
+                       triton_rms_norm_fn)
 KERNEL_OPS = Mamba2Ops("mamba-ssm", _kernel_chunk_scan, _kernel_causal_conv1d_fn, _kernel_gated_rmsnorm_fn,
                        _kernel_rms_norm_fn)
+OP_TABLES = {ops.name: ops for ops in (KERNEL_OPS, TRITON_OPS, TORCH_OPS)}
+# The order in which CUDA tensors get a table, fastest first, as measured by benchmarks/bench_mamba_backends.py.
+CUDA_PREFERENCE = ("mamba-ssm", "triton")
+
+
+def backend_unavailable_reason(name: str, device: torch.device) -> Optional[str]:
+    """Why the op table `name` cannot run on `device` (None: it can)."""
+    if name not in OP_TABLES:
+        raise ValueError(f"Unknown Mamba-2 backend {name!r}; choose one of {', '.join(OP_TABLES)} (or None for the "
+                         f"fastest that runs).")
+    if name == "torch":
+        return None
+    return kernels_unavailable_reason(device) if name == "mamba-ssm" else triton_unavailable_reason(device)
+
+
+def select_ops(device: torch.device, requested: Optional[str] = None) -> Mamba2Ops:
+    """The op table for tensors on `device`: `requested` by name (refused with the reason where it cannot run), else
+    the fastest that runs there (CUDA_PREFERENCE on CUDA, PyTorch elsewhere)."""
+    if requested is not None:
+        reason = backend_unavailable_reason(requested, device)
+        if reason:
+            raise RuntimeError(f"Mamba-2 backend {requested!r} cannot run: {reason}. Set mamba_backend to None to "
+                               f"use the fastest that runs.")
+        return OP_TABLES[requested]
+    if device.type == "cuda":
+        for name in CUDA_PREFERENCE:
+            if backend_unavailable_reason(name, device) is None:
+                return OP_TABLES[name]
+    return TORCH_OPS
+
+
+def missing_kernels_warning(device: torch.device) -> Optional[str]:
+    """What to tell a user whose CUDA tensors run the PyTorch path (no kernel table runs there); None otherwise."""
+    if device.type != "cuda" or select_ops(device) is not TORCH_OPS:
+        return None
+    return (f"Vamba: {kernels_unavailable_reason(device)} and {triton_unavailable_reason(device)}; running Mamba-2 "
+            f"with the PyTorch path (correct but about 4x slower). For the fast path use PyTorch's CUDA wheel on "
+            f"Linux, which ships Triton (our kernels then run, nothing to build), or install mamba-ssm's kernels: "
+            f"pip install 'vamba-hf[cuda]' (mamba-ssm and causal-conv1d built for your torch and CUDA).")
 
 
 # -- the block ------------------------------------------------------------------------------------------------------
@@ -247,10 +179,11 @@ class Mamba2(nn.Module):
         self.norm = GatedRMSNorm(self.d_inner, self.d_inner // config.ngroups)
         self.out_proj = nn.Linear(self.d_inner, config.hidden_dim, bias=config.bias)
         self.use_kernels = True  # False forces the PyTorch ops (e.g. to compare the two)
+        self.backend_request: Optional[str] = None  # an OP_TABLES name; None: the fastest that runs
 
     def ops(self, device: torch.device) -> Mamba2Ops:
-        """The op table for tensors on `device`: the CUDA kernels where they run, else PyTorch."""
-        return KERNEL_OPS if self.use_kernels and kernels_unavailable_reason(device) is None else TORCH_OPS
+        """The op table for tensors on `device`: the requested one, else the fastest that runs there."""
+        return select_ops(device, self.backend_request) if self.use_kernels else TORCH_OPS
 
     def backend(self, device: torch.device) -> str:
         return self.ops(device).name

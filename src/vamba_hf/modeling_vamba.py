@@ -27,7 +27,11 @@ from .checks_vamba import check_generation_counts
 from .configuration_vamba import VambaConfig
 from .decoder_vamba import CrossAttentionInputs, MultimodalRotary, VambaDecoderLayer, VambaTextModel
 from .layers_vamba import VambaRMSNorm, attention_mask_for
-from .mamba2_vamba import Mamba2, kernels_unavailable_reason
+# transformers 4.x copies into its module cache only the modules this file imports, not the ones they import: the
+# Mamba-2 op tables' modules are named here for that.
+from .mamba2_torch_vamba import ssd_scan_torch  # noqa: F401
+from .mamba2_triton_vamba import TRITON_ERROR  # noqa: F401
+from .mamba2_vamba import Mamba2, missing_kernels_warning
 from .streams_vamba import PackedRows, PaddedRows, VisualStream, text_positions
 from .video_state_vamba import (VideoState, check_state_for, encode_visual_state, extend_visual_state,
                                 fill_cross_store, rows_reading_state)
@@ -133,7 +137,8 @@ class VambaPreTrainedModel(PreTrainedModel):
 
     @property
     def mamba_backend(self) -> str:
-        """Which Mamba-2 implementation runs on the model's current device: "mamba-ssm" or "torch"."""
+        """Which Mamba-2 implementation runs on the model's current device: "mamba-ssm", "triton" (our kernels) or
+        "torch"."""
         mixers = [m for m in self.modules() if isinstance(m, Mamba2)]
         return mixers[0].backend(self.device) if mixers else "none"
 
@@ -213,12 +218,10 @@ class VambaModel(VambaPreTrainedModel):
         return features, grid
 
     def _check_kernels(self, device):
-        reason = kernels_unavailable_reason(device)
-        if device.type == "cuda" and reason and not self._warned_no_kernels:
+        message = missing_kernels_warning(device)
+        if message and not self._warned_no_kernels:
             self._warned_no_kernels = True
-            logger.warning(f"Vamba: {reason}; running Mamba-2 with the PyTorch path (correct but slower). For the "
-                           f"fast path install the CUDA kernels: pip install 'vamba-hf[cuda]' "
-                           f"(mamba-ssm and causal-conv1d built for your torch and CUDA).")
+            logger.warning(message)
 
     # -- a video encoded once: video_state_vamba -----------------------------------------------------------------
 

@@ -1,0 +1,1 @@
+src/vamba_hf/mamba2_triton_vamba.py
