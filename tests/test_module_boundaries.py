@@ -64,6 +64,17 @@ def cycles(graph: dict) -> list:
     return found
 
 
+def closure(graph: dict, module: str) -> set:
+    """The modules `module` imports, directly or through others."""
+    found, waiting = set(), [module]
+    while waiting:
+        for target in graph.get(waiting.pop(), {}):
+            if target not in found:
+                found.add(target)
+                waiting.append(target)
+    return found - {module}
+
+
 def private_imports(graph: dict) -> list:
     return [f"{module} imports {name} from {target}" for module, edges in sorted(graph.items())
             for target, names in sorted(edges.items()) for name in names if name.startswith("_")]
@@ -82,12 +93,22 @@ def test_no_module_imports_another_modules_private_names(package_graph):
     assert private_imports(package_graph) == []
 
 
+def test_each_auto_class_module_imports_every_module_it_needs_itself(package_graph):
+    """transformers 4.x copies into its module cache only the modules that the file an `auto_map` entry names
+    imports itself, not those they import: a local folder's remote code would miss them."""
+    from vamba_hf.configuration_vamba import AUTO_MAP
+
+    for module in sorted({reference.split(".")[0] for reference in AUTO_MAP.values()}):
+        assert sorted(closure(package_graph, module) - set(package_graph[module])) == [], module
+
+
 def test_the_checks_find_a_circle_and_a_private_import():
     graph = import_graph({"a": "from .b import _hidden, shown\n", "b": "def f():\n    from . import c\n",
                           "c": "import vamba_hf.a\n", "d": "from vamba_hf.a import x\nfrom .. import y\n"})
     assert cycles(graph) == [["a", "b", "c", "a"]]
     assert private_imports(graph) == ["a imports _hidden from b"]
     assert graph["d"] == {"a": ["x"]}
+    assert closure(graph, "a") == {"b", "c"} and set(graph["a"]) == {"b"}
 
 
 def test_the_video_modules_stay_small():
