@@ -8,7 +8,7 @@ from fractions import Fraction
 import av
 import numpy as np
 
-from vamba_hf import video_decode_vamba
+from vamba_hf import video_seek_vamba
 
 LEVEL_STEP = 4
 
@@ -117,10 +117,10 @@ def counted_decoding_processes(monkeypatch) -> list:
     """The list that every `_DecodingProcess` started from now on is appended to."""
     started = []
 
-    class Counted(video_decode_vamba._DecodingProcess):
+    class Counted(video_seek_vamba._DecodingProcess):
         def __init__(self, *args):
             super().__init__(*args)
             started.append(self)
 
-    monkeypatch.setattr(video_decode_vamba, "_DecodingProcess", Counted)
+    monkeypatch.setattr(video_seek_vamba, "_DecodingProcess", Counted)
     return started

@@ -89,7 +89,7 @@ from transformers import AutoProcessor
 processor = AutoProcessor.from_pretrained({str(tmp_path / "hub")!r}, trust_remote_code=True)
 assert type(processor).__module__.startswith("transformers_modules"), type(processor).__module__
 decoding = next(module for name, module in sys.modules.items()
-                if name.startswith("transformers_modules") and name.endswith(".video_decode_vamba"))
+                if name.startswith("transformers_modules") and name.endswith(".video_seek_vamba"))
 started, start = [], decoding._DecodingProcess.__init__
 decoding._DecodingProcess.__init__ = lambda self, *args: started.append(1) or start(self, *args)
 inputs = [processor(text="<|vision_start|><|vision_end|>", videos={str(video)!r}, num_frames=8, decoder="seek",

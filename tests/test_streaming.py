@@ -11,7 +11,7 @@ import torch
 from helpers import prompt, tiny_model
 from media_helpers import assert_same_video, counted_decoding_processes, write_x264
 
-from vamba_hf import stream_video, video_decode_vamba, video_vamba
+from vamba_hf import stream_video, video_decode_vamba, video_seek_vamba, video_vamba
 from vamba_hf.tiny import build_tiny_processor
 from vamba_hf.video_vamba import VideoSampling, load_video
 
@@ -40,7 +40,7 @@ def test_a_stream_gives_the_frames_of_one_pass(video_file, options):
 
 def test_the_first_frames_are_handed_out_while_later_ones_still_decode(video_file, monkeypatch):
     later_rows_may_decode = threading.Event()
-    write = video_decode_vamba._RowWriter.write
+    write = video_seek_vamba.RowWriter.write
 
     def held_back(writer, row, time, frame):  # the decoding threads stop at row 8
         if row >= 8:
@@ -48,7 +48,7 @@ def test_the_first_frames_are_handed_out_while_later_ones_still_decode(video_fil
         write(writer, row, time, frame)
 
     expected = load_video(video_file, NO_RESIZE, num_frames=30, decoder="sequential")
-    monkeypatch.setattr(video_decode_vamba._RowWriter, "write", held_back)
+    monkeypatch.setattr(video_seek_vamba.RowWriter, "write", held_back)
     stream = stream_video(video_file, NO_RESIZE, num_frames=30, decoder="seek", decode_workers=2)
     try:
         first = stream.frames(8)  # returns although rows 8.. are not decoded yet
@@ -61,12 +61,12 @@ def test_the_first_frames_are_handed_out_while_later_ones_still_decode(video_fil
 
 def test_a_stream_whose_index_turns_out_wrong_is_decoded_in_one_pass(video_file, monkeypatch):
     expected = load_video(video_file, NO_RESIZE, num_frames=12, decoder="sequential")
-    packet_index = video_vamba._packet_index
-    monkeypatch.setattr(video_vamba, "_packet_index", lambda *args: replace(  # every packet one tick late
+    packet_index = video_decode_vamba.packet_index
+    monkeypatch.setattr(video_decode_vamba, "packet_index", lambda *args: replace(  # every packet one tick late
         packet_index(*args), pts=[value + 1 for value in packet_index(*args).pts]))
     passes = []
-    decode_plan = video_vamba._decode_plan
-    monkeypatch.setattr(video_vamba, "_decode_plan", lambda *args: passes.append(True) or decode_plan(*args))
+    decode_plan = video_decode_vamba._decode_plan
+    monkeypatch.setattr(video_decode_vamba, "_decode_plan", lambda *args: passes.append(True) or decode_plan(*args))
     with stream_video(video_file, NO_RESIZE, num_frames=12, decoder="seek", decode_workers=2) as stream:
         assert_same_video(stream.video(), expected)
     assert passes == [True]

@@ -31,9 +31,11 @@ from media_helpers import (
     write_video,
     write_x264,
 )
+from transformers.video_utils import VideoMetadata
 
-from vamba_hf import video_decode_vamba, video_vamba
-from vamba_hf.video_decode_vamba import FrameBuffer, edges_size
+from vamba_hf import video_container_vamba, video_decode_vamba, video_frames_vamba, video_nvdec_vamba, video_seek_vamba
+from vamba_hf.video_decode_vamba import BackgroundDecode, decode, start_decode
+from vamba_hf.video_frames_vamba import FrameBuffer, edges_size
 from vamba_hf.video_vamba import (
     VideoFrames,
     VideoSampling,
@@ -476,6 +478,40 @@ def test_fps_sampling_of_a_variable_frame_rate_file_goes_by_time(tmp_path):
     assert by_index != video.frame_indices  # counting frames would have sampled the bunched start twice
 
 
+
+@pytest.mark.parametrize("decoder", ["seek", "sequential"])
+def test_decode_gives_the_frames_and_transformers_video_metadata(tmp_path, decoder):
+    """One interface over both backends: the frames `load_video` gives, with a `VideoMetadata` whose timestamps are
+    the frames' own (a variable frame rate: not index / fps)."""
+    times = [0.0, 0.5, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0, 12.0]
+    path = write_x264(tmp_path / "vfr.mp4", num_frames=12, gop=4, frame_times=times)
+    sampling = NO_RESIZE.with_options(num_frames=4, decoder=decoder, decode_workers=2)
+    frames, metadata = decode(path, sampling)
+    video = one_pass(path, sampling)
+    assert isinstance(metadata, VideoMetadata) and metadata.video_backend == "pyav"
+    assert len(frames) == 4 and all(np.array_equal(a, b) for a, b in zip(frames, video.frames))
+    assert metadata.frames_indices == video.frame_indices and metadata.timestamps == video.timestamps
+    assert metadata.timestamps != pytest.approx([index / metadata.fps for index in metadata.frames_indices])
+    assert (metadata.fps, metadata.total_num_frames, metadata.start_time, metadata.end_time) == \
+        (video.source_fps, video.source_frame_count, video.start_time, video.end_time)
+    assert (metadata.width, metadata.height, metadata.duration) == (64, 48, video.end_time)
+    assert dict(metadata)["frames_indices"] == video.frame_indices
+
+
+def test_start_decode_decodes_in_the_background_only_by_seeking(tmp_path):
+    path = write_x264(tmp_path / "gops.mp4")
+    sampling = NO_RESIZE.with_options(num_frames=5, decode_workers=2)
+    expected = one_pass(path, sampling)
+    started = start_decode(path, sampling.with_options(decoder="seek"))
+    assert isinstance(started, BackgroundDecode) and started.metadata.timestamps is None
+    started.writer.wait_rows(started.count)
+    started.writer.wait_closed()
+    assert list(started.writer.times) == expected.timestamps
+    assert all(np.array_equal(a, b) for a, b in zip(started.writer.buffer.array, expected.frames))
+    frames, metadata = start_decode(path, sampling.with_options(decoder="sequential"))
+    assert metadata.frames_indices == started.metadata.frames_indices == expected.frame_indices
+    assert all(np.array_equal(a, b) for a, b in zip(frames, expected.frames))
+
 @pytest.mark.parametrize("decoder", ["auto", "seek", "sequential"])
 def test_fps_sampling_goes_on_to_the_last_frame_past_the_declared_duration(tmp_path, decoder):
     times = [0.0, 0.5, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0, 12.0]
@@ -589,16 +625,16 @@ def test_frames_waiting_for_conversion_are_bounded_by_their_source_size(tmp_path
     """Large source frames wait for their conversion one or two at a time, not two per conversion thread: what a
     decode holds follows the output size (a 16000x16000 frame is 768 MB in RGB). The frames here are small, and the
     budget shrunk to two of them."""
-    assert video_decode_vamba.source_frames_allowed((16000, 16000), 8) == 1
-    assert video_decode_vamba.source_frames_allowed((3840, 2160), 8) == 8
+    assert video_frames_vamba.source_frames_allowed((16000, 16000), 8) == 1
+    assert video_frames_vamba.source_frames_allowed((3840, 2160), 8) == 8
     path = write_video(tmp_path / "large.mkv", num_frames=12, width=320, height=320, codec="ffv1")
     expected = load_video(path, num_frames=12, decoder="sequential")
     monkeypatch.setattr(video_decode_vamba, "ThreadPoolExecutor", LazyPool)
     LazyPool.most_waiting = 0
     assert_same_video(load_video(path, num_frames=12, decoder="sequential"), expected)
-    assert LazyPool.most_waiting == 2 * video_decode_vamba._conversion_workers() == 8  # small enough: two per thread
-    monkeypatch.setattr(video_decode_vamba, "SOURCE_FRAMES_BUDGET",
-                        2 * 320 * 320 * video_decode_vamba.CONVERTED_BYTES_PER_PIXEL)
+    assert LazyPool.most_waiting == 2 * video_frames_vamba.conversion_workers() == 8  # small enough: two per thread
+    monkeypatch.setattr(video_frames_vamba, "SOURCE_FRAMES_BUDGET",
+                        2 * 320 * 320 * video_frames_vamba.CONVERTED_BYTES_PER_PIXEL)
     LazyPool.most_waiting = 0
     assert_same_video(load_video(path, num_frames=12, decoder="sequential"), expected)
     assert LazyPool.most_waiting == 2
@@ -612,14 +648,14 @@ def test_frame_threads_of_a_decoder_of_large_frames_are_fewer(monkeypatch, size,
     """Each of FFmpeg's frame threads holds a source-size frame: 16 of 16000x16000 would be 12 GB."""
     monkeypatch.setattr(os, "cpu_count", lambda: 16)
     stream = types.SimpleNamespace(codec_context=types.SimpleNamespace(width=size[0], height=size[1]))
-    video_decode_vamba._set_codec_threads(stream, count, on_device=on_device)
+    video_container_vamba.set_codec_threads(stream, count, on_device=on_device)
     assert (stream.thread_type, stream.thread_count) == ("AUTO", expected)
 
 
 def test_seeking_holds_fewer_large_frames_in_conversion_and_in_decoders(tmp_path, monkeypatch):
-    monkeypatch.setattr(video_decode_vamba, "SOURCE_FRAMES_BUDGET",
-                        2 * 320 * 320 * video_decode_vamba.CONVERTED_BYTES_PER_PIXEL)
-    writer = video_decode_vamba._RowWriter(4, video_decode_vamba.FrameResize(None, 64), workers=4)
+    monkeypatch.setattr(video_frames_vamba, "SOURCE_FRAMES_BUDGET",
+                        2 * 320 * 320 * video_frames_vamba.CONVERTED_BYTES_PER_PIXEL)
+    writer = video_seek_vamba.RowWriter(4, video_frames_vamba.FrameResize(None, 64), workers=4)
     writer.buffer_for((320, 320))
     slots = 0
     while writer.free_slots.acquire(blocking=False):
@@ -628,8 +664,8 @@ def test_seeking_holds_fewer_large_frames_in_conversion_and_in_decoders(tmp_path
     path = write_frames(tmp_path / "large.mp4", moving_frames(24, 320, 320), codec="libx264",
                         codec_options={"g": "4", "keyint_min": "4", "bf": "0"})
     expected = load_video(path, num_frames=6, decoder="sequential")
-    workers, start = [], video_decode_vamba._SeekingDecoder.start
-    monkeypatch.setattr(video_decode_vamba._SeekingDecoder, "start",
+    workers, start = [], video_seek_vamba.SeekingDecoder.start
+    monkeypatch.setattr(video_seek_vamba.SeekingDecoder, "start",
                         lambda decoder, gops, capacity, count: workers.append(count) or start(decoder, gops, capacity,
                                                                                                count))
     for processes in (False, True):
@@ -713,7 +749,7 @@ def no_pass(*args, **kwargs):
 def load_by_seeking(path, sampling, **options):
     """`load_video(decoder="seek")`, failing if the frames come from one pass instead."""
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(video_vamba, "_decode_plan", no_pass)
+        patch.setattr(video_decode_vamba, "_decode_plan", no_pass)
         return load_video(path, sampling, decoder="seek", **options)
 
 
@@ -792,8 +828,8 @@ def test_the_last_frame_and_the_first_gop(tmp_path):
 def test_auto_seeks_when_frames_are_sparse_and_decodes_dense_ones_in_one_pass(tmp_path, monkeypatch):
     path = write_x264(tmp_path / "gops.mp4")
     seeking = []
-    decode = video_vamba._SeekingDecoder.decode
-    monkeypatch.setattr(video_vamba._SeekingDecoder, "decode",
+    decode = video_seek_vamba.SeekingDecoder.decode
+    monkeypatch.setattr(video_seek_vamba.SeekingDecoder, "decode",
                         lambda self, *args: seeking.append(True) or decode(self, *args))
     load_video(path, NO_RESIZE, num_frames=30, decode_workers=1)  # every other frame: every GOP, one pass
     assert not seeking
@@ -809,9 +845,9 @@ def test_a_file_without_a_packet_index_decodes_in_one_pass(tmp_path, monkeypatch
     path = write_x264(tmp_path / "program_stream.mpg")  # MPEG-PS: most packets carry no timestamp
     with av.open(str(path)) as container:
         stream = container.streams.video[0]
-        assert video_vamba._packet_index(container, stream, video_vamba._stream_facts(stream)) is None
+        assert video_decode_vamba.packet_index(container, stream, video_container_vamba.stream_facts(stream)) is None
     expected = one_pass(path, NO_RESIZE.with_options(num_frames=5))
-    monkeypatch.setattr(video_vamba._SeekingDecoder, "decode", lambda *args: pytest.fail("seeked"))
+    monkeypatch.setattr(video_seek_vamba.SeekingDecoder, "decode", lambda *args: pytest.fail("seeked"))
     assert_same_video(load_video(path, NO_RESIZE, num_frames=5, decoder="seek"), expected)
 
 
@@ -820,16 +856,16 @@ def test_a_file_without_a_packet_index_decodes_in_one_pass(tmp_path, monkeypatch
 def test_an_index_that_does_not_match_the_frames_falls_back_to_one_pass(tmp_path, monkeypatch, options):
     path = write_x264(tmp_path / "gops.mp4")
     expected = one_pass(path, NO_RESIZE.with_options(**options))
-    packet_index = video_vamba._packet_index
+    packet_index = video_decode_vamba.packet_index
 
     def shifted(*args):  # every packet one tick later than the frame decoded from it
         index = packet_index(*args)
         return replace(index, pts=[value + 1 for value in index.pts])
 
     passes = []
-    decode_plan = video_vamba._decode_plan
-    monkeypatch.setattr(video_vamba, "_packet_index", shifted)
-    monkeypatch.setattr(video_vamba, "_decode_plan", lambda *args: passes.append(True) or decode_plan(*args))
+    decode_plan = video_decode_vamba._decode_plan
+    monkeypatch.setattr(video_decode_vamba, "packet_index", shifted)
+    monkeypatch.setattr(video_decode_vamba, "_decode_plan", lambda *args: passes.append(True) or decode_plan(*args))
     assert_same_video(load_video(path, NO_RESIZE, decoder="seek", **options), expected)
     assert passes == [True]
 
@@ -838,16 +874,16 @@ def test_an_index_that_does_not_match_the_frames_falls_back_to_one_pass(tmp_path
 def test_keyframe_flags_on_frames_that_are_no_keyframes_fall_back_to_one_pass(tmp_path, monkeypatch, processes):
     path = write_x264(tmp_path / "gops.mp4")
     expected = one_pass(path, NO_RESIZE.with_options(num_frames=7))
-    packet_index = video_vamba._packet_index
+    packet_index = video_decode_vamba.packet_index
 
     def every_packet_a_keyframe(*args):
         index = packet_index(*args)
         return replace(index, keyframes=list(range(len(index.times))))
 
     passes = []
-    decode_plan = video_vamba._decode_plan
-    monkeypatch.setattr(video_vamba, "_packet_index", every_packet_a_keyframe)
-    monkeypatch.setattr(video_vamba, "_decode_plan", lambda *args: passes.append(True) or decode_plan(*args))
+    decode_plan = video_decode_vamba._decode_plan
+    monkeypatch.setattr(video_decode_vamba, "packet_index", every_packet_a_keyframe)
+    monkeypatch.setattr(video_decode_vamba, "_decode_plan", lambda *args: passes.append(True) or decode_plan(*args))
     assert_same_video(load_video(path, NO_RESIZE, num_frames=7, decoder="seek", decode_workers=2,
                                  decode_processes=processes), expected)
     assert passes == [True]
@@ -870,7 +906,7 @@ def test_long_decodes_run_in_processes_by_default(tmp_path, monkeypatch):
     expected = one_pass(path, NO_RESIZE.with_options(num_frames=20))
     load_by_seeking(path, NO_RESIZE, num_frames=20, decode_workers=4)  # 60 frames decoded: threads
     assert not started
-    monkeypatch.setattr(video_vamba, "MIN_FRAMES_FOR_PROCESSES", 40)
+    monkeypatch.setattr(video_decode_vamba, "MIN_FRAMES_FOR_PROCESSES", 40)
     assert_same_video(load_by_seeking(path, NO_RESIZE, num_frames=20, decode_workers=4), expected)
     count = len(started)
     assert 1 <= count <= 4  # a worker that starts after the others decoded everything starts no process
@@ -883,14 +919,14 @@ def test_long_decodes_run_in_processes_by_default(tmp_path, monkeypatch):
 
 def test_a_decoding_process_that_fails_names_the_way_out(tmp_path, monkeypatch):
     path = write_x264(tmp_path / "gops.mp4")
-    monkeypatch.setattr(video_decode_vamba, "DECODING_PROCESS_MAIN", "raise SystemExit(3)")
+    monkeypatch.setattr(video_seek_vamba, "DECODING_PROCESS_MAIN", "raise SystemExit(3)")
     with pytest.raises(RuntimeError, match=r"ended unexpectedly \(exit status 3.*decode_processes=False"):
         load_video(path, NO_RESIZE, num_frames=20, decoder="seek", decode_workers=2, decode_processes=True)
-    monkeypatch.setattr(video_decode_vamba, "DECODING_PROCESS_MAIN", "import sys; sys.stdout.write('F'); sys.exit(4)")
+    monkeypatch.setattr(video_seek_vamba, "DECODING_PROCESS_MAIN", "import sys; sys.stdout.write('F'); sys.exit(4)")
     with pytest.raises(RuntimeError, match=r"ended in the middle of a frame \(exit status 4"):
         load_video(path, NO_RESIZE, num_frames=20, decoder="seek", decode_workers=2, decode_processes=True)
     # A process that prints and then waits is stopped, not waited for.
-    monkeypatch.setattr(video_decode_vamba, "DECODING_PROCESS_MAIN",
+    monkeypatch.setattr(video_seek_vamba, "DECODING_PROCESS_MAIN",
                         "import sys, time; sys.stdout.write('hello'); sys.stdout.flush(); time.sleep(600)")
     with pytest.raises(RuntimeError, match=r"sent b'h', which is no message"):
         load_video(path, NO_RESIZE, num_frames=20, decoder="seek", decode_workers=2, decode_processes=True)
@@ -899,8 +935,8 @@ def test_a_decoding_process_that_fails_names_the_way_out(tmp_path, monkeypatch):
 def test_a_job_longer_than_the_pipes_reaches_the_decoding_processes(tmp_path, monkeypatch):
     path = write_x264(tmp_path / "gops.mp4")  # an hour's packet index is ~1 MB of JSON: here 3 MB
     expected = one_pass(path, NO_RESIZE.with_options(num_frames=20))
-    job = video_decode_vamba._DecodingProcess.job
-    monkeypatch.setattr(video_decode_vamba._DecodingProcess, "job", staticmethod(
+    job = video_seek_vamba._DecodingProcess.job
+    monkeypatch.setattr(video_seek_vamba._DecodingProcess, "job", staticmethod(
         lambda *args: job(*args)[:-2] + b', "padding": "' + b"x" * 3_000_000 + b'"}\n'))
     assert_same_video(load_by_seeking(path, NO_RESIZE, num_frames=20, decode_workers=2, decode_processes=True),
                       expected)
@@ -909,17 +945,17 @@ def test_a_job_longer_than_the_pipes_reaches_the_decoding_processes(tmp_path, mo
 def test_what_a_decoding_process_prints_does_not_mix_with_its_frames(tmp_path, monkeypatch):
     path = write_x264(tmp_path / "gops.mp4")
     expected = one_pass(path, NO_RESIZE.with_options(num_frames=20))
-    main = video_decode_vamba.DECODING_PROCESS_MAIN.replace("module.serve_decoding", "print('hello'); "
+    main = video_seek_vamba.DECODING_PROCESS_MAIN.replace("module.serve_decoding", "print('hello'); "
                                                                                     "module.serve_decoding")
-    assert main != video_decode_vamba.DECODING_PROCESS_MAIN
-    monkeypatch.setattr(video_decode_vamba, "DECODING_PROCESS_MAIN", main)
+    assert main != video_seek_vamba.DECODING_PROCESS_MAIN
+    monkeypatch.setattr(video_seek_vamba, "DECODING_PROCESS_MAIN", main)
     assert_same_video(load_by_seeking(path, NO_RESIZE, num_frames=20, decode_workers=2, decode_processes=True),
                       expected)
 
 
 def test_an_error_in_a_decoding_process_is_raised_with_its_text(tmp_path, monkeypatch):
     path = write_x264(tmp_path / "gops.mp4")
-    monkeypatch.setattr(video_decode_vamba._DecodingProcess, "job", staticmethod(
+    monkeypatch.setattr(video_seek_vamba._DecodingProcess, "job", staticmethod(
         lambda *args: b'{"location": "/nonexistent/video.mp4", "start": 0, "pts": [], "keyframes": [], '
                       b'"shortest_edge": null, "longest_edge": null, "final_resample": 3}\n'))
     with pytest.raises(RuntimeError, match=r"worker process failed \(ValueError: cannot read '/nonexistent/video"):
@@ -960,14 +996,14 @@ def test_a_huge_decode_workers_starts_one_process_per_cpu(tmp_path, monkeypatch)
 def test_decoding_processes_are_one_per_cpu_by_default(tmp_path, monkeypatch):
     path = write_x264(tmp_path / "gops.mp4")  # 10 GOPs
     expected = one_pass(path, NO_RESIZE.with_options(num_frames=20))
-    workers, start = [], video_decode_vamba._SeekingDecoder.start
+    workers, start = [], video_seek_vamba.SeekingDecoder.start
 
     def counted_start(decoder, gops, capacity, count):
         workers.append((decoder.processes, count))
         return start(decoder, gops, capacity, count)
 
-    monkeypatch.setattr(video_decode_vamba._SeekingDecoder, "start", counted_start)
-    monkeypatch.setattr(video_vamba, "MIN_FRAMES_FOR_PROCESSES", 40)
+    monkeypatch.setattr(video_seek_vamba.SeekingDecoder, "start", counted_start)
+    monkeypatch.setattr(video_decode_vamba, "MIN_FRAMES_FOR_PROCESSES", 40)
     monkeypatch.setattr(os, "cpu_count", lambda: 6)
     assert_same_video(load_by_seeking(path, NO_RESIZE, num_frames=20), expected)
     assert_same_video(load_by_seeking(path, NO_RESIZE, num_frames=20, decode_processes=True), expected)
@@ -981,15 +1017,15 @@ def test_the_index_of_an_mp4_without_b_frames_comes_from_its_sample_table(tmp_pa
                         codec_options={"g": "6", "keyint_min": "6", "bf": "0"})
     with av.open(str(path)) as container:
         stream = container.streams.video[0]
-        facts = video_vamba._stream_facts(stream)
-        from_entries = video_decode_vamba._index_from_entries(stream, facts)
+        facts = video_container_vamba.stream_facts(stream)
+        from_entries = video_seek_vamba._index_from_entries(stream, facts)
         assert from_entries is not None and len(from_entries.keyframes) == 10
-        assert from_entries == video_decode_vamba._index_from_demuxing(container, stream, facts)
+        assert from_entries == video_seek_vamba._index_from_demuxing(container, stream, facts)
     with av.open(str(write_x264(tmp_path / "b_frames.mp4"))) as container:  # decoding times are not display times
         stream = container.streams.video[0]
-        assert video_decode_vamba._index_from_entries(stream, video_vamba._stream_facts(stream)) is None
+        assert video_seek_vamba._index_from_entries(stream, video_container_vamba.stream_facts(stream)) is None
     expected = one_pass(path, NO_RESIZE.with_options(num_frames=7))
-    monkeypatch.setattr(video_decode_vamba, "_index_from_demuxing", lambda *args: pytest.fail("demuxed"))
+    monkeypatch.setattr(video_seek_vamba, "_index_from_demuxing", lambda *args: pytest.fail("demuxed"))
     assert_same_video(load_by_seeking(path, NO_RESIZE, num_frames=7, decode_workers=2), expected)
 
 
@@ -1013,7 +1049,7 @@ def test_decode_device_values():
                          [(None, None, 3, [None] * 3), ("cuda:1", None, 3, ["cuda:1"] * 3),
                           ("cuda", 2, 5, ["cuda", "cuda", None, None, None]), ("cuda", 9, 2, ["cuda", "cuda"])])
 def test_which_workers_decode_on_the_device(device, device_workers, workers, expected):
-    decoder = video_decode_vamba._SeekingDecoder("clip.mp4", None, video_decode_vamba._PacketIndex([], [], []),
+    decoder = video_seek_vamba.SeekingDecoder("clip.mp4", None, video_seek_vamba.PacketIndex([], [], []),
                                                  None, None, device=device, device_workers=device_workers)
     assert decoder.worker_devices(workers) == expected
 
@@ -1026,7 +1062,7 @@ needs_no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="this machi
 @pytest.mark.parametrize("decoder", ["sequential", "seek"])
 def test_decode_device_without_cuda_raises_a_clear_error(tmp_path, monkeypatch, decoder):
     path = write_x264(tmp_path / "gops.mp4")
-    monkeypatch.setattr(video_vamba, "_decode_plan", lambda *args: pytest.fail("decoded on the CPU"))
+    monkeypatch.setattr(video_decode_vamba, "_decode_plan", lambda *args: pytest.fail("decoded on the CPU"))
     message = r"decode_device='cuda' cannot decode .*gops.mp4.*NVIDIA driver with NVDEC.*decode_device=None\.$"
     with pytest.raises(RuntimeError, match=message) as error:
         load_video(path, NO_RESIZE, num_frames=5, decoder=decoder, decode_workers=3, decode_device="cuda")
@@ -1055,21 +1091,21 @@ def test_the_processor_takes_decode_device_as_its_other_sampling_options(tmp_pat
 def open_containers_on_the_cpu(monkeypatch, module) -> list:
     """`module`'s containers open on the CPU whatever device they are asked for; returns the list of the devices
     asked for, in order."""
-    devices, open_container = [], video_decode_vamba._open_container
+    devices, open_container = [], video_container_vamba.open_container
 
     def open_on_the_cpu(location, timeout, device=None):
         devices.append(device)
         return open_container(location, timeout)
 
-    monkeypatch.setattr(module, "_open_container", open_on_the_cpu)
+    monkeypatch.setattr(module, "open_container", open_on_the_cpu)
     return devices
 
 
 @needs_no_cuda
 def test_a_seeking_thread_that_cannot_open_the_device_raises_rather_than_decode_in_one_pass(tmp_path, monkeypatch):
     path = write_x264(tmp_path / "gops.mp4")
-    open_containers_on_the_cpu(monkeypatch, video_vamba)
-    monkeypatch.setattr(video_vamba, "_decode_plan", lambda *args: pytest.fail("decoded in one pass"))
+    open_containers_on_the_cpu(monkeypatch, video_decode_vamba)
+    monkeypatch.setattr(video_decode_vamba, "_decode_plan", lambda *args: pytest.fail("decoded in one pass"))
     with pytest.raises(RuntimeError, match=r"decode_device='cuda:0' cannot decode .*decode_device=None"):
         load_video(path, NO_RESIZE, num_frames=5, decoder="seek", decode_workers=2, decode_device="cuda:0")
 
@@ -1091,16 +1127,16 @@ def test_the_cuda_context_a_container_decodes_in(tmp_path, monkeypatch, torch_ho
             raise av.error.OSError(refusal, os.strerror(refusal))
         return av_module.open(location)
 
-    monkeypatch.setattr(video_decode_vamba, "_open_on_device", open_on_device)
-    monkeypatch.setattr(video_decode_vamba, "_torch_holds_cuda", lambda: torch_holds_cuda)
-    monkeypatch.setattr(video_decode_vamba, "_torch_context_current",
+    monkeypatch.setattr(video_nvdec_vamba, "_open_in_context", open_on_device)
+    monkeypatch.setattr(video_nvdec_vamba, "_torch_holds_cuda", lambda: torch_holds_cuda)
+    monkeypatch.setattr(video_nvdec_vamba, "_torch_context_current",
                         lambda device: made_current.append(device) or contextlib.nullcontext())
     if refusal in (None, errno.EOPNOTSUPP):
-        with video_decode_vamba._open(av, path, 10.0, "cuda:0") as container:
+        with video_container_vamba._open(av, path, 10.0, "cuda:0") as container:
             assert container.streams.video
     else:
         with pytest.raises(RuntimeError, match=r"decode_device='cuda:0' cannot decode .*Invalid argument"):
-            video_decode_vamba._open(av, path, 10.0, "cuda:0")
+            video_container_vamba._open(av, path, 10.0, "cuda:0")
     assert contexts == opened
     assert made_current == (["cuda:0"] if torch_holds_cuda else [])
 
@@ -1114,10 +1150,10 @@ def test_the_device_context_is_chosen_by_ffmpegs_cuda_options(monkeypatch):
     for context, options in (("primary", {"primary_ctx": "1"}), ("current", {"primary_ctx": "0", "current_ctx": "1"}),
                              ("own", {"primary_ctx": "0"})):
         made.clear()
-        assert video_decode_vamba._open_on_device(av, "clip.mp4", "cuda:1", {}, context) == "container"
+        assert video_nvdec_vamba._open_in_context(av, "clip.mp4", "cuda:1", {}, context) == "container"
         assert made == [(("cuda",), {"device": "1", "allow_software_fallback": False, "is_hw_owned": True,
                                      "options": options})]
-    video_decode_vamba._open_on_device(av, "clip.mp4", "cuda", {}, "primary")
+    video_nvdec_vamba._open_in_context(av, "clip.mp4", "cuda", {}, "primary")
     assert made[-1][1]["device"] is None and opened[-1] == ("clip.mp4", {"hwaccel": "accel"})
 
 
@@ -1131,11 +1167,11 @@ def test_torch_holds_cuda_only_once_it_has_made_its_context(monkeypatch):
 
     fake_torch = type("torch", (), {"cuda": Cuda()})()
     monkeypatch.setitem(sys.modules, "torch", fake_torch)
-    assert not video_decode_vamba._torch_holds_cuda()
+    assert not video_nvdec_vamba._torch_holds_cuda()
     fake_torch.cuda.started = True
-    assert video_decode_vamba._torch_holds_cuda()
+    assert video_nvdec_vamba._torch_holds_cuda()
     monkeypatch.delitem(sys.modules, "torch")
-    assert not video_decode_vamba._torch_holds_cuda()
+    assert not video_nvdec_vamba._torch_holds_cuda()
 
 
 def test_an_unreadable_file_says_so_before_the_device(tmp_path):
@@ -1150,9 +1186,9 @@ def test_an_unreadable_file_says_so_before_the_device(tmp_path):
 def test_every_container_opened_for_decoding_gets_the_device_and_the_workers_are_threads(tmp_path, monkeypatch):
     path = write_x264(tmp_path / "gops.mp4")
     expected = one_pass(path, NO_RESIZE.with_options(num_frames=20))
-    opened_here = open_containers_on_the_cpu(monkeypatch, video_vamba)
-    devices = open_containers_on_the_cpu(monkeypatch, video_decode_vamba)
-    monkeypatch.setattr(video_vamba, "MIN_FRAMES_FOR_PROCESSES", 1)
+    opened_here = open_containers_on_the_cpu(monkeypatch, video_decode_vamba)
+    devices = open_containers_on_the_cpu(monkeypatch, video_seek_vamba)
+    monkeypatch.setattr(video_decode_vamba, "MIN_FRAMES_FOR_PROCESSES", 1)
     started = counted_decoding_processes(monkeypatch)
     assert_same_video(load_by_seeking(path, NO_RESIZE, num_frames=20, decode_workers=4, decode_device="cuda:1"),
                       expected)
@@ -1169,8 +1205,8 @@ def test_every_container_opened_for_decoding_gets_the_device_and_the_workers_are
 def test_with_decode_device_workers_the_other_workers_decode_on_the_cpu(tmp_path, monkeypatch):
     path = write_x264(tmp_path / "gops.mp4")
     expected = one_pass(path, NO_RESIZE.with_options(num_frames=20))
-    open_containers_on_the_cpu(monkeypatch, video_vamba)
-    devices = open_containers_on_the_cpu(monkeypatch, video_decode_vamba)  # the workers' containers
+    open_containers_on_the_cpu(monkeypatch, video_decode_vamba)
+    devices = open_containers_on_the_cpu(monkeypatch, video_seek_vamba)  # the workers' containers
     assert_same_video(load_by_seeking(path, NO_RESIZE, num_frames=20, decode_workers=4, decode_device="cuda:1",
                                       decode_device_workers=1, decode_processes=False), expected)
     assert sorted(map(str, devices)) == ["None", "None", "None", "cuda:1"]
@@ -1181,8 +1217,8 @@ def test_workers_beside_device_workers_are_processes_by_default(tmp_path, monkey
     """Processes where they pay, as without a device: CPU decoders in threads beside NVDEC's share the interpreter
     lock with them (slower on the H200 host, BENCHMARKS.md). Here the device worker's process cannot open the GPU."""
     path = write_x264(tmp_path / "gops.mp4")
-    open_containers_on_the_cpu(monkeypatch, video_vamba)
-    monkeypatch.setattr(video_vamba, "MIN_FRAMES_FOR_PROCESSES", 1)
+    open_containers_on_the_cpu(monkeypatch, video_decode_vamba)
+    monkeypatch.setattr(video_decode_vamba, "MIN_FRAMES_FOR_PROCESSES", 1)
     started = counted_decoding_processes(monkeypatch)
     with pytest.raises(RuntimeError, match=r"worker process failed \(RuntimeError: decode_device='cuda' cannot"):
         load_video(path, NO_RESIZE, num_frames=20, decoder="seek", decode_workers=4, decode_device="cuda",
@@ -1193,7 +1229,7 @@ def test_workers_beside_device_workers_are_processes_by_default(tmp_path, monkey
 @needs_no_cuda
 def test_a_decoding_process_on_a_device_it_cannot_open_says_so(tmp_path, monkeypatch):
     path = write_x264(tmp_path / "gops.mp4")
-    open_containers_on_the_cpu(monkeypatch, video_vamba)  # this process opens the file on the CPU; its workers cannot
+    open_containers_on_the_cpu(monkeypatch, video_decode_vamba)  # this process opens the file on the CPU; its workers cannot
     with pytest.raises(RuntimeError, match=r"worker process failed \(RuntimeError: decode_device='cuda' cannot "
                                            r"decode .*gops.mp4.*NVIDIA driver with NVDEC"):
         load_video(path, NO_RESIZE, num_frames=20, decoder="seek", decode_workers=2, decode_processes=True,
@@ -1234,11 +1270,11 @@ def _frame(time, key_frame=True, is_corrupt=False):
 def test_a_device_that_decodes_no_packet_raises():
     frame = _frame(0.0)
     failing = _Container([_FailingPacket()] * 3)
-    assert list(video_decode_vamba._decoded_frames(failing, None)) == []  # the CPU skips undecodable packets
+    assert list(video_container_vamba.decoded_frames(failing, None)) == []  # the CPU skips undecodable packets
     with pytest.raises(RuntimeError, match=r"decode_device='cuda' cannot decode 'clip.mp4' \(.*Invalid data"):
-        list(video_decode_vamba._decoded_frames(failing, None, "cuda"))
+        list(video_container_vamba.decoded_frames(failing, None, "cuda"))
     some_decode = _Container([_FailingPacket(), _Decoding(frame), _FailingPacket()])
-    assert list(video_decode_vamba._decoded_frames(some_decode, None, "cuda")) == [frame]
+    assert list(video_container_vamba.decoded_frames(some_decode, None, "cuda")) == [frame]
 
 
 def test_frames_after_an_undecodable_packet_are_skipped_up_to_the_next_keyframe():
@@ -1247,7 +1283,7 @@ def test_frames_after_an_undecodable_packet_are_skipped_up_to_the_next_keyframe(
     packets = [_Decoding(first), _FailingPacket()] + [_FailingPacket()] * 200 + [_Decoding(suspect), _Decoding(),
                _Decoding(key, after), _FailingPacket(), _Decoding(last_suspect)]
     damaged = []
-    frames = list(video_decode_vamba._decoded_frames(_Container(packets), None, damaged=damaged, start=0.5))
+    frames = list(video_container_vamba.decoded_frames(_Container(packets), None, damaged=damaged, start=0.5))
     assert frames == [first, key, after]  # past 200 bad packets in a row, to the end of the stream
     assert damaged == [(0.5, 1.5), (2.0, None)]
 
@@ -1263,14 +1299,14 @@ def test_a_keyframe_read_before_the_damage_or_marked_corrupt_does_not_end_the_sk
                _Decoding(late_key), _Decoding(_frame(3.5, False)), _Decoding(corrupt_key), _Decoding(_frame(4.5)),
                _Decoding(_frame(5.0))]
     damaged = []
-    frames = list(video_decode_vamba._decoded_frames(_Container(packets), None, damaged=damaged))
+    frames = list(video_container_vamba.decoded_frames(_Container(packets), None, damaged=damaged))
     assert [frame.time for frame in frames] == [0.5, 3.0, 3.5, 4.5, 5.0]
     assert damaged == [(0.5, 3.0), (3.5, 4.5)]
 
 
 def test_software_frames_stay_as_they_are(tmp_path):
     frame = av.VideoFrame(16, 16, "yuv420p")
-    assert video_decode_vamba._in_system_memory(frame) is frame
+    assert video_frames_vamba.in_system_memory(frame) is frame
     with av.open(str(write_x264(tmp_path / "gops.mp4"))) as container:
         decoded = next(container.decode(video=0))
-    assert video_decode_vamba._in_system_memory(decoded) is decoded
+    assert video_frames_vamba.in_system_memory(decoded) is decoded

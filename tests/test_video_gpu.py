@@ -12,7 +12,7 @@ import torch
 from media_helpers import assert_same_video, write_video, write_x264
 
 import vamba_hf
-from vamba_hf import video_decode_vamba
+from vamba_hf import video_frames_vamba
 from vamba_hf.video_vamba import VideoSampling, load_video, stream_video
 
 pytestmark = pytest.mark.skipif(
@@ -26,14 +26,14 @@ NO_RESIZE = VideoSampling(video_shortest_edge=None, video_longest_edge=None)
 @pytest.fixture
 def hardware_frames(monkeypatch) -> list:
     """The list that every frame decoded on the GPU and converted (a sampled one) is appended to."""
-    seen, in_system_memory = [], video_decode_vamba._in_system_memory
+    seen, in_system_memory = [], video_frames_vamba.in_system_memory
 
     def counted(frame):
         if frame.format.name == "cuda":
             seen.append(frame.pts)
         return in_system_memory(frame)
 
-    monkeypatch.setattr(video_decode_vamba, "_in_system_memory", counted)
+    monkeypatch.setattr(video_frames_vamba, "in_system_memory", counted)
     return seen
 
 

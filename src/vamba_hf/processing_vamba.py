@@ -70,6 +70,14 @@ from .video_vamba import (
     to_video_frames,
 )
 
+# transformers 4.x copies into its module cache only the modules this file imports, not the ones they import: the
+# video decoding modules behind `video_vamba` are named here for that.
+from .video_container_vamba import open_container  # noqa: F401
+from .video_frames_vamba import FrameBuffer  # noqa: F401
+from .video_nvdec_vamba import open_on_device  # noqa: F401
+from .video_sampling_vamba import sample_times  # noqa: F401
+from .video_seek_vamba import serve_decoding  # noqa: F401
+
 __all__ = ["VAMBA_CHAT_TEMPLATE", "VambaProcessor", "VideoFrames", "VideoSampling", "default_image_processor",
            "load_video"]
 

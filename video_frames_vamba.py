@@ -1,0 +1,1 @@
+src/vamba_hf/video_frames_vamba.py
