@@ -20,6 +20,7 @@ from transformers import AutoProcessor
 
 import vamba_hf
 from vamba_hf import convert as convert_module
+from vamba_hf import source_files
 from vamba_hf.card import REPO_ID_PLACEHOLDER
 from vamba_hf.configuration_vamba import AUTO_MAP
 from vamba_hf.convert import REMOTE_CODE_FILES, ConversionError, convert_checkpoint, read_safetensors_header
@@ -274,7 +275,7 @@ def test_model_card_metadata_is_valid_for_the_hub(video_short_source, tmp_path):
 def test_model_card_options(video_short_source, tmp_path):
     convert_quietly(video_short_source, tmp_path / "hub", base_model="me/tiny-vamba", repo_id="me/tiny-vamba-hf")
     card = ModelCard.load(tmp_path / "hub" / "README.md")
-    assert card.data.base_model == "me/tiny-vamba" and card.data.license == "other"
+    assert card.data.base_model == "me/tiny-vamba" and card.data.license == "unknown"
     assert 'model_id = "me/tiny-vamba-hf"' in card.text and REPO_ID_PLACEHOLDER not in card.text
 
 
@@ -1089,7 +1090,7 @@ def _fifo(path):
 
 def _huge(path):
     with open(path, "r+b" if path.exists() else "wb") as file:
-        file.truncate(convert_module.MAX_TEXT_FILE_BYTES + 1)  # sparse: nothing is written
+        file.truncate(source_files.MAX_TEXT_FILE_BYTES + 1)  # sparse: nothing is written
 
 
 def _dev_zero(path):

@@ -121,7 +121,7 @@ class SourceFacts:
 
 
 def _repo_id_of(folder: Path, name: str) -> Optional[str]:
-    from .convert import is_hub_repo_id
+    from .source_files import is_hub_repo_id
 
     if not Path(name).exists() and is_hub_repo_id(name):
         return name  # downloaded from the Hub under this id
@@ -132,7 +132,7 @@ def _repo_id_of(folder: Path, name: str) -> Optional[str]:
 def _source_text(path: Path) -> Optional[str]:
     """The text of the source's file `path` (None when there is none), read only when it is a regular file of
     bounded size in the folder (ConversionError otherwise: a FIFO or a device is never opened for reading)."""
-    from .convert import check_source_file, read_regular_file
+    from .source_files import check_source_file, read_regular_file
 
     if not os.path.lexists(path):
         return None
@@ -190,7 +190,7 @@ def parameter_count(config) -> int:
     """Parameters of `VambaForConditionalGeneration(config)`, counted on the meta device (nothing allocated)."""
     from math import prod
 
-    from .convert import expected_shapes
+    from .source_files import expected_shapes
 
     return sum(prod(shape) for shape in expected_shapes(config).values())
 
@@ -211,7 +211,7 @@ def _about_this_folder(config, base_model: Optional[str], license: Optional[str]
              "for the processor (tokenizer, image processor, chat template)" if has_processor else
              "`AutoModelForImageTextToText` (and `AutoModelForVision2Seq` on 4.x) for the model only: there is no "
              "tokenizer or processor")
-    from .convert import REMOTE_CODE_FILES
+    from .source_files import REMOTE_CODE_FILES
 
     remote_code = ", ".join(f"`{name}`" for name in REMOTE_CODE_FILES)
     mamba, vision = config.vision_mamba_mixer_config, config.vision_config

@@ -22,7 +22,6 @@ import re
 import secrets
 import shutil
 import signal
-import stat
 import struct
 import threading
 from dataclasses import dataclass, field
@@ -30,13 +29,12 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from .card import write_model_card
+from .source_files import (REMOTE_CODE_FILES, ConversionError, check_source_file, expected_shapes, is_hub_repo_id,
+                           read_regular_file)
 from .errors import VambaUserError, hub_error_message, is_network_error
 
 SINGLE_WEIGHTS = "model.safetensors"
 WEIGHTS_INDEX = "model.safetensors.index.json"
-# The remote code: every `*_vamba.py` module of the package (each imports the others relatively), the same files
-# the repository root links to.
-REMOTE_CODE_FILES = tuple(sorted(path.name for path in Path(__file__).resolve().parent.glob("*_vamba.py")))
 IMAGE_PROCESSOR_FILE = "preprocessor_config.json"
 # transformers 5 saves the image processor's settings inside this file instead.
 PROCESSOR_FILE = "processor_config.json"
@@ -60,7 +58,6 @@ PICKLE_WEIGHT_PATTERNS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
 CONVERT_RECORD = ".vamba-hf-convert.json"
 CONVERT_RECORD_WRITER = "vamba-hf convert"
 # Config, tokenizer and processor files are a few MB at most (Qwen2-VL's tokenizer.json: 7 MB).
-MAX_TEXT_FILE_BYTES = 64 * 2**20
 HUB_DOWNLOAD_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.jinja", "README.md"]  # the card: its license
 IM_END_TOKEN = "<|im_end|>"
 
@@ -72,12 +69,7 @@ FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
 _MAX_HEADER_BYTES = 100 * 2**20  # real headers are kilobytes; a huge length means this is not safetensors
 _MAX_LISTED_NAMES = 8
 _WORK_FOLDER_TAGS = ("partial", "replaced")
-_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
 
-
-class ConversionError(VambaUserError):
-    """The source folder cannot be converted (or the destination not written); the message says what is wrong,
-    where, and what to do."""
 
 
 class DestinationExistsError(ConversionError, FileExistsError):
@@ -118,33 +110,6 @@ def quiet_transformers():
         logging.set_verbosity(previous)
 
 
-def _file_kind(mode: int) -> str:
-    for test, kind in ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a device"),
-                       (stat.S_ISBLK, "a device"), (stat.S_ISSOCK, "a socket")):
-        if test(mode):
-            return kind
-    return "not a regular file"
-
-
-def read_regular_file(path: Path, max_bytes: int = MAX_TEXT_FILE_BYTES) -> bytes:
-    """The bytes of `path`, refused (ConversionError) unless it is a regular file of at most `max_bytes`. Opened
-    without blocking, so a FIFO is refused rather than waited on; a device (/dev/zero) is never read."""
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
-    with os.fdopen(fd, "rb") as file:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            raise ConversionError(f"{path} is {_file_kind(info.st_mode)}, not a regular file: replace it with the "
-                                  f"file itself.")
-        if info.st_size > max_bytes:
-            raise ConversionError(f"{path} is {info.st_size:,} bytes, more than such a file can be ({max_bytes:,}): "
-                                  f"replace it with the right file.")
-        data = file.read(max_bytes + 1)
-    if len(data) > max_bytes:
-        raise ConversionError(f"{path} grew past {max_bytes:,} bytes while it was read: replace it with the right "
-                              f"file.")
-    return data
-
-
 def read_json_object(path: Path) -> dict:
     """The JSON object in `path`; a ConversionError naming the file when it is not a regular file of bounded size,
     not valid JSON or not an object."""
@@ -155,38 +120,6 @@ def read_json_object(path: Path) -> dict:
     if not isinstance(value, dict):
         raise ConversionError(f"{path} holds a JSON {type(value).__name__}, not an object; fix or replace the file.")
     return value
-
-
-def _is_hub_cache_link(path: Path) -> bool:
-    """A link of a Hub cache snapshot (`.../snapshots/<revision>/<name>`) to a blob of the same cache, as
-    huggingface_hub writes them."""
-    snapshot = path.parent
-    if snapshot.parent.name != "snapshots":
-        return False
-    try:
-        return path.resolve().parent == (snapshot.parent.parent / "blobs").resolve()
-    except (OSError, RuntimeError):  # a loop of links
-        return False
-
-
-def check_source_file(path: Path, max_bytes: Optional[int] = MAX_TEXT_FILE_BYTES) -> None:
-    """Refuse (ConversionError) a source file that convert would read or carry into DST unless it is a regular file
-    (of at most `max_bytes`, when given) and no link, but a Hub cache snapshot's links to its blobs."""
-    if path.is_symlink() and not _is_hub_cache_link(path):
-        raise ConversionError(f"{path} is a symbolic link (to {os.readlink(path)}): convert does not follow links in "
-                              f"a source folder, so that nothing from outside it is carried into the destination; "
-                              f"replace the link with the file itself (cp --remove-destination "
-                              f"\"$(readlink -f {path})\" {path}) and convert again.")
-    try:
-        info = path.stat()
-    except OSError as error:
-        raise ConversionError(f"{path} cannot be read ({error.strerror}): replace it with the file itself.") from None
-    if not stat.S_ISREG(info.st_mode):
-        raise ConversionError(f"{path} is {_file_kind(info.st_mode)}, not a regular file: replace it with the file "
-                              f"itself.")
-    if max_bytes is not None and info.st_size > max_bytes:
-        raise ConversionError(f"{path} is {info.st_size:,} bytes, more than such a file can be ({max_bytes:,}): "
-                              f"replace it with the right file.")
 
 
 def check_source_files(source: Path, weight_files: tuple = (SINGLE_WEIGHTS,)) -> None:
@@ -363,17 +296,6 @@ def read_checkpoint_tensors(source: Path, files: list, weight_map: Optional[dict
     return tensors
 
 
-def expected_shapes(config) -> dict:
-    """Tensor name -> shape that `VambaForConditionalGeneration(config)` loads (built on the meta device)."""
-    import torch
-
-    from .modeling_vamba import VambaForConditionalGeneration
-
-    with torch.device("meta"):
-        model = VambaForConditionalGeneration(config)
-    return {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
-
-
 def _listing(title: str, names: list) -> str:
     shown = names[:_MAX_LISTED_NAMES]
     more = f"; ... and {len(names) - len(shown)} more" if len(names) > len(shown) else ""
@@ -493,19 +415,6 @@ def build_generation_config(source: Path, config, tokenizer):
 
 
 # -- where the source is ---------------------------------------------------------------------------------------
-
-
-def is_hub_repo_id(text) -> bool:
-    """`namespace/name` as the Hub spells repo ids (no path syntax: no leading '.', '/', '~', no '..' or '--')."""
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
-
-    if not (isinstance(text, str) and _REPO_ID.match(text)):
-        return False
-    try:
-        validate_repo_id(text)
-    except HFValidationError:
-        return False
-    return True
 
 
 def local_source_folder(source) -> Optional[Path]:
