@@ -5,7 +5,7 @@ messages: eagerly as before, inside a traced graph where a value decides (a plac
 
 import pytest
 import torch
-from helpers import left_pad, prompt, tiny_model, video_pixels
+from helpers import EOS, left_pad, prompt, tiny_model, video_pixels
 from transformers import CompileConfig
 
 from vamba_hf.cache_vamba import VambaStaticCache
@@ -52,6 +52,30 @@ def test_static_cache_generates_the_dynamic_cache_ids(model, batch, visual):
     assert torch.equal(static.sequences, dynamic) and torch.equal(again, dynamic)
 
 
+def test_beam_search_over_a_static_cache_equals_the_dynamic_cache(model, batch):
+    """Beams reorder the static buffers in place, and the cross-attention store with them."""
+    beams = dict(GREEDY, max_new_tokens=5, num_beams=3, num_return_sequences=2)
+    with torch.no_grad():
+        dynamic = model.generate(**batch, **beams)
+        static = model.generate(**batch, cache_implementation="static", **beams)
+    assert torch.equal(static, dynamic)
+
+
+@pytest.mark.parametrize("mode", ["prompt_lookup", "assistant"])
+def test_assisted_decoding_over_a_static_cache_equals_greedy(model, mode):
+    """Assisted decoding crops the static cache after each rejected candidate (transformers 4 crops to a length, 5
+    by a count)."""
+    pixels, grid = video_pixels(2, 4, 6)
+    common = dict(input_ids=prompt(2, 4)[None], pixel_values_videos=pixels, video_grid_thw=grid, max_new_tokens=8,
+                  do_sample=False, eos_token_id=EOS)
+    assisted = (dict(prompt_lookup_num_tokens=2) if mode == "prompt_lookup"
+                else dict(assistant_model=tiny_model(num_hidden_layers=1)))
+    with torch.no_grad():
+        greedy = model.generate(**common)
+        static = model.generate(**common, cache_implementation="static", **assisted)
+    assert torch.equal(static, greedy)
+
+
 def test_fullgraph_compiled_static_decoding_generates_the_eager_ids(model, batch):
     torch._dynamo.reset()
     with torch.no_grad():
@@ -61,15 +85,18 @@ def test_fullgraph_compiled_static_decoding_generates_the_eager_ids(model, batch
     assert torch.equal(compiled, eager)
 
 
-def test_compiled_forward_generates_the_eager_ids(batch):
-    model = tiny_model()
+@pytest.mark.parametrize("visual", [True, False])
+def test_compiled_forward_generates_the_eager_ids(batch, visual):
+    """torch.compile(model.forward): without graph breaks for text (prefill and the default cache's steps); a
+    prefill with pixels lays out the visual stream by the grid's values, which breaks the graph there."""
+    model, inputs = tiny_model(), batch if visual else text_batch()
     with torch.no_grad():
-        eager_logits = model(**batch).logits
-        eager = model.generate(**batch, **GREEDY)
+        eager_logits = model(**inputs).logits
+        eager = model.generate(**inputs, **GREEDY)
         torch._dynamo.reset()
-        model.forward = torch.compile(model.forward, backend="eager")
-        compiled_logits = model(**batch).logits
-        compiled = model.generate(**batch, **GREEDY)
+        model.forward = torch.compile(model.forward, backend="eager", fullgraph=not visual)
+        compiled_logits = model(**inputs).logits
+        compiled = model.generate(**inputs, **GREEDY)
     torch.testing.assert_close(compiled_logits, eager_logits)
     assert torch.equal(compiled, eager)
 

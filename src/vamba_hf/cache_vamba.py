@@ -207,6 +207,10 @@ class VambaCache(DynamicCache):
         super().crop(max_length)
 
 
+# transformers 4 crops a cache to a length, 5 by the number of positions to drop.
+CROP_TAKES_LENGTH = "max_length" in inspect.signature(Cache.crop).parameters
+
+
 class VambaStaticCache(StaticCache):
     """transformers' static cache with Vamba's `cross` store: each layer's self-attention K/V in a buffer of
     `max_cache_len` positions (allocated at the first write), written at `position`, a 0-d tensor on the device so
@@ -242,6 +246,8 @@ class VambaStaticCache(StaticCache):
         layer = self.layers[layer_idx]
         if self.position is None:
             self.position = torch.zeros((), dtype=torch.long, device=key.device)
+            if not tracing():  # a compiled step writes it in place: CUDA graphs need its address fixed
+                torch._dynamo.mark_static_address(self.position)
         if layer.keys is None:
             # transformers allocates the buffers (and marks their addresses static for CUDA graphs); it takes the
             # value states too from 5.0 on.
@@ -266,8 +272,11 @@ class VambaStaticCache(StaticCache):
         self.seen, self.filled = 0, False
         self.cross = CrossStore()
 
-    def crop(self, max_length: int):
-        removed = self.seen - (max_length if max_length >= 0 else self.seen + max_length)
+    def crop(self, length: int):
+        """transformers' crop: to `length` positions (4.x; a negative one removes that many), or removing -`length`
+        (5.x)."""
+        kept = length if CROP_TAKES_LENGTH and length >= 0 else self.seen + length
+        removed = self.seen - kept
         if removed > 0:
             self.position.sub_(removed)
             self.seen -= removed

@@ -108,6 +108,9 @@ class VambaPreTrainedModel(PreTrainedModel):
     _supports_flash_attn = True
     _supports_flash_attn_2 = True
     _supports_attention_backend = True
+    # The decoding step with a static cache compiles without graph breaks (tests/test_compile_export.py); a prefill
+    # with pixels lays out the visual stream by the grid's values, as Qwen2-VL's does.
+    _can_compile_fullgraph = True
     _keep_in_fp32_modules = []
     # transformers 5 takes the config's plan only for a model that is its own base model; Vamba's base_model_prefix
     # names its text model (the checkpoint's `model.*`), so the model class carries it too.
@@ -349,14 +352,8 @@ class VambaModel(VambaPreTrainedModel):
         cache = past_key_values
         if isinstance(cache, VambaStaticCache):
             return cache
-        if isinstance(cache, StaticCache):  # what generate builds for cache_implementation="static"
-            if holds_tokens(cache):
-                raise ValueError(f"{CACHE_NAME} is a filled {type(cache).__name__}: Vamba's cache also holds the "
-                                 f"cross-attention K/V; pass the VambaStaticCache a previous call returned.")
-            static = VambaStaticCache(self.config, cache.layers[0].max_cache_len)
-            if getattr(self, "_cache", None) is cache:  # transformers 4.x keeps generate's cache for its next call
-                self._cache = static
-            return static
+        if isinstance(cache, StaticCache):
+            return self._static_cache_for(cache)
         if not isinstance(cache, VambaCache):
             # An empty DynamicCache is what generate starts with; any other cache would be ignored silently.
             if cache is not None and (type(cache) is not DynamicCache or cache.get_seq_length() > 0):
@@ -365,6 +362,17 @@ class VambaModel(VambaPreTrainedModel):
             cache = VambaCache()
         cache.release_decode_graph()
         return cache
+
+    def _static_cache_for(self, cache: StaticCache) -> VambaStaticCache:
+        """A VambaStaticCache of the size of transformers' empty StaticCache `cache` (what generate builds for
+        cache_implementation="static")."""
+        if holds_tokens(cache):
+            raise ValueError(f"{CACHE_NAME} is a filled {type(cache).__name__}: Vamba's cache also holds the "
+                             f"cross-attention K/V; pass the VambaStaticCache a previous call returned.")
+        static = VambaStaticCache(self.config, cache.layers[0].max_cache_len)
+        if getattr(self, "_cache", None) is cache:  # transformers 4.x keeps generate's cache for its next call
+            self._cache = static
+        return static
 
     def _visual_stream(self, layout, input_ids, batch_size: int, prefill: bool, visual_inputs: dict, dtype,
                        device, record: Optional[TowerRecord] = None):
@@ -693,6 +701,14 @@ class VambaForConditionalGeneration(VambaModel, GenerationMixin):
             check_input_ids(input_ids, self.config.vocab_size)
             check_attention_mask(kwargs.get("attention_mask"), input_ids.shape[0], input_ids.shape[1], 0)
         return super().generate(inputs, *args, **kwargs)
+
+    def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
+        """transformers' cache for generate; a static one becomes Vamba's before the first forward, so that every
+        step (assisted decoding's too) continues the one object."""
+        super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
+        cache = model_kwargs.get(CACHE_NAME)
+        if isinstance(cache, StaticCache) and not isinstance(cache, VambaStaticCache):
+            model_kwargs[CACHE_NAME] = self._static_cache_for(cache)
 
     def prepare_inputs_for_generation(self, input_ids, inputs_embeds=None, **kwargs):
         """transformers' inputs, with the visual inputs given exactly to the prefill (the forward that fills an empty
