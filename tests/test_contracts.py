@@ -92,10 +92,11 @@ def test_shift_labels_are_taken_as_already_shifted(model, video):
         from_labels = model(input_ids=ids, labels=labels, **video).loss
         from_shifted = model(input_ids=ids, shift_labels=shifted, **video).loss
         unshifted = model(input_ids=ids, shift_labels=labels, **video).loss
+        # The Trainer passes both under context parallelism: transformers' loss then reads `shift_labels`.
+        both = model(input_ids=ids, labels=labels, shift_labels=labels, **video).loss
     assert torch.equal(from_shifted, from_labels)
     assert not torch.allclose(unshifted, from_labels)
-    with pytest.raises(ValueError, match="not both"):
-        model(input_ids=ids, labels=labels, shift_labels=shifted, **video)
+    assert torch.equal(both, unshifted)
 
 
 # -- attention outputs ----------------------------------------------------------------------------------------------
@@ -233,10 +234,9 @@ def test_generate_continues_from_a_returned_cache(model, video):
     assert torch.equal(continued, whole)
 
 
-@pytest.mark.parametrize("implementation", ["static", "offloaded"])
-def test_a_cache_implementation_vamba_does_not_keep_is_refused(model, video, implementation):
-    with pytest.raises(ValueError, match=f"cache_implementation='{implementation}' is not supported"):
-        model.generate(input_ids=prompt(1, 2)[None], max_new_tokens=2, cache_implementation=implementation, **video)
+def test_a_cache_implementation_vamba_does_not_keep_is_refused(model, video):
+    with pytest.raises(ValueError, match="cache_implementation='offloaded' is not supported"):
+        model.generate(input_ids=prompt(1, 2)[None], max_new_tokens=2, cache_implementation="offloaded", **video)
 
 
 def test_a_cache_of_another_kind_is_refused(model, video):

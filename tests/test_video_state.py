@@ -253,7 +253,7 @@ def test_beams_over_pixels_encode_each_video_once_and_equal_per_beam_encoding():
     hook.remove()
     assert vision_calls == [2]  # one call, one encoding per distinct video (not per beam)
     # Per-beam encoding: visual_embeds are repeated with their rows, each copy run through every Mamba-2 block.
-    embeds = [e.clone() for e in model.get_video_features(pixels, grid)]
+    embeds = [e.clone() for e in model.get_video_features(pixels, grid, return_dict=True).pooler_output]
     per_beam = model.generate(input_ids=ids, attention_mask=mask, visual_embeds=embeds, **settings)
     assert torch.equal(shared.sequences, per_beam.sequences)
     torch.testing.assert_close(shared.sequences_scores, per_beam.sequences_scores, rtol=1e-10, atol=1e-10)

@@ -3,15 +3,18 @@
 One cache object: the text's self-attention K/V (a transformers `DynamicCache`) plus a `CrossStore` with every
 layer's cross-attention K/V (optionally float8 with per-token scales) and the masks that go with them, computed once
 at prefill. Decoding touches no visual state but these. `DecodeGraph` runs one decoding step over static buffers,
-captured as a CUDA graph.
+captured as a CUDA graph. `VambaStaticCache` is what `cache_implementation="static"` gives: fixed-size self-attention
+buffers that a compiled decoding step writes in place.
 """
 
+import inspect
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Protocol
 
 import torch
-from transformers.cache_utils import DynamicCache
+from transformers.cache_utils import Cache, DynamicCache, StaticCache, StaticLayer
 
+from .checks_vamba import tracing
 from .layers_vamba import attention_mask_for
 
 
@@ -202,6 +205,89 @@ class VambaCache(DynamicCache):
     def crop(self, max_length: int):
         self.release_decode_graph()
         super().crop(max_length)
+
+
+# transformers 4 crops a cache to a length, 5 by the number of positions to drop.
+CROP_TAKES_LENGTH = "max_length" in inspect.signature(Cache.crop).parameters
+
+
+class VambaStaticCache(StaticCache):
+    """transformers' static cache with Vamba's `cross` store: each layer's self-attention K/V in a buffer of
+    `max_cache_len` positions (allocated at the first write), written at `position`, a 0-d tensor on the device so
+    that a compiled step reads where to write without recompiling. `seen` counts the same on the host for eager
+    callers (generate's input slicing, the prefill checks). Built from the empty `StaticCache` that generate passes
+    to the prefill."""
+
+    def __init__(self, config, max_cache_len: int):
+        Cache.__init__(self, layers=[StaticLayer(max_cache_len=max_cache_len)
+                                     for _ in range(config.num_hidden_layers)])
+        self.cross = CrossStore()
+        self.position: Optional[torch.Tensor] = None
+        self.seen = 0
+        self.filled = False  # a bool, not `seen`: a compiled step guards on it without recompiling at every step
+
+    @property
+    def has_visual(self) -> bool:
+        return not self.cross.is_empty
+
+    @property
+    def max_cache_len(self) -> int:
+        return self.layers[0].max_cache_len
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.seen
+
+    def written(self) -> torch.Tensor | int:
+        """The positions held: the device counter while a compiled forward traces (reading `seen` there would
+        recompile at every step), else `seen`."""
+        return self.position if tracing() and self.position is not None else self.seen
+
+    def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args, **kwargs):
+        layer = self.layers[layer_idx]
+        if self.position is None:
+            self.position = torch.zeros((), dtype=torch.long, device=key.device)
+            if not tracing():  # a compiled step writes it in place: CUDA graphs need its address fixed
+                torch._dynamo.mark_static_address(self.position)
+        if layer.keys is None:
+            # transformers allocates the buffers (and marks their addresses static for CUDA graphs); it takes the
+            # value states too from 5.0 on.
+            takes_values = len(inspect.signature(layer.lazy_initialization).parameters) > 1
+            layer.lazy_initialization(*((key, value) if takes_values else (key,)))
+        index = torch.arange(key.shape[-2], device=key.device) + self.position
+        layer.keys.index_copy_(2, index, key)
+        layer.values.index_copy_(2, index, value)
+        if layer_idx == len(self.layers) - 1:  # every layer wrote this forward's positions
+            self.position.add_(key.shape[-2])
+            self.seen += key.shape[-2]
+            self.filled = True
+        return layer.keys, layer.values
+
+    def reset(self):
+        for layer in self.layers:
+            if getattr(layer, "keys", None) is not None:
+                layer.keys.zero_()
+                layer.values.zero_()
+        if self.position is not None:
+            self.position.zero_()
+        self.seen, self.filled = 0, False
+        self.cross = CrossStore()
+
+    def crop(self, length: int):
+        """transformers' crop: to `length` positions (4.x; a negative one removes that many), or removing -`length`
+        (5.x)."""
+        kept = length if CROP_TAKES_LENGTH and length >= 0 else self.seen + length
+        removed = self.seen - kept
+        if removed > 0:
+            self.position.sub_(removed)
+            self.seen -= removed
+            self.filled = self.seen > 0
+
+    def reorder_cache(self, beam_idx: torch.LongTensor):
+        for layer in self.layers:
+            if getattr(layer, "keys", None) is not None:
+                layer.keys.copy_(layer.keys.index_select(0, beam_idx.to(layer.keys.device)))
+                layer.values.copy_(layer.values.index_select(0, beam_idx.to(layer.values.device)))
+        self.cross.map_rows(lambda t: t.index_select(0, beam_idx.to(t.device)))
 
 
 class DecodeGraph:

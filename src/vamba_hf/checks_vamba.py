@@ -10,6 +10,13 @@ import torch
 from .configuration_vamba import VambaConfig
 
 
+def tracing() -> bool:
+    """Whether torch.compile, torch.export or TorchScript traces the forward. The checks of tensor values read the
+    tensor on the host, which a traced graph cannot branch on: they run on eager calls only; the shape checks
+    always run."""
+    return torch.compiler.is_compiling() or torch.compiler.is_exporting() or torch.jit.is_tracing()
+
+
 def _shape(x: torch.Tensor) -> str:
     return f"shape {tuple(x.shape)}"
 
@@ -33,6 +40,8 @@ def check_input_ids(input_ids: torch.Tensor, vocab_size: int):
         raise ValueError(f"`input_ids` must be (batch, length), got {_shape(input_ids)}: {hint}.")
     if input_ids.numel() == 0:
         raise ValueError(f"`input_ids` is empty ({_shape(input_ids)}): give at least one token per row.")
+    if tracing():
+        return
     outside = (input_ids < 0) | (input_ids >= vocab_size)
     if bool(outside.any()):
         raise ValueError(f"`input_ids` holds id {int(input_ids[outside][0])}, outside the vocabulary "
@@ -49,24 +58,43 @@ def check_inputs_embeds(inputs_embeds: torch.Tensor, hidden_size: int):
         raise ValueError(f"`inputs_embeds` is empty ({_shape(inputs_embeds)}): give at least one position per row.")
 
 
-def check_attention_mask(attention_mask: Optional[torch.Tensor], batch_size: int, total_length: int,
-                         past_length: int, check_values: bool = True):
-    """A (batch, past + new length) mask of 0/1 (or bool). `check_values` False checks the shape only (no device
-    synchronisation: the CUDA-graph decoding step, whose masks generate extends)."""
+def check_attention_mask(attention_mask: Optional[torch.Tensor], batch_size: int, length: int, past_length,
+                         check_values: bool = True, key_length: Optional[int] = None):
+    """A (batch, past + new length) mask of 0/1 (or bool), or a custom 4D mask (see `_check_custom_mask`) whose keys
+    are the past and new tokens, or the `key_length` positions of a static cache. `check_values` False checks the
+    shape only (no device synchronisation: the CUDA-graph decoding step, whose masks generate extends)."""
     if attention_mask is None:
         return
+    total_length = past_length + length
     fix = (f"it must be (batch, cached + new tokens) = ({batch_size}, {total_length}), 1 for real tokens and 0 for "
-           f"padding, as the processor returns it and generate extends it")
+           f"padding, as the processor returns it and generate extends it (or a 4D mask)")
     _require_tensor("attention_mask", attention_mask, fix)
+    if attention_mask.dim() == 4:
+        _check_custom_mask(attention_mask, batch_size, length, key_length or total_length)
+        return
     if attention_mask.dim() != 2 or attention_mask.shape[0] != batch_size:
         raise ValueError(f"`attention_mask` has {_shape(attention_mask)} but the input has batch size {batch_size}: "
                          f"{fix}.")
+    if isinstance(total_length, torch.Tensor):  # a static cache's length while tracing: the mask is generate's own
+        return
     if attention_mask.shape[1] != total_length:
         raise ValueError(f"`attention_mask` covers {attention_mask.shape[1]} positions but the cache holds "
-                         f"{past_length} and the input {total_length - past_length}: {fix}.")
-    if check_values and attention_mask.dtype != torch.bool and bool(
+                         f"{past_length} and the input {length}: {fix}.")
+    if check_values and not tracing() and attention_mask.dtype != torch.bool and bool(
             ((attention_mask != 0) & (attention_mask != 1)).any()):
         raise ValueError(f"`attention_mask` holds values other than 0 and 1: {fix}.")
+
+
+def _check_custom_mask(attention_mask: torch.Tensor, batch_size: int, length: int, key_length: int):
+    """A 4D self-attention mask as transformers takes it: (batch or 1, 1, new tokens, keys), bool (True attends) or
+    floats added to the attention scores."""
+    fix = (f"a 4D mask must be (batch, 1, new tokens, keys) = ({batch_size}, 1, {length}, {key_length}), bool (True "
+           f"attends) or floats added to the attention scores (0 attends, a large negative value masks)")
+    if attention_mask.dtype != torch.bool and not attention_mask.is_floating_point():
+        raise ValueError(f"`attention_mask` is a 4D mask of {attention_mask.dtype}: {fix}.")
+    if (attention_mask.shape[0] not in (1, batch_size) or attention_mask.shape[1] != 1
+            or tuple(attention_mask.shape[2:]) != (length, key_length)):
+        raise ValueError(f"`attention_mask` has {_shape(attention_mask)}: {fix}.")
 
 
 def check_position_ids(position_ids: Optional[torch.Tensor], batch_size: int, length: int):
@@ -107,6 +135,8 @@ def check_visual_pixels(config: VambaConfig, kind: str, pixels, grid):
         raise ValueError(f"`{pixels_name}` is {pixels.dtype} of {_shape(pixels)}, but pixel rows are floats of "
                          f"width {width} (channels x temporal patch x patch x patch): {fix}.")
     _check_grid(grid_name, grid, vision.spatial_merge_size, fix)
+    if tracing():
+        return
     if kind == "image":
         check_image_grid_steps(grid)
     patches = int(grid.prod(-1).sum())
@@ -123,6 +153,8 @@ def _check_grid(name: str, grid: torch.Tensor, merge: int, fix: str):
     if grid.dim() != 2 or grid.shape[1] != 3 or grid.shape[0] == 0:
         raise ValueError(f"`{name}` has {_shape(grid)} but must be (items, 3), one (t, h, w) row per image or video: "
                          f"{fix}.")
+    if tracing():
+        return
     if bool((grid < 1).any()):
         raise ValueError(f"`{name}` holds {grid.tolist()}: every t, h, w must be at least 1; {fix}.")
     if bool((grid[:, 1:] % merge != 0).any()):
@@ -147,13 +179,13 @@ def check_visual_embeds(visual_embeds, hidden_size: int):
         _require_tensor(f"visual_embeds[{i}]", item, fix)
         if not item.is_floating_point() or item.dim() != 2 or item.shape[1] != hidden_size or item.shape[0] == 0:
             raise ValueError(f"`visual_embeds[{i}]` is {item.dtype} of {_shape(item)}: {fix}.")
-        if not bool(torch.isfinite(item).all()):
+        if not tracing() and not bool(torch.isfinite(item).all()):
             raise ValueError(f"`visual_embeds[{i}]` holds NaN or infinite values: {fix}.")
 
 
 def check_finite_logits(logits: torch.Tensor):
     """At prefill: non-finite logits make generate repeat token 0 without a word."""
-    if not bool(torch.isfinite(logits).all()):
+    if not tracing() and not bool(torch.isfinite(logits).all()):
         raise ValueError("The model's logits for the prompt are NaN or infinite. Likely causes: non-finite weights (a "
                          "corrupted or wrongly converted checkpoint: reconvert it), a float16 overflow (load with "
                          "dtype=torch.bfloat16 or torch.float32), or non-finite inputs_embeds.")

@@ -471,6 +471,20 @@ class VambaMambaConfig(_FieldsConfig):
 # -- the model config ----------------------------------------------------------------------------------------
 
 
+# The RoPE types Qwen2-VL's rotary takes ("mrope": M-RoPE without scaling, the official checkpoint's spelling).
+ROPE_TYPES = ("default", "mrope", "linear", "dynamic", "yarn", "longrope", "llama3")
+# Tensor parallelism as Qwen2-VL's text model has it, for Vamba's decoder layers (cross-attention like
+# self-attention): heads split over the ranks, the MLP's hidden units too. Names are the model's own (the text model
+# is `model`, beside `visual`); the vision tower and the Mamba-2 blocks stay whole on every rank.
+TENSOR_PARALLEL_PLAN = {
+    f"model.layers.*.{attention}.{projection}": style
+    for attention in ("self_attn", "cross_attn")
+    for projection, style in (("q_proj", "colwise"), ("k_proj", "colwise"), ("v_proj", "colwise"),
+                              ("o_proj", "rowwise"))
+} | {"model.layers.*.mlp.gate_proj": "colwise", "model.layers.*.mlp.up_proj": "colwise",
+     "model.layers.*.mlp.down_proj": "rowwise"}
+
+
 class VambaConfig(_LoadsWhatItSaved, PretrainedConfig):
     r"""Configuration of a Vamba model. Defaults reproduce `TIGER-Lab/Vamba-Qwen2-VL-7B`.
 
@@ -494,6 +508,8 @@ class VambaConfig(_LoadsWhatItSaved, PretrainedConfig):
     `attn_implementation` (and a later `config._attn_implementation = ...`) applies to the vision tower and the
     mixer sub-configs too, or per sub-config when given as a dict keyed by "" / "vision_config" / ...
     """
+
+    base_model_tp_plan = TENSOR_PARALLEL_PLAN
 
     model_type = "vamba"
     sub_configs = {"vision_config": VambaVisionConfig, "vision_mamba_mixer_config": VambaMambaConfig}
@@ -569,7 +585,7 @@ class VambaConfig(_LoadsWhatItSaved, PretrainedConfig):
     def __init__(self, vision_config=None, vision_mamba_mixer_config=None, **kwargs):
         self._refuse_other_architectures(kwargs.get("model_type"), vision_mamba_mixer_config)
         derived = _take_derived(type(self), kwargs)
-        self._take_rope_settings(kwargs)
+        rope_parameters = self._take_rope_settings(kwargs)
         _check_keys("Vamba config", type(self), kwargs, self._known_keys())
         self._refuse_misplaced_keys(kwargs)
         _check_generic_values("config", kwargs)
@@ -584,6 +600,7 @@ class VambaConfig(_LoadsWhatItSaved, PretrainedConfig):
         # Set after the base class, which has its own defaults for some of these (e.g. tie_word_embeddings).
         for name, value in values.items():
             setattr(self, name, value)
+        self.rope_parameters = rope_parameters
         self.vision_config = self._sub_config("vision_config", VambaVisionConfig, vision_config)
         self.vision_mamba_mixer_config = self._sub_config("vision_mamba_mixer_config", VambaMambaConfig,
                                                           vision_mamba_mixer_config)
@@ -618,8 +635,11 @@ class VambaConfig(_LoadsWhatItSaved, PretrainedConfig):
         return {*cls._text_fields, *cls.sub_configs, *cls._ignored_fields, "rope_scaling"}
 
     @staticmethod
-    def _take_rope_settings(kwargs: dict) -> None:
-        """Read `mrope_section` / `rope_theta` from either spelling of the rotary settings (popped from kwargs)."""
+    def _take_rope_settings(kwargs: dict) -> dict:
+        """Read `mrope_section` / `rope_theta` from either spelling of the rotary settings (popped from kwargs), and
+        return the rest as `rope_parameters`: the RoPE type ("default" for M-RoPE as is) and its scaling settings,
+        which the model's rotary applies as Qwen2-VL's does. A type Qwen2-VL does not take is refused."""
+        kept = {}
         for key in ("rope_scaling", "rope_parameters"):
             rope = kwargs.pop(key, None)
             if rope is None:
@@ -629,6 +649,13 @@ class VambaConfig(_LoadsWhatItSaved, PretrainedConfig):
             for name in ("mrope_section", "rope_theta"):
                 if name in rope:
                     kwargs.setdefault(name, rope[name])
+            rope_type = rope.get("rope_type", rope.get("type", "default"))
+            if rope_type not in ROPE_TYPES:
+                raise _invalid(f"{key}.rope_type", rope_type, f"one of {', '.join(ROPE_TYPES)} (the RoPE types of "
+                                                              f"Qwen2-VL; 'mrope' is 'default')")
+            settings = {k: v for k, v in rope.items() if k not in ("type", "rope_type", "mrope_section", "rope_theta")}
+            kept = {**kept, **settings, "rope_type": "default" if rope_type == "mrope" else rope_type}
+        return kept or {"rope_type": "default"}
 
     def _refuse_misplaced_keys(self, kwargs: dict) -> None:
         for sub_key, sub_class in self.sub_configs.items():

@@ -11,7 +11,9 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers import PretrainedConfig
 from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from .cache_vamba import LayerCache
 from .configuration_vamba import VambaConfig
@@ -30,24 +32,76 @@ Rotary = tuple[torch.Tensor, torch.Tensor]
 
 class MultimodalRotary(nn.Module):
     """M-RoPE of Qwen2-VL: the rotary frequencies are split in (t, h, w) sections, each turned by its own
-    position row. Text tokens carry the same index in all three rows."""
+    position row. Text tokens carry the same index in all three rows. A scaled RoPE type of `rope_parameters`
+    (linear, dynamic, yarn, longrope, llama3) takes its frequencies and attention factor from transformers' RoPE
+    init functions, as Qwen2-VL's rotary does; dynamic and longrope follow the longest position of each call."""
 
     def __init__(self, config: VambaConfig):
         super().__init__()
-        self.head_dim, self.theta, self.sections = config.head_dim, config.rope_theta, list(config.mrope_section)
+        settings = {"rope_theta": config.rope_theta, "mrope_section": config.mrope_section,
+                    **(getattr(config, "rope_parameters", None) or {})}
+        self.head_dim, self.theta = config.head_dim, settings["rope_theta"]
+        self.sections = list(settings["mrope_section"])
+        self.rope_type = settings.get("rope_type", "default")
+        self.scaling = None if self.rope_type in ("default", "mrope") else ScaledFrequencies(config, settings)
 
     def forward(self, positions: torch.Tensor) -> Rotary:
         """positions (b, l) for text or (3, b, l) for (t, h, w) -> cos, sin of shape (b, 1, l, head_dim)."""
         device = positions.device
-        exponents = torch.arange(0, self.head_dim, 2, dtype=torch.float, device=device) / self.head_dim
-        inv_freq = 1.0 / (self.theta**exponents)
+        if self.scaling is None:
+            exponents = torch.arange(0, self.head_dim, 2, dtype=torch.float, device=device) / self.head_dim
+            inv_freq, attention_factor = 1.0 / (self.theta**exponents), 1.0
+        else:
+            inv_freq, attention_factor = self.scaling(positions)
         if positions.dim() == 2:
             angles = positions[..., None].float() * inv_freq
         else:
             per_section = positions[..., None].float() * inv_freq  # (3, b, l, head_dim/2)
             angles = torch.cat([part[i] for i, part in enumerate(per_section.split(self.sections, dim=-1))], dim=-1)
         angles = torch.cat([angles, angles], dim=-1)[:, None]
-        return angles.cos(), angles.sin()
+        if attention_factor == 1.0:
+            return angles.cos(), angles.sin()
+        return angles.cos() * attention_factor, angles.sin() * attention_factor
+
+
+class ScaledFrequencies:
+    """The inverse frequencies and attention factor of a scaled RoPE type, from transformers' init functions (kept
+    per device and length, not as buffers, which meta-device loading would leave empty)."""
+
+    def __init__(self, config: VambaConfig, settings: dict):
+        self.rope_type = settings["rope_type"]
+        self.init = ROPE_INIT_FUNCTIONS[self.rope_type]
+        self.settings = rope_init_config(config, settings)
+        self.max_positions = config.max_position_embeddings
+        # longrope switches to its long factors past the pretraining length
+        self.original_max_positions = settings.get("original_max_position_embeddings", self.max_positions)
+        self.cached: dict = {}
+
+    def __call__(self, positions: torch.Tensor) -> tuple[torch.Tensor, float]:
+        seq_len = None
+        if self.rope_type in ("dynamic", "longrope"):  # as transformers' dynamic_rope_update: by the longest position
+            longest = int(positions.max()) + 1
+            limit = self.max_positions if self.rope_type == "dynamic" else self.original_max_positions
+            seq_len = longest if longest > limit else None
+        key = (positions.device, seq_len)
+        if key not in self.cached:
+            inv_freq, attention_factor = self.init(self.settings, positions.device, seq_len=seq_len)
+            self.cached[key] = (inv_freq.float().to(positions.device), float(attention_factor))
+        return self.cached[key]
+
+
+def rope_init_config(config: VambaConfig, settings: dict) -> PretrainedConfig:
+    """A bare transformers config with what its RoPE init functions read: the sizes, and the RoPE settings as
+    `rope_parameters` (transformers 5) or `rope_scaling` + `rope_theta` (4)."""
+    adapter = PretrainedConfig()
+    adapter.hidden_size, adapter.num_attention_heads = config.hidden_size, config.num_attention_heads
+    adapter.head_dim, adapter.max_position_embeddings = config.head_dim, config.max_position_embeddings
+    rope = {k: v for k, v in settings.items() if k != "mrope_section"}
+    if hasattr(PretrainedConfig, "standardize_rope_params"):
+        adapter.rope_parameters = rope
+    else:
+        adapter.rope_scaling, adapter.rope_theta = rope, rope["rope_theta"]
+    return adapter
 
 
 @dataclass
@@ -128,7 +182,8 @@ class VambaAttention(nn.Module):
         query heads that share a K/V head are just more queries: (b, h, T, d) -> (b, h_kv, groups*T, d).
         Returns (b, T, h, d)."""
         batch, heads, length, dim = q.shape
-        folded = q.reshape(batch, self.num_kv_heads, self.num_key_value_groups * length, dim)
+        # the K/V heads at hand: fewer than num_kv_heads on each rank of a tensor-parallel run
+        folded = q.reshape(batch, k.shape[1], self.num_key_value_groups * length, dim)
         with sdpa_backends():
             out = F.scaled_dot_product_attention(folded, k, v, attn_mask=mask, dropout_p=dropout, scale=self.scaling)
         return out.reshape(batch, heads, length, dim).transpose(1, 2)

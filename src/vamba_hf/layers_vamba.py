@@ -103,6 +103,14 @@ def attention_mask_for(keep: torch.Tensor, implementation: str, dtype: torch.dty
     return keep
 
 
+def custom_self_mask(mask: torch.Tensor, implementation: str, dtype: torch.dtype) -> torch.Tensor:
+    """A caller's 4D mask (b, 1, q, k) in the implementation's format: bool (True attends) as `attention_mask_for`
+    formats it, floats (added to the scores) as they are."""
+    if mask.dtype == torch.bool:
+        return attention_mask_for(mask[:, 0], implementation, dtype)
+    return mask.to(dtype)
+
+
 def attention_interface(implementation: str):
     if implementation == "eager":
         return eager_attention_forward

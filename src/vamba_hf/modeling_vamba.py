@@ -13,20 +13,21 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
+import transformers
 from torch import nn
-from transformers.cache_utils import DynamicCache
+from transformers.cache_utils import DynamicCache, StaticCache
 from transformers.generation import GenerationMixin
-from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.modeling_outputs import BaseModelOutputWithPast, BaseModelOutputWithPooling, CausalLMOutputWithPast
 from transformers.modeling_utils import PreTrainedModel
 from transformers.utils import logging
 
-from .cache_vamba import StaticStepKV, VambaCache
+from .cache_vamba import StaticStepKV, VambaCache, VambaStaticCache
 from .checks_vamba import (check_attention_mask, check_finite_logits, check_input_ids, check_inputs_embeds,
                            check_labels, check_position_ids, check_visual_embeds, check_visual_pixels)
 from .checks_vamba import check_generation_counts
 from .configuration_vamba import VambaConfig
 from .decoder_vamba import CrossAttentionInputs, MultimodalRotary, VambaDecoderLayer, VambaTextModel
-from .layers_vamba import VambaRMSNorm, attention_mask_for
+from .layers_vamba import VambaRMSNorm, attention_mask_for, custom_self_mask
 # transformers 4.x copies into its module cache only the modules this file imports, not the ones they import: the
 # Mamba-2 op tables' modules are named here for that.
 from .mamba2_torch_vamba import ssd_scan_torch  # noqa: F401
@@ -35,7 +36,7 @@ from .mamba2_vamba import Mamba2, missing_kernels_warning
 from .streams_vamba import PackedRows, PaddedRows, VisualStream, text_positions
 from .video_state_vamba import (VideoState, check_state_for, encode_visual_state, extend_visual_state,
                                 fill_cross_store, rows_reading_state)
-from .vision_vamba import VambaVisionTower
+from .vision_vamba import TowerRecord, VambaVisionTower
 
 logger = logging.get_logger(__name__)
 
@@ -46,6 +47,9 @@ CACHE_NAME = "cache" if "cache" in {f.name for f in fields(CausalLMOutputWithPas
 # Keywords of transformers' forward contracts that Vamba accepts and does not need: `cache_position` (4.x generate;
 # Vamba's positions follow the cache length and the attention mask).
 IGNORED_KEYWORDS = frozenset({"cache_position"})
+# transformers 5 returns the vision encoder's output (BaseModelOutputWithPooling) from get_image/video_features,
+# transformers 4 the per-item features.
+FEATURES_AS_OUTPUT = int(transformers.__version__.split(".")[0]) >= 5
 # What one chunk of `VambaProcessor.video_chunks` holds.
 VIDEO_CHUNK_KEYS = ("pixel_values_videos", "video_grid_thw", "video_metadata", "remaining_frames")
 
@@ -56,6 +60,16 @@ def cache_argument(past_key_values, cache):
         raise ValueError("The cache was given twice, as `past_key_values` and as `cache`: pass it once (`cache` on "
                          "transformers >= 5.24, `past_key_values` before).")
     return cache if cache is not None else past_key_values
+
+
+def holds_tokens(cache) -> bool:
+    """Whether `cache` holds positions already (this forward continues it), read so that a compiled decoding step
+    does not recompile at every step."""
+    if cache is None:
+        return False
+    if isinstance(cache, VambaStaticCache):
+        return cache.filled
+    return cache.get_seq_length() > 0
 
 
 def check_keywords(forward_name: str, kwargs: dict):
@@ -69,16 +83,22 @@ def check_keywords(forward_name: str, kwargs: dict):
 
 @dataclass
 class VambaModelOutputWithPast(BaseModelOutputWithPast):
-    """BaseModelOutputWithPast plus each layer's cross-attention weights (when `output_attentions`)."""
+    """BaseModelOutputWithPast plus each layer's cross-attention weights (when `output_attentions`) and, as Qwen2-VL
+    returns them on transformers 5, the vision tower's output for the images or videos (a BaseModelOutputWithPooling,
+    see `get_video_features`; when `output_hidden_states` or `output_attentions`)."""
 
     cross_attentions: Optional[tuple[torch.FloatTensor, ...]] = None
+    image_outputs: Optional[BaseModelOutputWithPooling] = None
+    video_outputs: Optional[BaseModelOutputWithPooling] = None
 
 
 @dataclass
 class VambaCausalLMOutputWithPast(CausalLMOutputWithPast):
-    """CausalLMOutputWithPast plus each layer's cross-attention weights (when `output_attentions`)."""
+    """CausalLMOutputWithPast plus the fields VambaModelOutputWithPast adds."""
 
     cross_attentions: Optional[tuple[torch.FloatTensor, ...]] = None
+    image_outputs: Optional[BaseModelOutputWithPooling] = None
+    video_outputs: Optional[BaseModelOutputWithPooling] = None
 
 
 class VambaPreTrainedModel(PreTrainedModel):
@@ -93,7 +113,13 @@ class VambaPreTrainedModel(PreTrainedModel):
     _supports_flash_attn = True
     _supports_flash_attn_2 = True
     _supports_attention_backend = True
+    # The decoding step with a static cache compiles without graph breaks (tests/test_compile_export.py); a prefill
+    # with pixels lays out the visual stream by the grid's values, as Qwen2-VL's does.
+    _can_compile_fullgraph = True
     _keep_in_fp32_modules = []
+    # transformers 5 takes the config's plan only for a model that is its own base model; Vamba's base_model_prefix
+    # names its text model (the checkpoint's `model.*`), so the model class carries it too.
+    _tp_plan = VambaConfig.base_model_tp_plan
 
     @torch.no_grad()
     def _init_weights(self, module):
@@ -185,24 +211,47 @@ class VambaModel(VambaPreTrainedModel):
 
     # -- stage: the vision tower ----------------------------------------------------------------------------------
 
-    def encode_visual(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> list[torch.Tensor]:
-        """The vision tower's output, one (tokens, hidden) tensor per image/video."""
+    def encode_visual(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor,
+                      record: Optional[TowerRecord] = None) -> list[torch.Tensor]:
+        """The vision tower's output, one (tokens, hidden) tensor per image/video (`record`: see TowerRecord)."""
         pixel_values = pixel_values.to(self.visual.patch_embed.proj.weight.dtype)
-        return self.visual(pixel_values, grid_thw)
+        return self.visual(pixel_values, grid_thw, record)
 
-    def get_video_features(self, pixel_values_videos: torch.Tensor, video_grid_thw: torch.Tensor):
-        """One (tokens, hidden) tensor per video, as the decoder layers read them (before any Mamba-2 block)."""
-        return self.encode_visual(pixel_values_videos, video_grid_thw)
+    def get_video_features(self, pixel_values_videos: torch.Tensor, video_grid_thw: Optional[torch.Tensor] = None,
+                           output_hidden_states: Optional[bool] = None, output_attentions: Optional[bool] = None,
+                           return_dict: Optional[bool] = None):
+        """The vision tower's encoding of the videos, as Qwen2-VL's: on transformers 5 a BaseModelOutputWithPooling
+        (`pooler_output`: one (tokens, hidden) tensor per video, what the decoder layers read before any Mamba-2
+        block; `last_hidden_state`: every patch before the merger; the blocks' `hidden_states` / `attentions` when
+        asked), a tuple for return_dict=False; on transformers 4 the tuple of per-video tensors, unless return_dict
+        is set."""
+        return self._visual_features("video", pixel_values_videos, video_grid_thw, output_hidden_states,
+                                     output_attentions, return_dict)
 
-    def get_image_features(self, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor):
-        """One (tokens, hidden) tensor per image (one temporal step each)."""
-        return self.encode_visual(pixel_values, image_grid_thw)
+    def get_image_features(self, pixel_values: torch.Tensor, image_grid_thw: Optional[torch.Tensor] = None,
+                           output_hidden_states: Optional[bool] = None, output_attentions: Optional[bool] = None,
+                           return_dict: Optional[bool] = None):
+        """`get_video_features` for images (one temporal step each)."""
+        return self._visual_features("image", pixel_values, image_grid_thw, output_hidden_states, output_attentions,
+                                     return_dict)
 
-    def _visual_items(self, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw, visual_embeds):
-        """(features per item, their grid or None) of the one visual input kind given."""
+    def _visual_features(self, kind: str, pixels, grid, output_hidden_states, output_attentions, return_dict):
+        check_visual_pixels(self.config, kind, pixels, grid)
+        output_attentions, output_hidden_states, _ = self._output_flags(output_attentions, output_hidden_states,
+                                                                        None)
+        if return_dict is None and not FEATURES_AS_OUTPUT:
+            return tuple(self.encode_visual(pixels, grid))
+        record = TowerRecord.asking(len(self.visual.blocks), output_hidden_states, output_attentions)
+        output = record.output(self.encode_visual(pixels, grid, record))
+        return output if self._returns_dict(return_dict) else output.to_tuple()
+
+    def _visual_items(self, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw, visual_embeds,
+                      record: Optional[TowerRecord] = None):
+        """(features per item, their grid or None, "image" / "video" or None) of the one visual input kind given;
+        `record` keeps the vision tower's states."""
         if visual_embeds is not None:
             check_visual_embeds(visual_embeds, self.config.hidden_size)
-            return list(visual_embeds), None
+            return list(visual_embeds), None, None
         pairs = (("image", pixel_values, image_grid_thw), ("video", pixel_values_videos, video_grid_thw))
         given = [(kind, pixels, grid) for kind, pixels, grid in pairs if pixels is not None]
         for kind, pixels, grid in given:
@@ -212,10 +261,9 @@ class VambaModel(VambaPreTrainedModel):
                              "<|vision_start|><|vision_end|> pair, so their rows are ambiguous. Run images and "
                              "videos in separate batches.")
         if not given:
-            return [], None
+            return [], None, None
         kind, pixels, grid = given[0]
-        features = self.get_video_features(pixels, grid) if kind == "video" else self.get_image_features(pixels, grid)
-        return features, grid
+        return self.encode_visual(pixels, grid, record), grid, kind
 
     def _check_kernels(self, device):
         message = missing_kernels_warning(device)
@@ -280,7 +328,14 @@ class VambaModel(VambaPreTrainedModel):
 
     # -- stages: layout, cache, visual stream, cross-attention inputs ---------------------------------------------
 
-    def _layout(self, position_ids, attention_mask, batch_size: int, past_length: int, implementation: str):
+    def _layout(self, position_ids, attention_mask, batch_size: int, past_length, implementation: str):
+        if attention_mask is not None and attention_mask.dim() == 4:  # the caller's mask says who attends to whom
+            if implementation.startswith("flash"):
+                raise ValueError("A 4D attention_mask needs attn_implementation='sdpa' or 'eager': flash-attention "
+                                 "takes a (batch, length) padding mask only.")
+            return PaddedRows(self.config)
+        if isinstance(past_length, torch.Tensor):  # a static cache's decoding step, traced
+            return PaddedRows(self.config)
         packed = PackedRows.detect(self.config, position_ids, attention_mask, batch_size, past_length)
         if packed is None:
             return PaddedRows(self.config)
@@ -299,6 +354,10 @@ class VambaModel(VambaPreTrainedModel):
         if not use_cache:
             return None
         cache = past_key_values
+        if isinstance(cache, VambaStaticCache):
+            return cache
+        if isinstance(cache, StaticCache):
+            return self._static_cache_for(cache)
         if not isinstance(cache, VambaCache):
             # An empty DynamicCache is what generate starts with; any other cache would be ignored silently.
             if cache is not None and (type(cache) is not DynamicCache or cache.get_seq_length() > 0):
@@ -308,19 +367,32 @@ class VambaModel(VambaPreTrainedModel):
         cache.release_decode_graph()
         return cache
 
-    def _visual_stream(self, layout, input_ids, batch_size: int, past_length: int, visual_inputs: dict, dtype,
-                       device) -> tuple[Optional[VisualStream], Optional[torch.Tensor]]:
-        """The visual stream of this forward and the grid it came from. The prompts' placeholders are checked
-        against the visual inputs at prefill; a decoding step without visual inputs reads the cache instead."""
-        items, grid = self._visual_items(**visual_inputs)
+    def _static_cache_for(self, cache: StaticCache) -> VambaStaticCache:
+        """A VambaStaticCache of the size of transformers' empty StaticCache `cache` (what generate builds for
+        cache_implementation="static")."""
+        if holds_tokens(cache):
+            raise ValueError(f"{CACHE_NAME} is a filled {type(cache).__name__}: Vamba's cache also holds the "
+                             f"cross-attention K/V; pass the VambaStaticCache a previous call returned.")
+        static = VambaStaticCache(self.config, cache.layers[0].max_cache_len)
+        if getattr(self, "_cache", None) is cache:  # transformers 4.x keeps generate's cache for its next call
+            self._cache = static
+        return static
+
+    def _visual_stream(self, layout, input_ids, batch_size: int, prefill: bool, visual_inputs: dict, dtype,
+                       device, record: Optional[TowerRecord] = None):
+        """The visual stream of this forward, the grid it came from, and with `record` the vision tower's output
+        as {"image" or "video": BaseModelOutputWithPooling}. The prompts' placeholders are checked against the
+        visual inputs at prefill; a decoding step without visual inputs reads the cache instead."""
+        items, grid, kind = self._visual_items(**visual_inputs, record=record)
         if not items:
-            if past_length == 0:  # a prompt's placeholders need visual inputs
+            if prefill:  # a prompt's placeholders need visual inputs
                 layout.place(input_ids, batch_size, 0)
-            return None, None
+            return None, None, {}
         self._check_kernels(device)
         stream = layout.visual_stream(items, input_ids, batch_size, dtype, device)
+        encoded = {kind: record.output(list(items))} if record is not None and kind is not None else {}
         items.clear()  # the stream holds its own copy: free the vision tower's output early
-        return stream, grid
+        return stream, grid, encoded
 
     def _cross_inputs(self, stream: Optional[VisualStream], grid, text_rotary, cache, implementation: str,
                       dtype) -> CrossAttentionInputs:
@@ -343,6 +415,16 @@ class VambaModel(VambaPreTrainedModel):
         return cross
 
     # -- forward --------------------------------------------------------------------------------------------------
+
+    @staticmethod
+    def _cache_extent(cache) -> tuple:
+        """(the positions `cache` holds, the key length of its self-attention buffers when they are static, else
+        None). The positions are a 0-d tensor while a static cache's step is traced, else an int."""
+        if cache is None:
+            return 0, None
+        if isinstance(cache, VambaStaticCache):
+            return (cache.written() if cache.filled else 0), cache.max_cache_len
+        return cache.get_seq_length(), None
 
     def _implementation(self, output_attentions: bool) -> str:
         """The attention implementation of this call: eager when the attention weights are asked for (only it
@@ -410,8 +492,9 @@ class VambaModel(VambaPreTrainedModel):
         (batch_size, length), dtype, device = inputs_embeds.shape[:2], inputs_embeds.dtype, inputs_embeds.device
         implementation = self._implementation(output_attentions)
         cache = self._cache_for(past_key_values, use_cache)
-        past_length = cache.get_seq_length() if cache is not None else 0
-        check_attention_mask(attention_mask, batch_size, past_length + length, past_length)
+        past_length, key_length = self._cache_extent(cache)
+        prefill = not holds_tokens(cache)
+        check_attention_mask(attention_mask, batch_size, length, past_length, key_length=key_length)
         check_position_ids(position_ids, batch_size, length)
         layout = self._layout(position_ids, attention_mask, batch_size, past_length, implementation)
         if layout.packed:  # packed forwards keep no cache
@@ -425,15 +508,23 @@ class VambaModel(VambaPreTrainedModel):
             kept_cache = cache
             cache = cache if cache is not None else VambaCache()  # the layers read the K/V from a cross store
             self._read_state(video_state, input_ids, batch_size, cache, visual_inputs, dtype, device)
-            stream, grid = None, None
+            stream, grid, encoded = None, None, {}
         else:
             kept_cache = cache
-            stream, grid = self._visual_stream(layout, input_ids, batch_size, past_length, visual_inputs, dtype,
-                                               device)
+            # The vision tower's states are returned when the layers' are asked for (kept otherwise, they would
+            # hold every patch of a long video until the forward returns).
+            record = TowerRecord.asking(len(self.visual.blocks), output_hidden_states, output_attentions) if (
+                output_hidden_states or output_attentions) else None
+            stream, grid, encoded = self._visual_stream(layout, input_ids, batch_size, prefill, visual_inputs, dtype,
+                                                        device, record)
         if position_ids is None:
             position_ids = text_positions(attention_mask, past_length, length, batch_size, device)
         text_rotary = self.rotary(position_ids)
-        self_mask = layout.self_mask(attention_mask, past_length, length, dtype, implementation, device)
+        if attention_mask is not None and attention_mask.dim() == 4:
+            self_mask = custom_self_mask(attention_mask, implementation, dtype)
+        else:
+            self_mask = layout.self_mask(attention_mask, past_length, length, dtype, implementation, device,
+                                         key_length)
         cross = self._cross_inputs(stream, grid, text_rotary, cache, implementation, dtype)
         if cache is not None and stream is not None:  # decoding reads the cross-attention masks of the prefill
             cache.cross.set_masks(stream.keep, cross.has_visual)
@@ -442,7 +533,8 @@ class VambaModel(VambaPreTrainedModel):
                          cache, implementation, output_hidden_states, output_attentions)
         result = VambaModelOutputWithPast(
             last_hidden_state=out.last_hidden_state, hidden_states=out.hidden_states, attentions=out.attentions,
-            cross_attentions=out.cross_attentions, **{CACHE_NAME: kept_cache},
+            cross_attentions=out.cross_attentions, image_outputs=encoded.get("image"),
+            video_outputs=encoded.get("video"), **{CACHE_NAME: kept_cache},
         )
         return result if return_dict else result.to_tuple()
 
@@ -503,7 +595,7 @@ class VambaForConditionalGeneration(VambaModel, GenerationMixin):
             accumulation). In a packed row a segment's last token is scored against the next segment's first label,
             which is -100 when each segment starts with its (unsupervised) prompt.
         shift_labels (b, T): targets already shifted (`shift_labels[:, i]` follows position i), as sequence-parallel
-            training passes them; instead of `labels`.
+            training passes them; the loss takes them over `labels` when both are given.
         logits_to_keep: an int k computes the logits of the last k positions only (0: all), a 1-D tensor those of the
             given positions; with `labels`, the loss covers the kept positions.
         """
@@ -513,7 +605,7 @@ class VambaForConditionalGeneration(VambaModel, GenerationMixin):
         if self._decodes_with_graph(input_ids, past_key_values, use_cache, visual_inputs, labels, shift_labels,
                                     output_hidden_states, output_attentions):
             return self._graph_step(input_ids, attention_mask, position_ids, past_key_values, return_dict)
-        prefill = past_key_values is None or past_key_values.get_seq_length() == 0
+        prefill = not holds_tokens(past_key_values)
         outputs = super().forward(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
             past_key_values=past_key_values, inputs_embeds=inputs_embeds, pixel_values=pixel_values,
@@ -525,7 +617,8 @@ class VambaForConditionalGeneration(VambaModel, GenerationMixin):
                                              num_items_in_batch)
         result = VambaCausalLMOutputWithPast(
             loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions,
-            cross_attentions=outputs.cross_attentions, **{CACHE_NAME: getattr(outputs, CACHE_NAME)},
+            cross_attentions=outputs.cross_attentions, image_outputs=outputs.image_outputs,
+            video_outputs=outputs.video_outputs, **{CACHE_NAME: getattr(outputs, CACHE_NAME)},
         )
         return result if self._returns_dict(return_dict) else result.to_tuple()
 
@@ -541,9 +634,8 @@ class VambaForConditionalGeneration(VambaModel, GenerationMixin):
 
     def next_token_loss(self, logits, labels=None, kept=slice(None), num_items_in_batch=None, shift_labels=None):
         """transformers' causal-LM loss on `logits` (b, k, V), the logits of positions `kept`: against `labels`
-        (b, T) shifted by one, or against `shift_labels` (b, T) as given. None without targets."""
-        if labels is not None and shift_labels is not None:
-            raise ValueError("Pass labels (the model shifts them) or shift_labels (already shifted), not both.")
+        (b, T) shifted by one, or against `shift_labels` (b, T) as given, which win when both come (as transformers'
+        loss takes them: the Trainer passes both under context parallelism). None without targets."""
         if labels is None and shift_labels is None:
             return None
         if shift_labels is None:
@@ -563,8 +655,8 @@ class VambaForConditionalGeneration(VambaModel, GenerationMixin):
             return False  # the captured shapes: one new token id per row
         if input_ids.device.type != "cuda" and not self.static_decode_step_off_cuda:  # graphs are CUDA's
             return False
-        if not isinstance(cache, VambaCache) or cache.get_seq_length() == 0 or use_cache is False:
-            return False  # a step continues a filled cache, and extends it
+        if type(cache) is not VambaCache or cache.get_seq_length() == 0 or use_cache is False:
+            return False  # a step continues a filled cache, and extends it (a static cache's step is compiled)
         if any(x is not None for x in visual_inputs):  # a new visual input is a prefill
             return False
         if labels is not None or shift_labels is not None or torch.is_grad_enabled() or self.training:
@@ -579,7 +671,7 @@ class VambaForConditionalGeneration(VambaModel, GenerationMixin):
     def _graph_step(self, input_ids, attention_mask, position_ids, cache: VambaCache, return_dict):
         check_input_ids(input_ids, self.config.vocab_size)
         past_length = cache.get_seq_length()
-        check_attention_mask(attention_mask, input_ids.shape[0], past_length + 1, past_length, check_values=False)
+        check_attention_mask(attention_mask, input_ids.shape[0], 1, past_length, check_values=False)
         check_position_ids(position_ids, input_ids.shape[0], 1)
         if position_ids is None:
             position_ids = text_positions(attention_mask, cache.get_seq_length(), 1, input_ids.shape[0],
@@ -603,15 +695,25 @@ class VambaForConditionalGeneration(VambaModel, GenerationMixin):
         positions from the mask before any forward runs, where a wrong one fails deep inside, or passes silently)."""
         generation_config = kwargs.get("generation_config") or self.generation_config
         cache_implementation = kwargs.get("cache_implementation", generation_config.cache_implementation)
-        if cache_implementation not in (None, "dynamic", "dynamic_full"):  # the last: 4.57 assisted decoding
+        # the last: 4.57 assisted decoding
+        if cache_implementation not in (None, "static", "dynamic", "dynamic_full"):
             raise ValueError(f"cache_implementation={cache_implementation!r} is not supported: Vamba keeps its own "
-                             f"cache (self-attention and cross-attention K/V). Leave cache_implementation unset.")
+                             f"cache (self-attention and cross-attention K/V). Leave cache_implementation unset, or "
+                             f"pass 'static' (fixed-size buffers, for a compiled decoding step).")
         check_generation_counts(kwargs, generation_config)
         input_ids = inputs if inputs is not None else kwargs.get("input_ids")
         if input_ids is not None:
             check_input_ids(input_ids, self.config.vocab_size)
             check_attention_mask(kwargs.get("attention_mask"), input_ids.shape[0], input_ids.shape[1], 0)
         return super().generate(inputs, *args, **kwargs)
+
+    def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
+        """transformers' cache for generate; a static one becomes Vamba's before the first forward, so that every
+        step (assisted decoding's too) continues the one object."""
+        super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
+        cache = model_kwargs.get(CACHE_NAME)
+        if isinstance(cache, StaticCache) and not isinstance(cache, VambaStaticCache):
+            model_kwargs[CACHE_NAME] = self._static_cache_for(cache)
 
     def prepare_inputs_for_generation(self, input_ids, inputs_embeds=None, **kwargs):
         """transformers' inputs, with the visual inputs given exactly to the prefill (the forward that fills an empty
@@ -621,7 +723,7 @@ class VambaForConditionalGeneration(VambaModel, GenerationMixin):
         model_inputs = super().prepare_inputs_for_generation(input_ids, inputs_embeds=inputs_embeds, **kwargs)
         model_inputs.pop("cache_position", None)
         cache = model_inputs.get(CACHE_NAME)
-        prefill = not isinstance(cache, VambaCache) or cache.get_seq_length() == 0
+        prefill = not isinstance(cache, (VambaCache, VambaStaticCache)) or not holds_tokens(cache)
         for name in self._visual_input_names:
             model_inputs.pop(name, None)
             if prefill and kwargs.get(name) is not None:

@@ -11,9 +11,17 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 
+from .checks_vamba import tracing
 from .configuration_vamba import VambaConfig
 from .layers_vamba import attention_mask_for
+
+
+NO_VISUAL_INPUT = ("A prompt holds a <|vision_start|> placeholder but no image or video was given: each "
+                   "placeholder needs its visual input (the processor's chat template adds both).")
+PACKED_UNTRACEABLE = ("Packed rows (position_ids restarting at 0 within a row) cannot be compiled or exported: run "
+                      "the packed forward eagerly, or give one conversation per row.")
 
 
 @dataclass
@@ -31,7 +39,7 @@ class VisualStream:
         if self.keep is None:
             return None
         has_visual = self.keep.any(-1)
-        return None if bool(has_visual.all()) else has_visual[..., None]
+        return None if not tracing() and bool(has_visual.all()) else has_visual[..., None]
 
     def positions(self, grid: torch.Tensor, merge: int) -> torch.Tensor:
         """(3, b, n) (t, h, w) positions of each merged visual token, from 0 in each item; padding gets 0."""
@@ -45,9 +53,10 @@ class VisualStream:
         return positions
 
 
-def text_positions(attention_mask, past_length: int, length: int, batch_size: int, device) -> torch.Tensor:
-    """(b, T) positions of the new tokens: the cumulative count of real tokens (left padding stays at 0)."""
-    if attention_mask is None:
+def text_positions(attention_mask, past_length, length: int, batch_size: int, device) -> torch.Tensor:
+    """(b, T) positions of the new tokens: the cumulative count of real tokens (left padding stays at 0); after the
+    past ones without a 2D mask (a 4D mask says nothing of padding)."""
+    if attention_mask is None or attention_mask.dim() == 4:
         return torch.arange(past_length, past_length + length, device=device).expand(batch_size, -1)
     positions = attention_mask.long().cumsum(-1) - 1
     return positions.clamp(min=0)[:, -length:]
@@ -68,6 +77,9 @@ class PaddedRows:
                 raise ValueError(f"{num_items} visual inputs for {batch_size} rows given as inputs_embeds: give "
                                  f"one visual input per row, or pass input_ids.")
             return list(range(num_items))
+        if tracing() and not num_items:  # a text-only prompt, checked inside the traced graph
+            torch._assert_async(~(input_ids == self.config.vision_start_token_id).any(), NO_VISUAL_INPUT)
+            return []
         per_row = (input_ids == self.config.vision_start_token_id).sum(-1).tolist()
         if max(per_row, default=0) > 1:
             raise ValueError("A prompt holds more than one <|vision_start|>: Vamba reads one image or video per "
@@ -97,18 +109,23 @@ class PaddedRows:
         return VisualStream(states, keep[:, None, :], None, offsets)
 
     @staticmethod
-    def self_mask(attention_mask, past_length: int, length: int, dtype, implementation: str, device):
-        """Causal self-attention to real tokens, in the implementation's format; None where causality is implied."""
-        padded = attention_mask is not None and not bool(attention_mask.all())
+    def self_mask(attention_mask, past_length, length: int, dtype, implementation: str, device,
+                  key_length: Optional[int] = None):
+        """Causal self-attention to real tokens, in the implementation's format; None where causality is implied.
+        `key_length`: the positions of a static cache's buffers (written up to past + length), else None."""
+        padded = attention_mask is not None and (tracing() or not bool(attention_mask.all()))
         if implementation.startswith("flash"):
             return attention_mask if padded else None
-        if not padded and (length == 1 or (past_length == 0 and implementation != "eager")):
+        static = key_length is not None
+        if not padded and not static and (length == 1 or (past_length == 0 and implementation != "eager")):
             return None  # plain causal: SDPA's is_causal, or one query that sees everything
         device = attention_mask.device if attention_mask is not None else device
+        key_length = key_length if static else past_length + length
         query_pos = torch.arange(length, device=device)[:, None] + past_length
-        keep = (torch.arange(past_length + length, device=device)[None] <= query_pos)[None]
+        keep = (torch.arange(key_length, device=device)[None] <= query_pos)[None]
         if padded:
-            keep = keep & attention_mask.bool()[:, None, :]
+            keys = attention_mask.bool()
+            keep = keep & F.pad(keys, (0, key_length - keys.shape[1]))[:, None, :]  # unwritten static positions
         batch = attention_mask.shape[0] if attention_mask is not None else 1
         return attention_mask_for(keep.expand(batch, -1, -1), implementation, dtype)
 
@@ -140,6 +157,9 @@ class PackedRows:
         starts = (position_ids == 0).expand(batch_size, -1)
         if attention_mask is not None:
             starts = starts & attention_mask.bool()
+        if tracing():  # a traced graph cannot choose the layout by the positions' values
+            torch._assert_async(starts.sum(-1).max() < 2, PACKED_UNTRACEABLE)
+            return None
         if int(starts.sum(-1).max()) < 2:
             return None
         return cls(config, starts.long().cumsum(-1) - 1)
@@ -185,8 +205,10 @@ class PackedRows:
         keep = (self.segments[:, :, None] == reader[:, None, :]) & (reader >= 0)[:, None, :]
         return VisualStream(states, keep, seq_idx, offsets)
 
-    def self_mask(self, attention_mask, past_length: int, length: int, dtype, implementation: str, device):
-        """Causal self-attention inside each packed segment, to real tokens only."""
+    def self_mask(self, attention_mask, past_length: int, length: int, dtype, implementation: str, device,
+                  key_length: Optional[int] = None):
+        """Causal self-attention inside each packed segment, to real tokens only (packed forwards keep no cache, so
+        `key_length` is None)."""
         causal = torch.ones(length, length, dtype=torch.bool, device=self.segments.device).tril()
         keep = causal & (self.segments[:, :, None] == self.segments[:, None, :])
         if attention_mask is not None:

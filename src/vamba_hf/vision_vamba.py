@@ -5,13 +5,16 @@ one visual token per 2x28x28 tube. Attention never crosses a temporal step, so a
 a size) attend as one batch, and a long video is encoded a group of frames at a time.
 """
 
+from dataclasses import dataclass, field
 from itertools import groupby
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers.activations import ACT2FN
 from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from .configuration_vamba import VambaVisionConfig
 from .layers_vamba import FusedOnCuda, apply_rotary, attention_interface, vision_sdpa_backends
@@ -123,18 +126,22 @@ class VambaVisionAttention(nn.Module):
         query, key = rotate(qkv[:, :, :2], cos, sin).permute(2, 0, 3, 1, 4).unbind(0)
         return query, key, qkv[:, :, 2].transpose(1, 2)
 
-    def attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
-        """Attention within each frame: (F, heads, L, head_dim) -> (F, L, embed_dim), before the output projection."""
+    def attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+               weights: Optional[list] = None) -> torch.Tensor:
+        """Attention within each frame: (F, heads, L, head_dim) -> (F, L, embed_dim), before the output projection.
+        With a `weights` list, attention runs eagerly and appends its (F, heads, L, L) weights to it."""
         num_frames, _, length, _ = query.shape
-        implementation = self.config._attn_implementation or "sdpa"
+        implementation = "eager" if weights is not None else (self.config._attn_implementation or "sdpa")
         if implementation == "flash_attention_2" and flash_attn_varlen_func is not None:
             out = self.attend_varlen(query, key, value)
         elif implementation == "sdpa":
             with vision_sdpa_backends():
                 out = F.scaled_dot_product_attention(query, key, value, scale=self.scaling).transpose(1, 2)
         else:
-            out, _ = attention_interface(implementation)(self, query, key, value, None, scaling=self.scaling,
-                                                         dropout=0.0, is_causal=False)
+            out, attention = attention_interface(implementation)(self, query, key, value, None, scaling=self.scaling,
+                                                                 dropout=0.0, is_causal=False)
+            if weights is not None:
+                weights.append(attention)
         return out.reshape(num_frames, length, -1)
 
     def attend_varlen(self, query, key, value) -> torch.Tensor:
@@ -187,9 +194,37 @@ class VambaVisionBlock(GradientCheckpointingLayer):
         self.attn = VambaVisionAttention(config)
         self.mlp = VisionMlp(config.embed_dim, int(config.embed_dim * config.mlp_ratio), config.hidden_act)
 
-    def forward(self, frames: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    def forward(self, frames: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor],
+                weights: Optional[list] = None) -> torch.Tensor:
         query, key, value = compiled_attention_inputs(frames, self, *rotation(rotary))
-        return compiled_block_output(frames, self, self.attn.attend(query, key, value))
+        return compiled_block_output(frames, self, self.attn.attend(query, key, value, weights))
+
+
+@dataclass
+class TowerRecord:
+    """What the tower keeps of an encoding when asked (`VambaVisionTower.forward(..., record=...)`), each list in
+    the order of the pixel rows: the patch states before the merger, the states entering each block and leaving
+    the last one (`hidden_states`), each block's attention weights (`attentions`, one (F, heads, L, L) tensor per
+    group of frames). None: not kept."""
+
+    last: list = field(default_factory=list)
+    hidden_states: Optional[list[list[torch.Tensor]]] = None
+    attentions: Optional[list[list[torch.Tensor]]] = None
+
+    @classmethod
+    def asking(cls, depth: int, hidden_states: bool, attentions: bool) -> "TowerRecord":
+        return cls(hidden_states=[[] for _ in range(depth + 1)] if hidden_states else None,
+                   attentions=[[] for _ in range(depth)] if attentions else None)
+
+    def output(self, features: list[torch.Tensor]) -> BaseModelOutputWithPooling:
+        """transformers' vision-encoder output: the pre-merger states of all patches, the merged features of each
+        item as `pooler_output`, and what was recorded."""
+        return BaseModelOutputWithPooling(
+            last_hidden_state=torch.cat(self.last),
+            pooler_output=tuple(features),
+            hidden_states=None if self.hidden_states is None else tuple(torch.cat(h) for h in self.hidden_states),
+            attentions=None if self.attentions is None else tuple(tuple(a) for a in self.attentions),
+        )
 
 
 class VambaVisionTower(nn.Module):
@@ -209,19 +244,29 @@ class VambaVisionTower(nn.Module):
         self.merger = PatchMerger(dim=config.hidden_size, context_dim=config.embed_dim,
                                   spatial_merge_size=config.spatial_merge_size)
 
-    def encode_frames(self, patches: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    def encode_frames(self, patches: torch.Tensor, height: int, width: int,
+                      record: Optional[TowerRecord] = None) -> torch.Tensor:
         """patches: (F*height*width, C*T*P*P) of F temporal steps -> (F*height*width/merge^2, hidden_size)."""
         frames = self.patch_embed(patches).view(-1, height * width, self.config.embed_dim)
         rotary = self.rotary(height, width, frames.device)
-        for block in self.blocks:
-            frames = block(frames, rotary)
-        return self.merger(frames.reshape(-1, self.config.embed_dim))
+        recording = record is not None
+        for i, block in enumerate(self.blocks):
+            if recording and record.hidden_states is not None:
+                record.hidden_states[i].append(frames.reshape(-1, self.config.embed_dim))
+            frames = block(frames, rotary, record.attentions[i] if recording and record.attentions else None)
+        frames = frames.reshape(-1, self.config.embed_dim)
+        if recording:
+            record.last.append(frames)
+            if record.hidden_states is not None:
+                record.hidden_states[-1].append(frames)
+        return self.merger(frames)
 
-    def encode_steps(self, patches: torch.Tensor, steps: int, height: int, width: int) -> torch.Tensor:
+    def encode_steps(self, patches: torch.Tensor, steps: int, height: int, width: int,
+                     record: Optional[TowerRecord] = None) -> torch.Tensor:
         """All `steps` temporal steps of `patches`, max_frames steps at a time."""
         per_step = height * width
         groups = [
-            self.encode_frames(patches[start * per_step : (start + self.max_frames) * per_step], height, width)
+            self.encode_frames(patches[start * per_step : (start + self.max_frames) * per_step], height, width, record)
             for start in range(0, steps, self.max_frames)
         ]
         return torch.cat(groups) if len(groups) > 1 else groups[0]
@@ -233,14 +278,15 @@ class VambaVisionTower(nn.Module):
             return [[item] for item in grid]
         return [list(run) for _, run in groupby(grid, key=lambda item: tuple(item[1:]))]
 
-    def forward(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> list[torch.Tensor]:
-        """One (tokens, hidden_size) tensor per image/video of `grid_thw`."""
+    def forward(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor,
+                record: Optional[TowerRecord] = None) -> list[torch.Tensor]:
+        """One (tokens, hidden_size) tensor per image/video of `grid_thw`; `record` keeps more of the encoding."""
         outputs = []
         runs = self.runs(grid_thw.tolist())
         patches_per_run = [sum(t * h * w for t, h, w in run) for run in runs]
         merged = self.config.spatial_merge_size**2
         for patches, run in zip(pixel_values.split(patches_per_run), runs):
             _, height, width = run[0]
-            encoded = self.encode_steps(patches, sum(t for t, _, _ in run), height, width)
+            encoded = self.encode_steps(patches, sum(t for t, _, _ in run), height, width, record)
             outputs.extend(encoded.split([t * h * w // merged for t, h, w in run]) if len(run) > 1 else [encoded])
         return outputs
