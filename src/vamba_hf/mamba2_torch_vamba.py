@@ -50,7 +50,7 @@ def pass_states(chunk_states, chunk_log_decay, initial_state):
     states = torch.cat([initial_state[:, None], chunk_states], dim=1)  # (b, c+1, h, p, n)
     decay = torch.exp(segment_sum(F.pad(chunk_log_decay, (1, 0))))  # (b, h, c+1, c+1)
     states = torch.einsum("bhzc,bchpn->bzhpn", decay, states)
-    return states[:, :-1], states[:, -1]
+    return states[:, :-1], states[:, -1].clone()  # its own storage: a kept state must not hold every chunk's
 
 
 def intra_chunk_outputs(C, B, a_dt, x_dt, ids):
