@@ -192,3 +192,22 @@ def test_the_import_check_sees_circles_and_private_names():
         ("video_vamba", ["_private", "public"]), ("card", []), ("convert", []), ("cli", ["main"]),
         ("video_vamba", ["_helper"])])
     assert package_imports("from .processing_vamba import _x\n", "processing_vamba") == []
+
+
+def closure(graph: dict, module: str) -> set:
+    seen, pending = set(), [module]
+    while pending:
+        for target, _ in graph.get(pending.pop(), []):
+            if target not in seen:
+                seen.add(target)
+                pending.append(target)
+    return seen - {module}
+
+
+@pytest.mark.parametrize("entry", ["configuration_vamba", "modeling_vamba", "processing_vamba",
+                                   "video_processing_vamba"])
+def test_each_auto_map_module_imports_every_module_it_runs_itself(entry):
+    """transformers 4.57 copies a local folder's remote code through the loaded module's own relative imports only."""
+    graph = {module: [(target, names) for target, names in imports if target.endswith("_vamba")]
+             for module, imports in import_graph().items()}
+    assert closure(graph, entry) == {target for target, _ in graph[entry]}

@@ -51,6 +51,11 @@ from .conversation_vamba import (
 from .video_processing_vamba import PatchLayout, VambaVideoProcessor, VambaVideosKwargs, as_video_list, type_name
 from .video_vamba import VideoFrames, VideoSampling, frame_array, load_video
 
+# transformers 4.57 copies a local folder's remote code through the loaded module's own relative imports only (the Hub
+# path follows them further), so every module the processor runs is imported here, these two for that alone.
+from .resize_vamba import resized_as_pil  # noqa: F401
+from .video_decode_vamba import resize_frame  # noqa: F401
+
 __all__ = ["VAMBA_CHAT_TEMPLATE", "VambaProcessor", "VideoFrames", "VideoSampling", "default_image_processor",
            "load_video"]
 
