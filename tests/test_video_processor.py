@@ -91,10 +91,14 @@ def test_the_video_processor_alone_gives_the_processors_inputs(processor):
     assert isinstance(as_numpy["pixel_values_videos"], np.ndarray) and "video_metadata" not in as_numpy
 
 
-def test_the_video_processor_refuses_an_unknown_option(processor):
+def test_the_video_processor_refuses_an_unknown_option_and_no_video(processor):
     with pytest.raises(TypeError, match=r"^VambaVideoProcessor got unknown option\(s\) num_frame; its options are "
                                         r"the video options: .*num_frames"):
         processor.vamba_video_processor(noise(2, 56, 56, 14), num_frame=8)
+    with pytest.raises(ValueError, match=r"^videos is required: give a video"):
+        processor.vamba_video_processor(None)
+    with pytest.raises(ValueError, match=r"^a video has no frames"):
+        processor.vamba_video_processor([])
 
 
 def saved_video_processor(processor, folder):

@@ -335,6 +335,8 @@ class VambaVideoProcessor(BaseVideoProcessor):
         options = video_options(kwargs, type(self).__name__)
         return_tensors = options.get("return_tensors")
         videos = as_video_list(videos)
+        if not videos:
+            raise ValueError("videos is required: give a video (a path, frames or VideoFrames) or a list of them.")
         pixels, grids, metadata = self.patches(videos, options)
         data = {"pixel_values_videos": pixels if return_tensors == "pt" else pixels.cpu().numpy(),
                 "video_grid_thw": grids}
