@@ -82,7 +82,7 @@ def main() -> None:
     budget = Budget(args.budget_s)
     import transformers
 
-    from vamba_hf.processing_vamba import default_frame_resize
+    from vamba_hf.video_processing_vamba import default_frame_resize
     from vamba_hf.tiny import build_tiny_processor
 
     processor = build_tiny_processor()

@@ -61,7 +61,8 @@ def test_well_formed_conversations_still_render():
 def raised_by_vamba(error: BaseException) -> bool:
     """Whether the exception was raised by vamba_hf's own code (a check with a message), not deep inside a library."""
     frames = traceback.extract_tb(error.__traceback__)
-    return Path(frames[-1].filename).name in ("processing_vamba.py", "video_vamba.py")
+    return Path(frames[-1].filename).name in ("processing_vamba.py", "conversation_vamba.py", "video_processing_vamba.py",
+                                                 "video_vamba.py")
 
 
 LEAVES = st.one_of(st.none(), st.text(max_size=4), st.integers(-2, 2), st.booleans(),

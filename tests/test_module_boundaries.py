@@ -98,7 +98,10 @@ def test_each_auto_class_module_imports_every_module_it_needs_itself(package_gra
     imports itself, not those they import: a local folder's remote code would miss them."""
     from vamba_hf.configuration_vamba import AUTO_MAP
 
-    for module in sorted({reference.split(".")[0] for reference in AUTO_MAP.values()}):
+    from vamba_hf.video_processing_vamba import VIDEO_PROCESSOR_AUTO_MAP
+
+    references = [*AUTO_MAP.values(), *VIDEO_PROCESSOR_AUTO_MAP.values()]
+    for module in sorted({reference.split(".")[0] for reference in references}):
         assert sorted(closure(package_graph, module) - set(package_graph[module])) == [], module
 
 

@@ -241,23 +241,24 @@ def test_video_forms_give_the_same_pixels(processor):
 
 
 def test_decoded_frames_are_handed_back_as_they_are_patched(processor, tmp_path, monkeypatch):
-    import vamba_hf.processing_vamba as processing
+    import vamba_hf.video_processing_vamba as video_processing
+    from vamba_hf.video_vamba import FrameResize, load_video
 
     path = write_video(tmp_path / "clip.mp4", num_frames=24, width=56, height=56)
     released = []
-    patch_into = processing.video_patches_into
-    monkeypatch.setattr(processing, "STEP_BYTES", 1)  # one temporal group per step
+    patch_into = video_processing.video_patches_into
+    monkeypatch.setattr(video_processing, "STEP_BYTES", 1)  # one temporal group per step
 
     def recording_patch_into(output, frames, layout, release):
         recorder = None if release is None else (lambda n: (released.append(n), release(n)))
         return patch_into(output, frames, layout, recorder)
 
-    monkeypatch.setattr(processing, "video_patches_into", recording_patch_into)
+    monkeypatch.setattr(video_processing, "video_patches_into", recording_patch_into)
     with_release = processor(text="<|vision_start|><|vision_end|>", videos=str(path), num_frames=8)
     assert released == [2, 4, 6, 8]
-    frames = processing.load_video(path, processor.video_sampling, num_frames=8,
-                                   resize=processing.FrameResize(256, 640, processing.PatchLayout.of(
-                                       processor.image_processor).frame_size))
+    frames = load_video(path, processor.video_sampling, num_frames=8,
+                        resize=FrameResize(256, 640, video_processing.PatchLayout.of(
+                            processor.image_processor).frame_size))
     given = processor(text="<|vision_start|><|vision_end|>", videos=frames)
     assert released == [2, 4, 6, 8]  # frames a caller gave are never released
     np.testing.assert_array_equal(given["pixel_values_videos"], with_release["pixel_values_videos"])

@@ -7,8 +7,8 @@ import torch
 from media_helpers import moving_frames
 from test_processor_resize import FILTER_IDS, FILTERS, RESIZES, SIZE_IDS, SIZES, grid_size, noise_frames, pil_resized
 
-import vamba_hf.processing_vamba as processing
-from vamba_hf.processing_vamba import resized_as_pil
+import vamba_hf.video_processing_vamba as video_processing
+from vamba_hf.resize_vamba import resized_as_pil
 from vamba_hf.tiny import build_tiny_processor
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (torch.cuda.is_available())")
@@ -36,8 +36,8 @@ def test_inputs_on_the_gpu_are_the_cpus_bit_for_bit(processor, monkeypatch, sour
     budget = {} if min_pixels is None else {"min_pixels": min_pixels}
     on_cpu = processor(text="<|vision_start|><|vision_end|>", videos=frames, return_tensors="pt", **budget)
     resized_on = []
-    resize = processing.resized_as_pil
-    monkeypatch.setattr(processing, "resized_as_pil",
+    resize = video_processing.resized_as_pil
+    monkeypatch.setattr(video_processing, "resized_as_pil",
                         lambda chunk, *args: resized_on.append(chunk.device.type) or resize(chunk, *args))
     on_gpu = processor(text="<|vision_start|><|vision_end|>", videos=frames, return_tensors="pt", device=device,
                        **budget)

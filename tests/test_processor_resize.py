@@ -11,8 +11,11 @@ import torch
 from helpers import tiny_model
 from media_helpers import moving_frames, write_video
 
-import vamba_hf.processing_vamba as processing
-from vamba_hf.processing_vamba import PatchLayout, VambaProcessor, default_image_processor, resized_as_pil
+import vamba_hf.resize_vamba as resize
+import vamba_hf.video_processing_vamba as video_processing
+from vamba_hf.processing_vamba import VambaProcessor, default_image_processor
+from vamba_hf.resize_vamba import resized_as_pil
+from vamba_hf.video_processing_vamba import PatchLayout
 from vamba_hf.tiny import build_tiny_processor, build_tiny_tokenizer, special_token_ids
 
 PROMPT = "<|vision_start|><|vision_end|>"
@@ -76,10 +79,10 @@ def test_torch_resize_gives_pils_bytes_in_pils_pass_order(processor, source, min
     size = grid_size(processor, *source, min_pixels)
     reference = pil_resized(frames, size)
     assert np.array_equal(torch_resized(frames, size), reference)
-    assert processing.pil_pass_order(source, size, PIL.Image.BICUBIC) == order
+    assert resize.pil_pass_order(source, size, PIL.Image.BICUBIC) == order
     # the order matters: the other one rounds the intermediate image differently
     other = {"hv": "vh", "vh": "hv"}[order]
-    passes = processing._pil_passes(torch.from_numpy(frames), size, PIL.Image.BICUBIC, other).to(torch.uint8)
+    passes = resize._pil_passes(torch.from_numpy(frames), size, PIL.Image.BICUBIC, other).to(torch.uint8)
     assert not np.array_equal(passes.numpy(), reference)
 
 
@@ -94,14 +97,14 @@ def test_rounding_the_weights_another_way_is_caught(monkeypatch):
     """The byte equality is strict: PIL's weights rounded toward zero instead of half away give other bytes."""
     frames = torch.from_numpy(noise_frames(2, 640, 360)).to(torch.int32)
     reference = pil_resized(frames.to(torch.uint8).numpy(), (644, 360))
-    exact = processing._pil_axis_pass(frames, 2, 644, PIL.Image.BICUBIC)
-    first, weights = processing.pil_axis_weights(640, 644, PIL.Image.BICUBIC)
-    monkeypatch.setattr(processing, "pil_axis_weights", lambda *args: (first, weights - (weights > 0)))
-    processing._axis_taps_on.cache_clear()  # the weights on the device, made from pil_axis_weights once per sizes
+    exact = resize._pil_axis_pass(frames, 2, 644, PIL.Image.BICUBIC)
+    first, weights = resize.pil_axis_weights(640, 644, PIL.Image.BICUBIC)
+    monkeypatch.setattr(resize, "pil_axis_weights", lambda *args: (first, weights - (weights > 0)))
+    resize._axis_taps_on.cache_clear()  # the weights on the device, made from pil_axis_weights once per sizes
     try:
-        truncated = processing._pil_axis_pass(frames, 2, 644, PIL.Image.BICUBIC)
+        truncated = resize._pil_axis_pass(frames, 2, 644, PIL.Image.BICUBIC)
     finally:
-        processing._axis_taps_on.cache_clear()
+        resize._axis_taps_on.cache_clear()
     assert np.array_equal(exact.to(torch.uint8).numpy(), reference)
     assert not np.array_equal(truncated.to(torch.uint8).numpy(), reference)
 
@@ -121,8 +124,8 @@ def test_torch_resizes_in_the_processor_and_gives_the_same_logits(processor, mon
     ids.pop("im_start_token_id")
     model = tiny_model(**ids)
     calls = []
-    resize = processing.resized_as_pil
-    monkeypatch.setattr(processing, "resized_as_pil", lambda *args: calls.append(args[1]) or resize(*args))
+    resize = video_processing.resized_as_pil
+    monkeypatch.setattr(video_processing, "resized_as_pil", lambda *args: calls.append(args[1]) or resize(*args))
 
     def logits(frames, **kwargs):
         messages = [{"role": "user", "content": [{"type": "video", "video": frames},
@@ -156,9 +159,9 @@ def test_the_default_torch_resize_is_used_and_gives_pils_pixels(processor, monke
     frames = np.stack(moving_frames(4, 333, 201))
     by_pil = pixels(processor, frames)
     calls = []
-    resize = processing.resized_as_pil
-    monkeypatch.setattr(processing, "resized_as_pil", lambda *args: calls.append(args[1]) or resize(*args))
-    monkeypatch.setattr(processing, "default_frame_resize", lambda device: "torch")  # as on a CUDA GPU
+    resize = video_processing.resized_as_pil
+    monkeypatch.setattr(video_processing, "resized_as_pil", lambda *args: calls.append(args[1]) or resize(*args))
+    monkeypatch.setattr(video_processing, "default_frame_resize", lambda device: "torch")  # as on a CUDA GPU
     assert torch.equal(pixels(processor, frames), by_pil)
     assert calls == [grid_size(processor, 333, 201)]
 
@@ -167,8 +170,8 @@ def test_a_resize_torch_does_not_reproduce_falls_back_to_pil_by_default_and_rais
                                                                                               monkeypatch):
     frames = np.stack(moving_frames(4, 320, 180))
     by_pil = pixels(processor, frames)
-    monkeypatch.setattr(processing, "pil_pass_order", lambda *args: None)  # as with a Pillow of other arithmetic
-    monkeypatch.setattr(processing, "default_frame_resize", lambda device: "torch")
+    monkeypatch.setattr(resize, "pil_pass_order", lambda *args: None)  # as with a Pillow of other arithmetic
+    monkeypatch.setattr(video_processing, "default_frame_resize", lambda device: "torch")
     assert torch.equal(pixels(processor, frames), by_pil)
     message = (rf"^this Pillow \({re.escape(PIL.__version__)}\) resizes 320x180 frames to 308x168 in a way "
                r"frame_resize='torch' does not reproduce: use frame_resize='pil'\.$")
@@ -185,7 +188,7 @@ def test_a_filter_torch_does_not_follow_is_refused_when_asked_and_left_to_pil_by
                                          r"use frame_resize='pil'\.$"):
         pixels(processor, frames, frame_resize="torch")
     by_pil = pixels(processor, frames)
-    monkeypatch.setattr(processing, "default_frame_resize", lambda device: "torch")
+    monkeypatch.setattr(video_processing, "default_frame_resize", lambda device: "torch")
     assert torch.equal(pixels(processor, frames), by_pil)
 
 
@@ -195,8 +198,8 @@ def test_a_filter_torch_does_not_follow_is_refused_when_asked_and_left_to_pil_by
 def test_the_option_is_a_video_kwarg_in_every_form(processor, monkeypatch):
     frames = np.stack(moving_frames(4, 320, 180))
     calls = []
-    resize = processing.resized_as_pil
-    monkeypatch.setattr(processing, "resized_as_pil", lambda *args: calls.append(args[1]) or resize(*args))
+    resize = video_processing.resized_as_pil
+    monkeypatch.setattr(video_processing, "resized_as_pil", lambda *args: calls.append(args[1]) or resize(*args))
     flat = pixels(processor, frames, frame_resize="torch")
     assert torch.equal(flat, pixels(processor, frames, videos_kwargs={"frame_resize": "torch"}))
     assert torch.equal(flat, pixels(processor, frames, frame_resize="torch", device="cpu"))
@@ -221,16 +224,16 @@ def test_torch_resizes_in_chunks_that_stay_within_step_bytes(processor, monkeypa
     size = grid_size(processor, 320, 180)
     group_bytes = 2 * 3 * 4 * max(size[0], 320) * max(size[1], 180)  # two frames in int32, at the larger edges
     chunk_frames = []
-    resize = processing.resized_as_pil
+    resize = video_processing.resized_as_pil
 
     def recording_resize(chunk, *args):
         chunk_frames.append(chunk.shape[0])
         return resize(chunk, *args)
 
-    monkeypatch.setattr(processing, "resized_as_pil", recording_resize)
+    monkeypatch.setattr(video_processing, "resized_as_pil", recording_resize)
     for step_bytes, most_frames in ((1, 2), (2 * group_bytes, 4)):
         chunk_frames.clear()
-        monkeypatch.setattr(processing, "STEP_BYTES", step_bytes)
+        monkeypatch.setattr(video_processing, "STEP_BYTES", step_bytes)
         assert torch.equal(pixels(processor, frames, frame_resize="torch"), whole)
         assert max(chunk_frames) == most_frames and sum(chunk_frames) == len(frames)
 

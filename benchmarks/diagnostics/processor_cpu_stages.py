@@ -11,7 +11,7 @@ Run on the CPU machine: PYTHONPATH=src:benchmarks python benchmarks/diagnostics/
 import json, os, statistics, sys, tempfile, time
 import torch
 import bench_processor_cpu
-from vamba_hf.processing_vamba import _patch_rows, resize_frames, video_patches_into
+from vamba_hf.video_processing_vamba import load_item, patch_rows, resize_frames, video_patches_into
 from vamba_hf.tiny import build_tiny_processor
 from vamba_hf.video_vamba import load_video
 
@@ -32,17 +32,17 @@ def timed(fn, runs=3):
 with tempfile.TemporaryDirectory() as folder:
     path = bench_processor_cpu.write_test_video(os.path.join(folder, "test_640x360.mp4"), 60, 24, "ultrafast", 250)
     processor = build_tiny_processor(num_frames=FRAMES, max_frames=FRAMES)
-    sampling, layout, resize = processor._video_options({"progress": False})
+    sampling, layout, resize = processor.vamba_video_processor.settings({"progress": False})
     plain = sampling.with_options(video_shortest_edge=None, video_longest_edge=None)
     decoded = load_video(path, plain).frames
-    at_grid = processor._load_video(path, sampling, resize).frames
+    at_grid = load_item(path, sampling, resize).frames
     width, height = layout.patched_size(at_grid)
     record = {"frames": FRAMES, "cpus": os.cpu_count(), "source": list(decoded[0].shape), "grid": [height, width]}
-    output = torch.empty((_patch_rows(at_grid, layout), layout.patch_dim), dtype=torch.float32)
+    output = torch.empty((patch_rows(at_grid, layout), layout.patch_dim), dtype=torch.float32)
     stages = {
         "pyav": lambda: bench_processor_cpu.decode_with_pyav(path, FRAMES),
         "decode": lambda: load_video(path, plain),
-        "decode_and_resize": lambda: processor._load_video(path, sampling, resize),
+        "decode_and_resize": lambda: load_item(path, sampling, resize),
         "resize": lambda: resize_frames(decoded, (width, height), layout.resample),
         "patches_into_a_reused_output": lambda: video_patches_into(output, at_grid, layout),
         "patches": lambda: video_patches_into(torch.empty_like(output), at_grid, layout),

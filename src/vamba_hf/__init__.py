@@ -18,6 +18,7 @@ _EXPORTS = {
     "VambaModel": "modeling_vamba",
     "VambaPreTrainedModel": "modeling_vamba",
     "VambaProcessor": "processing_vamba",
+    "VambaVideoProcessor": "video_processing_vamba",
     "VideoFrames": "processing_vamba",
     "load_video": "processing_vamba",
     "FrameStream": "video_vamba",

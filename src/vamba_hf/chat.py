@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Optional
 
 from .inference import build_messages
-from .processing_vamba import special_token_in
+from .conversation_vamba import special_token_in
 from .video_state_vamba import VideoState
 
 # A name standing for the video in the chat template (the state holds the video itself).

@@ -1,0 +1,1 @@
+src/vamba_hf/conversation_vamba.py

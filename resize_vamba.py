@@ -1,0 +1,1 @@
+src/vamba_hf/resize_vamba.py

@@ -1,0 +1,1 @@
+src/vamba_hf/video_processing_vamba.py
