@@ -88,7 +88,10 @@ class VambaPreTrainedModel(PreTrainedModel):
     _supports_flash_attn = True
     _supports_flash_attn_2 = True
     _supports_attention_backend = True
-    _keep_in_fp32_modules = []
+    # Never quantized (transformers' quantizers skip these names, whatever skip list the user gives) and upcast to
+    # fp32 where transformers upcasts: the Mamba-2 convolution, which the scan reads as a raw (d, k) weight, and the
+    # SSM parameters, which it reads in fp32. Every other Linear is called as a module, so any quantized weight works.
+    _keep_in_fp32_modules = ["conv1d", "A_log", "D", "dt_bias"]
 
     @torch.no_grad()
     def _init_weights(self, module):

@@ -189,7 +189,9 @@ def model_fingerprint(model) -> str:
         return cached[1]
     digest = hashlib.sha256(described.encode())
     for param in weights:
-        digest.update(param.detach().float().cpu().contiguous().numpy().tobytes())
+        # dequantize(): a quantized weight (torchao's tensor subclasses) as the values it computes with; a plain
+        # tensor as it is.
+        digest.update(param.detach().dequantize().float().cpu().contiguous().numpy().tobytes())
     model._video_state_fingerprint = (key, digest.hexdigest()[:32])
     return model._video_state_fingerprint[1]
 
