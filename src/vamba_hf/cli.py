@@ -128,8 +128,8 @@ def _precision(loaded) -> str:
     """The loaded model's dtype, and its quantization when it has one."""
     from .quantization import QUANTIZATIONS
 
-    dtype = str(loaded.model.dtype).removeprefix("torch.")
-    return dtype if loaded.quantization is None else f"{dtype}, {QUANTIZATIONS[loaded.quantization]}"
+    dtype = loaded.model.dtype
+    return str(dtype) if loaded.quantization is None else f"{dtype}, {QUANTIZATIONS[loaded.quantization]}"
 
 
 def run_generate(args) -> int:

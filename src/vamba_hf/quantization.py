@@ -86,6 +86,7 @@ def save_quantized(source, destination, name: str, device: str = "auto", log=pri
     remote code, and a model card that states the precision. Nothing existing is overwritten: the folder is written
     beside `destination` and renamed into place at the end."""
     import shutil
+    import tempfile
 
     from .convert import quiet_transformers
     from .inference import check_model_folder, resolve_device
@@ -103,8 +104,8 @@ def save_quantized(source, destination, name: str, device: str = "auto", log=pri
         # The checkpoint's own dtype for what stays unquantized (and for the scales).
         model = VambaForConditionalGeneration.from_pretrained(source, dtype="auto", quantization_config=config,
                                                               **placement)
-    staging = destination.with_name(f".{destination.name}.partial")
-    shutil.rmtree(staging, ignore_errors=True)  # a partial folder an interrupted run left
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{destination.name}.partial-", dir=destination.parent))
     try:
         _write_quantized_folder(model, source, staging, name)
         staging.rename(destination)
