@@ -17,7 +17,8 @@ parameters are no Linear weights):
   int8        Int8WeightOnlyConfig
   int4        Int4WeightOnlyConfig(group_size=128, int4_packing_format="tile_packed_to_4d") (tinygemm)
   int4+fp8kv  int4 with the float8 cross K/V cache (Vamba only)
-`--int4-frames` caps int4's frame counts (its kernel is made for few rows; prefill rows are many). Each
+`--int4-frames` caps int4's frame counts (its kernel is made for few rows; prefill rows are many): int4 runs at the
+--frames up to it, or at it when none is. Each
 measurement: one warm-up `generate`, then --repeats timed ones; the first token is the time from the call to the
 first logits processor call, decode ms/token the median gap between later calls (each call synchronises the GPU).
 The model is rebuilt from seed 0 for each precision, so every precision quantizes the same weights. `--tiny` runs
@@ -254,9 +255,9 @@ def run_precision(subject, precision, frames_list, args, references, reference_i
         stage_errors(subject, model, precision, args.error_frames, references, sink)
     except Exception as error:  # noqa: BLE001 - reported, and the timings still run
         sink.log({"model": subject.name, "precision": precision, "error_frames": args.error_frames, **failure(error)})
+    if precision.startswith("int4"):
+        frames_list = [frames for frames in frames_list if frames <= args.int4_frames] or [args.int4_frames]
     for frames in frames_list:
-        if precision.startswith("int4") and frames > args.int4_frames:
-            continue
         if budget.spent():
             sink.log({"model": subject.name, "precision": precision, "frames": frames, "skipped": "budget spent"})
             continue
@@ -274,7 +275,8 @@ def main() -> None:
     parser.add_argument("--qwen-precisions", default="bf16,float8,int8,int4")
     parser.add_argument("--frames", default="512,1024")
     parser.add_argument("--qwen-frames", default="512")
-    parser.add_argument("--int4-frames", type=int, default=512, help="int4 runs at frame counts up to this")
+    parser.add_argument("--int4-frames", type=int, default=512,
+                        help="int4 runs at the --frames up to this, or at this when none is")
     parser.add_argument("--error-frames", type=int, default=64, help="frames of the stage-error comparison")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--decode-steps", type=int, default=32)
