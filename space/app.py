@@ -3,7 +3,9 @@ stream in.
 
 The model is `$VAMBA_MODEL` (a converted Hub repo id or folder) when set, else the embedded demo model (tiny, random
 weights, built in seconds on the CPU: its answers are gibberish, it shows the app working). `$VAMBA_FRAMES_MAX` caps
-the frames slider (default 128, the original demo's count).
+the frames slider (default 128, the original demo's count). `$VAMBA_QUANTIZE` loads the weights quantized (int8,
+int4, float8, bnb-int8 or bnb-nf4: `vamba-hf generate --help` says what each is and where it runs), e.g. int8 to fit
+the 7B model with a long video on a 24 GB GPU.
 
     VAMBA_MODEL=your-name/Vamba-Qwen2-VL-7B-hf python space/app.py
 """
@@ -20,12 +22,14 @@ from transformers import TextIteratorStreamer
 try:
     from vamba_hf.chat import MAX_QUESTION_CHARS, check_question
     from vamba_hf.inference import build_messages, load_model_and_processor, prepare_inputs, printable
+    from vamba_hf.quantization import QUANTIZATIONS
 except ImportError as error:
     sys.exit(f"app.py needs the vamba_hf package ({error}): in a clone, `pip install -e '.[video]'`; in a Space, copy "
              f"src/vamba_hf next to app.py (see space/README.md).")
 
 MODEL_VARIABLE = "VAMBA_MODEL"
 FRAMES_MAX_VARIABLE = "VAMBA_FRAMES_MAX"
+QUANTIZE_VARIABLE = "VAMBA_QUANTIZE"
 MAX_NEW_TOKENS = 256
 DEMO_WARNING = ("**Demo model:** no checkpoint is configured (set `VAMBA_MODEL` to a converted Hub repo id), so this "
                 "runs a tiny Vamba with **random weights**: the answers are gibberish by design; they show the path "
@@ -33,8 +37,16 @@ DEMO_WARNING = ("**Demo model:** no checkpoint is configured (set `VAMBA_MODEL` 
 
 
 def load(model_name):
-    loaded = load_model_and_processor(model_name)
+    loaded = load_model_and_processor(model_name, quantization=quantization_setting())
     return loaded, loaded.processor.video_sampling.num_frames
+
+
+def quantization_setting():
+    """The quantization `$VAMBA_QUANTIZE` names, None when it is unset or empty."""
+    text = os.environ.get(QUANTIZE_VARIABLE, "").strip()
+    if text and text not in QUANTIZATIONS:
+        raise ValueError(f"{QUANTIZE_VARIABLE}={text!r}: give one of {', '.join(QUANTIZATIONS)}, or leave it unset.")
+    return text or None
 
 
 def frames_cap() -> int:
@@ -103,7 +115,8 @@ def build_app(model_name=None) -> gr.Blocks:
         gr.Markdown("# Vamba: ask a question about a video or an image\n"
                     "Vamba reads long videos cheaply: its video tokens go through Mamba-2 blocks instead of "
                     "self-attention ([paper](https://arxiv.org/abs/2503.11579)).")
-        gr.Markdown(DEMO_WARNING if loaded.is_demo else f"Model: `{loaded.source}`")
+        precision = "" if loaded.quantization is None else f" ({QUANTIZATIONS[loaded.quantization]})"
+        gr.Markdown(DEMO_WARNING if loaded.is_demo else f"Model: `{loaded.source}`{precision}")
         with gr.Row():
             with gr.Column():
                 video = gr.Video(label="Video", sources=["upload"], elem_id="video")

@@ -202,7 +202,8 @@ def human_count(count: int) -> str:
     return str(count)
 
 
-def _about_this_folder(config, base_model: Optional[str], license: Optional[str], has_processor: bool) -> str:
+def _about_this_folder(config, base_model: Optional[str], license: Optional[str], has_processor: bool,
+                       precision: Optional[str]) -> str:
     source = (f"the weights of [`{base_model}`](https://huggingface.co/{base_model})" if base_model
               else "weights from a local folder (its Hub origin was not recorded)")
     license_text = (f"`{license}`" if license else
@@ -216,6 +217,9 @@ def _about_this_folder(config, base_model: Optional[str], license: Optional[str]
     remote_code = ", ".join(f"`{name}`" for name in REMOTE_CODE_FILES)
     mamba, vision = config.vision_mamba_mixer_config, config.vision_config
     parameters = parameter_count(config)
+    if precision is None:
+        dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+        precision = f"the source's {str(dtype).removeprefix('torch.')} weights, unquantized"
     return f"""\
 ## This repository
 
@@ -226,6 +230,7 @@ hidden size {config.hidden_size}, vocabulary {config.vocab_size}; vision tower d
 (embed_dim) {vision.embed_dim}, output (hidden_size, after merging patches) {vision.hidden_size}; Mamba-2 d_state \
 {mamba.d_state}, head dim {mamba.headdim}.
 - **License:** {license_text}.
+- **Precision:** {precision}.
 - **Loads with:** {loads}.
 """
 
@@ -247,9 +252,10 @@ def package_source_link() -> str:
 
 
 def render_model_card(config, *, base_model: Optional[str] = None, license: Optional[str] = None,
-                      repo_id: Optional[str] = None, has_processor: bool = True):
+                      repo_id: Optional[str] = None, has_processor: bool = True, precision: Optional[str] = None):
     """A `huggingface_hub.ModelCard` for a converted Vamba folder with this `config`. `base_model`: the source's
-    Hub repo id, None for a local folder; `license`: the source's license id, None when unknown."""
+    Hub repo id, None for a local folder; `license`: the source's license id, None when unknown; `precision`: how
+    the weights are stored, None for the source's dtype, unquantized."""
     from huggingface_hub import ModelCard
 
     repo_id = repo_id or REPO_ID_PLACEHOLDER
@@ -258,7 +264,7 @@ def render_model_card(config, *, base_model: Optional[str] = None, license: Opti
     sections = [
         f"# Vamba: {repo_id.split('/')[-1]}",
         _ABOUT_VAMBA,
-        _about_this_folder(config, base_model, license, has_processor),
+        _about_this_folder(config, base_model, license, has_processor, precision),
         usage,
         _CLI.format(repo_id=repo_id, source=package_source_link()),
     ]

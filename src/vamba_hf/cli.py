@@ -2,6 +2,7 @@
 
     vamba-hf convert SRC DST            official-format folder (or Hub repo id) -> Hub-ready folder
     vamba-hf push DST REPO_ID           upload a converted folder (--dry-run lists the files)
+    vamba-hf quantize DST QDST --quantize int8   a converted folder saved with its weights quantized
     vamba-hf generate --video FILE      stream an answer; without --model, runs the embedded demo model
     vamba-hf chat --video FILE          encode a video once, then answer question after question about it
 """
@@ -83,6 +84,18 @@ def run_push(args) -> int:
 
     push_folder(args.folder, args.repo_id, private=args.private, revision=args.revision,
                 commit_message=args.commit_message, token=args.token, dry_run=args.dry_run, log=_stderr)
+    return 0
+
+
+# -- quantize --------------------------------------------------------------------------------------------------
+
+
+def run_quantize(args) -> int:
+    from .quantization import save_quantized
+
+    save_quantized(args.folder, args.destination, args.quantize, device=args.device, log=_stderr)
+    _stderr(f"Load it as the unquantized folder (trust_remote_code=True), or upload it: vamba-hf push "
+            f"{args.destination} REPO_ID")
     return 0
 
 
@@ -174,6 +187,14 @@ def printable_streamer(tokenizer):
     return PrintableTextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
 
 
+def _precision(loaded) -> str:
+    """The loaded model's dtype, and its quantization when it has one."""
+    from .quantization import QUANTIZATIONS
+
+    dtype = loaded.model.dtype
+    return str(dtype) if loaded.quantization is None else f"{dtype}, {QUANTIZATIONS[loaded.quantization]}"
+
+
 def run_generate(args) -> int:
     from .demo import demo_notice
     from .sources import resolve_model_source
@@ -191,13 +212,14 @@ def run_generate(args) -> int:
 
     if args.model is None:
         _stderr(demo_notice())
-    loaded = load_model_and_processor(args.model, dtype=args.dtype, device=args.device, location=location)
+    loaded = load_model_and_processor(args.model, dtype=args.dtype, device=args.device, location=location,
+                                      quantization=args.quantize)
     model, processor = loaded.model, loaded.processor
     kind = "video" if args.video else "image" if args.image else None
     prompt = args.prompt or DEFAULT_PROMPTS[kind]
     messages = build_messages(prompt, video=args.video, image=args.image)
     inputs = prepare_inputs(processor, messages, model.device, num_frames=args.frames, fps=args.fps)
-    _stderr(f"Model: {loaded.source} ({model.dtype}, {model.device}); {_describe_inputs(inputs)}")
+    _stderr(f"Model: {loaded.source} ({_precision(loaded)}, {model.device}); {_describe_inputs(inputs)}")
     _stderr(f"Prompt: {prompt}")
     streamer = printable_streamer(processor.tokenizer)
     prefill_started = time.perf_counter()
@@ -301,9 +323,10 @@ def run_chat(args) -> int:
 
     if args.model is None:
         _stderr(demo_notice())
-    loaded = load_model_and_processor(args.model, dtype=args.dtype, device=args.device, location=location)
+    loaded = load_model_and_processor(args.model, dtype=args.dtype, device=args.device, location=location,
+                                      quantization=args.quantize)
     model, processor = loaded.model, loaded.processor
-    _stderr(f"Model: {loaded.source} ({model.dtype}, {model.device})")
+    _stderr(f"Model: {loaded.source} ({_precision(loaded)}, {model.device})")
     state = _chat_state(args, model, processor)
     _stderr(f"Ask about the video; {' or '.join(CHAT_EXIT_WORDS)} (or end of input, or Ctrl-C at the prompt) ends the "
             f"chat; Ctrl-C during an answer stops that answer.")
@@ -355,6 +378,22 @@ def _add_push(subparsers) -> None:
     parser.set_defaults(run=run_push)
 
 
+def _add_quantize(subparsers) -> None:
+    from .quantization import QUANTIZATIONS, choices_help
+
+    parser = subparsers.add_parser(
+        "quantize", help="save a converted folder with its weights quantized",
+        description="Load a folder written by `vamba-hf convert` with its weights quantized and save it into a new "
+                    "folder (safetensors, with the processor, the remote code and a model card that states the "
+                    "precision), loadable like the original with trust_remote_code=True.")
+    parser.add_argument("folder", help="the converted folder")
+    parser.add_argument("destination", help="the folder to write (must not exist)")
+    parser.add_argument("--quantize", required=True, choices=list(QUANTIZATIONS), help=choices_help())
+    parser.add_argument("--device", default="auto",
+                        help="where to quantize: auto (CUDA if available), cpu, cuda, ... (int8 runs on the CPU)")
+    parser.set_defaults(run=run_quantize)
+
+
 def _add_generate(subparsers) -> None:
     parser = subparsers.add_parser(
         "generate", help="answer a question about a video or image, streaming the answer",
@@ -383,6 +422,14 @@ def _add_sampling_and_device_options(parser) -> None:
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                         help="auto: bfloat16 on GPU, float32 on CPU")
     parser.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:1, ...")
+    _add_quantize_option(parser)
+
+
+def _add_quantize_option(parser) -> None:
+    from .quantization import QUANTIZATIONS, choices_help
+
+    parser.add_argument("--quantize", default=None, choices=list(QUANTIZATIONS),
+                        help=f"load the weights quantized (default: unquantized): {choices_help()}")
 
 
 def _add_chat(subparsers) -> None:
@@ -414,6 +461,7 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", required=True)
     _add_convert(subparsers)
     _add_push(subparsers)
+    _add_quantize(subparsers)
     _add_generate(subparsers)
     _add_chat(subparsers)
     return parser

@@ -22,6 +22,7 @@ class LoadedModel:
     processor: object
     source: str
     is_demo: bool
+    quantization: Optional[str] = None  # a `vamba_hf.quantization.QUANTIZATIONS` name; None: unquantized
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -80,9 +81,10 @@ def printable(text: str) -> str:
 
 
 def load_model_and_processor(model: Optional[str] = None, dtype: str = "auto", device: str = "auto",
-                             location: Optional[str] = None) -> LoadedModel:
+                             location: Optional[str] = None, quantization: Optional[str] = None) -> LoadedModel:
     """Model and processor from a converted folder / Hub repo id, or the embedded demo model when `model` is None.
-    `location`: where `sources.resolve_model_source` found `model`, when the caller already asked it."""
+    `location`: where `sources.resolve_model_source` found `model`, when the caller already asked it.
+    `quantization`: load the weights quantized (a `vamba_hf.quantization.QUANTIZATIONS` name)."""
     from .convert import quiet_transformers
     from .demo import build_demo_model_dir
     from .sources import resolve_model_source
@@ -98,10 +100,16 @@ def load_model_and_processor(model: Optional[str] = None, dtype: str = "auto", d
     torch_dtype = resolve_dtype(dtype, target)
     # With accelerate, weights go straight to the GPU instead of through CPU memory first.
     placement = {"device_map": str(target)} if target.type == "cuda" and importlib.util.find_spec("accelerate") else {}
+    if quantization is not None:
+        from .quantization import quantization_config
+
+        placement["quantization_config"] = quantization_config(quantization, target, torch_dtype)
     with quiet_transformers():
         loaded = VambaForConditionalGeneration.from_pretrained(location, dtype=torch_dtype, **placement)
         processor = _load_processor(location, source)
-    return LoadedModel(loaded.to(target).eval(), processor, source, is_demo)
+    if "device_map" not in placement:  # bitsandbytes' models refuse .to(), and need no move
+        loaded = loaded.to(target)
+    return LoadedModel(loaded.eval(), processor, source, is_demo, quantization)
 
 
 def build_messages(prompt: str, video=None, image=None) -> list:

@@ -219,7 +219,7 @@ class Mamba2(nn.Module):
         x, B, C = xbc.split([self.d_inner, self.bc_dim, self.bc_dim], dim=-1)
         y, state = self.scan(x, dt, B, C, seq_idx, carry, ops)
         y = self.norm(y.reshape(*x.shape[:2], self.d_inner), z, ops)
-        return self.out_proj(y.to(self.out_proj.weight.dtype)), MambaCarry(state, next_carry_inputs, next_carry_ids)
+        return self.out_proj(y.to(z.dtype)), MambaCarry(state, next_carry_inputs, next_carry_ids)
 
     def last_conv_inputs(self, xbc, carry: Optional[MambaCarry], seq_idx):
         """The last d_conv-1 convolution inputs after this segment, and their ids: a segment shorter than that

@@ -120,6 +120,10 @@ class VambaPreTrainedModel(PreTrainedModel):
     # transformers 5 takes the config's plan only for a model that is its own base model; Vamba's base_model_prefix
     # names its text model (the checkpoint's `model.*`), so the model class carries it too.
     _tp_plan = VambaConfig.base_model_tp_plan
+    # Never quantized (transformers' quantizers skip these names, whatever skip list the user gives) and upcast to
+    # fp32 where transformers upcasts: the Mamba-2 convolution, which the scan reads as a raw (d, k) weight, and the
+    # SSM parameters, which it reads in fp32. Every other Linear is called as a module, so any quantized weight works.
+    _keep_in_fp32_modules = ["conv1d", "A_log", "D", "dt_bias"]
 
     @torch.no_grad()
     def _init_weights(self, module):

@@ -243,8 +243,10 @@ def _weights_sample(weights: list) -> bytes:
     """`FINGERPRINT_SAMPLES` evenly spaced elements of each weight (strided integer indexing: the same elements on
     every device) in float32, with their shapes, as bytes. The compute dtype is checked apart, with its own message."""
     shapes = json.dumps([list(param.shape) for param in weights]).encode()
-    samples = [param.detach().reshape(-1)[:: max(1, param.numel() // FINGERPRINT_SAMPLES)][:FINGERPRINT_SAMPLES]
-               for param in weights]
+    # dequantize(): a quantized weight (torchao's tensor subclasses) as the values it computes with; a plain tensor
+    # as it is.
+    samples = [param.detach().dequantize().reshape(-1)[:: max(1, param.numel() // FINGERPRINT_SAMPLES)]
+               [:FINGERPRINT_SAMPLES] for param in weights]
     return shapes + torch.cat([sample.float().cpu() for sample in samples]).numpy().tobytes()  # any device each
 
 
