@@ -497,8 +497,8 @@ class VambaConfig(_LoadsWhatItSaved, PretrainedConfig):
       cross-attention (the normalised stream replaces it).
     - `vision_config`: the vision tower; `vision_mamba_mixer_config`: the Mamba-2 block of the visual stream.
     - `mamba_max_tokens`: longest visual segment one Mamba-2 kernel call sees; longer streams are scanned in
-      segments that carry the state across (same result, bounded kernel sizes and activations: 2**14 tokens keep
-      the block's activations under 1 GiB at no measured cost in speed, BENCHMARKS.md).
+      segments that carry the state across (same result, bounded kernel sizes and activations; BENCHMARKS.md
+      measures the default's memory and speed).
     - `vision_max_frames`: temporal steps encoded by the vision tower at once (bounded activations).
     - `decode_with_cuda_graph`: on CUDA, run each decoding step (one new token per row) as a captured CUDA graph
       (same result; it removes the per-kernel launch cost that dominates a decoding step at batch 1).
