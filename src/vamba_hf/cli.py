@@ -200,7 +200,8 @@ def run_generate(args) -> int:
     prompt = args.prompt or DEFAULT_PROMPTS[kind]
     messages = build_messages(prompt, video=args.video, image=args.image)
     inputs = prepare_inputs(processor, messages, model.device, num_frames=args.frames, fps=args.fps)
-    _stderr(f"Model: {loaded.source} ({model.dtype}, {model.device}); {_describe_inputs(inputs, model.config.vision_config)}")
+    summary = _describe_inputs(inputs, model.config.vision_config)
+    _stderr(f"Model: {loaded.source} ({model.dtype}, {model.device}); {summary}")
     _stderr(f"Prompt: {prompt}")
     streamer = printable_streamer(processor.tokenizer)
     prefill_started = time.perf_counter()
