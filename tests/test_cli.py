@@ -399,3 +399,21 @@ def test_ctrl_c_at_the_prompt_ends_the_chat(demo_cache, demo_video, monkeypatch)
     text = shown.getvalue()
     assert text.count("new tokens in ") == 1 and "vamba-hf: interrupted" not in text
     assert text.rstrip().endswith("(demo model with random weights: the answers above are meaningless by design)")
+
+
+@pytest.mark.parametrize("temporal, merge, frames, tokens", [(2, 2, 8, 96), (3, 1, 12, 384)])
+def test_the_input_summary_counts_frames_and_tokens_from_the_vision_config(temporal, merge, frames, tokens):
+    from types import SimpleNamespace
+
+    import torch
+
+    inputs = {"video_grid_thw": torch.tensor([[4, 8, 12]]), "input_ids": torch.zeros(1, 7)}
+    vision = SimpleNamespace(temporal_patch_size=temporal, spatial_merge_size=merge)
+    assert cli._describe_inputs(inputs, vision) == f"video: {frames} frames, {tokens} visual tokens; prompt: 7 tokens"
+
+
+def test_an_error_message_is_printed_on_one_line():
+    from vamba_hf.errors import one_line
+
+    assert one_line(ValueError("bad  value\n\n   - first\n - second ")) == "bad value; - first; - second"
+    assert one_line(KeyError()) == "KeyError" and one_line("  ") == ""

@@ -279,14 +279,3 @@ def write_model_card(folder, config, **options) -> Path:
     render_model_card(config, **options).save(path)
     return path
 
-
-def set_card_repo_id(folder, repo_id: str) -> bool:
-    """Put the real repo id into a card written with the placeholder. Returns whether the card changed."""
-    path = Path(folder) / "README.md"
-    if not path.is_file():
-        return False
-    text = path.read_text(encoding="utf-8")
-    if REPO_ID_PLACEHOLDER not in text:
-        return False
-    path.write_text(text.replace(REPO_ID_PLACEHOLDER, repo_id), encoding="utf-8")
-    return True

@@ -14,6 +14,8 @@ import sys
 import time
 import traceback
 
+from .errors import hub_error_message, one_line
+
 DEFAULT_PROMPTS = {"video": "Describe this video.", "image": "Describe this image.", None: "Hello! Who are you?"}
 DEBUG_VARIABLE = "VAMBA_HF_DEBUG"
 # What a user's input can cause (a bad path, a checkpoint that does not match, a missing package, a bad video):
@@ -153,12 +155,13 @@ def _probe_image(path: str) -> None:
         raise ValueError(f"--image {path}: not an image PIL can read ({error}); give a PNG, JPEG, ... file.") from None
 
 
-def _describe_inputs(inputs) -> str:
+def _describe_inputs(inputs, vision_config) -> str:
     for grid_name, kind in (("video_grid_thw", "video"), ("image_grid_thw", "image")):
         if grid_name in inputs:
             t, h, w = (int(n) for n in inputs[grid_name][0])
-            frames = f"{2 * t} frames, " if kind == "video" else ""
-            return f"{kind}: {frames}{t * h * w // 4} visual tokens; prompt: {inputs['input_ids'].shape[1]} tokens"
+            frames = f"{t * vision_config.temporal_patch_size} frames, " if kind == "video" else ""
+            tokens = t * h * w // vision_config.spatial_merge_size ** 2
+            return f"{kind}: {frames}{tokens} visual tokens; prompt: {inputs['input_ids'].shape[1]} tokens"
     return f"prompt: {inputs['input_ids'].shape[1]} tokens, no image or video"
 
 
@@ -219,7 +222,8 @@ def run_generate(args) -> int:
     prompt = args.prompt or DEFAULT_PROMPTS[kind]
     messages = build_messages(prompt, video=args.video, image=args.image)
     inputs = prepare_inputs(processor, messages, model.device, num_frames=args.frames, fps=args.fps)
-    _stderr(f"Model: {loaded.source} ({_precision(loaded)}, {model.device}); {_describe_inputs(inputs)}")
+    summary = _describe_inputs(inputs, model.config.vision_config)
+    _stderr(f"Model: {loaded.source} ({_precision(loaded)}, {model.device}); {summary}")
     _stderr(f"Prompt: {prompt}")
     streamer = printable_streamer(processor.tokenizer)
     prefill_started = time.perf_counter()
@@ -467,18 +471,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def one_line(error: BaseException) -> str:
-    """The error's message on one line (a multi-line listing joined with "; ")."""
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    return "; ".join(lines) or type(error).__name__
-
-
 def user_error_message(error: BaseException):
     """One line for an error the user's input or machine caused (a Hub or network error included), None for a bug."""
     if isinstance(error, USER_ERRORS):
         return one_line(error)
-    from .errors import hub_error_message
-
     return hub_error_message(error, "Talking to the Hugging Face Hub failed")
 
 

@@ -112,6 +112,19 @@ ACTIVATION = Rule('the name of an activation function transformers knows (e.g. "
                   lambda v: isinstance(v, str) and v in ACT2FN)
 
 
+# A config field: its default and the rule (type and range) its value must pass; None: checked with the other fields
+# in the config's `_validate`. Each config's fields are one table of these; its defaults and rules come from it.
+Field = namedtuple("Field", ["default", "rule"])
+
+
+def _defaults_of(fields: dict) -> dict:
+    return {name: field.default for name, field in fields.items()}
+
+
+def _rules_of(fields: dict) -> dict:
+    return {name: field.rule for name, field in fields.items() if field.rule is not None}
+
+
 def _check_rules(prefix: str, config, rules: dict) -> None:
     for name, rule in rules.items():
         value = getattr(config, name)
@@ -279,13 +292,14 @@ def _check_derived(prefix: str, config, given: dict) -> None:
 
 
 class _FieldsConfig(_LoadsWhatItSaved, PretrainedConfig):
-    """A sub-config made of a fixed set of fields (`_fields`, saved, and `_init_fields`, initialisation-only
-    settings), each checked by its rule in `_rules`. Unknown keys are kept and saved like `PretrainedConfig`'s
-    extra attributes, unless they look like a misspelling of a field."""
+    """A sub-config made of a fixed set of fields: `_field_table` (saved) and `_init_field_table`
+    (initialisation-only settings), whose defaults (`_fields`, `_init_fields`) and rules (`_rules`) are derived from
+    them. Unknown keys are kept and saved like `PretrainedConfig`'s extra attributes, unless they look like a
+    misspelling of a field."""
 
-    _fields = {}
-    _init_fields = {}
-    _rules = {}
+    _field_table = {}
+    _init_field_table = {}
+    _fields, _init_fields, _rules = {}, {}, {}
     _aliases = {}  # other spellings found in saved configs -> our field
 
     def __init__(self, **kwargs):
@@ -324,30 +338,19 @@ class VambaVisionConfig(_FieldsConfig):
 
     model_type = "vamba_vision"
     base_config_key = "vision_config"
-    _fields = dict(
-        depth=32,
-        embed_dim=1280,
-        hidden_size=3584,
-        num_heads=16,
-        mlp_ratio=4,
-        patch_size=14,
-        spatial_merge_size=2,
-        temporal_patch_size=2,
-        in_channels=3,
-        hidden_act="quick_gelu",
+    _field_table = dict(
+        depth=Field(32, POSITIVE_INT),
+        embed_dim=Field(1280, POSITIVE_INT),
+        hidden_size=Field(3584, POSITIVE_INT),
+        num_heads=Field(16, POSITIVE_INT),
+        mlp_ratio=Field(4, POSITIVE_NUMBER),
+        patch_size=Field(14, POSITIVE_INT),
+        spatial_merge_size=Field(2, POSITIVE_INT),
+        temporal_patch_size=Field(2, POSITIVE_INT),
+        in_channels=Field(3, POSITIVE_INT),
+        hidden_act=Field("quick_gelu", ACTIVATION),
     )
-    _rules = dict(
-        depth=POSITIVE_INT,
-        embed_dim=POSITIVE_INT,
-        hidden_size=POSITIVE_INT,
-        num_heads=POSITIVE_INT,
-        mlp_ratio=POSITIVE_NUMBER,
-        patch_size=POSITIVE_INT,
-        spatial_merge_size=POSITIVE_INT,
-        temporal_patch_size=POSITIVE_INT,
-        in_channels=POSITIVE_INT,
-        hidden_act=ACTIVATION,
-    )
+    _fields, _rules = _defaults_of(_field_table), _rules_of(_field_table)
     # Qwen2-VL's Hub configs write these (transformers <= 4.44 kept them as extra attributes).
     _aliases = {"in_chans": "in_channels", "spatial_patch_size": "patch_size"}
 
@@ -376,48 +379,35 @@ class VambaMambaConfig(_FieldsConfig):
 
     model_type = "vamba_mamba"
     base_config_key = "vision_mamba_mixer_config"
-    _fields = dict(
-        enable=True,
-        hidden_dim=3584,
-        d_state=128,
-        d_conv=4,
-        expand=2,
-        headdim=64,
-        ngroups=1,
-        chunk_size=256,
-        rmsnorm=True,
-        norm_before_gate=False,
-        D_has_hdim=False,
-        bias=False,
-        conv_bias=True,
-        dt_limit=(0.0, float("inf")),
-        norm_type="rmsnorm",
-        residual_in_fp32=False,
-        use_mem_eff_path=False,
+    _field_table = dict(
+        enable=Field(True, BOOLEAN),
+        hidden_dim=Field(3584, POSITIVE_INT),
+        d_state=Field(128, POSITIVE_INT),
+        d_conv=Field(4, POSITIVE_INT),
+        expand=Field(2, POSITIVE_INT),
+        headdim=Field(64, POSITIVE_INT),
+        ngroups=Field(1, POSITIVE_INT),
+        chunk_size=Field(256, POSITIVE_INT),
+        rmsnorm=Field(True, BOOLEAN),
+        norm_before_gate=Field(False, BOOLEAN),
+        D_has_hdim=Field(False, BOOLEAN),
+        bias=Field(False, BOOLEAN),
+        conv_bias=Field(True, BOOLEAN),
+        dt_limit=Field((0.0, float("inf")), None),
+        norm_type=Field("rmsnorm", None),
+        residual_in_fp32=Field(False, BOOLEAN),
+        use_mem_eff_path=Field(False, BOOLEAN),
     )
     # Initialisation-only settings of Mamba-2; accepted so that configs written by mamba-ssm load.
-    _init_fields = dict(A_init_range=(1.0, 16.0), dt_min=0.001, dt_max=0.1, dt_init_floor=1e-4, d_ssm=None)
-    _rules = dict(
-        enable=BOOLEAN,
-        hidden_dim=POSITIVE_INT,
-        d_state=POSITIVE_INT,
-        d_conv=POSITIVE_INT,
-        expand=POSITIVE_INT,
-        headdim=POSITIVE_INT,
-        ngroups=POSITIVE_INT,
-        chunk_size=POSITIVE_INT,
-        rmsnorm=BOOLEAN,
-        norm_before_gate=BOOLEAN,
-        D_has_hdim=BOOLEAN,
-        bias=BOOLEAN,
-        conv_bias=BOOLEAN,
-        residual_in_fp32=BOOLEAN,
-        use_mem_eff_path=BOOLEAN,
-        dt_min=POSITIVE_NUMBER,
-        dt_max=POSITIVE_NUMBER,
-        dt_init_floor=NON_NEGATIVE_NUMBER,
-        d_ssm=Rule("null or an integer >= 1", lambda v: v is None or (_is_int(v) and v >= 1)),
+    _init_field_table = dict(
+        A_init_range=Field((1.0, 16.0), None),
+        dt_min=Field(0.001, POSITIVE_NUMBER),
+        dt_max=Field(0.1, POSITIVE_NUMBER),
+        dt_init_floor=Field(1e-4, NON_NEGATIVE_NUMBER),
+        d_ssm=Field(None, Rule("null or an integer >= 1", lambda v: v is None or (_is_int(v) and v >= 1))),
     )
+    _fields, _init_fields = _defaults_of(_field_table), _defaults_of(_init_field_table)
+    _rules = _rules_of({**_field_table, **_init_field_table})
 
     def __init__(self, **kwargs):  # see VambaVisionConfig.__init__
         super().__init__(**kwargs)
@@ -497,8 +487,8 @@ class VambaConfig(_LoadsWhatItSaved, PretrainedConfig):
       cross-attention (the normalised stream replaces it).
     - `vision_config`: the vision tower; `vision_mamba_mixer_config`: the Mamba-2 block of the visual stream.
     - `mamba_max_tokens`: longest visual segment one Mamba-2 kernel call sees; longer streams are scanned in
-      segments that carry the state across (same result, bounded kernel sizes and activations: 2**14 tokens keep
-      the block's activations under 1 GiB at no measured cost in speed, BENCHMARKS.md).
+      segments that carry the state across (same result, bounded kernel sizes and activations; BENCHMARKS.md
+      measures the default's memory and speed).
     - `vision_max_frames`: temporal steps encoded by the vision tower at once (bounded activations).
     - `decode_with_cuda_graph`: on CUDA, run each decoding step (one new token per row) as a captured CUDA graph
       (same result; it removes the per-kernel launch cost that dominates a decoding step at batch 1).
@@ -515,68 +505,39 @@ class VambaConfig(_LoadsWhatItSaved, PretrainedConfig):
     sub_configs = {"vision_config": VambaVisionConfig, "vision_mamba_mixer_config": VambaMambaConfig}
     keys_to_ignore_at_inference = ["past_key_values"]
 
-    _text_fields = dict(
-        vocab_size=152064,
-        hidden_size=3584,
-        intermediate_size=18944,
-        num_hidden_layers=28,
-        num_attention_heads=28,
-        num_key_value_heads=4,
-        hidden_act="silu",
-        max_position_embeddings=32768,
-        initializer_range=0.02,
-        rms_norm_eps=1e-6,
-        use_cache=True,
-        rope_theta=1000000.0,
-        mrope_section=(16, 24, 24),
-        attention_dropout=0.0,
-        use_alpha_balancing=True,
-        cross_attn_use_position_embeddings=False,
-        cross_attn_use_layer_norm=False,
-        distill_coeff=0.0,
-        vision_start_token_id=151652,
-        vision_end_token_id=151653,
-        image_token_id=151655,
-        video_token_id=151656,
-        mamba_max_tokens=2**14,
-        vision_max_frames=64,
-        cross_kv_cache_dtype=None,
-        decode_with_cuda_graph=True,
-        tie_word_embeddings=False,
-        bos_token_id=None,
-        eos_token_id=None,
-        pad_token_id=None,
+    _field_table = dict(
+        vocab_size=Field(152064, POSITIVE_INT),
+        hidden_size=Field(3584, POSITIVE_INT),
+        intermediate_size=Field(18944, POSITIVE_INT),
+        num_hidden_layers=Field(28, POSITIVE_INT),
+        num_attention_heads=Field(28, POSITIVE_INT),
+        num_key_value_heads=Field(4, POSITIVE_INT),
+        hidden_act=Field("silu", ACTIVATION),
+        max_position_embeddings=Field(32768, POSITIVE_INT),
+        initializer_range=Field(0.02, NON_NEGATIVE_NUMBER),
+        rms_norm_eps=Field(1e-6, POSITIVE_NUMBER),
+        use_cache=Field(True, BOOLEAN),
+        rope_theta=Field(1000000.0, POSITIVE_NUMBER),
+        mrope_section=Field((16, 24, 24), None),
+        attention_dropout=Field(0.0, PROBABILITY),
+        use_alpha_balancing=Field(True, BOOLEAN),
+        cross_attn_use_position_embeddings=Field(False, BOOLEAN),
+        cross_attn_use_layer_norm=Field(False, BOOLEAN),
+        distill_coeff=Field(0.0, NON_NEGATIVE_NUMBER),
+        vision_start_token_id=Field(151652, TOKEN_ID),
+        vision_end_token_id=Field(151653, TOKEN_ID),
+        image_token_id=Field(151655, TOKEN_ID),
+        video_token_id=Field(151656, TOKEN_ID),
+        mamba_max_tokens=Field(2**14, POSITIVE_INT),
+        vision_max_frames=Field(64, POSITIVE_INT),
+        cross_kv_cache_dtype=Field(None, None),
+        decode_with_cuda_graph=Field(True, BOOLEAN),
+        tie_word_embeddings=Field(False, BOOLEAN),
+        bos_token_id=Field(None, OPTIONAL_TOKEN_ID),
+        eos_token_id=Field(None, OPTIONAL_TOKEN_IDS),
+        pad_token_id=Field(None, OPTIONAL_TOKEN_ID),
     )
-    _rules = dict(
-        vocab_size=POSITIVE_INT,
-        hidden_size=POSITIVE_INT,
-        intermediate_size=POSITIVE_INT,
-        num_hidden_layers=POSITIVE_INT,
-        num_attention_heads=POSITIVE_INT,
-        num_key_value_heads=POSITIVE_INT,
-        hidden_act=ACTIVATION,
-        max_position_embeddings=POSITIVE_INT,
-        initializer_range=NON_NEGATIVE_NUMBER,
-        rms_norm_eps=POSITIVE_NUMBER,
-        use_cache=BOOLEAN,
-        rope_theta=POSITIVE_NUMBER,
-        attention_dropout=PROBABILITY,
-        use_alpha_balancing=BOOLEAN,
-        cross_attn_use_position_embeddings=BOOLEAN,
-        cross_attn_use_layer_norm=BOOLEAN,
-        distill_coeff=NON_NEGATIVE_NUMBER,
-        vision_start_token_id=TOKEN_ID,
-        vision_end_token_id=TOKEN_ID,
-        image_token_id=TOKEN_ID,
-        video_token_id=TOKEN_ID,
-        mamba_max_tokens=POSITIVE_INT,
-        vision_max_frames=POSITIVE_INT,
-        decode_with_cuda_graph=BOOLEAN,
-        tie_word_embeddings=BOOLEAN,
-        bos_token_id=OPTIONAL_TOKEN_ID,
-        eos_token_id=OPTIONAL_TOKEN_IDS,
-        pad_token_id=OPTIONAL_TOKEN_ID,
-    )
+    _text_fields, _rules = _defaults_of(_field_table), _rules_of(_field_table)
     _cross_kv_cache_dtypes = (None, "bfloat16", "float16", "float32", "float8_e4m3fn")
     # Qwen2 fields the official checkpoint carries that do not change Vamba's function.
     _ignored_fields = ("sliding_window", "use_sliding_window", "max_window_layers", "layer_types", "rope_parameters",

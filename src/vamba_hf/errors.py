@@ -10,8 +10,11 @@ from typing import Optional
 _NETWORK_MODULES = ("httpx", "httpcore", "requests", "urllib3")
 
 
-def one_line(text) -> str:
-    return " ".join(str(text).split())
+def one_line(message) -> str:
+    """`message` (a text or an exception) on one line: the lines' whitespace collapsed, the lines joined with "; "
+    (an exception without a message gives its type's name)."""
+    text = "; ".join(" ".join(line.split()) for line in str(message).splitlines() if line.strip())
+    return text or (type(message).__name__ if isinstance(message, BaseException) else "")
 
 
 class VambaUserError(ValueError):

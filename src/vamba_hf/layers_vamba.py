@@ -119,14 +119,13 @@ def attention_interface(implementation: str):
 
 def sdpa_backends():
     """SDPA without cuDNN attention: torch 2.11 tries it first on Hopper, where it plans anew for every new key length
-    (every decoding step) and ran 6-16x slower than flash on Vamba's cross-attention shapes (BENCHMARKS.md)."""
+    (every decoding step), slower than flash on Vamba's cross-attention shapes (BENCHMARKS.md)."""
     return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
 
 
 def vision_sdpa_backends():
     """SDPA with cuDNN attention where torch tries it first (Hopper): the vision tower's shapes repeat within a
-    video, so its plans are reused, and on an H200 it attends within 1024 frames' rows (head_dim 80) in 0.39 s
-    against flash's 0.51 s (BENCHMARKS.md)."""
+    video, so its plans are reused, and there it is faster than flash (BENCHMARKS.md)."""
     return sdpa_kernel([SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
                         SDPBackend.MATH])
 

@@ -16,9 +16,10 @@ def refuse_options(op: str, path: str, **options):
 def segment_sum(x: torch.Tensor) -> torch.Tensor:
     """(..., L) -> (..., L, L) with [i, j] = x[j+1] + ... + x[i] for j <= i and -inf above the diagonal.
 
-    Summed directly, not as cumsum[i] - cumsum[j] (as mamba-ssm's ssd_minimal and transformers' Mamba-2 do): the
-    cumulative sums of dt*A grow large and negative along a chunk, and the difference of two large fp32 numbers
-    loses the small segment sums that the decay exp() needs."""
+    Summed directly, as mamba-ssm's ssd_minimal (`segsum`) and transformers' Mamba-2 (`segment_sum`) do, not as
+    cumsum[i] - cumsum[j] (ssd_minimal's `segsum_unstable`): the cumulative sums of dt*A grow large and negative
+    along a chunk, and the difference of two large fp32 numbers loses the small segment sums that the decay exp()
+    needs."""
     length = x.shape[-1]
     x = x[..., None].expand(*x.shape, length)  # [..., i, j] = x[i]
     strictly_lower = torch.ones(length, length, dtype=torch.bool, device=x.device).tril(-1)
