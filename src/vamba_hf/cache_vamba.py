@@ -181,10 +181,6 @@ class VambaCache(DynamicCache):
         self.cross = CrossStore()
         self.decode_graph: Optional["DecodeGraph"] = None
 
-    @property
-    def has_visual(self) -> bool:
-        return not self.cross.is_empty
-
     def get_seq_length(self, layer_idx: int = 0) -> int:
         """Tokens held in self-attention, wherever they are stored (the layers, or the decode graph's buffers)."""
         return self.decode_graph.length if self.decode_graph is not None else super().get_seq_length(layer_idx)
@@ -248,10 +244,6 @@ class VambaStaticCache(StaticCache):
         self.position: Optional[torch.Tensor] = None
         self.seen = 0
         self.filled = False  # a bool, not `seen`: a compiled step guards on it without recompiling at every step
-
-    @property
-    def has_visual(self) -> bool:
-        return not self.cross.is_empty
 
     @property
     def max_cache_len(self) -> int:
