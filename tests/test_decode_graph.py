@@ -119,3 +119,27 @@ def test_every_forward_runs_the_text_models_one_layer_loop(monkeypatch, static):
         model.generate(input_ids=prompt(1, 3)[None], pixel_values_videos=pixels, video_grid_thw=grid,
                        max_new_tokens=4, do_sample=False, eos_token_id=None)
     assert calls == [6, 1, 1, 1]
+
+
+def test_shared_rows_read_their_video_folded_as_each_row_alone():
+    """The cross store folds the queries of rows that share a video (row_group) into one attention call: equal to
+    each row reading its own gathered copy."""
+    from vamba_hf.cache_vamba import CrossStore
+
+    torch.manual_seed(0)
+    key, value = torch.randn(2, 2, 5, 8), torch.randn(2, 2, 5, 8)
+    store = CrossStore()
+    store.share({0: (key, value)}, {}, torch.tensor([0, 0, 0, 1, 1, 1]), None, None)
+    assert store.row_group == 3 and store.holds(0) and not store.holds(1)
+    queries = torch.randn(6, 4, 1, 8)
+
+    def attend(q, k, v, mask):  # as cross-attention's SDPA call: query heads sharing a K/V head folded together
+        batch, heads, length, dim = q.shape
+        out = torch.nn.functional.scaled_dot_product_attention(q.reshape(batch, k.shape[1], -1, dim), k, v,
+                                                               attn_mask=mask)
+        return out.reshape(batch, heads, length, dim).transpose(1, 2).reshape(batch, length, -1), None
+
+    folded, _ = store.attend(0, queries, None, attend, fold=True)
+    alone, _ = store.attend(0, queries, None, attend, fold=False)
+    assert folded.shape == alone.shape == (6, 1, 32)
+    torch.testing.assert_close(folded, alone)

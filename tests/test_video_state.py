@@ -717,3 +717,36 @@ def test_any_change_to_a_state_is_refused_in_one_line_or_changes_nothing(data, w
             model.generate(input_ids=prompt(3, 4)[None], video_state=loaded, max_new_tokens=2, do_sample=False)
     else:
         assert_states_equal(loaded, state, 0, 0)
+
+
+# -- one visual step per layer ---------------------------------------------------------------------------------------
+
+
+def test_the_state_module_calls_the_layers_visual_step_only():
+    """The state module keeps storage, save/load and fingerprints; the visual half of a layer is the layer's own."""
+    import ast
+
+    tree = ast.parse((REPO / "src" / "vamba_hf" / "video_state_vamba.py").read_text())
+    attributes = {node.attr for node in ast.walk(tree) if isinstance(node, ast.Attribute)}
+    internals = {"layers", "input_layernorm", "cross_attn", "vision_mixer", "mixer", "continue_stream",
+                 "keys_values", "positions"}
+    assert attributes & internals == set()
+    assert {"visual_steps", "carry_shapes"} <= attributes
+
+
+def test_prefill_encode_and_extend_run_each_layers_visual_step(monkeypatch):
+    from vamba_hf.decoder_vamba import VambaDecoderLayer
+
+    model = tiny_model(**ROPE_AND_NORM)
+    layers = model.config.num_hidden_layers
+    calls = []
+    step = VambaDecoderLayer.visual_step
+    monkeypatch.setattr(VambaDecoderLayer, "visual_step",
+                        lambda layer, *args, **kwargs: calls.append(layer.layer_idx) or step(layer, *args, **kwargs))
+    pixels, grid = video_pixels(6, 4, 4)
+    with torch.no_grad():
+        model(input_ids=prompt(1, 2)[None], pixel_values_videos=pixels[:32], video_grid_thw=torch.tensor([[2, 4, 4]]))
+    assert calls == list(range(layers))
+    state = model.encode_video(pixels[:32], torch.tensor([[2, 4, 4]]))
+    model.extend_video(state, pixels[32:], torch.tensor([[4, 4, 4]]))
+    assert calls == list(range(layers)) * 3

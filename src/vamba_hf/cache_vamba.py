@@ -93,6 +93,21 @@ class CrossStore:
         """Whether the row operation `fn` leaves `row_group` as it is (a captured step folds the rows by it)."""
         return self.rows is None or self.row_group == 1 or self._group_of(fn(self.rows)) == self.row_group
 
+    def holds(self, layer_idx: int) -> bool:
+        return layer_idx in self.kv
+
+    def attend(self, layer_idx: int, queries: torch.Tensor, mask: Optional[torch.Tensor], attend: Callable,
+               fold: bool = False):
+        """Cross-attention of `queries` (b, h, T, d) over layer `layer_idx`'s K/V for each row: `attend(q, k, v,
+        mask)` -> (out (rows, queries, hidden), weights). With `fold` (an attention without per-row weights), the
+        rows of a `row_group` read their entry in one call, their queries folded together, no K/V gathered."""
+        group = self.row_group if fold else 1
+        kv = self.read(layer_idx, per_entry=group > 1)
+        if group == 1:
+            return attend(queries, *kv, mask)
+        read, weights = attend(fold_rows(queries, group), *kv, None if mask is None else mask[::group])
+        return read.reshape(queries.shape[0], queries.shape[2], -1), weights
+
     def read(self, layer_idx: int, per_entry: bool = False) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
         """A layer's K/V for each row (b, ...), or with `per_entry` as stored, one per entry (rows grouped by
         `row_group`)."""
@@ -139,6 +154,14 @@ class CrossStore:
             self._set_rows(fn(self.rows))
 
 
+def fold_rows(q: torch.Tensor, group: int) -> torch.Tensor:
+    """(b, h, T, d) queries -> (b / group, h, group * T, d): each group of consecutive rows as one row (with no causal
+    mask, more rows reading the same keys are just more queries)."""
+    batch, heads, length, dim = q.shape
+    return q.view(batch // group, group, heads, length, dim).transpose(1, 2).reshape(batch // group, heads,
+                                                                                     group * length, dim)
+
+
 def stored_kv(key: torch.Tensor, value: torch.Tensor, storage: Optional[str]):
     """(key, value) in `storage` (a torch dtype name; None: as they are) and, for a narrower float8 storage, their
     per-token scales (else None)."""
@@ -166,7 +189,7 @@ class VambaCache(DynamicCache):
         if self.decode_graph is not None and not self.decode_graph.fits(batch_size):
             self.release_decode_graph()
         if self.decode_graph is None:
-            self.decode_graph = DecodeGraph(step, self, batch_size)
+            self.decode_graph = DecodeGraph(step, self.layers, self.get_seq_length(), batch_size)
         return self.decode_graph
 
     def release_decode_graph(self):
@@ -221,10 +244,6 @@ class VambaStaticCache(StaticCache):
         self.position: Optional[torch.Tensor] = None
         self.seen = 0
         self.filled = False  # a bool, not `seen`: a compiled step guards on it without recompiling at every step
-
-    @property
-    def has_visual(self) -> bool:
-        return not self.cross.is_empty
 
     @property
     def max_cache_len(self) -> int:
@@ -300,12 +319,13 @@ class DecodeGraph:
 
     headroom = 256  # decoding positions allocated beyond the prompt; the graph is rebuilt larger when they run out
 
-    def __init__(self, step: Callable, cache: VambaCache, batch_size: int):
+    def __init__(self, step: Callable, layers: list, length: int, batch_size: int):
+        """A step over static copies of `layers`' self-attention K/V, which hold `length` positions."""
         self.step_fn = step
-        self.length = DynamicCache.get_seq_length(cache)
+        self.length = length
         self.capacity = -(-(self.length + self.headroom) // self.headroom) * self.headroom
         self.keys, self.values = [], []
-        for layer in cache.layers:
+        for layer in layers:
             for stored, buffers in ((layer.keys, self.keys), (layer.values, self.values)):
                 buffer = stored.new_zeros(*stored.shape[:2], self.capacity, stored.shape[-1])
                 buffer[:, :, : self.length] = stored

@@ -6,6 +6,7 @@ over the layers that prefill, eager decoding and the CUDA-graph step all run.
 """
 
 from dataclasses import dataclass, fields
+from functools import partial
 from typing import Optional
 
 import torch
@@ -25,7 +26,7 @@ from .layers_vamba import (
     fused_text_rotary,
     sdpa_backends,
 )
-from .mamba2_vamba import VambaVisionMixer
+from .mamba2_vamba import MambaCarry, VambaVisionMixer
 
 Rotary = tuple[torch.Tensor, torch.Tensor]
 
@@ -227,69 +228,70 @@ class VambaDecoderLayer(GradientCheckpointingLayer):
             k, v = cache.update(k, v, self.layer_idx)
         attended, self_weights = self.self_attn.attend(q, k, v, self_mask, implementation)
 
-        if visual is not None and self.config.cross_attn_use_layer_norm:
-            visual = self.input_layernorm(visual)
-        attended, cross_weights = self.read_visual(x, attended, visual, cross, cache, implementation)
-        text = text + attended
-
-        if not update_visual:
-            visual = None
-        elif visual is not None and self.config.vision_mamba_mixer_config.enable:
+        cross_kv = None
+        if visual is not None:
             # Without autograd the stream (the model's own copy) is updated in place; never in training, where a
             # reentrant checkpoint runs this forward without grad and must keep its saved input.
             in_place = not torch.is_grad_enabled() and not self.training
-            visual = self.vision_mixer(visual, cross.seq_idx, in_place=in_place)
+            visual, cross_kv, _ = self.visual_step(visual, cross.visual_rotary, seq_idx=cross.seq_idx,
+                                                   mix=update_visual, in_place=in_place)
+            if cache is not None:
+                cache.cross.store(self.layer_idx, *cross_kv, self.config.cross_kv_cache_dtype)
+        attended, cross_weights = self.read_visual(x, attended, cross_kv, cross, cache, implementation)
+        text = text + attended
         text = text + self.mlp(self.post_attention_layernorm(text))
         return text, visual, self_weights, cross_weights
 
-    def read_visual(self, x, attended, visual, cross: CrossAttentionInputs, cache: Optional[LayerCache],
+    def visual_step(self, visual: torch.Tensor, rotary: Optional[Rotary] = None, carry: Optional[MambaCarry] = None,
+                    continued: bool = False, seq_idx: Optional[torch.Tensor] = None, mix: bool = True,
+                    in_place: bool = True):
+        """The layer's visual half, on the visual stream `visual` (b, n, hidden) that enters it: this layer's
+        cross-attention K/V (b, kv_heads, n, d) and, with `mix`, the stream that enters the next layer (the
+        Mamba-2 block). -> (next stream or None, (key, value), carry or None). `continued`: a stream that may be
+        continued later, in place, from `carry` (the end of the stream it continues; None: a stream's start), with
+        the carry at its end. `in_place` updates `visual` (no second stream held; no autograd); `seq_idx` (b, n):
+        packed rows, whose Mamba-2 state resets between videos."""
+        if self.config.cross_attn_use_layer_norm:
+            visual = self.input_layernorm(visual)
+        cross_kv = self.cross_attn.keys_values(visual, rotary)
+        if not mix:
+            return None, cross_kv, None
+        if not self.config.vision_mamba_mixer_config.enable:
+            return visual, cross_kv, None
+        if not continued:
+            return self.vision_mixer(visual, seq_idx, in_place=in_place), cross_kv, None
+        visual, carry = self.vision_mixer.continue_stream(visual, carry)
+        return visual, cross_kv, carry
+
+    def carry_shapes(self, rows: int) -> dict:
+        """The shapes of the Mamba-2 carry ("ssm_state", "conv_inputs") that `visual_step` hands on for `rows`
+        streams; empty without the block."""
+        if not self.config.vision_mamba_mixer_config.enable:
+            return {}
+        mixer = self.vision_mixer.mixer
+        return {"ssm_state": (rows, mixer.nheads, mixer.config.headdim, mixer.config.d_state),
+                "conv_inputs": (rows, mixer.config.d_conv - 1, mixer.conv1d.weight.shape[0])}
+
+    def read_visual(self, x, attended, cross_kv, cross: CrossAttentionInputs, cache: Optional[LayerCache],
                     implementation: str):
-        """Mix the cross-attention read of the visual stream into the self-attention output `attended`."""
+        """Mix the cross-attention read into the self-attention output `attended`: of `cross_kv`, this forward's
+        visual stream's K/V, or while decoding of the K/V the cache's cross store holds for this layer."""
         implementation = cross.implementation(implementation)
-        group = self.row_group(visual, cache, implementation)
-        cross_kv = self.cross_kv(visual, cross, cache, per_entry=group > 1)
-        if cross_kv is None:
+        if cross_kv is None and (cache is None or not cache.cross.holds(self.layer_idx)):
             return attended, None
         q = self.cross_attn.queries(x, cross.text_rotary)
-        if group == 1:
+        if cross_kv is not None:
             read, weights = self.cross_attn.attend(q, *cross_kv, cross.mask, implementation)
-        else:  # the rows of a group read one entry's K/V: one attention over all their queries, no K/V gathered
-            mask = None if cross.mask is None else cross.mask[::group]
-            read, weights = self.cross_attn.attend(fold_rows(q, group), *cross_kv, mask, implementation)
-            read = read.reshape(q.shape[0], q.shape[2], -1)
+        else:
+            # SDPA's queries may be folded (rows sharing a video read it in one call); eager returns per-row weights
+            attend = partial(self.cross_attn.attend, implementation=implementation)
+            read, weights = cache.cross.attend(self.layer_idx, q, cross.mask, attend, fold=implementation == "sdpa")
         if self.config.use_alpha_balancing:
             mixed = fused_alpha_balance(attended, read, self.alpha)
         else:
             mixed = attended + read
         # Rows without visual input take the text-only path, exactly as when they run alone.
         return (mixed if cross.has_visual is None else torch.where(cross.has_visual, mixed, attended)), weights
-
-    @staticmethod
-    def row_group(visual, cache: Optional[LayerCache], implementation: str) -> int:
-        """How many consecutive rows read one entry of the cache's K/V together (1: each row its own); SDPA only
-        (eager returns per-row weights)."""
-        if visual is not None or cache is None or implementation != "sdpa":
-            return 1
-        return cache.cross.row_group
-
-    def cross_kv(self, visual, cross: CrossAttentionInputs, cache: Optional[LayerCache], per_entry: bool = False):
-        """This layer's cross-attention keys/values: projected from the visual stream entering the layer (and kept
-        in the cache for decoding), or read from the cache while decoding (`per_entry`: as stored, one per
-        entry)."""
-        if visual is None:
-            return None if cache is None else cache.cross.read(self.layer_idx, per_entry)
-        cross_kv = self.cross_attn.keys_values(visual, cross.visual_rotary)
-        if cache is not None:
-            cache.cross.store(self.layer_idx, *cross_kv, self.config.cross_kv_cache_dtype)
-        return cross_kv
-
-
-def fold_rows(q: torch.Tensor, group: int) -> torch.Tensor:
-    """(b, h, T, d) queries -> (b / group, h, group * T, d): each group of consecutive rows as one row (with no causal
-    mask, more rows reading the same keys are just more queries)."""
-    batch, heads, length, dim = q.shape
-    return q.view(batch // group, group, heads, length, dim).transpose(1, 2).reshape(batch // group, heads,
-                                                                                     group * length, dim)
 
 
 @dataclass
@@ -308,6 +310,20 @@ class VambaTextModel(nn.Module):
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
         self.layers = nn.ModuleList([VambaDecoderLayer(config, i) for i in range(config.num_hidden_layers)])
         self.norm = VambaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+
+    def visual_steps(self, visual: torch.Tensor, rotary: Optional[Rotary], carries: list):
+        """Every layer's visual step on the stream `visual` (updated in place), each Mamba-2 block continuing from
+        its carry in `carries`: yields each layer's (cross-attention K/V, carry at the stream's end), in order."""
+        last = len(self.layers) - 1
+        for i, (layer, carry) in enumerate(zip(self.layers, carries)):
+            visual, cross_kv, carry = layer.visual_step(visual, rotary, carry, continued=True, mix=i < last)
+            yield cross_kv, carry
+
+    def carry_shapes(self, rows: int) -> list[dict]:
+        """Per layer, the shapes of the carry that `visual_steps` yields for `rows` streams (empty: none; the last
+        layer's stream is read by no one)."""
+        last = len(self.layers) - 1
+        return [layer.carry_shapes(rows) if i < last else {} for i, layer in enumerate(self.layers)]
 
     def forward(self, text: torch.Tensor, visual: Optional[torch.Tensor], text_rotary: Rotary,
                 self_mask: Optional[torch.Tensor], cross: CrossAttentionInputs, cache: Optional[LayerCache],

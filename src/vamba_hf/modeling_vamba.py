@@ -408,15 +408,21 @@ class VambaModel(VambaPreTrainedModel):
         if stream is not None:
             cross.mask = None if stream.keep is None else attention_mask_for(stream.keep, mask_format, dtype)
             cross.has_visual, cross.seq_idx = stream.has_visual(), stream.seq_idx
-            if use_rotary:
-                if grid is None:
-                    raise ValueError("cross_attn_use_position_embeddings needs the visual grid: pass pixels with "
-                                     "their grid_thw rather than visual_embeds.")
-                cross.visual_rotary = self.rotary(stream.positions(grid, self.config.vision_config.spatial_merge_size))
+            if use_rotary and grid is None:
+                raise ValueError("cross_attn_use_position_embeddings needs the visual grid: pass pixels with "
+                                 "their grid_thw rather than visual_embeds.")
+            cross.visual_rotary = self.visual_rotary(stream, grid)
         elif cache is not None and not cache.cross.is_empty:
             cross.mask, cross.has_visual = cache.cross.mask(mask_format, dtype), cache.cross.has_visual
         cross.padded = cross.mask is not None
         return cross
+
+    def visual_rotary(self, stream: VisualStream, grid: torch.Tensor, first_step: int = 0) -> Optional[tuple]:
+        """The cross-attention rotary of the visual stream's tokens of grid `grid` (t from `first_step`: frames
+        after a video state's own), when the config uses it (else None)."""
+        if not self.config.cross_attn_use_position_embeddings:
+            return None
+        return self.rotary(stream.positions(grid, self.config.vision_config.spatial_merge_size, first_step))
 
     # -- forward --------------------------------------------------------------------------------------------------
 

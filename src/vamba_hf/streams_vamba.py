@@ -41,14 +41,15 @@ class VisualStream:
         has_visual = self.keep.any(-1)
         return None if not tracing() and bool(has_visual.all()) else has_visual[..., None]
 
-    def positions(self, grid: torch.Tensor, merge: int) -> torch.Tensor:
-        """(3, b, n) (t, h, w) positions of each merged visual token, from 0 in each item; padding gets 0."""
+    def positions(self, grid: torch.Tensor, merge: int, first_step: int = 0) -> torch.Tensor:
+        """(3, b, n) (t, h, w) positions of each merged visual token, t from `first_step` (a video continued after
+        its first steps, else 0) in each item; padding gets 0."""
         batch, longest = self.states.shape[:2]
         device = self.states.device
         positions = torch.zeros(3, batch, longest, dtype=torch.long, device=device)
         for (row, offset), (t, h, w) in zip(self.offsets, grid.tolist()):
             h, w = h // merge, w // merge
-            thw = torch.stack(torch.meshgrid(torch.arange(t), torch.arange(h), torch.arange(w), indexing="ij"))
+            thw = torch.stack(torch.meshgrid(torch.arange(first_step, first_step + t), torch.arange(h), torch.arange(w), indexing="ij"))
             positions[:, row, offset : offset + t * h * w] = thw.reshape(3, -1).to(device)
         return positions
 

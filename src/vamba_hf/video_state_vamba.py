@@ -322,19 +322,16 @@ def expected_state_tensors(model, dtype: torch.dtype, entries: int, length: int,
     config = model.config
     storage = dtype if config.cross_kv_cache_dtype is None else getattr(torch, config.cross_kv_cache_dtype)
     scaled = storage.itemsize < dtype.itemsize
-    kv_shape = (entries, config.num_key_value_heads, length, model.model.layers[0].cross_attn.head_dim)
+    kv_shape = (entries, config.num_key_value_heads, length, config.head_dim)
     expected = {"grid_thw": ((entries, 3), (torch.int64,))}
-    for i, layer in enumerate(model.model.layers):
+    for i, carry_shapes in enumerate(model.model.carry_shapes(entries)):
         for name in ("key", "value"):
             expected[f"layers.{i}.{name}"] = (kv_shape, (storage,))
             if scaled:
                 expected[f"layers.{i}.{name}_scale"] = ((*kv_shape[:3], 1), (dtype,))
-        if i < config.num_hidden_layers - 1 and config.vision_mamba_mixer_config.enable:
-            mixer = layer.vision_mixer.mixer
-            expected[f"layers.{i}.ssm_state"] = ((entries, mixer.nheads, mixer.config.headdim, mixer.config.d_state),
-                                                 (torch.float32, dtype))
-            expected[f"layers.{i}.conv_inputs"] = ((entries, mixer.config.d_conv - 1, mixer.conv1d.weight.shape[0]),
-                                                   (dtype,))
+        if carry_shapes:
+            expected[f"layers.{i}.ssm_state"] = (carry_shapes["ssm_state"], (torch.float32, dtype))
+            expected[f"layers.{i}.conv_inputs"] = (carry_shapes["conv_inputs"], (dtype,))
     if padded:
         expected["keep"] = ((entries, 1, length), (torch.bool,))
     return expected
@@ -432,34 +429,23 @@ def _state_from_tensors(tensors: dict, metadata: dict, num_layers: int) -> Video
 # -- encoding ---------------------------------------------------------------------------------------------------
 
 
-def _visual_rotary(model, grid_thw: torch.Tensor, first_step: int, device) -> Optional[tuple]:
-    """The cross-attention rotary of one entry's visual tokens (t counted from `first_step`), when the config
-    uses it."""
-    if not model.config.cross_attn_use_position_embeddings:
-        return None
-    merge = model.config.vision_config.spatial_merge_size
-    t, h, w = grid_thw.tolist()
-    thw = torch.meshgrid(torch.arange(first_step, first_step + t), torch.arange(h // merge), torch.arange(w // merge),
-                         indexing="ij")
-    return model.rotary(torch.stack(thw).reshape(3, 1, -1).to(device))
+def _visual_stream(model, items: list, grid_thw: torch.Tensor, first_step: int = 0):
+    """The encoded items as one (padded) visual stream in the model's dtype, and its cross-attention rotary (t
+    counted from `first_step`: frames after a state's own)."""
+    dtype, device = model.model.embed_tokens.weight.dtype, items[0].device
+    stream = PaddedRows(model.config).visual_stream(items, None, len(items), dtype, device)
+    items.clear()
+    return stream, model.visual_rotary(stream, grid_thw, first_step)
 
 
 def _run_visual_layers(model, visual: torch.Tensor, rotary, carries: list) -> tuple[list, list, list]:
-    """The visual stream through every layer, as the decoder layers run it: each layer's cross-attention K/V (in
-    the storage dtype) and scales, and each Mamba-2 block's carry at the stream's end. `visual` is updated in
-    place."""
-    config = model.config
-    layers = model.model.layers
+    """Every layer's visual step on the stream `visual` (updated in place): each layer's cross-attention K/V (in
+    the storage dtype) and scales, and each Mamba-2 block's carry at the stream's end."""
     kv, scales, carries_out = [], [], []
-    for i, layer in enumerate(layers):
-        if config.cross_attn_use_layer_norm:
-            visual = layer.input_layernorm(visual)
-        layer_kv, layer_scales = stored_kv(*layer.cross_attn.keys_values(visual, rotary), config.cross_kv_cache_dtype)
+    for layer_kv, carry in model.model.visual_steps(visual, rotary, carries):
+        layer_kv, layer_scales = stored_kv(*layer_kv, model.config.cross_kv_cache_dtype)
         kv.append(list(layer_kv))
         scales.append(None if layer_scales is None else list(layer_scales))
-        carry = None
-        if i < len(layers) - 1 and config.vision_mamba_mixer_config.enable:
-            visual, carry = layer.vision_mixer.continue_stream(visual, carries[i])
         carries_out.append(carry)
     return kv, scales, carries_out
 
@@ -482,20 +468,14 @@ def encode_visual_state(model, kind: str, pixels: Optional[torch.Tensor], grid_t
     frames of the same size, so that extending by them never reallocates."""
     check_visual_pixels(model.config, kind, pixels, grid_thw)
     room = _reserved_tokens(model, grid_thw, reserve_frames)
-    items = model.encode_visual(pixels, grid_thw)
-    dtype, device = model.model.embed_tokens.weight.dtype, items[0].device
-    stream = PaddedRows(model.config).visual_stream(items, None, len(items), dtype, device)
-    items.clear()
-    rotary = None
-    if model.config.cross_attn_use_position_embeddings:
-        rotary = model.rotary(stream.positions(grid_thw, model.config.vision_config.spatial_merge_size))
+    stream, rotary = _visual_stream(model, model.encode_visual(pixels, grid_thw), grid_thw)
     kv, scales, carries = _run_visual_layers(model, stream.states, rotary, [None] * model.config.num_hidden_layers)
     return VideoState(
         kind=kind, keys=_growables(kv, 0, room), values=_growables(kv, 1, room),
         key_scales=_growables(scales, 0, room), value_scales=_growables(scales, 1, room),
         keep=None if stream.keep is None else Growable.of(stream.keep), carries=carries,
         grid_thw=grid_thw.detach().cpu().clone(), length=stream.states.shape[1],
-        model_fingerprint=model_fingerprint(model), dtype=dtype, sampling=[_sampling_record(sampling)],
+        model_fingerprint=model_fingerprint(model), dtype=stream.states.dtype, sampling=[_sampling_record(sampling)],
     )
 
 
@@ -551,10 +531,8 @@ def extend_visual_state(model, state: VideoState, pixels: torch.Tensor, grid_thw
     check_extensible(state, grid_thw)
     weight = model.model.embed_tokens.weight
     check_state_for(model, state, weight.dtype, weight.device)
-    (visual,) = model.encode_visual(pixels, grid_thw)
-    visual = visual.to(model.model.embed_tokens.weight.dtype)[None]
-    rotary = _visual_rotary(model, grid_thw[0], int(state.grid_thw[0, 0]), visual.device)
-    kv, scales, carries = _run_visual_layers(model, visual, rotary, state.carries)
+    stream, rotary = _visual_stream(model, model.encode_visual(pixels, grid_thw), grid_thw, int(state.grid_thw[0, 0]))
+    kv, scales, carries = _run_visual_layers(model, stream.states, rotary, state.carries)
 
     def append(grown: list, per_layer: list, which: int):
         if grown is None:
@@ -566,7 +544,7 @@ def extend_visual_state(model, state: VideoState, pixels: torch.Tensor, grid_thw
     return replace(
         state, keys=append(state.keys, kv, 0), values=append(state.values, kv, 1),
         key_scales=append(state.key_scales, scales, 0), value_scales=append(state.value_scales, scales, 1),
-        carries=carries, grid_thw=grid, length=state.length + visual.shape[1],
+        carries=carries, grid_thw=grid, length=state.length + stream.states.shape[1],
         sampling=[*state.sampling, _sampling_record(sampling)],
     )
 
