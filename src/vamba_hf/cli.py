@@ -93,7 +93,7 @@ def run_push(args) -> int:
 
 
 def run_quantize(args) -> int:
-    from .quantization import save_quantized
+    from .quantized_folder import save_quantized
 
     save_quantized(args.folder, args.destination, args.quantize, device=args.device, log=_stderr)
     _stderr(f"Load it as the unquantized folder (trust_remote_code=True), or upload it: vamba-hf push "

@@ -116,7 +116,6 @@ class VambaPreTrainedModel(PreTrainedModel):
     # The decoding step with a static cache compiles without graph breaks (tests/test_compile_export.py); a prefill
     # with pixels lays out the visual stream by the grid's values, as Qwen2-VL's does.
     _can_compile_fullgraph = True
-    _keep_in_fp32_modules = []
     # transformers 5 takes the config's plan only for a model that is its own base model; Vamba's base_model_prefix
     # names its text model (the checkpoint's `model.*`), so the model class carries it too.
     _tp_plan = VambaConfig.base_model_tp_plan
@@ -124,6 +123,13 @@ class VambaPreTrainedModel(PreTrainedModel):
     # fp32 where transformers upcasts: the Mamba-2 convolution, which the scan reads as a raw (d, k) weight, and the
     # SSM parameters, which it reads in fp32. Every other Linear is called as a module, so any quantized weight works.
     _keep_in_fp32_modules = ["conv1d", "A_log", "D", "dt_bias"]
+
+    def post_init(self):
+        # Without Mamba-2 blocks (vision_mamba_mixer_config.enable=False) none of those exists, and transformers
+        # refuses a name it cannot find.
+        if not self.config.vision_mamba_mixer_config.enable:
+            self._keep_in_fp32_modules = []
+        super().post_init()
 
     @torch.no_grad()
     def _init_weights(self, module):
