@@ -130,6 +130,10 @@ class VambaPreTrainedModel(PreTrainedModel):
         if not self.config.vision_mamba_mixer_config.enable:
             self._keep_in_fp32_modules = []
         super().post_init()
+        # transformers 5.1 gathers the plan anew in post_init, from the config only for a model that is its own base
+        # model and from children that carry one: Vamba's plan names its own modules, so it is kept as declared.
+        if not self._tp_plan:
+            self._tp_plan = dict(type(self)._tp_plan)
 
     @torch.no_grad()
     def _init_weights(self, module):
