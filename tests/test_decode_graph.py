@@ -143,3 +143,25 @@ def test_shared_rows_read_their_video_folded_as_each_row_alone():
     alone, _ = store.attend(0, queries, None, attend, fold=False)
     assert folded.shape == alone.shape == (6, 1, 32)
     torch.testing.assert_close(folded, alone)
+
+
+def test_bitsandbytes_8bit_layers_decode_without_the_graph(static_steps_on_cpu):
+    """bitsandbytes' LLM.int8() layers synchronise with the host inside their matmul, which a CUDA graph's capture
+    refuses (seen on an H100): a model holding one decodes eagerly, with the tokens of the plain cache."""
+
+    class Linear8bitLt(torch.nn.Linear):  # bitsandbytes' class name; the matmul itself does not matter here
+        pass
+
+    model = tiny_model()
+    pixels, grid = video_pixels(2, 4, 4)
+    kwargs = dict(input_ids=prompt(1, 3)[None], pixel_values_videos=pixels, video_grid_thw=grid, max_new_tokens=4)
+    plain, static = generate_both_ways(model, **kwargs)
+    assert static.past_key_values.decode_graph is not None and static_steps_on_cpu
+    head = model.lm_head
+    model.lm_head = Linear8bitLt(head.in_features, head.out_features, bias=False)
+    model.lm_head.weight = head.weight
+    model._graph_capture_blocked = None  # read anew: this model's layers changed after its first decoding
+    static_steps_on_cpu.clear()
+    plain_again, static_again = generate_both_ways(model, **kwargs)
+    assert static_again.past_key_values.decode_graph is None and not static_steps_on_cpu
+    assert torch.equal(static_again.sequences, plain.sequences)

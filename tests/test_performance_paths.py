@@ -192,3 +192,25 @@ def test_fused_pass_runs_eager_where_torch_compile_cannot_start(monkeypatch):
     monkeypatch.setattr(torch, "compile", no_compile)
     fused = FusedOnCuda(lambda x: x + 1, device_type="cpu")
     assert torch.equal(fused(torch.zeros(2)), torch.ones(2)) and fused.failed
+
+
+def test_fused_pass_runs_eager_for_a_module_with_quantized_weights(monkeypatch):
+    """A module whose weights are a quantization library's tensor type is not traced (torchao's int8 weights made
+    the 7B tower's compiled regions compile anew per block, for minutes, on an H100): the eager call runs instead."""
+    from vamba_hf.layers_vamba import FusedOnCuda
+
+    compiled = []
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: compiled.append(fn) or fn)
+
+    class QuantizedWeight(torch.Tensor):  # stands for torchao's and bitsandbytes' weight types
+        pass
+
+    linear = torch.nn.Linear(2, 2)
+    fused = FusedOnCuda(lambda x, module: module(x), device_type="cpu")
+    x = torch.ones(1, 2)
+    with torch.no_grad():
+        assert fused.compiles(x, linear) and torch.equal(fused(x, linear), linear(x)) and len(compiled) == 1
+        linear.weight = torch.nn.Parameter(linear.weight.detach().as_subclass(QuantizedWeight))
+        assert type(linear.weight) is QuantizedWeight
+        assert not fused.compiles(x, linear)
+        assert torch.equal(fused(x, linear), linear(x)) and len(compiled) == 1

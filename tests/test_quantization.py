@@ -20,7 +20,7 @@ from torch.nn import functional as F
 
 from vamba_hf.convert import convert_checkpoint
 from vamba_hf.mamba2_vamba import kernels_unavailable_reason
-from vamba_hf.quantization import QUANTIZATIONS, check_supported, quantization_config
+from vamba_hf.quantization import PACKAGES, QUANTIZATIONS, check_supported, quantization_config
 
 CPU = torch.device("cpu")
 # What Vamba declares unquantized (VambaPreTrainedModel._keep_in_fp32_modules), by parameter name ending.
@@ -274,13 +274,18 @@ def test_bench_quantized_tiny(tmp_path):
 
 # -- on a CUDA GPU -------------------------------------------------------------------------------------------------
 
-GPU_LOGITS_BOUNDS = {"int8": 0.05, "int4": 0.2, "float8": 0.1}  # relative error of the prefill logits against bf16
+# relative error of the prefill logits against bf16
+GPU_LOGITS_BOUNDS = {"int8": 0.05, "int4": 0.2, "float8": 0.1, "bnb-int8": 0.05, "bnb-nf4": 0.2}
+# NF4's error on this tiny model (8.5% of the logits' norm on an H100) is larger than the gap between its two best
+# first tokens; the others keep bf16's first token.
+FIRST_TOKEN_AS_BF16 = {"int8", "int4", "float8", "bnb-int8"}
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("name", sorted(GPU_LOGITS_BOUNDS))
 def test_gpu_quantization_generates_with_the_kernels_and_the_graph_step(golden_dir, hub_folders, name):
-    torchao_or_skip()
+    if importlib.util.find_spec(PACKAGES[name]) is None:
+        pytest.skip(f"{PACKAGES[name]} is not installed")
     device = torch.device("cuda")
     if kernels_unavailable_reason(device):
         pytest.skip(f"the Mamba-2 kernels are not usable: {kernels_unavailable_reason(device)}")
@@ -305,5 +310,6 @@ def test_gpu_quantization_generates_with_the_kernels_and_the_graph_step(golden_d
     print(f"{name}: first-token logits relative error against bf16 {error:.4f}; ids {quantized.sequences.tolist()} "
           f"against {reference.sequences.tolist()}")
     assert error < GPU_LOGITS_BOUNDS[name]
-    assert torch.equal(quantized.sequences[:, :inputs["input_ids"].shape[1] + 1],
-                       reference.sequences[:, :inputs["input_ids"].shape[1] + 1])
+    if name in FIRST_TOKEN_AS_BF16:
+        assert torch.equal(quantized.sequences[:, :inputs["input_ids"].shape[1] + 1],
+                           reference.sequences[:, :inputs["input_ids"].shape[1] + 1])

@@ -155,6 +155,12 @@ def compile_unavailable(error: BaseException) -> bool:
     return not isinstance(inner, torch.OutOfMemoryError)
 
 
+def has_quantized_weights(module: nn.Module) -> bool:
+    """Whether a parameter of `module` is of a quantization library's type (torchao's tensor subclasses,
+    bitsandbytes' Int8Params / Params4bit) rather than a plain tensor."""
+    return any(type(parameter) not in (torch.Tensor, nn.Parameter) for parameter in module.parameters())
+
+
 class FusedOnCuda:
     """`fn` compiled (torch.compile) for tensors on `device_type` (CUDA), so that a chain of elementwise ops makes one
     pass over memory instead of one each; eager on other devices, or for good when compiling is unavailable.
@@ -170,15 +176,18 @@ class FusedOnCuda:
         self.inference_only = inference_only
         self.compiled, self.failed = None, False
 
-    def compiles(self, x: torch.Tensor) -> bool:
+    def compiles(self, x: torch.Tensor, *args) -> bool:
         """Whether a call with `x` first runs the compiled `fn`. Not while an outer torch.compile traces the model:
-        it fuses `fn` itself."""
+        it fuses `fn` itself. Not for a module with quantized weights among `args`: tracing a quantization library's
+        weight types compiles anew for every layer (minutes for a 7B model), and their kernels are already fused."""
         if x.device.type != self.device_type or self.failed or torch.compiler.is_compiling():
+            return False
+        if any(isinstance(arg, nn.Module) and has_quantized_weights(arg) for arg in args):
             return False
         return not (self.inference_only and torch.is_grad_enabled())
 
     def __call__(self, x: torch.Tensor, *args):
-        if not self.compiles(x):
+        if not self.compiles(x, *args):
             return self.eager(x, *args)
         try:
             if self.compiled is None:

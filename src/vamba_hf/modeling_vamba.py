@@ -572,6 +572,7 @@ class VambaForConditionalGeneration(VambaModel, GenerationMixin):
     # Run the static decoding step (what DecodeGraph captures on CUDA) eagerly on other devices too: how the CPU
     # tests check the captured computation. Off by default: off CUDA the plain cache is as fast.
     static_decode_step_off_cuda = False
+    _graph_capture_blocked: Optional[bool] = None  # see _has_layers_a_graph_cannot_capture
 
     def _build(self, config: VambaConfig):
         super()._build(config)
@@ -685,8 +686,17 @@ class VambaForConditionalGeneration(VambaModel, GenerationMixin):
             return False
         if (self.config._attn_implementation or "sdpa") != "sdpa":  # the static K/V buffers are read through SDPA
             return False
+        if self._has_layers_a_graph_cannot_capture():
+            return False
         # All layers on one device: a graph is captured on one device (device_map splits are not).
         return len(set((getattr(self, "hf_device_map", None) or {"": 0}).values())) == 1
+
+    def _has_layers_a_graph_cannot_capture(self) -> bool:
+        """bitsandbytes' 8-bit layers (LLM.int8()) synchronise with the host inside their matmul, which a CUDA graph's
+        capture refuses: such a model decodes eagerly. Layers are quantized at loading, so this is read once."""
+        if self._graph_capture_blocked is None:
+            self._graph_capture_blocked = any(type(module).__name__ == "Linear8bitLt" for module in self.modules())
+        return self._graph_capture_blocked
 
     def _graph_step(self, input_ids, attention_mask, position_ids, cache: VambaCache, return_dict):
         check_input_ids(input_ids, self.config.vocab_size)
