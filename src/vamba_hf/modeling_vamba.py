@@ -27,7 +27,7 @@ from .checks_vamba import (check_attention_mask, check_finite_logits, check_inpu
 from .checks_vamba import check_generation_counts
 from .configuration_vamba import VambaConfig
 from .decoder_vamba import CrossAttentionInputs, MultimodalRotary, VambaDecoderLayer, VambaTextModel
-from .layers_vamba import VambaRMSNorm, attention_mask_for, custom_self_mask
+from .layers_vamba import VambaRMSNorm, attention_mask_for, custom_self_mask, share_compile_state
 # transformers 4.x copies into its module cache only the modules this file imports, not the ones they import: the
 # Mamba-2 op tables' modules are named here for that.
 from .mamba2_torch_vamba import ssd_scan_torch  # noqa: F401
@@ -130,6 +130,7 @@ class VambaPreTrainedModel(PreTrainedModel):
         if not self.config.vision_mamba_mixer_config.enable:
             self._keep_in_fp32_modules = []
         super().post_init()
+        share_compile_state(self)
         # transformers 5.1 gathers the plan anew in post_init, from the config only for a model that is its own base
         # model and from children that carry one: Vamba's plan names its own modules, so it is kept as declared.
         if not self._tp_plan:
