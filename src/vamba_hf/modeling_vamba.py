@@ -21,7 +21,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, BaseModelOutp
 from transformers.modeling_utils import PreTrainedModel
 from transformers.utils import logging
 
-from .cache_vamba import StaticStepKV, VambaCache, VambaStaticCache
+from .cache_vamba import VambaCache, VambaStaticCache
 from .checks_vamba import (check_attention_mask, check_finite_logits, check_input_ids, check_inputs_embeds,
                            check_labels, check_position_ids, check_visual_embeds, check_visual_pixels)
 from .checks_vamba import check_generation_counts
@@ -702,12 +702,13 @@ class VambaForConditionalGeneration(VambaModel, GenerationMixin):
         result = VambaCausalLMOutputWithPast(logits=logits, **{CACHE_NAME: cache})
         return result if self._returns_dict(return_dict) else result.to_tuple()
 
-    def decode_step(self, input_ids, position_ids, self_mask, kv: StaticStepKV) -> torch.Tensor:
-        """The text stream's step for one new token per row, with every shape fixed (what DecodeGraph captures)."""
+    def decode_step(self, input_ids, position_ids, self_mask, cache: VambaCache) -> torch.Tensor:
+        """The text stream's step for one new token per row, with every shape fixed (what DecodeGraph captures), over
+        the cache's static step layers."""
         text = self.model.embed_tokens(input_ids)
         rotary = self.rotary(position_ids)
-        cross = self._cross_inputs(None, None, rotary, kv, "sdpa", text.dtype)
-        return self.lm_head(self.model(text, None, rotary, self_mask, cross, kv, "sdpa").last_hidden_state).float()
+        cross = self._cross_inputs(None, None, rotary, cache, "sdpa", text.dtype)
+        return self.lm_head(self.model(text, None, rotary, self_mask, cross, cache, "sdpa").last_hidden_state).float()
 
     # -- generation -----------------------------------------------------------------------------------------------
 
