@@ -166,11 +166,8 @@ def cross_kv_bytes(cache) -> int:
 
 
 def self_kv_bytes(cache) -> int:
-    """The self-attention K/V a decoding step reads: the decode graph's static buffers while one holds them (SDPA
-    reads all their positions, masked), else the cache's layers."""
-    graph = cache.decode_graph
-    if graph is not None:
-        return sum(t.nbytes for t in (*graph.keys, *graph.values))
+    """The self-attention K/V a decoding step reads: the cache's layers (while a decode graph runs, their static
+    buffers: SDPA reads all their positions, masked)."""
     return sum(t.nbytes for layer in cache.layers for t in (layer.keys, layer.values))
 
 

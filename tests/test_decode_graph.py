@@ -78,6 +78,35 @@ def test_cache_returns_to_plain_form_for_a_next_prompt(static_steps_on_cpu):
     assert relative_error(continued, whole[:, -follow_up.shape[1]:]) <= 1e-5
 
 
+def test_while_a_graph_runs_the_cache_layers_are_its_buffers(static_steps_on_cpu):
+    """The static step's K/V buffers are the cache's own layers: each layer's length is the cache's
+    (`get_seq_length` has one meaning), and their held positions are the K/V the plain cache holds after the same
+    steps."""
+    model = tiny_model()
+    pixels, grid = video_pixels(2, 4, 4)
+    ids = prompt(1, 3)[None]
+    caches = []
+    for with_graph in (False, True):
+        model.config.decode_with_cuda_graph = with_graph
+        with torch.no_grad():
+            out = model(input_ids=ids, pixel_values_videos=pixels, video_grid_thw=grid, use_cache=True)
+            cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+            for _ in range(3):
+                token = model(input_ids=token, past_key_values=cache).logits.argmax(-1)
+        caches.append(cache)
+    plain, stepped = caches
+    assert plain.decode_graph is None and stepped.decode_graph is not None
+    length = ids.shape[1] + 3
+    assert stepped.get_seq_length() == plain.get_seq_length() == length
+    assert [layer.get_seq_length() for layer in stepped.layers] == [length] * len(plain.layers)
+    for held, layer in zip(plain.layers, stepped.layers):
+        assert relative_error(layer.keys[:, :, :length], held.keys) <= 1e-5
+        assert relative_error(layer.values[:, :, :length], held.values) <= 1e-5
+    stepped.release_decode_graph()
+    for held, layer in zip(plain.layers, stepped.layers):
+        assert layer.keys.shape == held.keys.shape and layer.get_seq_length() == length
+
+
 def test_capacity_grows_past_the_headroom(static_steps_on_cpu, monkeypatch):
     monkeypatch.setattr(DecodeGraph, "headroom", 4)
     model = tiny_model()

@@ -78,14 +78,14 @@ def cast_in_first_pass_only(layer):
 
 @pytest.mark.parametrize("fused", ["eager", "compiled"])
 def test_vision_block_recomputes_with_angles_cast_in_the_first_pass_only(monkeypatch, fused):
-    if fused == "compiled":
-        # What FusedOnCuda runs on GPU; aot_eager partitions the graph (what decides the saved tensors) with no compiler.
-        monkeypatch.setattr(vision, "fused_rotary",
-                            torch.compile(layers.apply_rotary, dynamic=True, backend="aot_eager"))
     torch.manual_seed(0)
     config = VambaVisionConfig(depth=1, embed_dim=32, hidden_size=64, num_heads=2, mlp_ratio=2)
     config._attn_implementation = "sdpa"
     block = vision.VambaVisionBlock(config).to(torch.bfloat16)
+    if fused == "compiled":
+        # What FusedOnCuda runs on GPU; aot_eager partitions the graph (what decides the saved tensors) with no compiler.
+        monkeypatch.setattr(block.attn, "fused_rotary",
+                            torch.compile(layers.apply_rotary, dynamic=True, backend="aot_eager"))
     cos, sin = vision.VambaVisionRotary(config)(4, 4, "cpu")
     frames = torch.randn(2, 16, 32, dtype=torch.bfloat16, requires_grad=True)
     run, passes = cast_in_first_pass_only(lambda x, c, s: vision.VambaVisionBlock.forward(block, x, (c, s)))

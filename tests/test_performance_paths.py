@@ -214,3 +214,54 @@ def test_fused_pass_runs_eager_for_a_module_with_quantized_weights(monkeypatch):
         assert type(linear.weight) is QuantizedWeight
         assert not fused.compiles(x, linear)
         assert torch.equal(fused(x, linear), linear(x)) and len(compiled) == 1
+
+
+def test_two_models_keep_their_own_compile_state(monkeypatch, caplog):
+    """Compile state is each model's, shared by all its fused passes: a model that finds torch.compile unavailable
+    warns once and runs eager from then on, while another model in the process still compiles its own passes."""
+    from helpers import prompt, video_pixels
+
+    from vamba_hf.layers_vamba import FusedOnCuda
+
+    first, second = tiny_model(), tiny_model()
+    passes = {}
+    for model in (first, second):
+        passes[model] = [value for module in model.modules() for value in vars(module).values()
+                         if isinstance(value, FusedOnCuda)]
+        for fused in passes[model]:
+            monkeypatch.setattr(fused, "device_type", "cpu")  # as on CUDA, for tensors on the CPU
+    pixels, grid = video_pixels(4, 4, 6)
+    inputs = dict(input_ids=prompt(2, 5)[None], pixel_values_videos=pixels, video_grid_thw=grid)
+    monkeypatch.setattr(torch, "compile", failing_compile(backend_failure(RuntimeError("Triton is not installed"))))
+    with torch.no_grad(), caplog.at_level("WARNING"):
+        expected = first(**inputs).logits
+    assert caplog.text.count("torch.compile is unavailable") == 1
+    assert all(fused.failed for fused in passes[first]) and not any(fused.failed for fused in passes[second])
+
+    compiled = []
+    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: compiled.append(fn) or fn)
+    with torch.no_grad():
+        assert torch.equal(second(**inputs).logits, expected)
+        # one compiled function per function (and dynamic setting) of the model
+        assert len(compiled) == len({(fused.fn, fused.dynamic) for fused in passes[second]})
+        compiled.clear()
+        assert torch.equal(first(**inputs).logits, expected)
+    assert compiled == []
+
+
+def test_a_copied_model_has_its_own_compile_state():
+    import copy
+    import pickle
+
+    from vamba_hf.layers_vamba import FusedOnCuda
+
+    def states(model):
+        return {id(value.state) for module in model.modules() for value in vars(module).values()
+                if isinstance(value, FusedOnCuda)}
+
+    model = tiny_model()
+    model.model.norm.fused_norm.state.compiled["a compiled function"] = lambda x: x  # as after a CUDA call
+    model.model.norm.fused_norm.state.failed = True
+    for copied in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+        assert len(states(copied)) == 1 and states(copied).isdisjoint(states(model))
+        assert copied.model.norm.fused_norm.state.compiled == {} and copied.model.norm.fused_norm.failed

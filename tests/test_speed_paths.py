@@ -157,12 +157,13 @@ def test_flash_attention_2_without_flash_attn_keeps_transformers_function(monkey
 @pytest.mark.parametrize("region", ["attention_inputs", "block_output"])
 def test_block_regions_trace_into_one_graph_shared_by_every_block(region):
     """What FusedOnCuda compiles on CUDA: one graph per region (no graph break), reused by every block of the tower
-    (the blocks' weights are inputs, not constants), equal to eager."""
+    (the blocks' weights are inputs, not constants; each block's own fused rotary is traced as its function), equal
+    to eager."""
     from torch._dynamo.testing import CompileCounterWithBackend
 
     torch._dynamo.reset()
     counter = CompileCounterWithBackend("aot_eager")
-    fn = getattr(vision, region)
+    fn = getattr(vision.VambaVisionBlock, region)
     compiled = torch.compile(fn, backend=counter, dynamic=False, fullgraph=True)
     towers = tower(depth=3)
     frames, rotary = frames_and_rotary(towers.config)
@@ -170,9 +171,9 @@ def test_block_regions_trace_into_one_graph_shared_by_every_block(region):
     with torch.no_grad():
         for block in towers.blocks:
             if region == "attention_inputs":
-                args = (frames, block, cos, sin)
+                args = (block, frames, cos, sin)
             else:
-                args = (frames, block, torch.randn_like(frames))
+                args = (block, frames, torch.randn_like(frames))
             ours, eager = compiled(*args), fn(*args)
             ours, eager = (list(out) if isinstance(out, tuple) else [out] for out in (ours, eager))
             for got, want in zip(ours, eager, strict=True):  # the same layout: SDPA reads the views as they are
@@ -181,14 +182,18 @@ def test_block_regions_trace_into_one_graph_shared_by_every_block(region):
     assert counter.frame_count == 1
 
 
+def fused_passes(model: torch.nn.Module, *names: str) -> list:
+    """The FusedOnCuda passes that `model`'s modules own (those of the attribute `names`, else all)."""
+    return [value for module in model.modules() for name, value in vars(module).items()
+            if isinstance(value, layers.FusedOnCuda) and (not names or name in names)]
+
+
 def compile_for_cpu(monkeypatch, passes) -> list[dict]:
-    """Make the FusedOnCuda passes (module, name) compile for CPU tensors as they do on CUDA, with aot_eager (the
-    graphs Inductor would get, without a compiler). Returns the torch.compile keyword arguments, one per compile."""
+    """Make the FusedOnCuda `passes` compile for CPU tensors as they do on CUDA, with aot_eager (the graphs Inductor
+    would get, without a compiler). Returns the torch.compile keyword arguments, one per compile."""
     calls = []
-    for module, name in passes:
-        fused = getattr(module, name)
-        monkeypatch.setattr(module, name, layers.FusedOnCuda(fused.fn, "cpu", fused.dynamic, fused.eager,
-                                                             fused.inference_only))
+    for fused in passes:
+        monkeypatch.setattr(fused, "device_type", "cpu")
     real_compile = torch.compile
     monkeypatch.setattr(torch, "compile", lambda fn, **kw: calls.append(kw) or
                         real_compile(fn, backend="aot_eager", **kw))
@@ -199,26 +204,26 @@ def compile_for_cpu(monkeypatch, passes) -> list[dict]:
 def test_compiled_regions_run_at_inference_only_and_equal_eager(monkeypatch):
     """The tower with its regions "compiled" for CPU tensors (aot_eager), against the same tower eagerly."""
     model = tower(max_frames=2, depth=2)
+    layers.share_compile_state(model)  # as the model does (post_init)
     pixels, grid = video_pixels(5, 4, 6)
     with torch.no_grad():
         expected = model(pixels, grid)[0]
-    compiled_calls = compile_for_cpu(monkeypatch, [(vision, "compiled_attention_inputs"),
-                                                  (vision, "compiled_block_output")])
+    compiled_calls = compile_for_cpu(monkeypatch, fused_passes(model, "compiled_attention_inputs",
+                                                               "compiled_block_output"))
     with torch.no_grad():
         ours = model(pixels, grid)[0]
-    assert compiled_calls == [dict(dynamic=False)] * 2
+    assert compiled_calls == [dict(dynamic=False)] * 2  # one compiled function per region, for both blocks
     assert relative_error(ours, expected) <= 1e-6
-    assert not vision.compiled_attention_inputs.compiles(pixels)  # autograd on: training runs eagerly
+    first = model.blocks[0].compiled_attention_inputs
+    assert not first.compiles(pixels)  # autograd on: training runs eagerly
     with torch.no_grad():
-        assert vision.compiled_attention_inputs.compiles(pixels)
+        assert first.compiles(pixels)
 
 
 @pytest.mark.parametrize("static_step", [False, True], ids=["plain-cache", "static-step"])
 def test_fused_decoder_passes_generate_as_eager(monkeypatch, static_step):
     """The decoder's RMSNorm, text rotary and alpha balance "compiled" for CPU tensors as on CUDA, in the prefill and in the
     decoding steps (the static step is what DecodeGraph captures), against the eager model; and eager in training."""
-    from vamba_hf import decoder_vamba as decoder
-
     monkeypatch.setattr(VambaForConditionalGeneration, "static_decode_step_off_cuda", static_step)
     model = tiny_model()
     pixels, grid = video_pixels(4, 4, 6)
@@ -226,14 +231,14 @@ def test_fused_decoder_passes_generate_as_eager(monkeypatch, static_step):
                   do_sample=False, eos_token_id=None, return_dict_in_generate=True, output_scores=True)
     with torch.no_grad():
         expected = model.generate(**kwargs)
-    calls = compile_for_cpu(monkeypatch, [(layers, "fused_rms_norm"), (decoder, "fused_text_rotary"),
-                                          (decoder, "fused_alpha_balance")])
+    passes = fused_passes(model.model, "fused_norm", "fused_rotary", "fused_alpha_balance")
+    calls = compile_for_cpu(monkeypatch, passes)
     with torch.no_grad():
         ours = model.generate(**kwargs)
-    assert calls == [dict(dynamic=None)] * 3
+    assert calls == [dict(dynamic=None)] * 3  # RMSNorm, rotary, alpha balance: one compiled function each
     assert torch.equal(ours.sequences, expected.sequences)
     assert relative_error(torch.stack(ours.scores), torch.stack(expected.scores)) <= 1e-6
-    assert not layers.fused_rms_norm.compiles(pixels) and not decoder.fused_text_rotary.compiles(pixels)
+    assert not any(fused.compiles(pixels) for fused in passes)
 
 
 def test_fused_pass_under_an_outer_compile_is_traced_as_its_function(monkeypatch):

@@ -2,9 +2,10 @@
 
 One cache object: the text's self-attention K/V (a transformers `DynamicCache`) plus a `CrossStore` with every
 layer's cross-attention K/V (optionally float8 with per-token scales) and the masks that go with them, computed once
-at prefill. Decoding touches no visual state but these. `DecodeGraph` runs one decoding step over static buffers,
-captured as a CUDA graph. `VambaStaticCache` is what `cache_implementation="static"` gives: fixed-size self-attention
-buffers that a compiled decoding step writes in place.
+at prefill. Decoding touches no visual state but these. `DecodeGraph` runs one decoding step over static buffers
+(the cache's layers while it lives: `StepLayer`s), captured as a CUDA graph. `VambaStaticCache` is what
+`cache_implementation="static"` gives: fixed-size self-attention buffers that a compiled decoding step writes in
+place.
 """
 
 import inspect
@@ -12,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Optional, Protocol
 
 import torch
-from transformers.cache_utils import Cache, DynamicCache, StaticCache, StaticLayer
+from transformers.cache_utils import Cache, DynamicCache, DynamicLayer, StaticCache, StaticLayer
 
 from .checks_vamba import tracing
 from .layers_vamba import attention_mask_for
@@ -172,30 +173,64 @@ def stored_kv(key: torch.Tensor, value: torch.Tensor, storage: Optional[str]):
     return (key, value), (key_scale, value_scale)
 
 
+class StepLayer(DynamicLayer):
+    """One layer's self-attention K/V while a `DecodeGraph` runs the decoding steps: `keys` and `values` are static
+    buffers (b, kv_heads, capacity, d) whose first `length` positions are held. A step writes its K/V at the
+    position `index` (a device tensor the graph sets) in place, as a captured graph needs, and returns the whole
+    buffers (the step's mask hides the positions not held)."""
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, capacity: int, index: torch.Tensor):
+        super().__init__()
+        self.length, self.index = keys.shape[-2], index
+        self.keys = keys.new_zeros(*keys.shape[:2], capacity, keys.shape[-1])
+        self.values = values.new_zeros(*values.shape[:2], capacity, values.shape[-1])
+        self.keys[:, :, : self.length] = keys
+        self.values[:, :, : self.length] = values
+        self.is_initialized = True
+
+    def update(self, key: torch.Tensor, value: torch.Tensor, *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+        self.keys.index_copy_(2, self.index, key)
+        self.values.index_copy_(2, self.index, value)
+        return self.keys, self.values
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+    def map_rows_in_place(self, fn: Callable[[torch.Tensor], torch.Tensor]):
+        for buffer in (self.keys, self.values):  # in place: a captured graph reads these addresses
+            buffer.copy_(fn(buffer))
+
+    def released(self) -> DynamicLayer:
+        """A plain layer holding copies of the `length` positions (the buffers are freed with this layer)."""
+        layer = DynamicLayer()
+        layer.update(self.keys[:, :, : self.length], self.values[:, :, : self.length])
+        return layer
+
+
 class VambaCache(DynamicCache):
     """Self-attention K/V per layer (DynamicCache) and the `cross` store. While a `DecodeGraph` runs the decoding
-    steps, its static buffers hold the self-attention K/V; `release_decode_graph` hands them back."""
+    steps, the layers are its `StepLayer`s (static buffers); `release_decode_graph` turns them back into plain
+    layers. Either way `get_seq_length` is the positions the layers hold."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.cross = CrossStore()
         self.decode_graph: Optional["DecodeGraph"] = None
 
-    def get_seq_length(self, layer_idx: int = 0) -> int:
-        """Tokens held in self-attention, wherever they are stored (the layers, or the decode graph's buffers)."""
-        return self.decode_graph.length if self.decode_graph is not None else super().get_seq_length(layer_idx)
-
     def decode_graph_for(self, step: Callable, batch_size: int) -> "DecodeGraph":
-        if self.decode_graph is not None and not self.decode_graph.fits(batch_size):
+        if self.decode_graph is not None and not self.decode_graph.fits(batch_size, self.get_seq_length()):
             self.release_decode_graph()
         if self.decode_graph is None:
-            self.decode_graph = DecodeGraph(step, self.layers, self.get_seq_length(), batch_size)
+            keys = self.layers[0].keys
+            self.decode_graph = DecodeGraph(step, self.get_seq_length(), batch_size, keys.device)
+            self.layers = [StepLayer(layer.keys, layer.values, self.decode_graph.capacity, self.decode_graph.index)
+                           for layer in self.layers]
         return self.decode_graph
 
     def release_decode_graph(self):
         """Back to the plain cache (before any step the graph does not cover: a prompt, a crop, a new batch)."""
         if self.decode_graph is not None:
-            self.decode_graph.release(self)
+            self.layers = [layer.released() for layer in self.layers]
             self.decode_graph = None
 
     def _map_rows(self, fn: Callable[[torch.Tensor], torch.Tensor], keeps_batch_size: bool):
@@ -204,6 +239,8 @@ class VambaCache(DynamicCache):
         if self.decode_graph is not None and not (keeps_batch_size and self.cross.keeps_row_groups(fn)):
             self.release_decode_graph()
         if self.decode_graph is not None:
+            for layer in self.layers:
+                layer.map_rows_in_place(fn)
             self.decode_graph.map_rows_in_place(fn)
             self.cross.map_rows(fn, in_place=True)
             return
@@ -310,57 +347,49 @@ class DecodeGraph:
     step. Eagerly, a step is ~60 small kernels per layer whose launches cost the CPU more time than their work
     costs the GPU (BENCHMARKS.md); replayed, the GPU runs them back to back.
 
-    `step(input_ids, position_ids, self_mask, kv)` is the model's decoding step; `kv` (a `StaticStepKV`) stands in
-    for the cache: the layers' `update` writes the step's self-attention K/V into preallocated buffers at the step's
-    position (static shapes, as a graph needs), and `cross` is the cache's cross store. `release` hands the K/V back
-    to the cache. The cache owns its graph and the graph keeps no reference to the cache, so a finished generation's
-    memory (the cross K/V above all) is freed as soon as its cache is dropped. Off CUDA the same static step runs
-    eagerly."""
+    `step(input_ids, position_ids, self_mask, cache)` is the model's decoding step, over the cache whose layers are
+    `StepLayer`s of `capacity` positions: their `update` writes the step's self-attention K/V at `index` (static
+    shapes, as a graph needs). The graph holds the step's inputs and mask; the cache owns the graph and the graph
+    keeps no reference to the cache, so a finished generation's memory (the cross K/V above all) is freed as soon as
+    its cache is dropped. Off CUDA the same static step runs eagerly."""
 
     headroom = 256  # decoding positions allocated beyond the prompt; the graph is rebuilt larger when they run out
 
-    def __init__(self, step: Callable, layers: list, length: int, batch_size: int):
-        """A step over static copies of `layers`' self-attention K/V, which hold `length` positions."""
+    def __init__(self, step: Callable, length: int, batch_size: int, device: torch.device):
+        """A step for a cache holding `length` positions."""
         self.step_fn = step
-        self.length = length
-        self.capacity = -(-(self.length + self.headroom) // self.headroom) * self.headroom
-        self.keys, self.values = [], []
-        for layer in layers:
-            for stored, buffers in ((layer.keys, self.keys), (layer.values, self.values)):
-                buffer = stored.new_zeros(*stored.shape[:2], self.capacity, stored.shape[-1])
-                buffer[:, :, : self.length] = stored
-                buffers.append(buffer)
-        device = self.keys[0].device
+        self.capacity = -(-(length + self.headroom) // self.headroom) * self.headroom
         self.input_ids = torch.zeros(batch_size, 1, dtype=torch.long, device=device)
         self.positions = torch.zeros(batch_size, 1, dtype=torch.long, device=device)
         self.keep = torch.zeros(batch_size, self.capacity, dtype=torch.bool, device=device)
         self.index = torch.zeros(1, dtype=torch.long, device=device)
         self.graph, self.logits = None, None
 
-    def fits(self, batch_size: int) -> bool:
-        return self.input_ids.shape[0] == batch_size and self.length < self.capacity
+    def fits(self, batch_size: int, length: int) -> bool:
+        return self.input_ids.shape[0] == batch_size and length < self.capacity
 
     def step(self, cache: VambaCache, input_ids, position_ids, attention_mask) -> torch.Tensor:
         """The next-token logits (b, 1, vocab) of `input_ids` (b, 1); `attention_mask` (b, length + 1) or None."""
+        length = cache.get_seq_length()
         self.input_ids.copy_(input_ids)
         self.positions.copy_(position_ids)
         if attention_mask is None:
-            self.keep[:, : self.length + 1] = True
+            self.keep[:, : length + 1] = True
         else:
             self.keep[:, : attention_mask.shape[1]].copy_(attention_mask.bool())
-        self.index.fill_(self.length)
+        self.index.fill_(length)
         if self.input_ids.is_cuda:
             if self.graph is None:
                 self._capture(cache)
             self.graph.replay()
         else:
             self.logits = self._run(cache)
-        self.length += 1
+        for layer in cache.layers:
+            layer.length += 1
         return self.logits.clone()  # the graph overwrites its output at the next replay
 
     def _run(self, cache: VambaCache) -> torch.Tensor:
-        kv = StaticStepKV(self, cache.cross)
-        return self.step_fn(self.input_ids, self.positions, self.keep[:, None, None, :], kv)
+        return self.step_fn(self.input_ids, self.positions, self.keep[:, None, None, :], cache)
 
     def _capture(self, cache: VambaCache):
         side = torch.cuda.Stream()
@@ -373,23 +402,4 @@ class DecodeGraph:
             self.logits = self._run(cache)
 
     def map_rows_in_place(self, fn: Callable[[torch.Tensor], torch.Tensor]):
-        for buffer in (*self.keys, *self.values, self.keep):  # in place: the graph reads these addresses
-            buffer.copy_(fn(buffer))
-
-    def release(self, cache: VambaCache):
-        for layer, key, value in zip(cache.layers, self.keys, self.values):
-            layer.keys, layer.values = key[:, :, : self.length].clone(), value[:, :, : self.length].clone()
-
-
-@dataclass
-class StaticStepKV:
-    """The cache as the decoder layers see it during a DecodeGraph step (a `LayerCache`)."""
-
-    graph: DecodeGraph
-    cross: CrossStore
-
-    def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int):
-        keys, values = self.graph.keys[layer_idx], self.graph.values[layer_idx]
-        keys.index_copy_(2, self.graph.index, key)
-        values.index_copy_(2, self.graph.index, value)
-        return keys, values
+        self.keep.copy_(fn(self.keep))  # in place: the graph reads its address

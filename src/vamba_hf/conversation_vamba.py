@@ -1,6 +1,7 @@
 """What a user hands Vamba's processor, checked: chat conversations (every message and content item, errors naming
 the path of what is wrong, e.g. `conversation[0]["content"][1]`), prompts and their `<|vision_start|><|vision_end|>`
-placeholders against the images or videos given, and the chat template's variables and assistant spans.
+placeholders against the images or videos given, a call's keyword arguments against its typed kwargs, and the chat
+template's variables and assistant spans.
 
 Served as Hub remote code, so it imports only transformers, torch, numpy, PIL, jinja2 and the standard library at top
 level.
@@ -23,13 +24,16 @@ import torch
 from .video_processing_vamba import VideoItem, type_name
 from .video_vamba import VideoFrames, VideoSampling
 
-__all__ = ["assistant_masks", "check_placeholders", "check_placeholders_kept", "per_prompt_images",
-           "plain_conversations", "template_variables", "validated_conversations", "visual_inputs"]
+__all__ = ["assistant_masks", "check_call_kwargs", "check_placeholders", "check_placeholders_kept",
+           "check_template_options", "per_prompt_images", "plain_conversations", "prompt_list",
+           "refuse_pad_token_options", "split_template_kwargs", "template_variables", "validated_conversations",
+           "visual_inputs"]
 
 VISION_PLACEHOLDER = "<|vision_start|><|vision_end|>"
 VISION_START = "<|vision_start|>"
 VISUAL_PAD_TOKENS = ("<|image_pad|>", "<|video_pad|>")
 CONTENT_TYPES = ("text", "image", "video")
+MODALITY_KWARGS = ("text_kwargs", "images_kwargs", "videos_kwargs")
 SOURCE_TYPES = {"image": (str, os.PathLike, PIL.Image.Image, np.ndarray, torch.Tensor),
                 "video": (str, os.PathLike, np.ndarray, torch.Tensor, list, tuple, VideoFrames)}
 
@@ -218,15 +222,91 @@ def template_variables(template: str) -> set:
     return jinja2.meta.find_undeclared_variables(jinja2.Environment(extensions=[_GenerationBlocks]).parse(template))
 
 
-def assistant_masks(offsets, attention_mask, spans: list) -> np.ndarray:
-    """1 for each token whose text starts inside one of its row's generation spans (character ranges)."""
+def check_template_options(return_assistant_tokens_mask: bool, tokenize: bool, return_dict: bool,
+                           continue_final_message: bool) -> None:
+    if return_assistant_tokens_mask and not (tokenize and return_dict):
+        raise ValueError("return_assistant_tokens_mask=True needs tokenize=True and return_dict=True.")
+    if return_assistant_tokens_mask and continue_final_message:
+        raise ValueError("continue_final_message is not compatible with return_assistant_tokens_mask.")
+
+
+def split_template_kwargs(template: str, processor_kwargs: dict, kwargs: dict) -> tuple:
+    """(processor kwargs, template variables) of a chat template call: a keyword is a variable the template reads,
+    else a processor option (which the caller checks)."""
+    variables = template_variables(template)
+    template_kwargs = {key: value for key, value in kwargs.items() if key in variables}
+    processor_kwargs = {**processor_kwargs, **{key: value for key, value in kwargs.items() if key not in variables}}
+    return processor_kwargs, template_kwargs
+
+
+def assistant_masks(offsets, attention_mask, spans: list, input_ids):
+    """1 for each token whose text starts inside one of its row's generation spans (character ranges), of the type
+    of `input_ids` (a tensor, an array or lists)."""
     offsets, attention_mask = np.asarray(offsets), np.asarray(attention_mask)
     starts, ends = offsets[..., 0], offsets[..., 1]
     masks = np.zeros(attention_mask.shape, dtype=np.int64)
     for row, row_spans in enumerate(spans):
         for first, last in row_spans:
             masks[row] |= (starts[row] >= first) & (starts[row] < last) & (ends[row] > starts[row])
-    return masks * (attention_mask != 0)
+    masks = masks * (attention_mask != 0)
+    if isinstance(input_ids, torch.Tensor):
+        return torch.from_numpy(masks)
+    return masks if isinstance(input_ids, np.ndarray) else masks.tolist()
+
+
+def valid_call_keys(kwargs_class, image_processor) -> dict:
+    """Per modality (`text_kwargs`, ...), the keyword names a call may use: the typed kwargs `kwargs_class` names,
+    and the image processor's own."""
+    annotations = kwargs_class.__annotations__
+    keys = {modality: set(annotations[modality].__annotations__) for modality in MODALITY_KWARGS}
+    image_processor_kwargs = getattr(image_processor, "valid_kwargs", None)
+    keys["images_kwargs"] |= set(getattr(image_processor_kwargs, "__annotations__", {}))
+    if "common_kwargs" in annotations:  # transformers 4.x: return_tensors is a common kwarg
+        keys = {modality: names | set(annotations["common_kwargs"].__annotations__)
+                for modality, names in keys.items()}
+    return keys
+
+
+def check_call_kwargs(kwargs: dict, kwargs_class, image_processor) -> None:
+    """A processor call's keyword arguments, flat or per modality, are options of `kwargs_class` (typed kwargs);
+    anything else is refused with the options it could have been."""
+    valid = valid_call_keys(kwargs_class, image_processor)
+    flat_keys = set().union(*valid.values()) | {
+        key for key, value in kwargs_class.__annotations__.items()
+        if key not in MODALITY_KWARGS and not typing.is_typeddict(value)}
+    for key, value in kwargs.items():
+        if key in MODALITY_KWARGS or key == "common_kwargs":
+            if not isinstance(value, dict):
+                raise TypeError(f"{key} must be a dict of options, got a {type_name(value)}.")
+            allowed = flat_keys if key == "common_kwargs" else valid[key]
+            unknown = sorted(set(value) - allowed)
+            if unknown:
+                raise TypeError(f"{key} has unknown option(s) {', '.join(unknown)} for VambaProcessor; its "
+                                f"options are: {', '.join(sorted(allowed))}.")
+        elif key not in flat_keys:
+            raise TypeError(f"VambaProcessor got an unknown keyword argument {key!r}. Video sampling options: "
+                            f"{', '.join(VideoSampling.option_names())}; tokenizer, image and video options as "
+                            "in transformers' TextKwargs, ImagesKwargs and VideosKwargs.")
+
+
+def refuse_pad_token_options(merged: dict) -> None:
+    """Options that count a prompt's image or video pad tokens (merged kwargs; popped from `text_kwargs`)."""
+    for key in ("return_mm_token_type_ids", "return_text_replacement_offsets"):
+        if merged["text_kwargs"].pop(key, None) or merged.get(key):
+            raise ValueError(f"{key}=True is not supported: Vamba prompts hold no image or video pad tokens.")
+
+
+def prompt_list(text, audio) -> list:
+    """A processor call's `text` (one prompt or a list) as a list of prompts; `audio` is refused."""
+    if audio is not None:
+        raise ValueError("Vamba reads no audio: leave `audio` out.")
+    if text is None:
+        raise ValueError("text is required: the prompt, with `<|vision_start|><|vision_end|>` where the image or "
+                         "video goes")
+    texts = [text] if isinstance(text, str) else list(text)
+    if not all(isinstance(prompt, str) for prompt in texts):
+        raise TypeError("text must be a string or a list of strings.")
+    return texts
 
 
 def _as_list(value) -> list:

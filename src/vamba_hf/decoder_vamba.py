@@ -22,8 +22,8 @@ from .layers_vamba import (
     FusedOnCuda,
     VambaRMSNorm,
     VambaTextMLP,
+    apply_rotary,
     attention_interface,
-    fused_text_rotary,
     sdpa_backends,
 )
 from .mamba2_vamba import MambaCarry, VambaVisionMixer
@@ -149,17 +149,19 @@ class VambaAttention(nn.Module):
         self.k_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=True)
         self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=True)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=False)
+        # One kernel instead of six at CUDA inference (see VambaRMSNorm); the head size stays static.
+        self.fused_rotary = FusedOnCuda(apply_rotary, dynamic=None, inference_only=True)
 
     def _heads(self, x: torch.Tensor, proj: nn.Linear) -> torch.Tensor:
         return proj(x).view(*x.shape[:2], -1, self.head_dim).transpose(1, 2)
 
     def queries(self, x: torch.Tensor, rotary: Optional[Rotary] = None) -> torch.Tensor:
         q = self._heads(x, self.q_proj)
-        return q if rotary is None else fused_text_rotary(q, *rotary)
+        return q if rotary is None else self.fused_rotary(q, *rotary)
 
     def keys_values(self, x: torch.Tensor, rotary: Optional[Rotary] = None) -> tuple[torch.Tensor, torch.Tensor]:
         k, v = self._heads(x, self.k_proj), self._heads(x, self.v_proj)
-        return (k if rotary is None else fused_text_rotary(k, *rotary)), v
+        return (k if rotary is None else self.fused_rotary(k, *rotary)), v
 
     def attend(self, q, k, v, mask, implementation: str) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """The projected output (b, T, hidden) and, for "eager", the attention weights (b, heads, T, keys)."""
@@ -196,9 +198,6 @@ def alpha_balance(attended: torch.Tensor, read: torch.Tensor, alpha: torch.Tenso
     return alpha * attended + (1 - alpha) * read
 
 
-# One kernel instead of five in each layer of a decoding step at CUDA inference (see fused_rms_norm).
-fused_alpha_balance = FusedOnCuda(alpha_balance, dynamic=None, inference_only=True)
-
 
 class VambaDecoderLayer(GradientCheckpointingLayer):
     def __init__(self, config: VambaConfig, layer_idx: int):
@@ -210,6 +209,8 @@ class VambaDecoderLayer(GradientCheckpointingLayer):
         self.cross_attn = VambaAttention(config, layer_idx, is_cross=True)
         if config.use_alpha_balancing:
             self.alpha = nn.Parameter(torch.empty(1))
+            # One kernel instead of five in each layer of a decoding step at CUDA inference (see VambaRMSNorm).
+            self.fused_alpha_balance = FusedOnCuda(alpha_balance, dynamic=None, inference_only=True)
         self.post_attention_layernorm = VambaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.mlp = VambaTextMLP(config)
         if config.vision_mamba_mixer_config.enable:
@@ -287,7 +288,7 @@ class VambaDecoderLayer(GradientCheckpointingLayer):
             attend = partial(self.cross_attn.attend, implementation=implementation)
             read, weights = cache.cross.attend(self.layer_idx, q, cross.mask, attend, fold=implementation == "sdpa")
         if self.config.use_alpha_balancing:
-            mixed = fused_alpha_balance(attended, read, self.alpha)
+            mixed = self.fused_alpha_balance(attended, read, self.alpha)
         else:
             mixed = attended + read
         # Rows without visual input take the text-only path, exactly as when they run alone.

@@ -1,5 +1,5 @@
 """The small building blocks every part of Vamba uses: RMSNorm, the SwiGLU MLP, rotary helpers, eager attention,
-the SDPA backend choice, and a compile wrapper for elementwise chains.
+the SDPA backend choice, and the compiled passes of elementwise chains (owned by the modules that run them).
 
 They are owned here rather than imported from transformers' model files (whose private classes move between
 releases); names and parameter shapes are Qwen2's, so the official checkpoint loads unchanged.
@@ -34,9 +34,13 @@ class VambaRMSNorm(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(hidden_size))
         self.variance_epsilon = eps
+        # At inference on CUDA, one kernel instead of six to eight: a decoding step is a chain of small kernels whose
+        # count, not their bytes, sets its time (BENCHMARKS.md). Shapes start static (the hidden size stays so) and
+        # turn dynamic where they vary (the text length).
+        self.fused_norm = FusedOnCuda(rms_norm, dynamic=None, inference_only=True)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return fused_rms_norm(hidden_states, self.weight, self.variance_epsilon)
+        return self.fused_norm(hidden_states, self.weight, self.variance_epsilon)
 
     def extra_repr(self) -> str:
         return f"{tuple(self.weight.shape)}, eps={self.variance_epsilon}"
@@ -161,49 +165,83 @@ def has_quantized_weights(module: nn.Module) -> bool:
     return any(type(parameter) not in (torch.Tensor, nn.Parameter) for parameter in module.parameters())
 
 
+class CompileState:
+    """One model's compiled functions (torch.compile's, one per function run by its fused passes) and whether
+    compiling works: the first pass to find it unavailable turns them all eager, with one warning. Each model has
+    its own (`share_compile_state`)."""
+
+    def __init__(self):
+        self.failed, self.compiled = False, {}
+
+    def compiled_function(self, fn, dynamic: Optional[bool]):
+        if (fn, dynamic) not in self.compiled:
+            self.compiled[fn, dynamic] = torch.compile(fn, dynamic=dynamic)
+        return self.compiled[fn, dynamic]
+
+    def __getstate__(self) -> dict:
+        # A copied or pickled model compiles anew (a compiled function does not pickle).
+        return {"failed": self.failed, "compiled": {}}
+
+
 class FusedOnCuda:
     """`fn` compiled (torch.compile) for tensors on `device_type` (CUDA), so that a chain of elementwise ops makes one
-    pass over memory instead of one each; eager on other devices, or for good when compiling is unavailable.
+    pass over memory instead of one each; eager on other devices, or for good once compiling is found unavailable.
+    The module that runs it owns it (a plain attribute: no parameter, no submodule, nothing in the state dict); the
+    compiled function is its model's (`CompileState`).
 
-    `dynamic` is torch.compile's. `eager` is what runs instead of the compiled `fn` (default `fn` itself), and
-    `inference_only` compiles only while autograd is off: training keeps the eager path, whose saved tensors
-    activation checkpointing and FSDP rely on."""
+    Its first tensor argument decides the device. `dynamic` is torch.compile's. `inference_only` compiles only while
+    autograd is off: training keeps the eager path, whose saved tensors activation checkpointing and FSDP rely on.
+    `fn` takes its module as an argument (no bound method), so that one compiled graph serves every module of a model
+    that runs it."""
 
-    def __init__(self, fn, device_type: str = "cuda", dynamic: Optional[bool] = True, eager=None,
-                 inference_only: bool = False):
+    def __init__(self, fn, device_type: str = "cuda", dynamic: Optional[bool] = True, inference_only: bool = False):
         self.fn, self.device_type, self.dynamic = fn, device_type, dynamic
-        self.eager = fn if eager is None else eager
         self.inference_only = inference_only
-        self.compiled, self.failed = None, False
+        self.state = CompileState()
 
-    def compiles(self, x: torch.Tensor, *args) -> bool:
-        """Whether a call with `x` first runs the compiled `fn`. Not while an outer torch.compile traces the model:
+    @property
+    def failed(self) -> bool:
+        return self.state.failed
+
+    def compiles(self, *args) -> bool:
+        """Whether a call with `args` first runs the compiled `fn`. Not while an outer torch.compile traces the model:
         it fuses `fn` itself. Not for a module with quantized weights among `args`: tracing a quantization library's
         weight types compiles anew for every layer (minutes for a 7B model), and their kernels are already fused."""
-        if x.device.type != self.device_type or self.failed or torch.compiler.is_compiling():
+        if first_tensor(args).device.type != self.device_type or self.state.failed or torch.compiler.is_compiling():
             return False
         if any(isinstance(arg, nn.Module) and has_quantized_weights(arg) for arg in args):
             return False
         return not (self.inference_only and torch.is_grad_enabled())
 
-    def __call__(self, x: torch.Tensor, *args):
-        if not self.compiles(x, *args):
-            return self.eager(x, *args)
+    def __call__(self, *args):
+        if not self.compiles(*args):
+            return self.fn(*args)
+        compiled = None
         try:
-            if self.compiled is None:
-                # Raises at once where this Python or platform has no torch.compile.
-                self.compiled = torch.compile(self.fn, dynamic=self.dynamic)
-            return self.compiled(x, *args)
+            # Raises at once where this Python or platform has no torch.compile.
+            compiled = self.state.compiled_function(self.fn, self.dynamic)
+            return compiled(*args)
         except Exception as error:
-            if self.compiled is not None and not compile_unavailable(error):
+            if compiled is not None and not compile_unavailable(error):
                 raise
-            self.failed = True
+            self.state.failed = True
             logger.warning(f"Vamba: torch.compile is unavailable ({type(error).__name__}: {error}); running eager.")
-        return self.eager(x, *args)
+        return self.fn(*args)
 
 
-# At inference on CUDA, the decoder's RMSNorms and its text rotary run as one kernel each instead of six to eight:
-# a decoding step is a chain of small kernels whose count, not their bytes, sets its time (BENCHMARKS.md). Shapes
-# start static (the hidden and head sizes stay so) and turn dynamic where they vary (the text length).
-fused_rms_norm = FusedOnCuda(rms_norm, dynamic=None, inference_only=True)
-fused_text_rotary = FusedOnCuda(apply_rotary, dynamic=None, inference_only=True)
+def first_tensor(args: tuple) -> torch.Tensor:
+    for arg in args:
+        if isinstance(arg, torch.Tensor):
+            return arg
+    raise TypeError("a fused pass takes at least one tensor")
+
+
+def share_compile_state(model: nn.Module) -> None:
+    """One `CompileState` for all the fused passes of `model`'s modules: one compiled function per function, and
+    where compiling is unavailable the first pass to find it so turns the model's passes eager with one warning;
+    another model keeps its own."""
+    state = CompileState()
+    for module in model.modules():
+        for value in vars(module).values():
+            if isinstance(value, FusedOnCuda):
+                value.state = state

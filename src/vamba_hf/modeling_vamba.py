@@ -21,13 +21,13 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, BaseModelOutp
 from transformers.modeling_utils import PreTrainedModel
 from transformers.utils import logging
 
-from .cache_vamba import StaticStepKV, VambaCache, VambaStaticCache
+from .cache_vamba import VambaCache, VambaStaticCache
 from .checks_vamba import (check_attention_mask, check_finite_logits, check_input_ids, check_inputs_embeds,
                            check_labels, check_position_ids, check_visual_embeds, check_visual_pixels)
 from .checks_vamba import check_generation_counts
 from .configuration_vamba import VambaConfig
 from .decoder_vamba import CrossAttentionInputs, MultimodalRotary, VambaDecoderLayer, VambaTextModel
-from .layers_vamba import VambaRMSNorm, attention_mask_for, custom_self_mask
+from .layers_vamba import VambaRMSNorm, attention_mask_for, custom_self_mask, share_compile_state
 # transformers 4.x copies into its module cache only the modules this file imports, not the ones they import: the
 # Mamba-2 op tables' modules are named here for that.
 from .mamba2_torch_vamba import ssd_scan_torch  # noqa: F401
@@ -130,6 +130,7 @@ class VambaPreTrainedModel(PreTrainedModel):
         if not self.config.vision_mamba_mixer_config.enable:
             self._keep_in_fp32_modules = []
         super().post_init()
+        share_compile_state(self)
         # transformers 5.1 gathers the plan anew in post_init, from the config only for a model that is its own base
         # model and from children that carry one: Vamba's plan names its own modules, so it is kept as declared.
         if not self._tp_plan:
@@ -711,12 +712,13 @@ class VambaForConditionalGeneration(VambaModel, GenerationMixin):
         result = VambaCausalLMOutputWithPast(logits=logits, **{CACHE_NAME: cache})
         return result if self._returns_dict(return_dict) else result.to_tuple()
 
-    def decode_step(self, input_ids, position_ids, self_mask, kv: StaticStepKV) -> torch.Tensor:
-        """The text stream's step for one new token per row, with every shape fixed (what DecodeGraph captures)."""
+    def decode_step(self, input_ids, position_ids, self_mask, cache: VambaCache) -> torch.Tensor:
+        """The text stream's step for one new token per row, with every shape fixed (what DecodeGraph captures), over
+        the cache's static step layers."""
         text = self.model.embed_tokens(input_ids)
         rotary = self.rotary(position_ids)
-        cross = self._cross_inputs(None, None, rotary, kv, "sdpa", text.dtype)
-        return self.lm_head(self.model(text, None, rotary, self_mask, cross, kv, "sdpa").last_hidden_state).float()
+        cross = self._cross_inputs(None, None, rotary, cache, "sdpa", text.dtype)
+        return self.lm_head(self.model(text, None, rotary, self_mask, cross, cache, "sdpa").last_hidden_state).float()
 
     # -- generation -----------------------------------------------------------------------------------------------
 

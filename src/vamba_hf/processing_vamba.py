@@ -8,49 +8,33 @@ Call keyword arguments follow transformers' typed processing kwargs: flat (`max_
 per modality (`text_kwargs`, `images_kwargs`, `videos_kwargs`, `common_kwargs`), merged with the tokenizer's init
 defaults by `ProcessorMixin._merge_kwargs`. Videos go to `VambaVideoProcessor` (`video_processing_vamba.py`, where
 the video options are described), built from the image processor's settings; conversations and prompts are checked
-by `conversation_vamba.py`.
+by `conversation_vamba.py`, images by Qwen2-VL's image processor (`image_processing_vamba.py`).
 
 This file is also served as Hub remote code (with its sibling `*_vamba.py` modules), so it imports only transformers,
 torch, numpy, PIL, jinja2 and the standard library at top level.
 """
 
-import json
-import math
 import os
 import typing
 
-import numpy as np
-import torch
 import transformers
 from transformers.feature_extraction_utils import BatchFeature
 from transformers.image_utils import ImageInput
-from transformers.processing_utils import (
-    ImagesKwargs,
-    MultiModalData,
-    ProcessingKwargs,
-    ProcessorMixin,
-    TextKwargs,
-    Unpack,
-)
+from transformers.processing_utils import (ImagesKwargs, MultiModalData, ProcessingKwargs, ProcessorMixin, TextKwargs,
+                                           Unpack)
 from transformers.tokenization_utils_base import PreTokenizedInput, TextInput
 from transformers.video_utils import VideoInput
 from transformers.utils.chat_template_utils import render_jinja_template
 
-from .conversation_vamba import (
-    VISION_PLACEHOLDER,
-    VISION_START,
-    assistant_masks,
-    check_placeholders,
-    check_no_special_tokens,
-    check_placeholders_kept,
-    per_prompt_images,
-    plain_conversations,
-    template_variables,
-    validated_conversations,
-    visual_inputs,
-)
-from .video_processing_vamba import PatchLayout, VambaVideoProcessor, VambaVideosKwargs, as_video_list, type_name
-from .video_vamba import VideoFrames, VideoSampling, frame_array, load_video
+from .conversation_vamba import (VISION_PLACEHOLDER, VISION_START, assistant_masks, check_call_kwargs,
+                                 check_no_special_tokens, check_placeholders, check_placeholders_kept,
+                                 check_template_options, per_prompt_images, plain_conversations, prompt_list,
+                                 refuse_pad_token_options, split_template_kwargs, validated_conversations,
+                                 visual_inputs)
+from .image_processing_vamba import (default_image_processor, image_inputs, image_patch_counts,
+                                     write_image_processor_settings)
+from .video_processing_vamba import VambaVideoProcessor, VambaVideosKwargs, as_video_list
+from .video_vamba import VideoFrames, VideoSampling, load_video
 
 # transformers 4.57 copies a local folder's remote code through the loaded module's own relative imports only (the Hub
 # path follows them further), so every module the processor runs is imported here, these for that alone.
@@ -101,10 +85,8 @@ VAMBA_CHAT_TEMPLATE = (
     "{%- endif -%}"
 )
 
-MODALITY_KWARGS = {"text_kwargs": "text", "images_kwargs": "images", "videos_kwargs": "videos"}
 PROCESSOR_FILE = "processor_config.json"
 PROCESSOR_AUTO_MAP = {"AutoProcessor": "processing_vamba.VambaProcessor"}
-IMAGE_PROCESSOR_FILE = "preprocessor_config.json"
 
 
 class VambaImagesKwargs(ImagesKwargs, total=False):
@@ -117,26 +99,6 @@ class VambaProcessorKwargs(ProcessingKwargs, total=False):
     images_kwargs: VambaImagesKwargs
     videos_kwargs: VambaVideosKwargs
     _defaults = {"text_kwargs": {"padding": True}, "videos_kwargs": {"return_metadata": False}}
-
-
-def default_image_processor(**kwargs):
-    """Qwen2-VL's image processor with its defaults (min_pixels 56*56, max_pixels 28*28*1280, CLIP mean/std).
-
-    The PIL backend is preferred: its bicubic resize is the one the original Vamba release used.
-    """
-    image_processor_class = getattr(transformers, "Qwen2VLImageProcessorPil", None) or transformers.Qwen2VLImageProcessor
-    return image_processor_class(**kwargs)
-
-
-def image_processor_settings(image_processor) -> dict:
-    """The image processor's saved settings, readable by transformers 4.x and 5.x alike: Qwen2-VL's image processor
-    in 4.x takes its pixel budget from `min_pixels` / `max_pixels` only (it resets `size` to its defaults)."""
-    settings = json.loads(image_processor.to_json_string())
-    size = settings.get("size") or {}
-    if "shortest_edge" in size and "longest_edge" in size:
-        settings.update(min_pixels=size["shortest_edge"], max_pixels=size["longest_edge"])
-    return settings
-
 
 
 class VambaProcessor(ProcessorMixin):
@@ -183,12 +145,9 @@ class VambaProcessor(ProcessorMixin):
 
     def to_json_file(self, json_file_path, *args, **kwargs) -> None:
         super().to_json_file(json_file_path, *args, **kwargs)
-        # transformers 5 keeps the image processor's settings inside processor_config.json, which 4.x does not read
-        # (it would take Qwen2-VL's defaults): saving the processor writes them where 4.x looks too.
+        # Saving the processor also writes the image processor's settings where transformers 4.x reads them.
         if os.path.basename(json_file_path) == PROCESSOR_FILE and "image_processor" in self.to_dict(*args, **kwargs):
-            with open(os.path.join(os.path.dirname(json_file_path), IMAGE_PROCESSOR_FILE), "w", encoding="utf-8") as f:
-                json.dump(image_processor_settings(self.image_processor), f, indent=2, sort_keys=True)
-                f.write("\n")
+            write_image_processor_settings(os.path.dirname(json_file_path), self.image_processor)
 
     @property
     def model_input_names(self):
@@ -196,44 +155,12 @@ class VambaProcessor(ProcessorMixin):
 
     # -- keyword arguments ----------------------------------------------------------------------
 
-    def _valid_keys(self) -> dict:
-        """Per modality, the keyword names a call may use."""
-        annotations = VambaProcessorKwargs.__annotations__
-        keys = {modality: set(annotations[modality].__annotations__) for modality in MODALITY_KWARGS}
-        image_processor_kwargs = getattr(self.image_processor, "valid_kwargs", None)
-        keys["images_kwargs"] |= set(getattr(image_processor_kwargs, "__annotations__", {}))
-        if "common_kwargs" in annotations:  # transformers 4.x: return_tensors is a common kwarg
-            keys = {modality: names | set(annotations["common_kwargs"].__annotations__)
-                    for modality, names in keys.items()}
-        return keys
-
-    def _check_call_kwargs(self, kwargs: dict) -> None:
-        valid = self._valid_keys()
-        flat_keys = set().union(*valid.values()) | {
-            key for key, value in VambaProcessorKwargs.__annotations__.items()
-            if key not in MODALITY_KWARGS and not typing.is_typeddict(value)}
-        for key, value in kwargs.items():
-            if key in MODALITY_KWARGS or key == "common_kwargs":
-                if not isinstance(value, dict):
-                    raise TypeError(f"{key} must be a dict of options, got a {type_name(value)}.")
-                allowed = flat_keys if key == "common_kwargs" else valid[key]
-                unknown = sorted(set(value) - allowed)
-                if unknown:
-                    raise TypeError(f"{key} has unknown option(s) {', '.join(unknown)} for VambaProcessor; its "
-                                    f"options are: {', '.join(sorted(allowed))}.")
-            elif key not in flat_keys:
-                raise TypeError(f"VambaProcessor got an unknown keyword argument {key!r}. Video sampling options: "
-                                f"{', '.join(VideoSampling.option_names())}; tokenizer, image and video options as "
-                                "in transformers' TextKwargs, ImagesKwargs and VideosKwargs.")
-
     def _merged_kwargs(self, kwargs: dict) -> dict:
-        self._check_call_kwargs(kwargs)
+        check_call_kwargs(kwargs, VambaProcessorKwargs, self.image_processor)
         # transformers 4.x pops the options out of the per-modality dicts it is given: merge copies of the caller's.
         kwargs = {key: dict(value) if isinstance(value, dict) else value for key, value in kwargs.items()}
         merged = self._merge_kwargs(VambaProcessorKwargs, tokenizer_init_kwargs=self.tokenizer.init_kwargs, **kwargs)
-        for key in ("return_mm_token_type_ids", "return_text_replacement_offsets"):
-            if merged["text_kwargs"].pop(key, None) or merged.get(key):
-                raise ValueError(f"{key}=True is not supported: Vamba prompts hold no image or video pad tokens.")
+        refuse_pad_token_options(merged)
         return merged
 
     # -- plain call ---------------------------------------------------------------------------
@@ -253,14 +180,7 @@ class VambaProcessor(ProcessorMixin):
         `return_metadata=True` also `video_metadata`. Keyword arguments: see the module docstring.
         """
         # No `audio` parameter: transformers gives a processor audio only when its signature names it.
-        if kwargs.pop("audio", None) is not None:
-            raise ValueError("Vamba reads no audio: leave `audio` out.")
-        if text is None:
-            raise ValueError("text is required: the prompt, with `<|vision_start|><|vision_end|>` where the image or "
-                             "video goes")
-        texts = [text] if isinstance(text, str) else list(text)
-        if not all(isinstance(prompt, str) for prompt in texts):
-            raise TypeError("text must be a string or a list of strings.")
+        texts = prompt_list(text, kwargs.pop("audio", None))
         image_list, video_list = per_prompt_images(images, texts), as_video_list(videos)
         check_placeholders(texts, len(image_list), len(video_list))
         options = self._merged_kwargs(kwargs)
@@ -270,7 +190,7 @@ class VambaProcessor(ProcessorMixin):
         data = dict(self.tokenizer(texts, **text_kwargs))
         check_placeholders_kept(texts, data["input_ids"], self.tokenizer.convert_tokens_to_ids(VISION_START))
         if image_list:
-            data.update(self._process_images(image_list, options["images_kwargs"]))
+            data.update(image_inputs(self.image_processor, image_list, options["images_kwargs"]))
         metadata = None
         if video_list:
             pixel_values_videos, video_grid_thw, metadata = self.vamba_video_processor.patches(
@@ -292,27 +212,11 @@ class VambaProcessor(ProcessorMixin):
         placeholder_tokens = len(self.tokenizer(VISION_PLACEHOLDER, add_special_tokens=False)["input_ids"])
         data = {}
         if image_sizes is not None:
-            size = dict(images_kwargs.get("size") or self.image_processor.size)
-            layout = PatchLayout.of(self.image_processor, images_kwargs.get("min_pixels", size["shortest_edge"]),
-                                    images_kwargs.get("max_pixels", size["longest_edge"]))
-            patches = [math.prod(layout.frame_size(width, height)) // layout.patch_size ** 2
-                       for height, width in image_sizes]
+            patches = image_patch_counts(self.image_processor, image_sizes, images_kwargs)
             data.update(num_image_tokens=[placeholder_tokens] * len(patches), num_image_patches=patches)
         if video_sizes is not None:
             data["num_video_tokens"] = [placeholder_tokens] * len(video_sizes)
         return MultiModalData(**data)
-
-    def _process_images(self, images: list, images_kwargs: dict) -> dict:
-        images = [frame_array(image, "image") for image in images]
-        options = {key: value for key, value in images_kwargs.items() if key != "return_tensors"}
-        min_pixels, max_pixels = options.pop("min_pixels", None), options.pop("max_pixels", None)
-        if min_pixels is not None or max_pixels is not None:
-            size = dict(options.get("size") or self.image_processor.size)
-            size["shortest_edge"] = size["shortest_edge"] if min_pixels is None else min_pixels
-            size["longest_edge"] = size["longest_edge"] if max_pixels is None else max_pixels
-            options["size"] = size
-        output = self.image_processor(images=images, return_tensors="np", **options)
-        return {"pixel_values": output["pixel_values"], "image_grid_thw": output["image_grid_thw"]}
 
     # -- videos ---------------------------------------------------------------------------------
 
@@ -361,11 +265,9 @@ class VambaProcessor(ProcessorMixin):
         conversations, batched = validated_conversations(plain_conversations(conversation))
         check_no_special_tokens(conversations, batched, self.tokenizer)
         template = chat_template or self.chat_template
-        processor_kwargs, template_kwargs = self._split_template_kwargs(template, dict(processor_kwargs or {}), kwargs)
-        if return_assistant_tokens_mask and not (tokenize and return_dict):
-            raise ValueError("return_assistant_tokens_mask=True needs tokenize=True and return_dict=True.")
-        if return_assistant_tokens_mask and continue_final_message:
-            raise ValueError("continue_final_message is not compatible with return_assistant_tokens_mask.")
+        processor_kwargs, template_kwargs = split_template_kwargs(template, processor_kwargs or {}, kwargs)
+        check_call_kwargs(processor_kwargs, VambaProcessorKwargs, self.image_processor)
+        check_template_options(return_assistant_tokens_mask, tokenize, return_dict, continue_final_message)
         prompts, generation_spans = render_jinja_template(
             conversations=conversations, tools=tools, documents=documents, chat_template=template,
             return_assistant_tokens_mask=return_assistant_tokens_mask, continue_final_message=continue_final_message,
@@ -383,19 +285,9 @@ class VambaProcessor(ProcessorMixin):
         if not return_dict:
             return inputs["input_ids"]
         if return_assistant_tokens_mask:
-            masks = assistant_masks(inputs.pop("offset_mapping"), inputs["attention_mask"], generation_spans)
-            inputs["assistant_masks"] = torch.from_numpy(masks) if isinstance(inputs["input_ids"], torch.Tensor) else (
-                masks if isinstance(inputs["input_ids"], np.ndarray) else masks.tolist())
+            inputs["assistant_masks"] = assistant_masks(inputs.pop("offset_mapping"), inputs["attention_mask"],
+                                                        generation_spans, inputs["input_ids"])
         return inputs
-
-    def _split_template_kwargs(self, template: str, processor_kwargs: dict, kwargs: dict) -> tuple:
-        """(processor kwargs, template variables): a keyword is a processor option, or a variable the template
-        reads; anything else is refused."""
-        variables = template_variables(template)
-        template_kwargs = {key: value for key, value in kwargs.items() if key in variables}
-        processor_kwargs.update({key: value for key, value in kwargs.items() if key not in variables})
-        self._check_call_kwargs(processor_kwargs)
-        return processor_kwargs, template_kwargs
 
 
 VambaProcessor.register_for_auto_class("AutoProcessor")

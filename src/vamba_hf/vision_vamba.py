@@ -101,10 +101,6 @@ class VambaVisionRotary(nn.Module):
         return angles.cos(), angles.sin()
 
 
-# The vision tower's rotary runs in fp32 over every patch of every block: fused, it is one pass instead of eight.
-fused_rotary = FusedOnCuda(apply_rotary)
-
-
 class VambaVisionAttention(nn.Module):
     def __init__(self, config: VambaVisionConfig):
         super().__init__()
@@ -116,14 +112,16 @@ class VambaVisionAttention(nn.Module):
         self.is_causal = False
         self.qkv = nn.Linear(config.embed_dim, 3 * config.embed_dim, bias=True)
         self.proj = nn.Linear(config.embed_dim, config.embed_dim)
+        # The rotary runs in fp32 over every patch of every block: fused on CUDA, it is one pass instead of eight.
+        self.fused_rotary = FusedOnCuda(apply_rotary)
 
-    def heads(self, frames: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rotate=apply_rotary):
+    def heads(self, frames: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         """frames (F, L, embed_dim) -> rotated query, key and value (F, heads, L, head_dim): views of the (F, L, heads,
-        head_dim) rows that the projection and `rotate` write, the layout SDPA's kernels read without a copy."""
+        head_dim) rows that the projection and the rotary write, the layout SDPA's kernels read without a copy."""
         num_frames, length, _ = frames.shape
         qkv = self.qkv(frames).view(num_frames, length, 3, self.num_heads, self.head_dim)
         # Rotated before the heads are moved forward: the fused pass then reads and writes whole rows.
-        query, key = rotate(qkv[:, :, :2], cos, sin).permute(2, 0, 3, 1, 4).unbind(0)
+        query, key = self.fused_rotary(qkv[:, :, :2], cos, sin).permute(2, 0, 3, 1, 4).unbind(0)
         return query, key, qkv[:, :, 2].transpose(1, 2)
 
     def attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -156,7 +154,7 @@ class VambaVisionAttention(nn.Module):
 
     def forward(self, frames: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         """frames: (F, L, embed_dim), one row per temporal step; attention stays within a row."""
-        return self.proj(self.attend(*self.heads(frames, *rotation(rotary), rotate=fused_rotary)))
+        return self.proj(self.attend(*self.heads(frames, *rotation(rotary))))
 
 
 def rotation(rotary: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -166,26 +164,6 @@ def rotation(rotary: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, t
     return tuple(t.float()[:, None, None] for t in rotary)
 
 
-def attention_inputs(frames, block: "VambaVisionBlock", cos, sin, rotate=apply_rotary):
-    """LayerNorm -> qkv projection -> rotary: a block's work before attention."""
-    return block.attn.heads(block.norm1(frames), cos, sin, rotate=rotate)
-
-
-def block_output(frames, block: "VambaVisionBlock", attended):
-    """Output projection and residual -> LayerNorm -> MLP (quick_gelu) and residual: a block's work after attention."""
-    frames = frames + block.attn.proj(attended)
-    return frames + block.mlp(block.norm2(frames))
-
-
-# On CUDA at inference each side of a block's attention runs compiled: the LayerNorms, biases, fp32 rotary,
-# quick_gelu and residual adds fuse around the GEMMs. Static shapes: a video's frame groups share one shape (the
-# last group another), and static index arithmetic keeps the fused rotary at memory speed. Training and other
-# devices run the same functions eagerly (with the rotary alone fused on CUDA).
-compiled_attention_inputs = FusedOnCuda(attention_inputs, dynamic=False, inference_only=True,
-                                        eager=lambda *args: attention_inputs(*args, rotate=fused_rotary))
-compiled_block_output = FusedOnCuda(block_output, dynamic=False, inference_only=True)
-
-
 class VambaVisionBlock(GradientCheckpointingLayer):
     def __init__(self, config: VambaVisionConfig):
         super().__init__()
@@ -193,11 +171,28 @@ class VambaVisionBlock(GradientCheckpointingLayer):
         self.norm2 = nn.LayerNorm(config.embed_dim, eps=1e-6)
         self.attn = VambaVisionAttention(config)
         self.mlp = VisionMlp(config.embed_dim, int(config.embed_dim * config.mlp_ratio), config.hidden_act)
+        # On CUDA at inference each side of the block's attention runs compiled: the LayerNorms, biases, fp32 rotary,
+        # quick_gelu and residual adds fuse around the GEMMs. Static shapes: a video's frame groups share one shape
+        # (the last group another), and static index arithmetic keeps the fused rotary at memory speed. Training and
+        # other devices run the same methods eagerly (with the rotary alone fused on CUDA).
+        self.compiled_attention_inputs = FusedOnCuda(VambaVisionBlock.attention_inputs, dynamic=False,
+                                                     inference_only=True)
+        self.compiled_block_output = FusedOnCuda(VambaVisionBlock.block_output, dynamic=False, inference_only=True)
+
+    def attention_inputs(self, frames: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """LayerNorm -> qkv projection -> rotary: the block's work before attention."""
+        return self.attn.heads(self.norm1(frames), cos, sin)
+
+    def block_output(self, frames: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
+        """Output projection and residual -> LayerNorm -> MLP (quick_gelu) and residual: the block's work after
+        attention."""
+        frames = frames + self.attn.proj(attended)
+        return frames + self.mlp(self.norm2(frames))
 
     def forward(self, frames: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor],
                 weights: Optional[list] = None) -> torch.Tensor:
-        query, key, value = compiled_attention_inputs(frames, self, *rotation(rotary))
-        return compiled_block_output(frames, self, self.attn.attend(query, key, value, weights))
+        query, key, value = self.compiled_attention_inputs(self, frames, *rotation(rotary))
+        return self.compiled_block_output(self, frames, self.attn.attend(query, key, value, weights))
 
 
 @dataclass

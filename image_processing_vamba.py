@@ -1,0 +1,1 @@
+src/vamba_hf/image_processing_vamba.py
