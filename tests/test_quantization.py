@@ -15,6 +15,7 @@ from conftest import golden_cases
 from convert_helpers import (auto_model_class, generate_golden, golden_generated_ids, golden_generation_inputs,
                              make_source)
 from test_benchmarks import records, run_script
+from test_space_files import app  # noqa: F401 - the Space app with a stand-in for gradio
 from torch import nn
 from torch.nn import functional as F
 
@@ -313,3 +314,13 @@ def test_gpu_quantization_generates_with_the_kernels_and_the_graph_step(golden_d
     if name in FIRST_TOKEN_AS_BF16:
         assert torch.equal(quantized.sequences[:, :inputs["input_ids"].shape[1] + 1],
                            reference.sequences[:, :inputs["input_ids"].shape[1] + 1])
+
+
+def test_the_space_loads_the_weights_its_variable_names(app, monkeypatch):
+    """The Space (space/app.py) with `VAMBA_QUANTIZE=int8`: the embedded demo model comes with int8 weights."""
+    torchao_or_skip()
+    monkeypatch.setenv("VAMBA_QUANTIZE", "int8")
+    loaded, _ = app.load(None)
+    assert loaded.quantization == "int8"
+    linears = {name: module for name, module in loaded.model.named_modules() if isinstance(module, nn.Linear)}
+    assert all(is_quantized(module.weight) for name, module in linears.items() if name != "lm_head")

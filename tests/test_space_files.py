@@ -91,3 +91,26 @@ def test_the_apps_question_has_the_shared_maximum(app, tmp_path):
     assert f"the most is {MAX_QUESTION_CHARS:,}" in message
     assert not progress_calls  # refused before anything is read or decoded
     assert "max_length=MAX_QUESTION_CHARS" in (SPACE / "app.py").read_text()  # the page's box says so too
+
+
+@pytest.mark.parametrize("value", ["int7", "INT8", "fp8"])
+def test_the_apps_quantize_variable_refuses_a_name_it_does_not_know(app, monkeypatch, value):
+    from vamba_hf.quantization import QUANTIZATIONS
+
+    monkeypatch.setenv("VAMBA_QUANTIZE", value)
+    with pytest.raises(ValueError) as error:
+        app.load(None)
+    assert str(error.value) == (f"VAMBA_QUANTIZE={value!r}: give one of {', '.join(QUANTIZATIONS)}, or leave it "
+                                f"unset.")
+
+
+@pytest.mark.parametrize("value, expected", [("int8", "int8"), (" bnb-nf4 ", "bnb-nf4"), ("", None)])
+def test_the_apps_quantize_variable_reaches_the_loader(app, monkeypatch, value, expected):
+    import types
+
+    calls = []
+    loaded = types.SimpleNamespace(processor=types.SimpleNamespace(video_sampling=types.SimpleNamespace(num_frames=8)))
+    monkeypatch.setattr(app, "load_model_and_processor", lambda name, **kwargs: calls.append((name, kwargs)) or loaded)
+    monkeypatch.setenv("VAMBA_QUANTIZE", value)
+    assert app.load("someone/model") == (loaded, 8)
+    assert calls == [("someone/model", {"quantization": expected})]
