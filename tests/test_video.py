@@ -1310,3 +1310,14 @@ def test_software_frames_stay_as_they_are(tmp_path):
     with av.open(str(write_x264(tmp_path / "gops.mp4"))) as container:
         decoded = next(container.decode(video=0))
     assert video_frames_vamba.in_system_memory(decoded) is decoded
+
+
+@pytest.mark.parametrize("version, options", [("18.1.0", {"metadata_errors": "replace"}), ("19.0.2", {})])
+def test_containers_open_with_the_options_the_installed_pyav_takes(version, options):
+    """PyAV 19 dropped `metadata_errors` (it reads non-UTF-8 metadata with surrogate escapes): passing it there made
+    every video fail to open (seen on the GPU machine's Python 3.12, where pip picks PyAV 19)."""
+    import types
+
+    from vamba_hf.video_container_vamba import metadata_options
+
+    assert metadata_options(types.SimpleNamespace(__version__=version)) == options

@@ -93,9 +93,14 @@ def open_container(location: str, timeout: float, device: Optional[str] = None):
     return container
 
 
+def metadata_options(av) -> dict:
+    """Metadata that is not UTF-8 (a damaged header) must not stop the decoding: the frames do not need it. PyAV 19
+    reads such bytes as surrogate escapes and has no option for it; earlier versions raise unless told to replace."""
+    return {} if int(av.__version__.split(".")[0]) >= 19 else {"metadata_errors": "replace"}
+
+
 def _open(av, location: str, timeout: float, device: Optional[str]):
-    # Metadata that is not UTF-8 (a damaged header) is read with replacement characters: the frames do not need it.
-    options = {"metadata_errors": "replace", **({"timeout": (timeout, timeout)} if is_url(location) else {})}
+    options = {**metadata_options(av), **({"timeout": (timeout, timeout)} if is_url(location) else {})}
     if device is None:
         return av.open(location, **options)
     try:
