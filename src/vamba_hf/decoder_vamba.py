@@ -198,7 +198,6 @@ def alpha_balance(attended: torch.Tensor, read: torch.Tensor, alpha: torch.Tenso
     return alpha * attended + (1 - alpha) * read
 
 
-
 class VambaDecoderLayer(GradientCheckpointingLayer):
     def __init__(self, config: VambaConfig, layer_idx: int):
         super().__init__()
