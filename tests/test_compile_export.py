@@ -150,7 +150,8 @@ class VisualEmbedsLogits(torch.nn.Module):
 def test_the_pixel_path_exports_as_the_tower_and_the_decoder(model, batch):
     """A forward from pixels lays out frame groups and rows by the grid's values on the host, so it exports as two
     programs: the vision tower per frame size, and the decoder reading the tower's output as `visual_embeds`, one
-    video per row (rows of different lengths padded in the graph, the placeholders checked there)."""
+    video per row (rows of different lengths padded in the graph, the placeholders checked there), which also
+    compiles as one graph."""
     sizes = batch["video_grid_thw"].tolist()
     rows = batch["pixel_values_videos"].split([t * h * w for t, h, w in sizes])
     with torch.no_grad():
@@ -159,7 +160,11 @@ def test_the_pixel_path_exports_as_the_tower_and_the_decoder(model, batch):
         embeds = [tower(pixels) for tower, pixels in zip(towers, rows)]
         args = (batch["input_ids"], batch["attention_mask"], *embeds)
         decoder = torch.export.export(VisualEmbedsLogits(model), args, strict=True).module()
-        torch.testing.assert_close(decoder(*args), model(**batch).logits)
+        eager = model(**batch).logits
+        torch.testing.assert_close(decoder(*args), eager)
+        torch._dynamo.reset()
+        compiled = torch.compile(VisualEmbedsLogits(model), backend="eager", fullgraph=True)
+        torch.testing.assert_close(compiled(*args), eager)
         ids = batch["input_ids"].clone()
         ids[ids == model.config.vision_start_token_id] = 0
         with pytest.raises(RuntimeError, match="reads one image or video per row"):

@@ -144,8 +144,10 @@ class VambaPreTrainedModel(PreTrainedModel):
     _supports_flash_attn = True
     _supports_flash_attn_2 = True
     _supports_attention_backend = True
-    # The decoding step with a static cache compiles without graph breaks (tests/test_compile_export.py); a prefill
-    # with pixels lays out the visual stream by the grid's values, as Qwen2-VL's does.
+    # The decoding step with a static cache, the text forward and a forward on `visual_embeds` (one per row) compile
+    # and export without graph breaks (tests/test_compile_export.py). A forward with pixels lays out frame groups and
+    # items by the grid's values on the host, as Qwen2-VL's does: it breaks the graph there, and exports as the
+    # vision tower per frame size plus the forward on its output.
     _can_compile_fullgraph = True
     # transformers 5 takes the config's plan only for a model that is its own base model; Vamba's base_model_prefix
     # names its text model (the checkpoint's `model.*`), so the model class carries it too.
