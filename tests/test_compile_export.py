@@ -4,10 +4,13 @@ fullgraph-compiled decoding step, `torch.export` (the text forward whole; with p
 reading its output), and custom 4D attention masks. The input checks keep their messages: eagerly as before, inside a
 traced graph where a value decides (a placeholder without its video)."""
 
+import copy
+
 import pytest
 import torch
 from helpers import EOS, left_pad, prompt, tiny_model, video_pixels
 from transformers import CompileConfig
+from transformers.cache_utils import DynamicCache
 
 from vamba_hf.cache_vamba import VambaStaticCache
 from vamba_hf.modeling_vamba import CACHE_NAME
@@ -224,3 +227,19 @@ def test_a_4d_mask_of_the_wrong_shape_or_type_is_refused(model):
         model(input_ids=ids, attention_mask=torch.ones(1, 1, 3, 4, dtype=torch.bool))
     with pytest.raises(ValueError, match="4D mask of torch.int64"):
         model(input_ids=ids, attention_mask=torch.ones(1, 1, 3, 3, dtype=torch.long))
+
+
+def test_a_cache_position_the_cache_does_not_continue_is_refused(model):
+    """transformers' exportable static-cache wrappers keep a cache of their own and pass `cache_position`; Vamba's
+    cache (which also holds the cross-attention K/V) is the one a forward returns. A step on a cache that does not
+    hold the positions it names is refused, never decoded without its prompt."""
+    ids = prompt(2, 4, visual=False)[None]
+    with torch.no_grad():
+        prefill = model(input_ids=ids, use_cache=True)
+        cache, step = getattr(prefill, CACHE_NAME), prefill.logits[:, -1:].argmax(-1)
+        plain = model(input_ids=step, **{CACHE_NAME: copy.deepcopy(cache)}).logits
+        at_its_end = model(input_ids=step, cache_position=torch.tensor([ids.shape[1]]),
+                           **{CACHE_NAME: copy.deepcopy(cache)}).logits
+        torch.testing.assert_close(at_its_end, plain)
+        with pytest.raises(ValueError, match=f"cache_position starts at {ids.shape[1]} but the cache holds 0"):
+            model(input_ids=step, cache_position=torch.tensor([ids.shape[1]]), **{CACHE_NAME: DynamicCache()})

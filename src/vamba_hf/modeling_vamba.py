@@ -25,7 +25,7 @@ from transformers.utils import logging
 from .cache_vamba import StaticStepKV, VambaCache, VambaStaticCache
 from .checks_vamba import (check_attention_mask, check_finite_logits, check_input_ids, check_inputs_embeds,
                            check_labels, check_position_ids, check_visual_embeds, check_visual_pixels)
-from .checks_vamba import check_generation_counts
+from .checks_vamba import check_generation_counts, tracing
 from .configuration_vamba import VambaConfig
 from .decoder_vamba import CrossAttentionInputs, MultimodalRotary, VambaDecoderLayer, VambaTextModel
 from .layers_vamba import VambaRMSNorm, attention_mask_for, custom_self_mask
@@ -110,6 +110,20 @@ def check_keywords(forward_name: str, kwargs: dict):
         raise TypeError(f"{forward_name}() got unexpected keyword argument(s) {unknown}: Vamba's forward takes "
                         f"transformers' VLM inputs (input_ids, attention_mask, position_ids, {CACHE_NAME}, "
                         f"inputs_embeds, pixel_values(_videos), image/video_grid_thw, visual_embeds, labels, ...).")
+
+
+def check_cache_position(cache_position, past_length) -> None:
+    """Vamba's positions follow its cache, so `cache_position` is not needed; one that starts elsewhere than the
+    cache's end means the caller keeps a cache this forward does not continue (transformers' exportable static-cache
+    wrappers pass their own StaticCache at every step, which Vamba, whose cache also holds the cross-attention K/V,
+    never fills): refused, rather than a step that silently forgets the prompt."""
+    if cache_position is None or tracing() or not isinstance(past_length, int):
+        return
+    positions = torch.as_tensor(cache_position).reshape(-1)
+    if positions.numel() and int(positions[0]) != past_length:
+        raise ValueError(f"cache_position starts at {int(positions[0])} but the cache holds {past_length} positions: "
+                         f"pass the cache the previous call returned ({CACHE_NAME}=outputs.{CACHE_NAME}), or no "
+                         f"cache_position.")
 
 
 @dataclass
@@ -554,6 +568,7 @@ class VambaModel(VambaPreTrainedModel):
         implementation = self._implementation(output_attentions)
         cache = self._cache_for(past_key_values, use_cache)
         past_length, key_length = self._cache_extent(cache)
+        check_cache_position(kwargs.get("cache_position"), past_length)
         prefill = not holds_tokens(cache)
         check_attention_mask(attention_mask, batch_size, length, past_length, key_length=key_length)
         check_position_ids(position_ids, batch_size, length)
