@@ -1,16 +1,18 @@
 """What transformers' common model tests ask of a VLM's outputs and RoPE, in their idiom: get_image/video_features
 return the vision encoder's BaseModelOutputWithPooling on transformers 5 (Qwen2-VL's per-item tuple on 4), with
 `return_dict`, `output_hidden_states` and `output_attentions`; the forward returns `image_outputs` /
-`video_outputs`; RoPE scaling is applied as Qwen2-VL applies it, or refused."""
+`video_outputs`; hidden states and attentions are recorded by transformers' output capturing where the installed
+line has it; RoPE scaling is applied as Qwen2-VL applies it, or refused."""
 
 import pytest
 import torch
+import transformers
 from helpers import prompt, tiny_model, video_pixels
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from vamba_hf import VambaForConditionalGeneration
 from vamba_hf.configuration_vamba import VambaConfigError
-from vamba_hf.modeling_vamba import FEATURES_AS_OUTPUT
+from vamba_hf.modeling_vamba import FEATURES_AS_OUTPUT, capture_outputs
 from vamba_hf.tiny import tiny_config
 
 ITEMS = [(2, 4, 6), (2, 4, 4)]
@@ -77,6 +79,56 @@ def test_the_forward_returns_the_encoder_output_of_its_videos(model):
     # Without them, the vision tower's states are not kept (a long video's patches would be held to the end).
     assert plain.video_outputs is None
     torch.testing.assert_close(out.logits, plain.logits)
+
+
+# -- recorded outputs -----------------------------------------------------------------------------------------------
+
+
+def video_prompt():
+    pixels, grid = video_pixels(2, 4, 6)
+    return dict(input_ids=prompt(2, 4)[None], pixel_values_videos=pixels, video_grid_thw=grid)
+
+
+def test_hidden_states_are_selected_by_index_where_transformers_records_them(model):
+    """transformers >= 5.2 records the layers' outputs with the hooks a model declares in `_can_record_outputs`;
+    `output_hidden_states` may then name the hidden states to keep (negative: from the end), the others are None."""
+    if capture_outputs is None:
+        pytest.skip(f"transformers {transformers.__version__} has no output capturing; the text model collects them")
+    with torch.no_grad():
+        full = model(**video_prompt(), output_hidden_states=True)
+        some = model(**video_prompt(), output_hidden_states=[0, -1])
+    count = model.config.num_hidden_layers + 1
+    assert len(full.hidden_states) == len(some.hidden_states) == count
+    assert some.hidden_states[1:-1] == (None,) * (count - 2)
+    for i in (0, -1):
+        torch.testing.assert_close(some.hidden_states[i], full.hidden_states[i])
+
+
+@pytest.mark.parametrize("base", [True, False])
+def test_recorded_outputs_are_the_layers_and_follow_the_config(model, base):
+    """Hidden states: the embeddings, each layer's output, the normed last one; attentions and cross-attentions one
+    per layer. A flag passed as None (as the head passes it on) is read from the config."""
+    forward = super(type(model), model).forward if base else model.forward
+    inputs = video_prompt()
+    with torch.no_grad():
+        asked = forward(**inputs, output_hidden_states=True, output_attentions=True)
+        model.config.output_hidden_states = True  # (output_attentions in the config asks for eager attention)
+        try:
+            from_config = forward(**inputs, output_hidden_states=None, output_attentions=True)
+            as_tuple = forward(**inputs, output_attentions=True, return_dict=False)
+        finally:
+            model.config.output_hidden_states = False
+        embeddings = model.model.embed_tokens(inputs["input_ids"])
+    layers = model.config.num_hidden_layers
+    assert len(asked.hidden_states) == layers + 1 and len(asked.attentions) == len(asked.cross_attentions) == layers
+    torch.testing.assert_close(asked.hidden_states[0], embeddings)
+    if base:
+        torch.testing.assert_close(asked.hidden_states[-1], asked.last_hidden_state)
+    for ours, theirs in zip(from_config.hidden_states + from_config.attentions,
+                            asked.hidden_states + asked.attentions):
+        torch.testing.assert_close(ours, theirs)
+    assert isinstance(as_tuple, tuple) and len(as_tuple) == len(asked.to_tuple())
+    torch.testing.assert_close(as_tuple[0], asked.to_tuple()[0])
 
 
 # -- RoPE -------------------------------------------------------------------------------------------------------

@@ -1,12 +1,16 @@
 """Compiled, exported and static-cache runs equal the eager ones, as transformers' common tests check them for a
 model that sets `_can_compile_fullgraph`: `cache_implementation="static"`, `torch.compile(model.forward)`, a
-fullgraph-compiled decoding step, `torch.export`, and custom 4D attention masks. The input checks keep their
-messages: eagerly as before, inside a traced graph where a value decides (a placeholder without its video)."""
+fullgraph-compiled decoding step, `torch.export` (the text forward whole; with pixels, the vision tower and the decoder
+reading its output), and custom 4D attention masks. The input checks keep their messages: eagerly as before, inside a
+traced graph where a value decides (a placeholder without its video)."""
+
+import copy
 
 import pytest
 import torch
 from helpers import EOS, left_pad, prompt, tiny_model, video_pixels
 from transformers import CompileConfig
+from transformers.cache_utils import DynamicCache
 
 from vamba_hf.cache_vamba import VambaStaticCache
 from vamba_hf.modeling_vamba import CACHE_NAME
@@ -124,6 +128,54 @@ def test_text_forward_exports_and_keeps_its_placeholder_check(model):
             model(input_ids=ids, attention_mask=inputs["attention_mask"])
 
 
+class FrameEncoder(torch.nn.Module):
+    """The vision tower's encoding of one frame size: what decides the frame groups and the items from the grid's
+    values stays outside the program."""
+
+    def __init__(self, model, height, width):
+        super().__init__()
+        self.tower, self.height, self.width = model.visual, height, width
+
+    def forward(self, patches):
+        return self.tower.encode_frames(patches, self.height, self.width)
+
+
+class VisualEmbedsLogits(torch.nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask, *visual_embeds):
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, visual_embeds=list(visual_embeds),
+                          use_cache=False).logits
+
+
+def test_the_pixel_path_exports_as_the_tower_and_the_decoder(model, batch):
+    """A forward from pixels lays out frame groups and rows by the grid's values on the host, so it exports as two
+    programs: the vision tower per frame size, and the decoder reading the tower's output as `visual_embeds`, one
+    video per row (rows of different lengths padded in the graph, the placeholders checked there), which also
+    compiles as one graph."""
+    sizes = batch["video_grid_thw"].tolist()
+    rows = batch["pixel_values_videos"].split([t * h * w for t, h, w in sizes])
+    with torch.no_grad():
+        towers = [torch.export.export(FrameEncoder(model, h, w), (pixels,), strict=True).module()
+                  for pixels, (_, h, w) in zip(rows, sizes)]
+        embeds = [tower(pixels) for tower, pixels in zip(towers, rows)]
+        args = (batch["input_ids"], batch["attention_mask"], *embeds)
+        decoder = torch.export.export(VisualEmbedsLogits(model), args, strict=True).module()
+        eager = model(**batch).logits
+        torch.testing.assert_close(decoder(*args), eager)
+        torch._dynamo.reset()
+        compiled = torch.compile(VisualEmbedsLogits(model), backend="eager", fullgraph=True)
+        torch.testing.assert_close(compiled(*args), eager)
+        ids = batch["input_ids"].clone()
+        ids[ids == model.config.vision_start_token_id] = 0
+        with pytest.raises(RuntimeError, match="reads one image or video per row"):
+            decoder(ids, batch["attention_mask"], *embeds)
+        with pytest.raises(ValueError, match="0 <\\|vision_start\\|> placeholder\\(s\\) but 2"):
+            model(input_ids=ids, attention_mask=batch["attention_mask"], visual_embeds=embeds)
+
+
 def packed_mask(lengths, dtype):
     """One row of consecutive sequences, each causal within itself: bool, or additive floats."""
     total = sum(lengths)
@@ -175,3 +227,19 @@ def test_a_4d_mask_of_the_wrong_shape_or_type_is_refused(model):
         model(input_ids=ids, attention_mask=torch.ones(1, 1, 3, 4, dtype=torch.bool))
     with pytest.raises(ValueError, match="4D mask of torch.int64"):
         model(input_ids=ids, attention_mask=torch.ones(1, 1, 3, 3, dtype=torch.long))
+
+
+def test_a_cache_position_the_cache_does_not_continue_is_refused(model):
+    """transformers' exportable static-cache wrappers keep a cache of their own and pass `cache_position`; Vamba's
+    cache (which also holds the cross-attention K/V) is the one a forward returns. A step on a cache that does not
+    hold the positions it names is refused, never decoded without its prompt."""
+    ids = prompt(2, 4, visual=False)[None]
+    with torch.no_grad():
+        prefill = model(input_ids=ids, use_cache=True)
+        cache, step = getattr(prefill, CACHE_NAME), prefill.logits[:, -1:].argmax(-1)
+        plain = model(input_ids=step, **{CACHE_NAME: copy.deepcopy(cache)}).logits
+        at_its_end = model(input_ids=step, cache_position=torch.tensor([ids.shape[1]]),
+                           **{CACHE_NAME: copy.deepcopy(cache)}).logits
+        torch.testing.assert_close(at_its_end, plain)
+        with pytest.raises(ValueError, match=f"cache_position starts at {ids.shape[1]} but the cache holds 0"):
+            model(input_ids=step, cache_position=torch.tensor([ids.shape[1]]), **{CACHE_NAME: DynamicCache()})

@@ -7,6 +7,7 @@ visual stream) -> `decoder_vamba` (decoder layer, the text model's layer loop) -
 stages, and generation); `streams_vamba` lays out a batch's rows, `cache_vamba` keeps what decoding needs.
 """
 
+import functools
 import math
 from dataclasses import dataclass, fields, replace
 from typing import Optional
@@ -24,7 +25,7 @@ from transformers.utils import logging
 from .cache_vamba import VambaCache, VambaStaticCache
 from .checks_vamba import (check_attention_mask, check_finite_logits, check_input_ids, check_inputs_embeds,
                            check_labels, check_position_ids, check_visual_embeds, check_visual_pixels)
-from .checks_vamba import check_generation_counts
+from .checks_vamba import check_generation_counts, tracing
 from .configuration_vamba import VambaConfig
 from .decoder_vamba import CrossAttentionInputs, MultimodalRotary, VambaDecoderLayer, VambaTextModel
 from .layers_vamba import VambaRMSNorm, attention_mask_for, custom_self_mask, share_compile_state
@@ -37,6 +38,11 @@ from .streams_vamba import PackedRows, PaddedRows, VisualStream, text_positions
 from .video_state_vamba import (VideoState, check_state_for, encode_visual_state, extend_visual_state,
                                 fill_cross_store, rows_reading_state)
 from .vision_vamba import TowerRecord, VambaVisionTower
+
+try:  # transformers >= 5.2: hooks record the layers' outputs that a model's `_can_record_outputs` declares
+    from transformers.utils.output_capturing import OutputRecorder, capture_outputs
+except ImportError:  # 4.57 and early 5.x: the text model collects them itself
+    OutputRecorder = capture_outputs = None
 
 logger = logging.get_logger(__name__)
 
@@ -52,6 +58,31 @@ IGNORED_KEYWORDS = frozenset({"cache_position"})
 FEATURES_AS_OUTPUT = int(transformers.__version__.split(".")[0]) >= 5
 # What one chunk of `VambaProcessor.video_chunks` holds.
 VIDEO_CHUNK_KEYS = ("pixel_values_videos", "video_grid_thw", "video_metadata", "remaining_frames")
+
+
+def records_outputs(forward):
+    """VambaModel.forward's hidden states and self-attention weights, recorded by transformers' `capture_outputs`
+    where the installed line has it (its hooks on the decoder layers; `output_hidden_states` may then also select
+    layers by index), else collected by the text model; the output is a tuple for return_dict=False."""
+    if capture_outputs is not None:
+        recorded = capture_outputs(forward)
+
+        @functools.wraps(forward)
+        def with_config_defaults(self, *args, **kwargs):
+            # capture_outputs reads a flag passed as None as off; the forward reads it from the config.
+            for flag in ("output_hidden_states", "output_attentions"):
+                if kwargs.get(flag) is None:
+                    kwargs[flag] = getattr(self.config, flag)
+            return recorded(self, *args, **kwargs)
+
+        return with_config_defaults
+
+    @functools.wraps(forward)
+    def collected(self, *args, return_dict: Optional[bool] = None, **kwargs):
+        result = forward(self, *args, **kwargs)
+        return result if self._returns_dict(return_dict) else result.to_tuple()
+
+    return collected
 
 
 def cache_argument(past_key_values, cache):
@@ -79,6 +110,20 @@ def check_keywords(forward_name: str, kwargs: dict):
         raise TypeError(f"{forward_name}() got unexpected keyword argument(s) {unknown}: Vamba's forward takes "
                         f"transformers' VLM inputs (input_ids, attention_mask, position_ids, {CACHE_NAME}, "
                         f"inputs_embeds, pixel_values(_videos), image/video_grid_thw, visual_embeds, labels, ...).")
+
+
+def check_cache_position(cache_position, past_length) -> None:
+    """Vamba's positions follow its cache, so `cache_position` is not needed; one that starts elsewhere than the
+    cache's end means the caller keeps a cache this forward does not continue (transformers' exportable static-cache
+    wrappers pass their own StaticCache at every step, which Vamba, whose cache also holds the cross-attention K/V,
+    never fills): refused, rather than a step that silently forgets the prompt."""
+    if cache_position is None or tracing() or not isinstance(past_length, int):
+        return
+    positions = torch.as_tensor(cache_position).reshape(-1)
+    if positions.numel() and int(positions[0]) != past_length:
+        raise ValueError(f"cache_position starts at {int(positions[0])} but the cache holds {past_length} positions: "
+                         f"pass the cache the previous call returned ({CACHE_NAME}=outputs.{CACHE_NAME}), or no "
+                         f"cache_position.")
 
 
 @dataclass
@@ -113,8 +158,10 @@ class VambaPreTrainedModel(PreTrainedModel):
     _supports_flash_attn = True
     _supports_flash_attn_2 = True
     _supports_attention_backend = True
-    # The decoding step with a static cache compiles without graph breaks (tests/test_compile_export.py); a prefill
-    # with pixels lays out the visual stream by the grid's values, as Qwen2-VL's does.
+    # The decoding step with a static cache, the text forward and a forward on `visual_embeds` (one per row) compile
+    # and export without graph breaks (tests/test_compile_export.py). A forward with pixels lays out frame groups and
+    # items by the grid's values on the host, as Qwen2-VL's does: it breaks the graph there, and exports as the
+    # vision tower per frame size plus the forward on its output.
     _can_compile_fullgraph = True
     # transformers 5 takes the config's plan only for a model that is its own base model; Vamba's base_model_prefix
     # names its text model (the checkpoint's `model.*`), so the model class carries it too.
@@ -123,6 +170,13 @@ class VambaPreTrainedModel(PreTrainedModel):
     # fp32 where transformers upcasts: the Mamba-2 convolution, which the scan reads as a raw (d, k) weight, and the
     # SSM parameters, which it reads in fp32. Every other Linear is called as a module, so any quantized weight works.
     _keep_in_fp32_modules = ["conv1d", "A_log", "D", "dt_bias"]
+    # A decoder layer returns (text, visual, self-attention weights, cross-attention weights). The cross-attention
+    # weights stay the text model's to collect: one entry per layer, None for a layer without visual input, where
+    # the hooks would record nothing.
+    _can_record_outputs = None if capture_outputs is None else {
+        "hidden_states": VambaDecoderLayer,
+        "attentions": OutputRecorder(VambaDecoderLayer, index=2),
+    }
 
     def post_init(self):
         # Without Mamba-2 blocks (vision_mamba_mixer_config.enable=False) none of those exists, and transformers
@@ -472,6 +526,7 @@ class VambaModel(VambaPreTrainedModel):
         check_input_ids(input_ids, self.config.vocab_size)
         return self.model.embed_tokens(input_ids)
 
+    @records_outputs
     def forward(
         self,
         input_ids: Optional[torch.LongTensor] = None,
@@ -507,13 +562,14 @@ class VambaModel(VambaPreTrainedModel):
         """
         check_keywords(type(self).__name__ + ".forward", kwargs)
         past_key_values = cache_argument(past_key_values, cache)
-        output_attentions, output_hidden_states, return_dict = self._output_flags(
-            output_attentions, output_hidden_states, return_dict)
+        output_attentions, output_hidden_states, _ = self._output_flags(output_attentions, output_hidden_states,
+                                                                        None)
         inputs_embeds = self._text_embeddings(input_ids, inputs_embeds)
         (batch_size, length), dtype, device = inputs_embeds.shape[:2], inputs_embeds.dtype, inputs_embeds.device
         implementation = self._implementation(output_attentions)
         cache = self._cache_for(past_key_values, use_cache)
         past_length, key_length = self._cache_extent(cache)
+        check_cache_position(kwargs.get("cache_position"), past_length)
         prefill = not holds_tokens(cache)
         check_attention_mask(attention_mask, batch_size, length, past_length, key_length=key_length)
         check_position_ids(position_ids, batch_size, length)
@@ -551,13 +607,12 @@ class VambaModel(VambaPreTrainedModel):
             cache.cross.set_masks(stream.keep, cross.has_visual)
 
         out = self.model(inputs_embeds, None if stream is None else stream.states, text_rotary, self_mask, cross,
-                         cache, implementation, output_hidden_states, output_attentions)
-        result = VambaModelOutputWithPast(
+                         cache, implementation, output_hidden_states and capture_outputs is None, output_attentions)
+        return VambaModelOutputWithPast(
             last_hidden_state=out.last_hidden_state, hidden_states=out.hidden_states, attentions=out.attentions,
             cross_attentions=out.cross_attentions, image_outputs=encoded.get("image"),
             video_outputs=encoded.get("video"), **{CACHE_NAME: kept_cache},
         )
-        return result if return_dict else result.to_tuple()
 
 
 class VambaForConditionalGeneration(VambaModel, GenerationMixin):

@@ -20,6 +20,8 @@ from .layers_vamba import attention_mask_for
 
 NO_VISUAL_INPUT = ("A prompt holds a <|vision_start|> placeholder but no image or video was given: each "
                    "placeholder needs its visual input (the processor's chat template adds both).")
+ONE_VISUAL_PER_ROW = ("A compiled or exported forward reads one image or video per row: each prompt needs exactly "
+                      "one <|vision_start|><|vision_end|> placeholder.")
 PACKED_UNTRACEABLE = ("Packed rows (position_ids restarting at 0 within a row) cannot be compiled or exported: run "
                       "the packed forward eagerly, or give one conversation per row.")
 
@@ -78,9 +80,8 @@ class PaddedRows:
                 raise ValueError(f"{num_items} visual inputs for {batch_size} rows given as inputs_embeds: give "
                                  f"one visual input per row, or pass input_ids.")
             return list(range(num_items))
-        if tracing() and not num_items:  # a text-only prompt, checked inside the traced graph
-            torch._assert_async(~(input_ids == self.config.vision_start_token_id).any(), NO_VISUAL_INPUT)
-            return []
+        if tracing():  # the rows cannot be read from the prompts' values: checked inside the traced graph
+            return self.traced_rows(input_ids, batch_size, num_items)
         per_row = (input_ids == self.config.vision_start_token_id).sum(-1).tolist()
         if max(per_row, default=0) > 1:
             raise ValueError("A prompt holds more than one <|vision_start|>: Vamba reads one image or video per "
@@ -91,6 +92,18 @@ class PaddedRows:
                              f"image(s)/video(s) were given: each visual input needs exactly one "
                              f"<|vision_start|><|vision_end|> in its prompt (the processor's chat template adds it).")
         return rows
+
+    def traced_rows(self, input_ids, batch_size: int, num_items: int) -> list[int]:
+        """`place` in a traced graph: text-only prompts, or one visual input per row, in row order."""
+        per_row = (input_ids == self.config.vision_start_token_id).sum(-1)
+        if not num_items:
+            torch._assert_async(~per_row.bool().any(), NO_VISUAL_INPUT)
+            return []
+        if num_items != batch_size:
+            raise ValueError(f"{num_items} visual inputs for {batch_size} rows: a compiled or exported forward "
+                             "reads one image or video per row (or none); run this batch eagerly.")
+        torch._assert_async((per_row == 1).all(), ONE_VISUAL_PER_ROW)
+        return list(range(batch_size))
 
     def visual_stream(self, items, input_ids, batch_size: int, dtype, device) -> VisualStream:
         """Pad the items into a (b, n, d) stream; rows without visual input get an empty (masked) stream. The stream
