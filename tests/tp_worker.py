@@ -35,6 +35,10 @@ def main(folder: str, out: str):
     if torch.distributed.get_rank() == 0:
         torch.save({"logits": logits, "ids": ids, "world_size": torch.distributed.get_world_size(),
                     "q_rows": sharded}, out)
+    # Both ranks leave together and close gloo themselves: a rank whose process group is torn down at exit while
+    # the other still talks aborts ("terminate called without an active exception").
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
