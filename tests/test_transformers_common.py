@@ -261,6 +261,21 @@ class VambaModelTestBase(ModelTesterMixin, GenerationTesterMixin):
         pass
 
 
+PIXELS_IN_ONE_GRAPH = ("it exports the forward on the tester's pixels as one graph (transformers splits only a model "
+                       "whose get_encoder/get_decoder name submodules with its own models' interfaces); Vamba's "
+                       "forward lays out frame groups and rows by the grid's values on the host, as Qwen2-VL's does, "
+                       "and exports as the vision tower per frame size plus the forward on its output, the text "
+                       "forward and the decoding step whole (tests/test_compile_export.py)")
+# transformers' exporters suite (tests/exporters, mixed into ModelTesterMixin and GenerationTesterMixin), named as
+# its parameterizations name them: by shape mode, and for generate by cache too.
+PIXEL_EXPORT_TESTS = [f"test_torch_export_{shapes}" for shapes in ("static", "dynamic")] + [
+    f"test_torch_export_generate_{shapes}{cache}" for shapes in ("static", "dynamic")
+    for cache in ("", "_static_cache")]
+for name in PIXEL_EXPORT_TESTS:
+    if hasattr(VambaModelTestBase, name):
+        setattr(VambaModelTestBase, name, declared(PIXELS_IN_ONE_GRAPH)(lambda self: None))
+
+
 IMAGE_ONLY = "the suite's image tests read `pixel_values`; this tester feeds videos, the image tester runs them"
 
 
