@@ -89,6 +89,26 @@ def test_fullgraph_compiled_static_decoding_generates_the_eager_ids(model, batch
     assert torch.equal(compiled, eager)
 
 
+def test_compiled_static_decoding_is_one_graph_for_every_step(batch):
+    """A decoding step reads where it writes from the static cache's device counter, so nothing the compiled step
+    guards on changes from one step to the next: one graph serves every step of every call, with no recompilation
+    (what transformers' common generation test checks)."""
+    graphs = []
+
+    def backend(graph, example_inputs):
+        graphs.append(graph)
+        return graph.forward
+
+    config = CompileConfig(fullgraph=True, dynamic=False, backend=backend, mode=None)
+    config._compile_all_devices = True
+    model = tiny_model()
+    torch._dynamo.reset()
+    with torch.no_grad():
+        for _ in range(2):
+            model.generate(**batch, cache_implementation="static", compile_config=config, **GREEDY)
+    assert len(graphs) == 1
+
+
 @pytest.mark.parametrize("visual", [True, False])
 def test_compiled_forward_generates_the_eager_ids(batch, visual):
     """torch.compile(model.forward): without graph breaks for text (prefill and the default cache's steps); a

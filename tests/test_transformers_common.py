@@ -141,10 +141,11 @@ def test_every_suite_module_is_transformers_own(dotted):
 
 
 class VambaModelTester:
-    """The tiny Vamba of the common tests: one visual item per row, `kind` "video" (two frames) or "image"."""
+    """The tiny Vamba of the common tests: one visual item per row, `kind` "video" (two frames) or "image";
+    `one_patch_items`: each item a single patch (no spatial merge), as transformers' Qwen2-VL tester builds them."""
 
-    def __init__(self, parent, kind, batch_size=2, seq_length=9, is_training=True):
-        self.parent, self.kind = parent, kind
+    def __init__(self, parent, kind, batch_size=2, seq_length=9, is_training=True, one_patch_items=False):
+        self.parent, self.kind, self.one_patch_items = parent, kind, one_patch_items
         self.batch_size, self.seq_length, self.is_training = batch_size, seq_length, is_training
         config = self.get_config()
         self.hidden_size = config.hidden_size
@@ -158,7 +159,8 @@ class VambaModelTester:
 
     def get_config(self):
         # The vision tower as deep as the text model and as wide: the shapes the common feature tests expect.
-        return tiny_config(vision_config=dict(depth=2, embed_dim=64, hidden_size=64, num_heads=2, mlp_ratio=2))
+        vision = dict(depth=2, embed_dim=64, hidden_size=64, num_heads=2, mlp_ratio=2)
+        return tiny_config(vision_config={**vision, **({"spatial_merge_size": 1} if self.one_patch_items else {})})
 
     def prepare_config_and_inputs_for_common(self):
         config = self.get_config()
@@ -167,15 +169,16 @@ class VambaModelTester:
         ids = ids_tensor([self.batch_size, self.seq_length], config.vision_start_token_id - 2)
         ids[:, 2] = config.vision_start_token_id
         ids[:, 3] = config.vision_end_token_id
+        return config, {"input_ids": ids, "attention_mask": torch.ones_like(ids), **self.visual_inputs(self.batch_size)}
+
+    def visual_inputs(self, items):
+        """`items` visual items of the tester's kind: their grids, and their pixels, one row per patch."""
         frames = 2 if self.kind == "video" else 1
-        grid = torch.tensor([[frames, 4, 4]] * self.batch_size)
+        grid = torch.tensor([[1, 1, 1] if self.one_patch_items else [frames, 4, 4]] * items)
         pixels = floats_tensor([int(grid.prod(-1).sum()), 3 * 2 * 14 * 14])
-        inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
         if self.kind == "video":
-            inputs.update(pixel_values_videos=pixels, video_grid_thw=grid)
-        else:
-            inputs.update(pixel_values=pixels, image_grid_thw=grid)
-        return config, inputs
+            return {"pixel_values_videos": pixels, "video_grid_thw": grid}
+        return {"pixel_values": pixels, "image_grid_thw": grid}
 
 
 def declared(reason):
@@ -225,6 +228,21 @@ class VambaModelTestBase(ModelTesterMixin, GenerationTesterMixin):
         named_as_in_auto_map(self)
         self.model_tester = VambaModelTester(self, self.kind)
 
+    def prepare_config_and_inputs_for_generate(self, batch_size=2):
+        """The suite's, whose first `batch_size` rows of every tensor would cut the pixels short (one row per patch of
+        every item): the rows kept get pixels of their own, as transformers' GLM-4V test overrides it."""
+        config, inputs = super().prepare_config_and_inputs_for_generate(batch_size)
+        inputs.update(self.model_tester.visual_inputs(inputs["input_ids"].shape[0]))
+        return config, inputs
+
+    if hasattr(GenerationTesterMixin, "test_generate_compile_model_forward_fullgraph"):
+
+        def test_generate_compile_model_forward_fullgraph(self):
+            # It halves every input tensor along its first dimension, the pixels too: they halve with their rows
+            # when each visual item is one patch.
+            self.model_tester = VambaModelTester(self, self.kind, one_patch_items=True)
+            super().test_generate_compile_model_forward_fullgraph()
+
     # parameterized.expand names one test per case in the class it decorates in: the declaration repeats the cases.
     @parameterized.expand(EAGER_SDPA_CASES)
     @declared(PLACEHOLDERS_WITHOUT_PIXELS + "; eager and SDPA are compared with the original implementation in "
@@ -241,6 +259,21 @@ class VambaModelTestBase(ModelTesterMixin, GenerationTesterMixin):
               "of their own; Vamba's are modules of one model under one config (VAMBA_SPEC.md section 2)")
     def test_sdpa_can_dispatch_composite_models(self):
         pass
+
+
+PIXELS_IN_ONE_GRAPH = ("it exports the forward on the tester's pixels as one graph (transformers splits only a model "
+                       "whose get_encoder/get_decoder name submodules with its own models' interfaces); Vamba's "
+                       "forward lays out frame groups and rows by the grid's values on the host, as Qwen2-VL's does, "
+                       "and exports as the vision tower per frame size plus the forward on its output, the text "
+                       "forward and the decoding step whole (tests/test_compile_export.py)")
+# transformers' exporters suite (tests/exporters, mixed into ModelTesterMixin and GenerationTesterMixin), named as
+# its parameterizations name them: by shape mode, and for generate by cache too.
+PIXEL_EXPORT_TESTS = [f"test_torch_export_{shapes}" for shapes in ("static", "dynamic")] + [
+    f"test_torch_export_generate_{shapes}{cache}" for shapes in ("static", "dynamic")
+    for cache in ("", "_static_cache")]
+for name in PIXEL_EXPORT_TESTS:
+    if hasattr(VambaModelTestBase, name):
+        setattr(VambaModelTestBase, name, declared(PIXELS_IN_ONE_GRAPH)(lambda self: None))
 
 
 IMAGE_ONLY = "the suite's image tests read `pixel_values`; this tester feeds videos, the image tester runs them"

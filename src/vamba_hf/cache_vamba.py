@@ -129,9 +129,12 @@ class CrossStore:
         self.keep, self.has_visual, self._masks = keep, has_visual, {}
 
     def mask(self, implementation: str, dtype: torch.dtype) -> Optional[torch.Tensor]:
-        """`keep` as the cross-attention mask of `implementation`, formatted once per store."""
+        """`keep` as the cross-attention mask of `implementation`, formatted once per store (at every step of a
+        compiled one)."""
         if self.keep is None:
             return None
+        if tracing():  # a compiled step that filled the memo would guard on what it holds: recompiled once
+            return attention_mask_for(self.keep, implementation, dtype)
         if (implementation, dtype) not in self._masks:
             self._masks[implementation, dtype] = attention_mask_for(self.keep, implementation, dtype)
         return self._masks[implementation, dtype]
@@ -271,20 +274,30 @@ class VambaStaticCache(StaticCache):
     """transformers' static cache with Vamba's `cross` store: each layer's self-attention K/V in a buffer of
     `max_cache_len` positions (allocated at the first write), written at `position`, a 0-d tensor on the device so
     that a compiled step reads where to write without recompiling. `seen` counts the same on the host for eager
-    callers (generate's input slicing, the prefill checks). Built from the empty `StaticCache` that generate passes
-    to the prefill."""
+    callers (generate's input slicing, the prefill checks), read back from `position` after a compiled step. Built
+    from the empty `StaticCache` that generate passes to the prefill."""
 
     def __init__(self, config, max_cache_len: int):
         Cache.__init__(self, layers=[StaticLayer(max_cache_len=max_cache_len)
                                      for _ in range(config.num_hidden_layers)])
         self.cross = CrossStore()
         self.position: Optional[torch.Tensor] = None
-        self.seen = 0
+        self._seen: Optional[int] = 0  # None: counted by `position` only, since a compiled step
         self.filled = False  # a bool, not `seen`: a compiled step guards on it without recompiling at every step
 
     @property
     def max_cache_len(self) -> int:
         return self.layers[0].max_cache_len
+
+    @property
+    def seen(self) -> int:
+        if self._seen is None:
+            self._seen = int(self.position)
+        return self._seen
+
+    @seen.setter
+    def seen(self, value: int):
+        self._seen = value
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.seen
@@ -310,7 +323,8 @@ class VambaStaticCache(StaticCache):
         layer.values.index_copy_(2, index, value)
         if layer_idx == len(self.layers) - 1:  # every layer wrote this forward's positions
             self.position.add_(key.shape[-2])
-            self.seen += key.shape[-2]
+            # A compiled step that read the host count would guard on its value: recompiled at every step.
+            self._seen = None if tracing() else self.seen + key.shape[-2]
             self.filled = True
         return layer.keys, layer.values
 
