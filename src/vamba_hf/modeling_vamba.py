@@ -7,25 +7,22 @@ visual stream) -> `decoder_vamba` (decoder layer, the text model's layer loop) -
 stages, and generation); `streams_vamba` lays out a batch's rows, `cache_vamba` keeps what decoding needs.
 """
 
-import functools
 import math
-from dataclasses import dataclass, fields, replace
+from dataclasses import replace
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
-import transformers
 from torch import nn
 from transformers.cache_utils import DynamicCache, StaticCache
 from transformers.generation import GenerationMixin
-from transformers.modeling_outputs import BaseModelOutputWithPast, BaseModelOutputWithPooling, CausalLMOutputWithPast
 from transformers.modeling_utils import PreTrainedModel
 from transformers.utils import logging
 
 from .cache_vamba import VambaCache, VambaStaticCache
 from .checks_vamba import (check_attention_mask, check_finite_logits, check_input_ids, check_inputs_embeds,
                            check_labels, check_position_ids, check_visual_embeds, check_visual_pixels)
-from .checks_vamba import check_generation_counts, tracing
+from .checks_vamba import check_generation_counts
 from .configuration_vamba import VambaConfig
 from .decoder_vamba import CrossAttentionInputs, MultimodalRotary, VambaDecoderLayer, VambaTextModel
 from .layers_vamba import VambaRMSNorm, attention_mask_for, custom_self_mask, share_compile_state
@@ -34,63 +31,18 @@ from .layers_vamba import VambaRMSNorm, attention_mask_for, custom_self_mask, sh
 from .mamba2_torch_vamba import ssd_scan_torch  # noqa: F401
 from .mamba2_triton_vamba import TRITON_ERROR  # noqa: F401
 from .mamba2_vamba import Mamba2, missing_kernels_warning
+from .outputs_vamba import (CACHE_NAME, FEATURES_AS_OUTPUT, OutputRecorder, VambaCausalLMOutputWithPast,
+                            VambaModelOutputWithPast, cache_argument, capture_outputs, check_cache_position,
+                            check_keywords, records_outputs)
 from .streams_vamba import PackedRows, PaddedRows, VisualStream, text_positions
 from .video_state_vamba import (VideoState, check_state_for, encode_visual_state, extend_visual_state,
                                 fill_cross_store, rows_reading_state)
 from .vision_vamba import TowerRecord, VambaVisionTower
 
-try:  # transformers >= 5.2: hooks record the layers' outputs that a model's `_can_record_outputs` declares
-    from transformers.utils.output_capturing import OutputRecorder, capture_outputs
-except ImportError:  # 4.57 and early 5.x: the text model collects them itself
-    OutputRecorder = capture_outputs = None
-
 logger = logging.get_logger(__name__)
 
-# transformers 5.24 renamed the cache argument of `forward` and the cache field of model outputs from
-# `past_key_values` to `cache`; `generate` passes and reads it under the new name only.
-CACHE_NAME = "cache" if "cache" in {f.name for f in fields(CausalLMOutputWithPast)} else "past_key_values"
-
-# Keywords of transformers' forward contracts that Vamba accepts and does not need: `cache_position` (4.x generate;
-# Vamba's positions follow the cache length and the attention mask).
-IGNORED_KEYWORDS = frozenset({"cache_position"})
-# transformers 5 returns the vision encoder's output (BaseModelOutputWithPooling) from get_image/video_features,
-# transformers 4 the per-item features.
-FEATURES_AS_OUTPUT = int(transformers.__version__.split(".")[0]) >= 5
 # What one chunk of `VambaProcessor.video_chunks` holds.
 VIDEO_CHUNK_KEYS = ("pixel_values_videos", "video_grid_thw", "video_metadata", "remaining_frames")
-
-
-def records_outputs(forward):
-    """VambaModel.forward's hidden states and self-attention weights, recorded by transformers' `capture_outputs`
-    where the installed line has it (its hooks on the decoder layers; `output_hidden_states` may then also select
-    layers by index), else collected by the text model; the output is a tuple for return_dict=False."""
-    if capture_outputs is not None:
-        recorded = capture_outputs(forward)
-
-        @functools.wraps(forward)
-        def with_config_defaults(self, *args, **kwargs):
-            # capture_outputs reads a flag passed as None as off; the forward reads it from the config.
-            for flag in ("output_hidden_states", "output_attentions"):
-                if kwargs.get(flag) is None:
-                    kwargs[flag] = getattr(self.config, flag)
-            return recorded(self, *args, **kwargs)
-
-        return with_config_defaults
-
-    @functools.wraps(forward)
-    def collected(self, *args, return_dict: Optional[bool] = None, **kwargs):
-        result = forward(self, *args, **kwargs)
-        return result if self._returns_dict(return_dict) else result.to_tuple()
-
-    return collected
-
-
-def cache_argument(past_key_values, cache):
-    """The cache a forward was given, under either name (both at once is ambiguous)."""
-    if past_key_values is not None and cache is not None:
-        raise ValueError("The cache was given twice, as `past_key_values` and as `cache`: pass it once (`cache` on "
-                         "transformers >= 5.24, `past_key_values` before).")
-    return cache if cache is not None else past_key_values
 
 
 def holds_tokens(cache) -> bool:
@@ -101,49 +53,6 @@ def holds_tokens(cache) -> bool:
     if isinstance(cache, VambaStaticCache):
         return cache.filled
     return cache.get_seq_length() > 0
-
-
-def check_keywords(forward_name: str, kwargs: dict):
-    """A keyword no contract defines is a mistake (a misspelling, or an argument of another model): name it."""
-    unknown = sorted(set(kwargs) - IGNORED_KEYWORDS)
-    if unknown:
-        raise TypeError(f"{forward_name}() got unexpected keyword argument(s) {unknown}: Vamba's forward takes "
-                        f"transformers' VLM inputs (input_ids, attention_mask, position_ids, {CACHE_NAME}, "
-                        f"inputs_embeds, pixel_values(_videos), image/video_grid_thw, visual_embeds, labels, ...).")
-
-
-def check_cache_position(cache_position, past_length) -> None:
-    """Vamba's positions follow its cache, so `cache_position` is not needed; one that starts elsewhere than the
-    cache's end means the caller keeps a cache this forward does not continue (transformers' exportable static-cache
-    wrappers pass their own StaticCache at every step, which Vamba, whose cache also holds the cross-attention K/V,
-    never fills): refused, rather than a step that silently forgets the prompt."""
-    if cache_position is None or tracing() or not isinstance(past_length, int):
-        return
-    positions = torch.as_tensor(cache_position).reshape(-1)
-    if positions.numel() and int(positions[0]) != past_length:
-        raise ValueError(f"cache_position starts at {int(positions[0])} but the cache holds {past_length} positions: "
-                         f"pass the cache the previous call returned ({CACHE_NAME}=outputs.{CACHE_NAME}), or no "
-                         f"cache_position.")
-
-
-@dataclass
-class VambaModelOutputWithPast(BaseModelOutputWithPast):
-    """BaseModelOutputWithPast plus each layer's cross-attention weights (when `output_attentions`) and, as Qwen2-VL
-    returns them on transformers 5, the vision tower's output for the images or videos (a BaseModelOutputWithPooling,
-    see `get_video_features`; when `output_hidden_states` or `output_attentions`)."""
-
-    cross_attentions: Optional[tuple[torch.FloatTensor, ...]] = None
-    image_outputs: Optional[BaseModelOutputWithPooling] = None
-    video_outputs: Optional[BaseModelOutputWithPooling] = None
-
-
-@dataclass
-class VambaCausalLMOutputWithPast(CausalLMOutputWithPast):
-    """CausalLMOutputWithPast plus the fields VambaModelOutputWithPast adds."""
-
-    cross_attentions: Optional[tuple[torch.FloatTensor, ...]] = None
-    image_outputs: Optional[BaseModelOutputWithPooling] = None
-    video_outputs: Optional[BaseModelOutputWithPooling] = None
 
 
 class VambaPreTrainedModel(PreTrainedModel):

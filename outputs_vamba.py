@@ -1,0 +1,1 @@
+src/vamba_hf/outputs_vamba.py
