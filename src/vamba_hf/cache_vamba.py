@@ -356,6 +356,16 @@ class VambaStaticCache(StaticCache):
         self.cross.map_rows(lambda t: t.index_select(0, beam_idx.to(t.device)))
 
 
+def holds_tokens(cache) -> bool:
+    """Whether `cache` holds positions already (this forward continues it), read so that a compiled decoding step
+    does not recompile at every step."""
+    if cache is None:
+        return False
+    if isinstance(cache, VambaStaticCache):
+        return cache.filled
+    return cache.get_seq_length() > 0
+
+
 class DecodeGraph:
     """One decoding step of the text stream (one new token per row) captured as a CUDA graph and replayed at every
     step. Eagerly, a step is ~60 small kernels per layer whose launches cost the CPU more time than their work

@@ -4,27 +4,26 @@ Text tokens run through decoder layers of self-attention + cross-attention + MLP
 vision tower's output) run through one Mamba-2 block per layer and are read by the text as cross-attention keys
 and values. The modules follow the paper's figure: `vision_vamba` (vision tower) -> `mamba2_vamba` (Mamba-2 on the
 visual stream) -> `decoder_vamba` (decoder layer, the text model's layer loop) -> this module (the model as named
-stages, and generation); `streams_vamba` lays out a batch's rows, `cache_vamba` keeps what decoding needs.
+stages) -> `generation_vamba` (generate's hooks, the CUDA-graph decoding step); `streams_vamba` lays out a batch's
+rows, `cache_vamba` keeps what decoding needs.
 """
 
 import math
-from dataclasses import replace
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers.cache_utils import DynamicCache, StaticCache
-from transformers.generation import GenerationMixin
 from transformers.modeling_utils import PreTrainedModel
 from transformers.utils import logging
 
-from .cache_vamba import VambaCache, VambaStaticCache
+from .cache_vamba import VambaCache, VambaStaticCache, holds_tokens
 from .checks_vamba import (check_attention_mask, check_finite_logits, check_input_ids, check_inputs_embeds,
                            check_labels, check_position_ids, check_visual_embeds, check_visual_pixels)
-from .checks_vamba import check_generation_counts
 from .configuration_vamba import VambaConfig
 from .decoder_vamba import CrossAttentionInputs, MultimodalRotary, VambaDecoderLayer, VambaTextModel
+from .generation_vamba import VambaGenerationMixin
 from .layers_vamba import VambaRMSNorm, attention_mask_for, custom_self_mask, share_compile_state
 # transformers 4.x copies into its module cache only the modules this file imports, not the ones they import: the
 # Mamba-2 op tables' modules are named here for that.
@@ -43,16 +42,6 @@ logger = logging.get_logger(__name__)
 
 # What one chunk of `VambaProcessor.video_chunks` holds.
 VIDEO_CHUNK_KEYS = ("pixel_values_videos", "video_grid_thw", "video_metadata", "remaining_frames")
-
-
-def holds_tokens(cache) -> bool:
-    """Whether `cache` holds positions already (this forward continues it), read so that a compiled decoding step
-    does not recompile at every step."""
-    if cache is None:
-        return False
-    if isinstance(cache, VambaStaticCache):
-        return cache.filled
-    return cache.get_seq_length() > 0
 
 
 class VambaPreTrainedModel(PreTrainedModel):
@@ -435,6 +424,20 @@ class VambaModel(VambaPreTrainedModel):
         check_input_ids(input_ids, self.config.vocab_size)
         return self.model.embed_tokens(input_ids)
 
+    def _tower_record(self, output_hidden_states: bool, output_attentions: bool) -> Optional[TowerRecord]:
+        """What the vision tower keeps for the outputs: its states only when the layers' are asked for (kept
+        otherwise, they would hold every patch of a long video until the forward returns)."""
+        if not (output_hidden_states or output_attentions):
+            return None
+        return TowerRecord.asking(len(self.visual.blocks), output_hidden_states, output_attentions)
+
+    @staticmethod
+    def _self_mask(layout, attention_mask, past_length, length, key_length, dtype, implementation, device):
+        """The text's self-attention mask: a caller's 4-D mask as given, else built from the rows' layout."""
+        if attention_mask is not None and attention_mask.dim() == 4:
+            return custom_self_mask(attention_mask, implementation, dtype)
+        return layout.self_mask(attention_mask, past_length, length, dtype, implementation, device, key_length)
+
     @records_outputs
     def forward(
         self,
@@ -488,29 +491,22 @@ class VambaModel(VambaPreTrainedModel):
 
         visual_inputs = dict(pixel_values=pixel_values, image_grid_thw=image_grid_thw, visual_embeds=visual_embeds,
                              pixel_values_videos=pixel_values_videos, video_grid_thw=video_grid_thw)
+        kept_cache = cache
         if video_state is not None:
             if layout.packed:
                 raise ValueError("video_state is read by one conversation per row; packed rows take pixels.")
-            kept_cache = cache
             cache = cache if cache is not None else VambaCache()  # the layers read the K/V from a cross store
             self._read_state(video_state, input_ids, batch_size, cache, visual_inputs, dtype, device)
             stream, grid, encoded = None, None, {}
         else:
-            kept_cache = cache
-            # The vision tower's states are returned when the layers' are asked for (kept otherwise, they would
-            # hold every patch of a long video until the forward returns).
-            record = TowerRecord.asking(len(self.visual.blocks), output_hidden_states, output_attentions) if (
-                output_hidden_states or output_attentions) else None
+            record = self._tower_record(output_hidden_states, output_attentions)
             stream, grid, encoded = self._visual_stream(layout, input_ids, batch_size, prefill, visual_inputs, dtype,
                                                         device, record)
         if position_ids is None:
             position_ids = text_positions(attention_mask, past_length, length, batch_size, device)
         text_rotary = self.rotary(position_ids)
-        if attention_mask is not None and attention_mask.dim() == 4:
-            self_mask = custom_self_mask(attention_mask, implementation, dtype)
-        else:
-            self_mask = layout.self_mask(attention_mask, past_length, length, dtype, implementation, device,
-                                         key_length)
+        self_mask = self._self_mask(layout, attention_mask, past_length, length, key_length, dtype, implementation,
+                                    device)
         cross = self._cross_inputs(stream, grid, text_rotary, cache, implementation, dtype)
         if cache is not None and stream is not None:  # decoding reads the cross-attention masks of the prefill
             cache.cross.set_masks(stream.keep, cross.has_visual)
@@ -524,20 +520,13 @@ class VambaModel(VambaPreTrainedModel):
         )
 
 
-class VambaForConditionalGeneration(VambaModel, GenerationMixin):
+class VambaForConditionalGeneration(VambaModel, VambaGenerationMixin):
     """Vamba with its LM head: what `AutoModelForVision2Seq` / `AutoModelForImageTextToText` load.
 
     It inherits from VambaModel rather than holding one: the official checkpoint's keys are `visual.*`, `model.*`
     (the text model) and `lm_head.weight` at the top level (VAMBA_SPEC.md §2), which is the state dict of a
     VambaModel with a head beside it. Composition would nest them under a prefix and need a key map on every load
     and save."""
-
-    _visual_input_names = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw", "visual_embeds",
-                           "video_state")
-    # Run the static decoding step (what DecodeGraph captures on CUDA) eagerly on other devices too: how the CPU
-    # tests check the captured computation. Off by default: off CUDA the plain cache is as fast.
-    static_decode_step_off_cuda = False
-    _graph_capture_blocked: Optional[bool] = None  # see _has_layers_a_graph_cannot_capture
 
     def _build(self, config: VambaConfig):
         super()._build(config)
@@ -629,143 +618,6 @@ class VambaForConditionalGeneration(VambaModel, GenerationMixin):
         return self.loss_function(logits=logits, labels=None, vocab_size=logits.shape[-1],
                                   shift_labels=shift_labels[:, kept].contiguous(),
                                   num_items_in_batch=num_items_in_batch)
-
-    # -- the decoding step as a CUDA graph ------------------------------------------------------------------------
-
-    def _decodes_with_graph(self, input_ids, cache, use_cache, visual_inputs, labels, shift_labels,
-                            output_hidden_states, output_attentions) -> bool:
-        """Whether this forward is a decoding step that the static step (DecodeGraph) computes exactly."""
-        if not self.config.decode_with_cuda_graph:  # switched off in the config
-            return False
-        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.shape[1] != 1:
-            return False  # the captured shapes: one new token id per row
-        if input_ids.device.type != "cuda" and not self.static_decode_step_off_cuda:  # graphs are CUDA's
-            return False
-        if type(cache) is not VambaCache or cache.get_seq_length() == 0 or use_cache is False:
-            return False  # a step continues a filled cache, and extends it (a static cache's step is compiled)
-        if any(x is not None for x in visual_inputs):  # a new visual input is a prefill
-            return False
-        if labels is not None or shift_labels is not None or torch.is_grad_enabled() or self.training:
-            return False  # training: the graph keeps no autograd state
-        if output_hidden_states or output_attentions:  # the step returns the logits only
-            return False
-        if (self.config._attn_implementation or "sdpa") != "sdpa":  # the static K/V buffers are read through SDPA
-            return False
-        if self._has_layers_a_graph_cannot_capture():
-            return False
-        # All layers on one device: a graph is captured on one device (device_map splits are not).
-        return len(set((getattr(self, "hf_device_map", None) or {"": 0}).values())) == 1
-
-    def _has_layers_a_graph_cannot_capture(self) -> bool:
-        """bitsandbytes' 8-bit layers (LLM.int8()) synchronise with the host inside their matmul, which a CUDA graph's
-        capture refuses: such a model decodes eagerly. Layers are quantized at loading, so this is read once."""
-        if self._graph_capture_blocked is None:
-            self._graph_capture_blocked = any(type(module).__name__ == "Linear8bitLt" for module in self.modules())
-        return self._graph_capture_blocked
-
-    def _graph_step(self, input_ids, attention_mask, position_ids, cache: VambaCache, return_dict):
-        check_input_ids(input_ids, self.config.vocab_size)
-        past_length = cache.get_seq_length()
-        check_attention_mask(attention_mask, input_ids.shape[0], 1, past_length, check_values=False)
-        check_position_ids(position_ids, input_ids.shape[0], 1)
-        if position_ids is None:
-            position_ids = text_positions(attention_mask, cache.get_seq_length(), 1, input_ids.shape[0],
-                                          input_ids.device)
-        graph = cache.decode_graph_for(self.decode_step, input_ids.shape[0])
-        logits = graph.step(cache, input_ids, position_ids, attention_mask)
-        result = VambaCausalLMOutputWithPast(logits=logits, **{CACHE_NAME: cache})
-        return result if self._returns_dict(return_dict) else result.to_tuple()
-
-    def decode_step(self, input_ids, position_ids, self_mask, cache: VambaCache) -> torch.Tensor:
-        """The text stream's step for one new token per row, with every shape fixed (what DecodeGraph captures), over
-        the cache's static step layers."""
-        text = self.model.embed_tokens(input_ids)
-        rotary = self.rotary(position_ids)
-        cross = self._cross_inputs(None, None, rotary, cache, "sdpa", text.dtype)
-        return self.lm_head(self.model(text, None, rotary, self_mask, cross, cache, "sdpa").last_hidden_state).float()
-
-    # -- generation -----------------------------------------------------------------------------------------------
-
-    def generate(self, inputs=None, *args, **kwargs):
-        """transformers' generate, with the prompt's ids and attention mask checked first (transformers derives
-        positions from the mask before any forward runs, where a wrong one fails deep inside, or passes silently)."""
-        generation_config = kwargs.get("generation_config") or self.generation_config
-        cache_implementation = kwargs.get("cache_implementation", generation_config.cache_implementation)
-        # the last: 4.57 assisted decoding
-        if cache_implementation not in (None, "static", "dynamic", "dynamic_full"):
-            raise ValueError(f"cache_implementation={cache_implementation!r} is not supported: Vamba keeps its own "
-                             f"cache (self-attention and cross-attention K/V). Leave cache_implementation unset, or "
-                             f"pass 'static' (fixed-size buffers, for a compiled decoding step).")
-        check_generation_counts(kwargs, generation_config)
-        input_ids = inputs if inputs is not None else kwargs.get("input_ids")
-        if input_ids is not None:
-            check_input_ids(input_ids, self.config.vocab_size)
-            check_attention_mask(kwargs.get("attention_mask"), input_ids.shape[0], input_ids.shape[1], 0)
-        return super().generate(inputs, *args, **kwargs)
-
-    def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
-        """transformers' cache for generate; a static one becomes Vamba's before the first forward, so that every
-        step (assisted decoding's too) continues the one object."""
-        super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
-        cache = model_kwargs.get(CACHE_NAME)
-        if isinstance(cache, StaticCache) and not isinstance(cache, VambaStaticCache):
-            model_kwargs[CACHE_NAME] = self._static_cache_for(cache)
-
-    def prepare_inputs_for_generation(self, input_ids, inputs_embeds=None, **kwargs):
-        """transformers' inputs, with the visual inputs given exactly to the prefill (the forward that fills an empty
-        cache): the decoding steps read them from the cached cross-attention K/V. transformers 5 decides this by
-        its own iteration count instead, which drops the pixels from an assistant model's prefill. (`inputs_embeds`
-        is named: generate starts from embeddings only for a model whose signature shows it.)"""
-        model_inputs = super().prepare_inputs_for_generation(input_ids, inputs_embeds=inputs_embeds, **kwargs)
-        model_inputs.pop("cache_position", None)
-        cache = model_inputs.get(CACHE_NAME)
-        prefill = not isinstance(cache, (VambaCache, VambaStaticCache)) or not holds_tokens(cache)
-        for name in self._visual_input_names:
-            model_inputs.pop(name, None)
-            if prefill and kwargs.get(name) is not None:
-                model_inputs[name] = kwargs[name]
-        return model_inputs
-
-    def _expand_inputs_for_generation(self, expand_size=1, is_encoder_decoder=False, input_ids=None,
-                                      **model_kwargs):
-        """Beam search / num_return_sequences repeat each row. Pixels are not repeated: each distinct image or video
-        is encoded once into a state whose K/V all the copies of its row read (`visual_embeds` are repeated with
-        their rows: the repetition references the same tensors)."""
-        if expand_size == 1:
-            return input_ids, model_kwargs
-        state = self._shared_state(input_ids, model_kwargs)
-        embeds = model_kwargs.pop("visual_embeds", None)
-        input_ids, model_kwargs = super()._expand_inputs_for_generation(
-            expand_size=expand_size, is_encoder_decoder=is_encoder_decoder, input_ids=input_ids, **model_kwargs
-        )
-        if embeds is not None:
-            model_kwargs["visual_embeds"] = [e for e in embeds for _ in range(expand_size)]
-        if state is not None:
-            if state.row_entries is not None:
-                state = replace(state, row_entries=state.row_entries.repeat_interleave(expand_size))
-            model_kwargs["video_state"] = state
-        return input_ids, model_kwargs
-
-    def _shared_state(self, input_ids, model_kwargs: dict) -> Optional[VideoState]:
-        """The video state of this generate call before its rows are repeated: the given one, or one encoded from
-        the pixels (one entry per item, `row_entries` the item each prompt row reads, -1 for none)."""
-        if model_kwargs.get("video_state") is not None:
-            return model_kwargs.pop("video_state")
-        for kind, pixels_name, grid_name in (("image", "pixel_values", "image_grid_thw"),
-                                             ("video", "pixel_values_videos", "video_grid_thw")):
-            pixels, grid = model_kwargs.get(pixels_name), model_kwargs.get(grid_name)
-            if pixels is None or grid is None or model_kwargs.get("visual_embeds") is not None:
-                continue
-            # Prompts given as inputs_embeds come with an empty input_ids: one visual input per row, in order.
-            ids = input_ids if input_ids is not None and input_ids.shape[1] else None
-            batch_size = (input_ids if input_ids is not None else model_kwargs["inputs_embeds"]).shape[0]
-            rows = PaddedRows(self.config).place(ids, batch_size, grid.shape[0])
-            model_kwargs.pop(pixels_name), model_kwargs.pop(grid_name)
-            state = encode_visual_state(self, kind, pixels, grid)
-            entries = torch.full((batch_size,), -1, dtype=torch.long)
-            entries[rows] = torch.arange(len(rows))
-            return replace(state, row_entries=entries.to(pixels.device))
-        return None
 
 
 VambaModel.register_for_auto_class("AutoModel")

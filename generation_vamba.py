@@ -1,0 +1,1 @@
+src/vamba_hf/generation_vamba.py
