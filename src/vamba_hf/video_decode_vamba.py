@@ -60,9 +60,9 @@ __all__ = ["BackgroundDecode", "FrameResize", "SampledVideoMetadata", "VideoSamp
            "start_decode"]
 
 # Seeking decodes in worker processes by default with at least this many workers decoding at least this many
-# frames: then the threads' shared interpreter lock costs more than starting processes and piping the frames back.
-# Measured (BENCHMARKS.md): 16 workers on 16 CPUs, an hour-long file: processes 1.46x faster than threads; 2 workers
-# on 2 CPUs, a 10-minute file: threads 4.5 s, processes 5.4 s.
+# frames: then the threads' shared interpreter lock costs more than starting processes and piping the frames back;
+# with fewer workers or frames, starting the processes costs more than the lock (BENCHMARKS.md, "Decoding in worker
+# processes").
 MIN_WORKERS_FOR_PROCESSES = 4
 MIN_FRAMES_FOR_PROCESSES = 2000
 # "auto" seeks when that decodes at most this share of the frames one pass from the start would.

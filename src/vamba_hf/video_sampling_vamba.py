@@ -19,10 +19,8 @@ import numpy as np
 TIME_TOLERANCE = 1e-6
 DECODERS = ("auto", "sequential", "seek")
 # Decoding threads by default. Each also runs Python per decoded frame under the interpreter lock, which the thread
-# launching the GPU work needs too: on the 16-core H200 host 4 threads decoded the hour-long file in 9.3 s against
-# 10.5 s for 8 and 8.7 s for 16, and streamed it to the first token faster than 8 (BENCHMARKS.md). Processes share
-# no lock: by default there is one per CPU (16 decoded that file's 1024 samples in 5.8 s, and streamed it to the
-# first token in 6.8 s).
+# launching the GPU work needs too, so more threads than this stop paying (BENCHMARKS.md, "Streamed input"). Processes
+# share no lock: by default there is one per CPU.
 MAX_DEFAULT_DECODE_WORKERS = 4
 
 
@@ -71,13 +69,12 @@ class VideoSampling:
       through PyAV, in threads or in processes). The frames are the CPU decoder's bit for bit: H.264 decoding is
       exact, and only the sampled frames are copied to host memory and converted there by the same code. It needs a
       PyAV whose FFmpeg has the cuda device and an NVIDIA driver with NVDEC; a file or machine it cannot decode on
-      raises (there is no fallback to the CPU). It pays where the GPU has few CPU cores beside it: on the H200
-      host NVDEC decodes 1024 samples of an hour-long 640x360 H.264 file in 10-11.8 s (threads or processes, it
-      tops out at ~7k frames/s) against 18.5 s on 4 of its cores, but 16 CPU processes take 4.7-5.8 s.
+      raises (there is no fallback to the CPU). It pays where the GPU has few CPU cores beside it: NVDEC's
+      throughput is fixed per GPU, so a host with many cores decodes faster in CPU processes (BENCHMARKS.md,
+      "One process per CPU, NVDEC decoding").
     - `decode_device_workers`: with `decode_device`, how many of the workers decode on it (at most all of them);
-      the others decode on the CPU, all taking runs of GOPs from one queue. None: all of them. On 4 cores of the
-      H200 host 4 NVDEC and 4 CPU processes decode that file in 10.3 s (NVDEC alone 11.5 s); on its 16 cores any
-      mix is slower than the CPU processes alone (BENCHMARKS.md).
+      the others decode on the CPU, all taking runs of GOPs from one queue. None: all of them. A mix helps on a
+      host with few cores and not on one with many (BENCHMARKS.md).
 
     A stretch of damaged data in a file is skipped to the next keyframe (the frames after a packet that does not
     decode may refer to it) with a warning that names its times; sampling goes on after it, and the sampled frames
